@@ -1,0 +1,98 @@
+"""The download stage: put train.csv and test.csv into input/ from one of several sources.
+
+Sources: ``kaggle`` (the official client), ``dir PATH`` (files you downloaded by hand), ``sample``
+(the built-in offline sample) and ``auto``: files already in input/, else Kaggle when credentials
+exist, else the sample. Existing files are kept unless ``force`` is set; new files land atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline import sample
+from pipeline.config import COMPETITION, Paths
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, read_json, write_json
+
+SOURCES = ("auto", "kaggle", "dir", "sample")
+SAMPLE_BANNER = (
+    "*** Using the BUILT-IN SAMPLE (scikit-learn's 1,797 digits, resized to 28x28), not the "
+    "competition data. Good for trying the pipeline; its submission is not for Kaggle. ***"
+)
+
+
+def data_source(paths: Paths) -> str:
+    """Which source the files in input/ came from ('unknown' for files put there by hand)."""
+    record = read_json(paths.source_json) or {}
+    return str(record.get("source", "unknown"))
+
+
+def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: bool = False,
+        timeout: float = 300.0) -> str:
+    """Fetch the competition files; returns the source used."""
+    if source not in SOURCES:
+        raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")
+    present = [p for p in (paths.train_csv, paths.test_csv) if p.exists()]
+    if len(present) == 2 and not force:
+        used = data_source(paths)
+        print(f"download: keeping input/train.csv and input/test.csv already present "
+              f"(source: {used}); use FORCE=1 to fetch again")
+        if used == "sample":
+            print(SAMPLE_BANNER)
+        return used
+    if len(present) == 1 and not force:
+        have, missing = present[0], ({paths.train_csv, paths.test_csv} - set(present)).pop()
+        raise PipelineError(
+            f"{missing}: missing, while {have.name} is present. Put both files in input/ "
+            "(or rerun with FORCE=1 to fetch both again); nothing is filled in from another source."
+        )
+    if source == "auto":
+        source, why = _choose_source()
+        print(f"download: source auto -> {source} ({why})")
+    if source == "sample":
+        n_train, n_test = sample.write(paths.train_csv, paths.test_csv)
+        print(SAMPLE_BANNER)
+        print(f"download: wrote the sample: {n_train} train rows, {n_test} test rows")
+    elif source == "dir":
+        _copy_from_dir(paths, src_dir)
+    else:
+        _download_kaggle(paths, timeout)
+    write_json(paths.source_json, {"source": source, **({"dir": str(src_dir)} if src_dir else {})})
+    return source
+
+
+def _choose_source() -> tuple[str, str]:
+    from pipeline import kaggle_api
+
+    found = kaggle_api.credentials_source()
+    if found:
+        return "kaggle", f"Kaggle credentials found in {found}"
+    return "sample", "no files in input/ and no Kaggle credentials"
+
+
+def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
+    if src_dir is None:
+        raise PipelineError("download: source dir needs a folder (make download SOURCE=dir DIR=path)")
+    src_dir = Path(src_dir).expanduser()
+    for name in ("train.csv", "test.csv"):
+        if not (src_dir / name).is_file():
+            raise PipelineError(f"{src_dir / name}: not found; the folder must hold train.csv and "
+                                "test.csv of the competition")
+    for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
+        with atomic_path(target) as tmp:
+            shutil.copyfile(src_dir / name, tmp)
+    print(f"download: copied train.csv and test.csv from {src_dir}")
+
+
+def _download_kaggle(paths: Paths, timeout: float) -> None:
+    from pipeline import kaggle_api
+
+    paths.input.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=paths.input) as tmp:
+        files = kaggle_api.download_competition(COMPETITION, Path(tmp), timeout=timeout)
+        for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
+            with atomic_path(target) as part:
+                shutil.move(files[name], part)
+    print(f"download: fetched train.csv and test.csv of '{COMPETITION}' from Kaggle")
