@@ -1,0 +1,416 @@
+"""The report: reports/index.html and its figures, drawn from the files of the latest run.
+
+Nothing is retrained or re-predicted: the figures come from logs/ (per-epoch curves, cv.csv,
+config.json), preds/ (out-of-fold and test probabilities) and the prepared train images. The PNGs
+sit next to index.html and are referenced by relative name, so the folder opens from disk and can
+be copied or zipped as a whole.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import prepare, runs
+from pipeline.config import Paths, TrainConfig
+from pipeline.download import data_source
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, atomic_write_text, read_json
+
+CLASSES = 10
+PROB_COLUMNS = [f"p{c}" for c in range(CLASSES)]
+MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read
+DPI = 100
+MAX_PIXELS = 3800  # the tallest figure we draw; many folds shrink the resolution instead
+
+
+@dataclass
+class Run:
+    """Everything the report shows, read from the run's files."""
+
+    cv: pd.DataFrame  # logs/cv.csv: one row per fold and the overall row fold == "all"
+    config: dict[str, Any]  # logs/config.json
+    histories: dict[int, pd.DataFrame]  # fold -> logs/fold_{k}.csv
+    oof: pd.DataFrame  # row, label, p0..p9 of every train row, sorted by row
+    train_x: np.ndarray  # uint8 (N, 28, 28)
+    train_y: np.ndarray  # uint8 (N,)
+    test_pred: np.ndarray | None  # predicted test labels, None when no test predictions exist
+    test_from: str  # which files test_pred came from
+    source: str  # where input/ came from: kaggle, dir, sample or unknown
+    ensemble: dict[str, Any]  # preds/ensemble.json
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted(self.histories)
+
+    @property
+    def oof_pred(self) -> np.ndarray:
+        return self.oof[PROB_COLUMNS].to_numpy().argmax(1)
+
+
+# -- reading the run ---------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing ({what}); rerun `make submit` to complete the run")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise PipelineError(f"{path}: not a readable CSV ({exc}); rerun `make submit`") from exc
+
+
+def load_run(paths: Paths) -> Run:
+    """Read the latest run's files; a clear PipelineError when there is none or it is incomplete."""
+    cv_path = paths.logs / "cv.csv"
+    if not cv_path.is_file():
+        raise PipelineError(f"no run to report on in {paths.root}: {cv_path} is missing (predict "
+                            "writes it at the end of a run); run `make submit` first")
+    cv = _read_csv(cv_path, "the cross-validation table", dtype={"fold": str, "best_epoch": "Int64"})
+    folds = [int(f) for f in cv["fold"] if f != "all"]
+    if not folds:
+        raise PipelineError(f"{cv_path}: lists no folds; rerun `make predict`")
+    histories = {k: _read_csv(paths.fold_log(k), f"the training log of fold {k}") for k in folds}
+    oof = pd.concat([_read_csv(paths.oof_preds(k), f"out-of-fold predictions of fold {k}")
+                     for k in folds], ignore_index=True).sort_values("row", ignore_index=True)
+    data = prepare.load(paths)
+    _check_oof(paths, oof, data.train_y)
+    test_pred, test_from = _test_predictions(paths, folds)
+    return Run(cv=cv, config=read_json(paths.logs / "config.json") or {}, histories=histories,
+               oof=oof, train_x=data.train_x, train_y=data.train_y, test_pred=test_pred,
+               test_from=test_from, source=data_source(paths),
+               ensemble=read_json(paths.preds / "ensemble.json") or {},
+               warnings=_staleness(paths, folds))
+
+
+def _check_oof(paths: Paths, oof: pd.DataFrame, train_y: np.ndarray) -> None:
+    """The OOF rows must be exactly the train rows, with their labels, or the images would lie."""
+    rows = oof["row"].to_numpy()
+    if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))):
+        raise PipelineError(f"{paths.preds}: the out-of-fold predictions cover {len(rows)} rows but "
+                            f"{paths.prepared} has {len(train_y)} train rows (the data changed "
+                            "after the run?); rerun `make submit`")
+    if not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
+        raise PipelineError(f"{paths.preds}: the out-of-fold labels differ from {paths.prepared}; "
+                            "the data changed after the run; rerun `make submit`")
+
+
+def _test_predictions(paths: Paths, folds: list[int]) -> tuple[np.ndarray | None, str]:
+    """The ensemble's test labels: the averaged fold probabilities, else the submission."""
+    files = [paths.test_preds(k) for k in folds]
+    if all(p.is_file() for p in files):
+        probs = np.mean([_read_csv(p, "test predictions")[PROB_COLUMNS].to_numpy() for p in files],
+                        axis=0)
+        return probs.argmax(1), f"the average of {len(files)} preds/test_fold_*.csv"
+    if paths.submission_csv.is_file():
+        return _read_csv(paths.submission_csv, "the submission")["Label"].to_numpy(), \
+            "submissions/submission.csv"
+    return None, ""
+
+
+def _staleness(paths: Paths, folds: list[int]) -> list[str]:
+    """Training that ran after the last predict makes the curves newer than cv.csv: say so."""
+    cv_time = (paths.logs / "cv.csv").stat().st_mtime
+    newer = [p.name for k in folds for p in (paths.fold_log(k), paths.oof_preds(k))
+             if p.stat().st_mtime > cv_time + 1]
+    if not newer:
+        return []
+    return [f"{', '.join(newer)} changed after logs/cv.csv was written: training ran again after "
+            "the last predict, so the curves and the CV table may be from different runs. Run "
+            "`make predict` and then `make report` again."]
+
+
+# -- the numbers -------------------------------------------------------------------------------
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = CLASSES) -> np.ndarray:
+    """Counts: row = true class, column = predicted class."""
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if labels.shape != predicted.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
+    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(
+        classes, classes)
+
+
+def oof_confusion(run: Run) -> np.ndarray:
+    """The out-of-fold confusion matrix of a run (sums to its number of train rows)."""
+    return confusion_matrix(run.oof["label"].to_numpy(), run.oof_pred)
+
+
+def per_class(matrix: np.ndarray) -> pd.DataFrame:
+    """Per true class: rows, correct, accuracy (recall); per predicted class: count, precision."""
+    rows, predicted, correct = matrix.sum(1), matrix.sum(0), np.diag(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"class": np.arange(len(matrix)), "rows": rows, "correct": correct,
+                             "accuracy": correct / rows, "predicted": predicted,
+                             "precision": correct / predicted})
+
+
+def confident_mistakes(oof: pd.DataFrame, limit: int = MISTAKES) -> pd.DataFrame:
+    """The wrong out-of-fold predictions the ensemble was surest of: row, label, predicted, confidence."""
+    probs = oof[PROB_COLUMNS].to_numpy()
+    frame = pd.DataFrame({"row": oof["row"].to_numpy(), "label": oof["label"].to_numpy(),
+                          "predicted": probs.argmax(1), "confidence": probs.max(1)})
+    wrong = frame[frame["label"] != frame["predicted"]]
+    return wrong.sort_values(["confidence", "row"], ascending=[False, True]).head(limit)
+
+
+def class_balance(train_y: np.ndarray, test_pred: np.ndarray | None) -> pd.DataFrame:
+    """The share of each class in the train labels and in the test predictions."""
+    train = np.bincount(np.asarray(train_y, np.int64), minlength=CLASSES) / max(len(train_y), 1)
+    frame = pd.DataFrame({"class": np.arange(CLASSES), "train": train})
+    if test_pred is not None:
+        frame["test predicted"] = (np.bincount(np.asarray(test_pred, np.int64), minlength=CLASSES)
+                                   / max(len(test_pred), 1))
+    return frame
+
+
+def changed_config(config: dict[str, Any]) -> dict[str, bool]:
+    """For each config field, whether it differs from TrainConfig()'s default."""
+    defaults = asdict(TrainConfig())
+    return {name: name in defaults and value != defaults[name] for name, value in config.items()}
+
+
+# -- the figures -------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    """pyplot on the file-only Agg backend, chosen here so importing the package never touches it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path, height_in: float) -> str:
+    plt = _pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=min(DPI, MAX_PIXELS / height_in))
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def plot_learning_curves(run: Run, path: Path) -> str:
+    """One row per fold: loss and accuracy by epoch, train and validation, best epoch marked."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    best = {int(f): e for f, e in zip(run.cv["fold"], run.cv["best_epoch"], strict=True) if f != "all"}
+    height = 2.4 * len(run.folds) + 0.4
+    fig, axes = plt.subplots(len(run.folds), 2, figsize=(10, height), squeeze=False)
+    for (ax_loss, ax_acc), k in zip(axes, run.folds, strict=True):
+        log = run.histories[k]
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(log["epoch"], log[f"train_{metric}"], "o-", ms=3, label="train")
+            ax.plot(log["epoch"], log[f"valid_{metric}"], "s-", ms=3, label="validation")
+            if pd.notna(best.get(k)):
+                ax.axvline(float(best[k]), color="grey", ls=":", lw=1, label="best epoch")
+            ax.set_title(f"fold {k}: {'loss' if metric == 'loss' else 'accuracy'}", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        ax_acc.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path, height)
+
+
+def plot_confusion(matrix: np.ndarray, path: Path) -> str:
+    """Colour by the share of each true class, so rare classes read as clearly as common ones."""
+    plt = _pyplot()
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(matrix)))
+    ax.set_yticks(range(len(matrix)))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"out-of-fold confusion matrix ({matrix.sum()} train rows)")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    fig.tight_layout()
+    return _save(fig, path, 6)
+
+
+def plot_per_class(table: pd.DataFrame, path: Path) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(table["class"], table["accuracy"].fillna(0), color="tab:blue")
+    low = float(np.nanmin(table["accuracy"])) if table["accuracy"].notna().any() else 0.0
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_xticks(table["class"])
+    ax.set_xlabel("true class")
+    ax.set_ylabel("out-of-fold accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, 3.5)
+
+
+def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
+    """The images themselves, so a wrong label in the data looks different from a model error.
+
+    One montage in one axes: 32 separate axes would take seconds to lay out.
+    """
+    plt = _pyplot()
+    cols, cell_w, cell_h, band = 8, 34, 46, 16  # pixels per cell; the band above a digit holds its text
+    nrows = max(1, -(-len(mistakes) // cols))
+    canvas = np.zeros((nrows * cell_h, cols * cell_w), np.uint8)
+    height = 1.6 * nrows + 0.2
+    fig, ax = plt.subplots(figsize=(cols * 1.25, height))
+    for i, m in enumerate(mistakes.itertuples()):
+        top, left = (i // cols) * cell_h, (i % cols) * cell_w
+        canvas[top + band:top + band + 28, left + 3:left + 31] = run.train_x[m.row]
+        ax.text(left + cell_w / 2, top + band / 2, f"row {m.row}\n{m.label} → {m.predicted} "
+                f"({m.confidence:.0%})", ha="center", va="center", fontsize=7)
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    if mistakes.empty:
+        ax.text(canvas.shape[1] / 2, canvas.shape[0] / 2, "no out-of-fold mistakes", ha="center",
+                fontsize=12)
+    ax.set_title("true → predicted (confidence)", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path, height)
+
+
+def plot_balance(balance: pd.DataFrame, path: Path) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    series = [c for c in balance.columns if c != "class"]
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        ax.bar(balance["class"] + (i - (len(series) - 1) / 2) * width, balance[name], width,
+               label=name)
+    ax.set_xticks(balance["class"])
+    ax.set_xlabel("class")
+    ax.set_ylabel("share of rows")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, 3.5)
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;border:1px solid #eee}
+.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em}.changed{font-weight:bold;
+background:#eef6ff}code{background:#f3f3f3;padding:0 .2em}"""
+
+
+def _cell(value: Any, digits: int) -> str:
+    if pd.isna(value):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def html_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
+    """A plain HTML table; floats get 4 decimals unless `digits` names the column."""
+    digits = digits or {}
+    places = [digits.get(str(c), 4) for c in frame.columns]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v, d)}</td>" for v, d in zip(row, places, strict=True))
+                   + "</tr>" for row in frame.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def config_table(config: dict[str, Any]) -> str:
+    changed = changed_config(config)
+    defaults = asdict(TrainConfig())
+    rows = "".join(
+        f"<tr{' class=changed' if changed[k] else ''}><td class=l>{html.escape(k)}</td>"
+        f"<td class=l>{html.escape(str(v))}</td><td class=l>{html.escape(str(defaults.get(k, '')))}</td></tr>"
+        for k, v in sorted(config.items()))
+    return f"<table><tr><th>setting</th><th>this run</th><th>default</th></tr>{rows}</table>"
+
+
+def _summary(run: Run, paths: Paths) -> str:
+    overall = run.cv[run.cv["fold"] == "all"]
+    acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
+    kept = run.ensemble.get("kept", "")
+    entry = runs.find(paths, kept) if kept else None
+    facts = [("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.folds))),
+             ("model", str(run.config.get("model", "?"))), ("train rows", str(len(run.train_y))),
+             ("data source", run.source)]
+    if entry:
+        facts += [("finished", str(entry.get("time", ""))), ("device", str(entry.get("device", ""))),
+                  ("time", runs.format_seconds(entry.get("seconds")))]
+    if kept:
+        facts.append(("submission", f"submissions/{kept}"))
+    items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in facts)
+    return f"<ul>{items}</ul>"
+
+
+def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.DataFrame,
+           mistakes: pd.DataFrame) -> str:
+    warnings = list(run.warnings)
+    if run.source == "sample":
+        warnings.insert(0, "This run used the built-in SAMPLE (scikit-learn's digits), not the "
+                        "competition data: its numbers say nothing about the leaderboard.")
+    warn = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in warnings)
+    balance_note = (f"Test predictions: {html.escape(run.test_from)}." if run.test_pred is not None
+                    else "No test predictions found; the chart shows the train labels only.")
+
+    def img(key: str, alt: str) -> str:
+        return f'<img src="{html.escape(images[key])}" alt="{html.escape(alt)}">'
+
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>digits: run report</title>
+<style>{CSS}</style></head><body>
+<h1>Run report</h1>
+<p>{html.escape(str(paths.root))}, written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
+{warn}{_summary(run, paths)}
+<h2>Cross-validation (logs/cv.csv)</h2>{html_table(run.cv, {"seconds": 1})}
+<h2>Learning curves</h2>{img("curves", "learning curves per fold")}
+<h2>Out-of-fold confusion matrix</h2><p>Rows are the true class, columns the predicted one.</p>
+{img("confusion", "confusion matrix")}
+<h2>Per-class accuracy</h2>{img("per_class", "per-class accuracy")}{html_table(per_class_frame)}
+<h2>Most confident out-of-fold mistakes</h2>
+<p>{len(mistakes)} shown, surest first; <i>row</i> counts the images of input/train.csv from 0
+(it is on line row + 2 of the file).</p>
+{img("mistakes", "most confident mistakes")}
+<h2>Class balance: train labels and test predictions</h2><p>{balance_note}</p>
+{img("balance", "class balance")}
+<h2>Config (logs/config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
+{config_table(run.config)}
+</body></html>
+"""
+
+
+def run(paths: Paths) -> Path:
+    """Write reports/index.html and its figures for the latest run; returns the page's path."""
+    started = time.perf_counter()
+    data = load_run(paths)
+    out = paths.reports
+    matrix = oof_confusion(data)
+    per_class_frame = per_class(matrix)
+    mistakes = confident_mistakes(data.oof)
+    images = {
+        "curves": plot_learning_curves(data, out / "learning_curves.png"),
+        "confusion": plot_confusion(matrix, out / "confusion_matrix.png"),
+        "per_class": plot_per_class(per_class_frame, out / "per_class_accuracy.png"),
+        "mistakes": plot_mistakes(data, mistakes, out / "confident_mistakes.png"),
+        "balance": plot_balance(class_balance(data.train_y, data.test_pred), out / "class_balance.png"),
+    }
+    page = out / "index.html"
+    atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
+    for warning in data.warnings:
+        print(f"report: warning: {warning}")
+    print(f"report: wrote {page} and {len(images)} figures in {time.perf_counter() - started:.1f}s "
+          f"(OOF accuracy {np.trace(matrix) / matrix.sum():.4f})")
+    return page
