@@ -1,0 +1,247 @@
+"""The report (reports/index.html and its figures) and the record of runs (submissions/runs.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import asdict
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import report, runs
+from pipeline.config import Paths, TrainConfig, resolve
+from pipeline.errors import PipelineError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """A finished run on the built-in sample, as small as a run gets: 2 folds, 1 epoch, 32 units.
+
+    Made by the stage functions in this process (the same calls `submit` makes) rather than a
+    subprocess, which would import torch a second time.
+    """
+    from pipeline import download, folds, predict, prepare, train
+
+    paths = Paths(tmp_path_factory.mktemp("run"))
+    cfg = resolve(overrides={"folds": 2, "epochs": 1, "hidden": 32, "device": "cpu"})
+    download.run(paths, source="sample")
+    prepare.run(paths)
+    folds.run(cfg, paths)
+    train.run(cfg, paths)
+    predict.run(cfg, paths)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def page(tiny_run: Paths) -> Path:
+    return report.run(tiny_run)
+
+
+def copy_run(paths: Paths, target: Path) -> Paths:
+    """A private copy of the tiny run, for tests that damage it."""
+    shutil.copytree(paths.root, target / "run", ignore=shutil.ignore_patterns("reports"))
+    return Paths(target / "run")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the IHDR chunk, which a valid PNG has right after its signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    length, kind = struct.unpack(">I4s", head[8:16])
+    assert (length, kind) == (13, b"IHDR"), f"{path.name} does not start with an IHDR chunk"
+    return struct.unpack(">II", head[16:24])
+
+
+class ImageSources(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.sources += [v or "" for k, v in attrs if k == "src"]
+
+
+def image_sources(page: Path) -> list[str]:
+    parser = ImageSources()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.sources
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def test_report_writes_index_html_in_reports(tiny_run: Paths, page: Path) -> None:
+    assert page == tiny_run.reports / "index.html"
+    text = page.read_text(encoding="utf-8")
+    cv = pd.read_csv(tiny_run.logs / "cv.csv", dtype={"fold": str})
+    oof_acc = float(cv.loc[cv["fold"] == "all", "valid_acc"].iloc[0])
+    assert f"{oof_acc:.4f}" in text  # the overall OOF accuracy of cv.csv
+    assert "<th>best_epoch</th>" in text and "<td>all</td>" in text  # the cv.csv table
+    assert "<th>setting</th>" in text and "label_smoothing" in text  # the config table
+    assert "class=changed><td class=l>epochs</td><td class=l>1</td>" in text  # epochs differs
+    assert "SAMPLE" in text  # a run on the sample says so
+
+
+def test_every_figure_is_a_valid_png_of_sensible_size(page: Path) -> None:
+    figures = sorted(page.parent.glob("*.png"))
+    assert len(figures) == 5
+    for figure in figures:
+        width, height = png_size(figure)
+        assert 100 <= width <= 4000 and 100 <= height <= 4000, (figure.name, width, height)
+
+
+def test_every_image_the_page_references_exists_next_to_it(page: Path) -> None:
+    sources = image_sources(page)
+    assert len(sources) == 5
+    for src in sources:
+        assert not src.startswith(("/", "file:", "http")) and ".." not in src, src
+        assert (page.parent / src).is_file(), src
+
+
+def test_confusion_matrix_counts_every_train_row(tiny_run: Paths) -> None:
+    run = report.load_run(tiny_run)
+    matrix = report.oof_confusion(run)
+    assert matrix.shape == (10, 10)
+    assert matrix.sum() == len(run.train_y) == len(np.load(tiny_run.prepared / "train_x.npy"))
+    assert (matrix.sum(1) == np.bincount(run.train_y, minlength=10)).all()
+    cv = pd.read_csv(tiny_run.logs / "cv.csv", dtype={"fold": str})
+    oof_acc = float(cv.loc[cv["fold"] == "all", "valid_acc"].iloc[0])
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(oof_acc)
+
+
+def test_confusion_matrix_matches_a_hand_count() -> None:
+    labels = [0, 0, 1, 2, 2, 2]
+    predicted = [0, 1, 1, 2, 0, 2]
+    expected = np.array([[1, 1, 0],
+                         [0, 1, 0],
+                         [1, 0, 2]])
+    np.testing.assert_array_equal(report.confusion_matrix(labels, predicted, classes=3), expected)
+
+
+def test_per_class_accuracy_and_precision_by_hand() -> None:
+    table = report.per_class(np.array([[1, 1, 0], [0, 1, 0], [1, 0, 2]]))
+    np.testing.assert_allclose(table["accuracy"], [1 / 2, 1, 2 / 3])
+    np.testing.assert_allclose(table["precision"], [1 / 2, 1 / 2, 1])
+    assert table["rows"].tolist() == [2, 1, 3]
+
+
+def test_confident_mistakes_are_wrong_and_surest_first() -> None:
+    probs = np.full((4, 10), 0.0)
+    probs[0, 1], probs[0, 0] = 0.6, 0.4  # label 0 -> 1 at 0.6
+    probs[1, 0] = 1.0  # right
+    probs[2, 3], probs[2, 2] = 0.9, 0.1  # label 2 -> 3 at 0.9
+    probs[3, 5], probs[3, 4] = 0.5, 0.5  # tie: argmax takes the first, 4, which is right
+    oof = pd.DataFrame(probs, columns=report.PROB_COLUMNS)
+    oof.insert(0, "label", [0, 0, 2, 4])
+    oof.insert(0, "row", [10, 11, 12, 13])
+    mistakes = report.confident_mistakes(oof)
+    assert mistakes["row"].tolist() == [12, 10]
+    assert mistakes["predicted"].tolist() == [3, 1]
+    assert mistakes["confidence"].tolist() == pytest.approx([0.9, 0.6])
+
+
+def test_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"no run to report on .*make submit"):
+        report.run(Paths(tmp_path))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_report_names_a_missing_file_of_the_run(tiny_run: Paths, tmp_path: Path) -> None:
+    paths = copy_run(tiny_run, tmp_path)
+    paths.oof_preds(1).unlink()
+    with pytest.raises(PipelineError, match=r"oof_fold_1\.csv: missing"):
+        report.run(paths)
+
+
+def test_report_refuses_predictions_of_other_data(tiny_run: Paths, tmp_path: Path) -> None:
+    paths = copy_run(tiny_run, tmp_path)
+    oof = pd.read_csv(paths.oof_preds(0))
+    oof.iloc[:5].to_csv(paths.oof_preds(0), index=False)
+    with pytest.raises(PipelineError, match="rerun `make submit`"):
+        report.run(paths)
+
+
+def test_report_falls_back_to_the_submission_and_warns_of_newer_training(
+        tiny_run: Paths, tmp_path: Path) -> None:
+    paths = copy_run(tiny_run, tmp_path)
+    for k in range(2):
+        paths.test_preds(k).unlink()
+    log = paths.fold_log(0)
+    stamp = (paths.logs / "cv.csv").stat().st_mtime + 60  # trained again after the predict
+    os.utime(log, (stamp, stamp))
+    text = report.run(paths).read_text(encoding="utf-8")
+    assert "Test predictions: submissions/submission.csv" in text
+    assert "fold_0.csv changed after logs/cv.csv" in text
+
+
+def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path: Path) -> None:
+    run = report.load_run(tiny_run)
+    none = report.confident_mistakes(run.oof).head(0)
+    name = report.plot_mistakes(run, none, tmp_path / "mistakes.png")
+    width, height = png_size(tmp_path / name)
+    assert 100 <= width <= 4000 and 100 <= height <= 4000
+
+
+# -- the record of runs --------------------------------------------------------------------------
+
+
+def entry(submission: str, **config: object) -> dict[str, object]:
+    return {"model": "rnn", "config": {**asdict(TrainConfig()), **config}, "oof_acc": 0.9876,
+            "seconds": 83.2, "device": "cpu (4 threads)", "submission": submission,
+            "source": "sample"}
+
+
+def test_changed_settings_are_the_hyperparameters_off_their_defaults() -> None:
+    cfg = TrainConfig(epochs=3, model="gru", device="cuda", jobs=4)
+    assert runs.changed_settings(cfg) == {"epochs": 3, "model": "gru"}
+    assert runs.changed_settings(TrainConfig()) == {}
+
+
+def test_runs_table_lists_every_run_newest_first(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    assert "no runs recorded yet" in runs.table(paths)
+    runs.record(paths, entry("first.csv", epochs=5))
+    runs.record(paths, entry("second.csv", hidden=64, lr=0.001))
+    (paths.submissions / "second.csv").write_text("ImageId,Label\n")
+    lines = runs.table(paths).splitlines()
+    assert lines[0].split()[:2] == ["when", "model"]
+    assert "second.csv" in lines[2] and "hidden=64 lr=0.001" in lines[2]
+    assert "first.csv (deleted)" in lines[3] and "epochs=5" in lines[3]
+    assert "0.9876" in lines[2] and "1m23s" in lines[2] and "cpu (4 threads)" in lines[2]
+    assert lines[4] == f"2 run(s) in {runs.runs_path(paths)}"
+    recorded = [json.loads(line) for line in runs.runs_path(paths).read_text().splitlines()]
+    assert [e["changed"] for e in recorded] == [{"epochs": 5}, {"hidden": 64, "lr": 0.001}]
+    assert all("T" in e["time"] for e in recorded)  # ISO 8601, filled in by record()
+
+
+def test_runs_record_survives_an_interrupted_write(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    runs.record(paths, entry("first.csv"))
+    with open(runs.runs_path(paths), "ab") as handle:  # a write cut off mid-line
+        handle.write(b'{"model": "gru", "oof_acc": 0.9')
+    entries, skipped = runs.read(paths)
+    assert [e["submission"] for e in entries] == ["first.csv"] and skipped == 1
+    assert "skipped 1 unreadable line" in runs.table(paths)
+
+    runs.record(paths, entry("second.csv"))
+    entries, skipped = runs.read(paths)
+    assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == 1
+    lines = runs.runs_path(paths).read_bytes().split(b"\n")
+    assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
+    assert "second.csv (deleted)" in runs.table(paths).splitlines()[2]  # newest first, intact
+
+
+def test_runs_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = Paths(tmp_path)
+    runs.record(paths, entry("only.csv"))
+    assert runs.run(paths) == capsys.readouterr().out.rstrip("\n")
+
