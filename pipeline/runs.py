@@ -132,7 +132,9 @@ def row_of(entry: dict[str, Any], paths: Paths) -> tuple[str, ...]:
     with contextlib.suppress(ValueError):  # an unparsable time is shown as written
         when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M")
     changed = entry.get("changed") or {}
-    changed_text = " ".join(f"{k}={v}" for k, v in changed.items()) if isinstance(changed, dict) else ""
+    # The model has its own column; repeating it among the changed settings only adds width.
+    changed_text = " ".join(f"{k}={v}" for k, v in changed.items() if k != "model") \
+        if isinstance(changed, dict) else ""
     acc = entry.get("oof_acc")
     acc_text = f"{acc:.4f}" if isinstance(acc, (int, float)) else ""
     submission = str(entry.get("submission", ""))
