@@ -65,6 +65,12 @@ predict: setup ## ensemble the fold models into submissions/submission.csv (TTA=
 upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
 	$(RUN) upload --message "$(MESSAGE)" $(call opt,TIMEOUT,timeout)
 
+report: setup ## draw the latest run into reports/index.html (curves, confusion matrix, mistakes)
+	$(RUN) report
+
+runs: setup ## list every finished run, newest first, with its settings, OOF accuracy and submission
+	$(RUN) runs
+
 test: setup ## run the test suite (no network, no GPU needed)
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -101,6 +101,18 @@ def _upload(args: argparse.Namespace, paths: Paths) -> None:
     upload.run(paths, message=args.message, timeout=args.timeout)
 
 
+def _report(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import report
+
+    report.run(paths)
+
+
+def _runs(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import runs
+
+    runs.run(paths)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline",
                                      description="Kaggle Digit Recognizer with recurrent networks.")
@@ -140,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", required=True, help="the submission's description on Kaggle")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for Kaggle before giving up (default: 300)")
+    stage("report", _report, "draw the latest run into reports/index.html (curves, confusion matrix, "
+          "mistakes)")
+    stage("runs", _runs, "list every finished run, newest first (submissions/runs.jsonl)")
     return parser
 
 

@@ -24,6 +24,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise PipelineError(f"{path.parent}: cannot write here ({exc.strerror})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)

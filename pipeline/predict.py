@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import folds, prepare
+from pipeline import folds, prepare, runs
 from pipeline.config import Paths, TrainConfig, fingerprint
 from pipeline.download import SAMPLE_BANNER, data_source
 from pipeline.errors import PipelineError
@@ -106,6 +106,15 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     write_json(paths.preds / "ensemble.json", {"key": key, "oof_acc": oof_acc, "kept": kept.name,
                                                "source": source, "tta": cfg.tta})
     seconds = time.perf_counter() - started
+    runs.record(paths, {
+        "model": model_name,
+        "config": {**checkpoints[0]["config"], "tta": cfg.tta},  # the trained settings
+        "oof_acc": oof_acc,
+        "seconds": sum(c["seconds"] for c in checkpoints) + seconds,  # training + prediction
+        "device": describe(device),
+        "submission": kept.name,
+        "source": source,
+    })
     print(f"predict: {n_folds} folds on {describe(device)}, {len(ensemble)} test images in "
           f"{seconds:.1f}s; OOF accuracy {oof_acc:.4f}")
     print(f"predict: wrote {paths.submission_csv} (kept as {kept.relative_to(paths.root)})")

@@ -20,6 +20,7 @@ def validate_frame(frame: pd.DataFrame, expected_rows: int | None, where: str) -
         raise PipelineError(f"{where}: {len(frame)} rows; expected {expected_rows} (one per test image)")
     if len(frame) == 0:
         raise PipelineError(f"{where}: no rows")
+    numbers = {}
     for column in ("ImageId", "Label"):
         numeric = pd.to_numeric(frame[column], errors="coerce")
         bad = numeric.isna() | (numeric != numeric.round())
@@ -27,13 +28,14 @@ def validate_frame(frame: pd.DataFrame, expected_rows: int | None, where: str) -
             i = int(bad.to_numpy().argmax())
             raise PipelineError(f"{where}: line {i + 2}, column {column}: {frame[column].iloc[i]!r} "
                                 "is not a whole number")
-    ids = frame["ImageId"].to_numpy()
+        numbers[column] = numeric.to_numpy()
+    ids = numbers["ImageId"]
     wrong = ids != range(1, len(frame) + 1)
     if wrong.any():
         i = int(wrong.argmax())
         raise PipelineError(f"{where}: line {i + 2}, column ImageId: {ids[i]}; expected {i + 1} "
                             "(ids run 1..N in order)")
-    labels = frame["Label"].to_numpy()
+    labels = numbers["Label"]
     out = (labels < 0) | (labels > 9)
     if out.any():
         i = int(out.argmax())

@@ -27,7 +27,7 @@ from pipeline import folds, prepare
 from pipeline.augment import random_affine
 from pipeline.config import MODEL_FIELDS, Paths, TrainConfig, fingerprint
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv, write_json
+from pipeline.io import read_json, write_csv, write_json
 from pipeline.models import build_model
 from pipeline.runtime import (
     autocast,
@@ -277,8 +277,8 @@ def run(cfg: TrainConfig, paths: Paths, fold: int | None = None) -> list[dict[st
         raise PipelineError(f"train: fold {fold} does not exist; folds are numbered 0 to "
                             f"{n_folds - 1}")
     todo = [fold] if fold is not None else list(range(n_folds))
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    write_json(paths.logs / "config.json", asdict(cfg))
+    if read_json(paths.logs / "config.json") != asdict(cfg):
+        write_json(paths.logs / "config.json", asdict(cfg))
     device = resolve_device(cfg.device)
     if cfg.jobs > 1 and len(todo) > 1:
         return _run_parallel(cfg, paths, todo, device)
