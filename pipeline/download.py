@@ -7,6 +7,8 @@ exist, else the sample. Existing files are kept unless ``force`` is set; new fil
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -89,10 +91,19 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
 def _download_kaggle(paths: Paths, timeout: float) -> None:
     from pipeline import kaggle_api
 
+    created = not paths.input.exists()
     paths.input.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=paths.input) as tmp:
-        files = kaggle_api.download_competition(COMPETITION, Path(tmp), timeout=timeout)
-        for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
-            with atomic_path(target) as part:
-                shutil.move(files[name], part)
+    try:
+        # The temporary folder sits in input/ so the final renames stay on one file system; it is
+        # removed whatever happens, so a failed download leaves input/ as it was.
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=paths.input) as tmp:
+            files = kaggle_api.download_competition(COMPETITION, Path(tmp), timeout=timeout)
+            # Both files are complete and checked before either replaces what input/ holds.
+            for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
+                os.replace(files[name], target)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                paths.input.rmdir()
+        raise
     print(f"download: fetched train.csv and test.csv of '{COMPETITION}' from Kaggle")

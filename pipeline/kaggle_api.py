@@ -1,44 +1,352 @@
-"""Everything that touches the official ``kaggle`` client lives here, imported only on demand.
+"""Everything that touches the official ``kaggle`` client lives here, and the client runs in a child.
 
-The client authenticates when it is imported and exits the process when it finds no credentials;
-no other module of the pipeline imports it.
+Importing the client has side effects (it authenticates, may make a network call that never times
+out, creates its config folder and prints help on stdout) and, with VERBOSE set, it prints the
+Authorization header. So the pipeline never imports it: each call runs ``python -m
+pipeline.kaggle_api <op>`` in a subprocess that the parent can kill after its own timeout, whose
+output is captured and scrubbed, and whose outcome comes back as a small JSON file.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
+import re
+import subprocess
+import sys
+import threading
+import time
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from pipeline.errors import PipelineError
 
+TOKEN_URL = "https://www.kaggle.com/settings"
+# The real files unpack to ~125 MB; anything near this is not the competition's archive.
+MAX_UNPACKED_BYTES = 1 << 30
+# Read by the client at import; either makes it print the Authorization header.
+NOISY_ENV = ("VERBOSE", "VERBOSE_OUTPUT")
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+
+# --- where the client finds credentials (mirrors KaggleApi.authenticate, without importing it) --------
+
+def config_dir() -> Path:
+    """The client's config folder: KAGGLE_CONFIG_DIR, else ~/.kaggle if present, else XDG."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"])
+    home = Path.home() / ".kaggle"
+    if sys.platform.startswith("linux") and not home.exists():
+        return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    return home
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        return False
+
 
 def credentials_source() -> str | None:
-    """Where the client would find credentials, without importing it (None when nowhere)."""
+    """Where the client would find credentials, in its own order (None when nowhere)."""
+    home = Path.home() / ".kaggle"
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+    for token in (home / "access_token", home / "access_token.txt"):
+        if _nonempty_file(token):
+            return str(token)
+    # Legacy key: username and key each come from the environment or <config dir>/kaggle.json.
+    config_file = config_dir() / "kaggle.json"
+    values = {k: v for k, v in _read_json_file(config_file).items() if v}
+    from_env = {name: bool(os.environ.get(f"KAGGLE_{name.upper()}")) for name in ("username", "key")}
+    if all(from_env.values()):
         return "KAGGLE_USERNAME/KAGGLE_KEY"
-    home = Path.home() / ".kaggle"
-    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR") or home)
-    for candidate in (home / "access_token", home / "access_token.txt", config_dir / "kaggle.json"):
-        if candidate.is_file():
-            return str(candidate)
+    if all(from_env[name] or name in values for name in from_env):
+        return str(config_file)
+    if (home / "credentials.json").is_file():
+        return str(home / "credentials.json")
     return None
 
 
-def download_competition(competition: str, dest: Path, timeout: float) -> dict[str, Path]:
-    """Download and unpack the competition's files into dest; returns train.csv and test.csv."""
-    from kaggle.api.kaggle_api_extended import KaggleApi
+# --- keeping secrets out of anything printed -------------------------------------------------------
 
-    api = KaggleApi()
-    api.authenticate()
-    api.competition_download_files(competition, path=str(dest), force=True, quiet=True)
-    archive = dest / f"{competition}.zip"
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(dest)
-    files = {name: dest / name for name in ("train.csv", "test.csv")}
-    for name, path in files.items():
-        if not path.is_file():
-            raise PipelineError(f"{archive}: has no {name}")
-    return files
+def _secret_values() -> list[str]:
+    """Every credential value the client could be using, plus the Basic-auth form of each."""
+    home = Path.home() / ".kaggle"
+    config = _read_json_file(config_dir() / "kaggle.json")
+    values = [os.environ.get("KAGGLE_KEY", ""), str(config.get("key", ""))]
+    token = os.environ.get("KAGGLE_API_TOKEN", "")
+    values.append(token)
+    for path in (Path(token) if token else None, home / "access_token", home / "access_token.txt"):
+        if path is not None and _nonempty_file(path):
+            values.append(path.read_text(encoding="utf-8").strip())
+    values += [str(v) for v in _read_json_file(home / "credentials.json").values() if isinstance(v, str)]
+    users = {os.environ.get("KAGGLE_USERNAME", ""), str(config.get("username", ""))} - {""}
+    values += [base64.b64encode(f"{u}:{v}".encode()).decode() for u in users for v in values if v]
+    return sorted({v for v in values if len(v) >= 6}, key=len, reverse=True)
+
+
+# An Authorization header (or JSON field) up to the end of its value, and bare Basic/Bearer tokens.
+_AUTH_PATTERN = re.compile(
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']*|\b(basic|bearer)\s+[\w+/=.-]+")
+
+
+def scrub(text: str) -> str:
+    """The text with every known credential and any Authorization header value blanked out."""
+    for secret in _secret_values():
+        text = text.replace(secret, "[redacted]")
+    return _AUTH_PATTERN.sub(lambda m: (m.group(1) or m.group(2)) + " [redacted]", text)
+
+
+# --- the parent side: run the client in a child, bounded by our own timeout ------------------------
+
+def download_competition(competition: str, dest: Path, timeout: float) -> dict[str, Path]:
+    """Download the competition's archive and unpack train.csv and test.csv into dest (a fresh folder)."""
+    _warn_if_readable()
+    files = dest / "archive"
+    files.mkdir()
+    result = _run_client(["download", competition, str(files)], dest, timeout, progress_dir=files)
+    _raise_if_failed(result, competition)
+    archive = _the_archive(files, competition)
+    return unpack(archive, dest, ("train.csv", "test.csv"))
+
+
+def submit(competition: str, csv_path: Path, message: str, workdir: Path, timeout: float) -> tuple[int, str]:
+    """Submit a CSV; returns Kaggle's (reference, message). A reference of 0 means it was refused."""
+    _warn_if_readable()
+    result = _run_client(["submit", competition, str(csv_path), message], workdir, timeout)
+    _raise_if_failed(result, competition)
+    return int(result.get("ref") or 0), str(result.get("message") or "")
+
+
+def _warn_if_readable() -> None:
+    """The client's own warning is swallowed with the rest of its output, so repeat it."""
+    config_file = config_dir() / "kaggle.json"
+    with contextlib.suppress(OSError):
+        if os.name != "nt" and config_file.stat().st_mode & 0o077:
+            print(f"warning: {config_file} is readable by other users; run: chmod 600 {config_file}",
+                  file=sys.stderr)
+
+
+def _client_env() -> dict[str, str]:
+    """The user's environment as is (credentials, proxies...), less the switches that print secrets."""
+    env = {k: v for k, v in os.environ.items() if k not in NOISY_ENV}
+    # The child must import this package even when it is not installed (e.g. run from a checkout).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None) -> dict:
+    if not timeout > 0:
+        raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
+    result_file = workdir / "client-result.json"
+    command = [sys.executable, "-m", "pipeline.kaggle_api", args[0], str(result_file), *args[1:]]
+    proc = subprocess.Popen(command, cwd=workdir, env=_client_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: list[bytes] = []
+    # A thread drains the pipe so a chatty client can never block on a full buffer.
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    try:
+        _wait(proc, timeout, progress_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(timeout=5)
+    result = _read_json_file(result_file)
+    if not result:
+        tail = scrub(b"".join(output).decode("utf-8", "replace")).strip().splitlines()[-5:]
+        raise PipelineError(f"the kaggle client stopped unexpectedly (exit code {proc.returncode})"
+                            + (":\n  " + "\n  ".join(tail) if tail else ""))
+    return result
+
+
+def _tree_size(folder: Path | None) -> int:
+    total = 0
+    for path in folder.rglob("*") if folder else ():
+        with contextlib.suppress(OSError):  # the client renamed or removed it meanwhile
+            total += path.stat().st_size
+    return total
+
+
+def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path | None) -> None:
+    """Wait for the child; give up once it has made no progress (bytes downloaded) for timeout s."""
+    size, last_progress = -1, time.monotonic()
+    while proc.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.1)
+        now_size = _tree_size(progress_dir)
+        if now_size != size:
+            size, last_progress = now_size, time.monotonic()
+        elif time.monotonic() - last_progress > timeout:
+            raise PipelineError(f"Kaggle did not answer for {timeout:g} s, so the pipeline gave up. "
+                                "Check your network connection and retry; on a slow link allow "
+                                "longer with TIMEOUT=<seconds> (--timeout)")
+
+
+def _raise_if_failed(result: dict, competition: str) -> None:
+    error = result.get("error")
+    if error:
+        _raise_client_error(error, result, competition)
+
+
+def _raise_client_error(error: str, result: dict, competition: str) -> NoReturn:
+    detail = scrub(str(result.get("detail", ""))).strip()
+    status = result.get("status")
+    if error == "credentials":
+        raise PipelineError(_no_credentials_message())
+    if error == "http" and status == 401:
+        raise PipelineError(f"Kaggle rejected the credentials (HTTP 401) from {credentials_source()}: "
+                            f"the username or key is wrong or expired. Create a new API token at "
+                            f"{TOKEN_URL} and replace the old one")
+    if error == "http" and status == 403:
+        raise PipelineError(f"Kaggle refused access to '{competition}' (HTTP 403): accept the "
+                            f"competition rules at https://www.kaggle.com/competitions/{competition}/rules "
+                            "(signed in as the account of your API token), then retry")
+    if error == "http":
+        raise PipelineError(f"Kaggle answered HTTP {status}: {detail or 'no detail'}; retry later")
+    if error == "network":
+        raise PipelineError(f"cannot reach Kaggle ({detail}). Check your network connection "
+                            "(and HTTP_PROXY/HTTPS_PROXY if you use a proxy), then retry")
+    raise PipelineError(f"the kaggle client failed: {detail or error}")
+
+
+def _no_credentials_message() -> str:
+    found = credentials_source()
+    if found:
+        return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
+                f"Create a new API token at {TOKEN_URL}")
+    return ("no Kaggle credentials found. Create an API token at "
+            f"{TOKEN_URL} (section API) and save kaggle.json as {config_dir() / 'kaggle.json'} "
+            "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN. "
+            "Without an account: make download SOURCE=sample (built-in sample) or SOURCE=dir DIR=<folder>")
+
+
+# --- the archive: trust nothing in it ---------------------------------------------------------------
+
+def _the_archive(folder: Path, competition: str) -> Path:
+    expected = folder / f"{competition}.zip"
+    if expected.is_file():
+        return expected
+    found = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".kaggle-partial")]
+    if len(found) != 1:
+        raise PipelineError(f"Kaggle sent {len(found)} files where one archive {expected.name} was expected")
+    return found[0]
+
+
+def _unsafe(name: str) -> bool:
+    """Absolute paths, drive letters and '..' could write outside the target folder."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts
+
+
+def unpack(archive: Path, dest: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """Extract the named top-level members after checking the whole archive; returns their paths."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            _check_members(zf.infolist(), names)
+            for name in names:
+                _extract(zf, name, dest / name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise PipelineError(f"the archive Kaggle sent is truncated or corrupt ({exc}); "
+                            "nothing was changed in input/, retry the download") from exc
+    return {name: dest / name for name in names}
+
+
+def _extract(zf: zipfile.ZipFile, name: str, target: Path) -> None:
+    # zipfile stops at the member's declared size and checks its CRC, so no member can unpack
+    # to more than the sizes _check_members accepted.
+    with zf.open(name) as src:
+        try:
+            with open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        except OSError as exc:  # our side (disk full, permissions), not the archive's fault
+            raise PipelineError(f"{target.parent}: cannot unpack here ({exc.strerror or exc})") from exc
+
+
+def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None:
+    bad = [i.filename for i in infos if _unsafe(i.filename)]
+    if bad:
+        raise PipelineError(f"the archive Kaggle sent has a member with an unsafe path ({bad[0]!r}); "
+                            "refusing to unpack it")
+    total = sum(i.file_size for i in infos)
+    if total > MAX_UNPACKED_BYTES:
+        raise PipelineError(f"the archive Kaggle sent would unpack to {total:,} bytes, far more than "
+                            "the competition's files; refusing to unpack it")
+    present = {i.filename for i in infos}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise PipelineError(f"the archive Kaggle sent has no {' or '.join(missing)} "
+                            f"(it holds: {', '.join(sorted(present)) or 'nothing'}); "
+                            "is this the right competition?")
+
+
+# --- the child side: the only code that imports the client ------------------------------------------
+
+def _child_download(competition: str, folder: str) -> dict[str, Any]:
+    api = _authenticated_api()
+    api.competition_download_files(competition, path=folder, force=True, quiet=True, unzip=False)
+    return {}
+
+
+def _child_submit(competition: str, csv_path: str, message: str) -> dict[str, Any]:
+    api = _authenticated_api()
+    response = api.competition_submit(csv_path, message, competition, quiet=True)
+    return {"ref": response.ref or 0, "message": response.message or ""}
+
+
+def _authenticated_api() -> Any:
+    import kaggle  # authenticates at import, swallowing any failure
+
+    api = kaggle.api
+    if not getattr(api, "_authenticated", False):
+        api.authenticate()  # again, to see the failure: SystemExit when there are no credentials
+    return api
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    """A failure as plain data for the parent; the parent scrubs the detail before showing it."""
+    import requests
+
+    if isinstance(exc, SystemExit):
+        return {"error": "credentials"}
+    if isinstance(exc, requests.exceptions.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return {"error": "http", "status": status, "detail": str(exc)}
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return {"error": "network", "detail": type(exc).__name__}
+    return {"error": "other", "detail": f"{type(exc).__name__}: {exc}"}
+
+
+CHILD_OPS: dict[str, Callable[..., dict[str, Any]]] = {"download": _child_download, "submit": _child_submit}
+
+
+def _child_main(argv: list[str]) -> None:
+    op, result_file, *args = argv
+    for name in NOISY_ENV:  # the parent removed them already; never rely on one guard alone
+        os.environ.pop(name, None)
+    try:
+        result = {"ok": True, **CHILD_OPS[op](*args)}
+    except BaseException as exc:  # SystemExit included: the client exits when it has no credentials
+        result = _describe(exc)
+    Path(result_file).write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

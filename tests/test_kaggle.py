@@ -1,0 +1,442 @@
+"""Kaggle download and upload through the real ``kaggle`` client, against a fake Kaggle on 127.0.0.1.
+
+The client reads its environment when imported, so every run goes through the real command line in
+a subprocess with an environment of its own: a temporary HOME and KAGGLE_CONFIG_DIR holding dummy
+credentials, KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP(S)_PROXY pointing at the fake server, no
+NO_PROXY. Nothing can reach the network beyond 127.0.0.1, and no real key can be sent anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
+
+from pipeline import download, kaggle_api
+from pipeline.submission import COMPETITION_TEST_ROWS
+
+REPO = Path(__file__).resolve().parent.parent
+DUMMY_USER = "fake-user"
+DUMMY_KEY = "dummy-key-0123456789abcdef"
+DUMMY_BASIC = base64.b64encode(f"{DUMMY_USER}:{DUMMY_KEY}".encode()).decode()
+RULES_URL = "https://www.kaggle.com/competitions/digit-recognizer/rules"
+TRAIN = b"label,pixel0,pixel1\n1,0,255\n7,12,0\n"
+TEST = b"pixel0,pixel1\n3,4\n"
+ARCHIVE = make_zip({"train.csv": TRAIN, "test.csv": TEST, "sample_submission.csv": b"ImageId,Label\n1,0\n"})
+# The hang tests' own timeout. Only they use one this short: on a busy machine the client alone can
+# take longer to start, and other failures must not be mistaken for a hang.
+HANG_TIMEOUT = 1.5
+HANGS = ("server-hangs", "body-stalls")
+OLD = {"train.csv": b"old train\n", "test.csv": b"old test\n", "source.json": b'{"source": "dir"}\n'}
+
+
+# --- fixtures and helpers -------------------------------------------------------------------------
+
+@pytest.fixture
+def fake() -> Iterator[FakeKaggle]:
+    server = FakeKaggle(ARCHIVE).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake: FakeKaggle) -> dict[str, str]:
+    """The environment of the client: dummy credentials, every request sent to the fake server."""
+    config = tmp_path / "home" / ".kaggle"
+    config.mkdir(parents=True)
+    (config / "kaggle.json").write_text(json.dumps({"username": DUMMY_USER, "key": DUMMY_KEY}))
+    (config / "kaggle.json").chmod(0o600)
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith("KAGGLE_") and not k.lower().endswith("_proxy")
+            and k not in ("VERBOSE", "VERBOSE_OUTPUT", "XDG_CONFIG_HOME")}
+    return {**keep, "HOME": str(config.parent), "KAGGLE_CONFIG_DIR": str(config),
+            "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "PYTHONPATH": str(REPO),
+            "HTTP_PROXY": fake.url, "HTTPS_PROXY": fake.url, "http_proxy": fake.url, "https_proxy": fake.url}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "project" / "input").mkdir(parents=True)
+    return tmp_path / "project"
+
+
+def cli(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "--root", str(root), *args], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def download_kaggle(root: Path, env: dict[str, str], *extra: str,
+                    timeout: float = 30) -> subprocess.CompletedProcess:
+    return cli(root, env, "download", "--source", "kaggle", "--timeout", str(timeout), *extra)
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under folder, hidden ones included, with the bytes of each file."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def put_old_files(root: Path) -> None:
+    for name, data in OLD.items():
+        (root / "input" / name).write_bytes(data)
+
+
+def assert_no_secret(result: subprocess.CompletedProcess) -> None:
+    for text in (result.stdout, result.stderr):
+        assert DUMMY_KEY not in text
+        assert DUMMY_BASIC not in text
+
+
+def assert_fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    """Non-zero exit with exactly one message, naming what to do."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr
+    assert_no_secret(result)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_sizes(data: bytes, size: int) -> bytes:
+    """The archive with every member's uncompressed size rewritten: a zip bomb's headers."""
+    out = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        start = out.find(signature)
+        while start != -1:
+            out[start + offset:start + offset + 4] = struct.pack("<I", size)
+            start = out.find(signature, start + 4)
+    return bytes(out)
+
+
+def corrupted(data: bytes) -> bytes:
+    """A stored archive with one byte of train.csv changed: its CRC no longer matches."""
+    at = data.find(TRAIN) + 5
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+# --- importing the pipeline never imports the client ------------------------------------------------
+
+def test_importing_every_pipeline_module_leaves_kaggle_out() -> None:
+    code = ("import importlib, pkgutil, sys, pipeline\n"
+            "for m in pkgutil.iter_modules(pipeline.__path__):\n"
+            "    importlib.import_module('pipeline.' + m.name)\n"
+            "print(sorted(k for k in sys.modules if k.startswith('kaggle')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --- download ---------------------------------------------------------------------------------------
+
+def test_download_writes_the_served_files(root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
+    result = download_kaggle(root, env)
+    assert result.returncode == 0, result.stderr
+    assert (root / "input" / "train.csv").read_bytes() == TRAIN
+    assert (root / "input" / "test.csv").read_bytes() == TEST
+    assert json.loads((root / "input" / "source.json").read_text())["source"] == "kaggle"
+    assert sorted(snapshot(root / "input")) == ["source.json", "test.csv", "train.csv"]  # no leftovers
+    assert f"Basic {DUMMY_BASIC}" in fake.auth_headers  # the client really talked to the fake
+    assert_no_secret(result)
+
+
+def test_download_keeps_existing_files_unless_forced(root: Path, env: dict[str, str],
+                                                     fake: FakeKaggle) -> None:
+    put_old_files(root)
+    result = download_kaggle(root, env)
+    assert result.returncode == 0 and "keeping" in result.stdout
+    assert fake.requests == []
+    assert (root / "input" / "train.csv").read_bytes() == OLD["train.csv"]
+    result = download_kaggle(root, env, "--force")
+    assert result.returncode == 0, result.stderr
+    assert (root / "input" / "train.csv").read_bytes() == TRAIN
+
+
+def test_auto_picks_kaggle_when_credentials_exist(root: Path, env: dict[str, str]) -> None:
+    result = cli(root, env, "download", "--timeout", "5")
+    assert result.returncode == 0, result.stderr
+    assert "source auto -> kaggle (Kaggle credentials found in" in result.stdout
+    assert (root / "input" / "test.csv").read_bytes() == TEST
+
+
+def _no_credentials(fake: FakeKaggle, env: dict[str, str]) -> None:
+    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").unlink()
+
+
+def _http(code: int, message: str) -> Callable[[FakeKaggle, dict[str, str]], None]:
+    def setup(fake: FakeKaggle, env: dict[str, str]) -> None:
+        fake.api_error = (code, message)
+    return setup
+
+
+def _no_network(fake: FakeKaggle, env: dict[str, str]) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env[name] = f"http://127.0.0.1:{closed_port()}"
+
+
+def _serve(data: bytes) -> Callable[[FakeKaggle, dict[str, str]], None]:
+    def setup(fake: FakeKaggle, env: dict[str, str]) -> None:
+        fake.zip_bytes = data
+    return setup
+
+
+def _hang(fake: FakeKaggle, env: dict[str, str]) -> None:
+    fake.hang_api = True
+
+
+def _stall(fake: FakeKaggle, env: dict[str, str]) -> None:
+    fake.stall_file_after = len(ARCHIVE) // 2
+
+
+DOWNLOAD_FAILURES = {
+    "no-credentials": (_no_credentials, ["no Kaggle credentials", "kaggle.json", "KAGGLE_USERNAME"]),
+    "http-401": (_http(401, "Unauthenticated"), ["HTTP 401", "key", "https://www.kaggle.com/settings"]),
+    "http-403": (_http(403, "You must accept this competition's rules"), ["HTTP 403", RULES_URL]),
+    "http-500": (_http(500, "Internal error"), ["HTTP 500", "Internal error"]),
+    "no-network": (_no_network, ["cannot reach Kaggle", "network"]),
+    "server-hangs": (_hang, ["did not answer for 1.5 s", "TIMEOUT="]),
+    "body-stalls": (_stall, ["did not answer for 1.5 s"]),
+    "truncated-zip": (_serve(ARCHIVE[: len(ARCHIVE) // 2]), ["truncated or corrupt"]),
+    "corrupt-zip": (_serve(corrupted(make_zip({"train.csv": TRAIN, "test.csv": TEST}, zipfile.ZIP_STORED))),
+                    ["truncated or corrupt"]),
+    "not-a-zip": (_serve(b"<html>Service unavailable</html>"), ["truncated or corrupt"]),
+    "no-test-csv": (_serve(make_zip({"train.csv": TRAIN})), ["has no test.csv"]),
+    "nested-files": (_serve(make_zip({"data/train.csv": TRAIN, "data/test.csv": TEST})),
+                     ["has no train.csv or test.csv"]),
+    "dotdot-member": (_serve(make_zip({"train.csv": TRAIN, "test.csv": TEST, "../evil.csv": b"x"})),
+                      ["unsafe path", "../evil.csv"]),
+    "absolute-member": (_serve(make_zip({"train.csv": TRAIN, "test.csv": TEST, "/tmp/evil.csv": b"x"})),
+                        ["unsafe path"]),
+    "zip-bomb": (_serve(with_sizes(make_zip({"train.csv": TRAIN, "test.csv": TEST}, zipfile.ZIP_STORED),
+                                   0xF0000000)), ["would unpack to", "refusing"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DOWNLOAD_FAILURES))
+def test_download_failure_leaves_input_as_it_was(case: str, root: Path, env: dict[str, str],
+                                                 fake: FakeKaggle) -> None:
+    setup, phrases = DOWNLOAD_FAILURES[case]
+    setup(fake, env)
+    put_old_files(root)  # with FORCE the old files must survive a failed download untouched
+    before = snapshot(root / "input")  # hidden entries included: no temporary folder may remain
+    started = time.monotonic()
+    result = download_kaggle(root, env, "--force", timeout=HANG_TIMEOUT if case in HANGS else 30)
+    assert_fails(result, *phrases)
+    assert result.stdout == ""  # nothing from the client (its auth help, say) gets through
+    assert snapshot(root / "input") == before
+    assert time.monotonic() - started < 20
+
+
+def test_failed_download_without_input_folder_leaves_none(root: Path, env: dict[str, str],
+                                                          fake: FakeKaggle) -> None:
+    (root / "input").rmdir()
+    fake.zip_bytes = ARCHIVE[: len(ARCHIVE) // 2]
+    assert_fails(download_kaggle(root, env), "truncated or corrupt")
+    assert not (root / "input").exists()
+
+
+def test_no_credential_reaches_the_output_even_when_verbose(root: Path, env: dict[str, str],
+                                                            fake: FakeKaggle) -> None:
+    env.update(VERBOSE="1", VERBOSE_OUTPUT="1")
+    result = download_kaggle(root, env)
+    assert result.returncode == 0, result.stderr
+    assert_no_secret(result)
+    # A server that echoes the credentials back in an error must not get them printed either.
+    fake.api_error = (500, f"bad request, Authorization: Basic {DUMMY_BASIC} key={DUMMY_KEY}")
+    result = download_kaggle(root, env, "--force")
+    assert_fails(result, "HTTP 500")
+    assert "[redacted]" in result.stderr
+
+
+def test_scrub_blanks_what_the_verbose_client_prints(env: dict[str, str], fake: FakeKaggle,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hazard is real (the client prints the key with VERBOSE) and scrub() removes it."""
+    code = "import kaggle; kaggle.api.competition_download_files('digit-recognizer', path='.', quiet=True)"
+    result = subprocess.run([sys.executable, "-c", code], env={**env, "VERBOSE": "1"}, cwd=env["HOME"],
+                            capture_output=True, text=True, timeout=60)
+    assert f"Basic {DUMMY_BASIC}" in result.stdout
+    for name in ("HOME", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.setenv(name, env[name])
+    scrubbed = kaggle_api.scrub(result.stdout + result.stderr)
+    assert DUMMY_BASIC not in scrubbed and DUMMY_KEY not in scrubbed
+
+
+def test_warns_about_a_key_readable_by_others(root: Path, env: dict[str, str]) -> None:
+    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").chmod(0o644)
+    result = download_kaggle(root, env)
+    assert result.returncode == 0, result.stderr
+    assert "chmod 600" in result.stderr
+
+
+# --- upload -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def submission(root: Path) -> Path:
+    """A valid full-size submission made from the competition's data."""
+    path = root / "submissions" / "submission.csv"
+    path.parent.mkdir()
+    rows = "".join(f"{i},{i % 10}\n" for i in range(1, COMPETITION_TEST_ROWS + 1))
+    path.write_text("ImageId,Label\n" + rows)
+    (root / "input" / "source.json").write_text('{"source": "kaggle"}\n')
+    (root / "preds").mkdir()
+    (root / "preds" / "ensemble.json").write_text('{"source": "kaggle"}\n')
+    return path
+
+
+def upload(root: Path, env: dict[str, str], message: str = "5-fold RNN",
+           timeout: float = 30) -> subprocess.CompletedProcess:
+    return cli(root, env, "upload", "--message", message, "--timeout", str(timeout))
+
+
+def test_upload_sends_the_file_and_prints_the_reference(root: Path, env: dict[str, str], fake: FakeKaggle,
+                                                        submission: Path) -> None:
+    env.update(VERBOSE="1", VERBOSE_OUTPUT="1")
+    result = upload(root, env, "5-fold RNN, 30 epochs")
+    assert result.returncode == 0, result.stderr
+    assert "reference 4242" in result.stdout and SUBMIT_OK in result.stdout
+    assert fake.uploaded == submission.read_bytes()
+    assert fake.submit_request is not None
+    assert fake.submit_request["submissionDescription"] == "5-fold RNN, 30 epochs"
+    assert_no_secret(result)
+
+
+def _put_fails(fake: FakeKaggle) -> None:
+    fake.put_status = 500
+
+
+def _ref_zero(fake: FakeKaggle) -> None:
+    fake.submission = {"message": "Submission limit reached", "ref": 0}
+
+
+def _upload_403(fake: FakeKaggle) -> None:
+    fake.api_error = (403, "You must accept this competition's rules")
+
+
+def _upload_hangs(fake: FakeKaggle) -> None:
+    fake.hang_api = True
+
+
+UPLOAD_FAILURES = {
+    "upload-rejected": (_put_fails, ["did not take the submission", "Could not submit"]),
+    "ref-zero": (_ref_zero, ["did not take the submission", "Submission limit reached"]),
+    "http-403": (_upload_403, ["HTTP 403", RULES_URL]),
+    "server-hangs": (_upload_hangs, ["did not answer for 1.5 s"]),
+}
+
+
+@pytest.mark.parametrize("case", list(UPLOAD_FAILURES))
+def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], fake: FakeKaggle,
+                                    submission: Path) -> None:
+    setup, phrases = UPLOAD_FAILURES[case]
+    setup(fake)
+    result = upload(root, env, timeout=HANG_TIMEOUT if case in HANGS else 30)
+    assert_fails(result, *phrases)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("record", ["input/source.json", "preds/ensemble.json"])
+def test_upload_refuses_a_submission_of_the_sample(record: str, root: Path, env: dict[str, str],
+                                                   fake: FakeKaggle, submission: Path) -> None:
+    (root / record).write_text('{"source": "sample"}\n')
+    assert_fails(upload(root, env), "built-in sample", record)
+    assert fake.requests == []
+
+
+def test_upload_refuses_an_empty_message(root: Path, env: dict[str, str], fake: FakeKaggle,
+                                         submission: Path) -> None:
+    assert_fails(upload(root, env, "  "), 'MESSAGE="')
+    assert fake.requests == []
+
+
+def test_upload_refuses_an_invalid_submission(root: Path, env: dict[str, str], fake: FakeKaggle,
+                                              submission: Path) -> None:
+    lines = submission.read_text().splitlines(keepends=True)
+    submission.write_text("".join(lines[:-1]))
+    assert_fails(upload(root, env), f"expected {COMPETITION_TEST_ROWS}")
+    assert fake.requests == []
+
+
+# --- in-process: credential lookup, scrubbing, the auto choice --------------------------------------
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HOME and no KAGGLE_* variables, for credentials_source."""
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_") or name == "XDG_CONFIG_HOME":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def write_kaggle_json(folder: Path, **values: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kaggle.json").write_text(json.dumps(values))
+    return folder / "kaggle.json"
+
+
+def test_credentials_none(home: Path) -> None:
+    assert kaggle_api.credentials_source() is None
+    write_kaggle_json(home / ".kaggle", username=DUMMY_USER)  # a key is missing: not usable
+    assert kaggle_api.credentials_source() is None
+    (home / ".kaggle" / "kaggle.json").write_text("{not json")
+    assert kaggle_api.credentials_source() is None
+
+
+def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (home / ".kaggle").mkdir()
+    (home / ".kaggle" / "credentials.json").write_text("{}")
+    assert kaggle_api.credentials_source() == str(home / ".kaggle" / "credentials.json")
+    path = write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
+    assert kaggle_api.credentials_source() == str(path)
+    monkeypatch.setenv("KAGGLE_USERNAME", "u")
+    monkeypatch.setenv("KAGGLE_KEY", "k")
+    assert kaggle_api.credentials_source() == "KAGGLE_USERNAME/KAGGLE_KEY"
+    (home / ".kaggle" / "access_token").write_text("token\n")
+    assert kaggle_api.credentials_source() == str(home / ".kaggle" / "access_token")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "token")
+    assert kaggle_api.credentials_source() == "KAGGLE_API_TOKEN"
+
+
+def test_credentials_in_config_dir_xdg_and_mixed(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    xdg = write_kaggle_json(home / ".config" / "kaggle", username=DUMMY_USER, key=DUMMY_KEY)
+    if sys.platform.startswith("linux"):
+        assert kaggle_api.credentials_source() == str(xdg)
+    custom = write_kaggle_json(home / "elsewhere", username=DUMMY_USER)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / "elsewhere"))
+    assert kaggle_api.credentials_source() is None
+    monkeypatch.setenv("KAGGLE_KEY", DUMMY_KEY)  # the client merges the key from the environment
+    assert kaggle_api.credentials_source() == str(custom)
+
+
+def test_scrub_removes_keys_and_authorization(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_abcdef123456")
+    text = kaggle_api.scrub(f"key {DUMMY_KEY} basic {DUMMY_BASIC}\nAuthorization: Bearer xyz-1234567\n"
+                            "token KGAT_abcdef123456")
+    for secret in (DUMMY_KEY, DUMMY_BASIC, "xyz-1234567", "KGAT_abcdef123456"):
+        assert secret not in text
+
+
+def test_auto_falls_back_to_the_sample_without_credentials(home: Path) -> None:
+    assert download._choose_source() == ("sample", "no files in input/ and no Kaggle credentials")
+    write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
+    source, why = download._choose_source()
+    assert source == "kaggle" and str(home / ".kaggle" / "kaggle.json") in why
