@@ -57,7 +57,7 @@ def _read_json_file(path: Path) -> dict[str, Any]:
 def _nonempty_file(path: Path) -> bool:
     try:
         return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
-    except (OSError, UnicodeDecodeError):
+    except (OSError, ValueError):  # unreadable, not text, or not a usable path at all
         return False
 
 
@@ -102,7 +102,7 @@ def _secret_values() -> list[str]:
 
 # An Authorization header (or JSON field) up to the end of its value, and bare Basic/Bearer tokens.
 _AUTH_PATTERN = re.compile(
-    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']*|\b(basic|bearer)\s+[\w+/=.-]+")
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']*|\b(basic|bearer)\s+[\w+/=.-]{8,}")
 
 
 def scrub(text: str) -> str:
@@ -211,7 +211,8 @@ def _raise_client_error(error: str, result: dict, competition: str) -> NoReturn:
     if error == "credentials":
         raise PipelineError(_no_credentials_message())
     if error == "http" and status == 401:
-        raise PipelineError(f"Kaggle rejected the credentials (HTTP 401) from {credentials_source()}: "
+        found = credentials_source() or "your Kaggle credentials"
+        raise PipelineError(f"Kaggle rejected the credentials (HTTP 401) from {found}: "
                             f"the username or key is wrong or expired. Create a new API token at "
                             f"{TOKEN_URL} and replace the old one")
     if error == "http" and status == 403:
@@ -231,8 +232,10 @@ def _no_credentials_message() -> str:
     if found:
         return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
                 f"Create a new API token at {TOKEN_URL}")
+    # ~/.kaggle is the folder users know; the client prefers it over XDG as soon as it exists.
+    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
     return ("no Kaggle credentials found. Create an API token at "
-            f"{TOKEN_URL} (section API) and save kaggle.json as {config_dir() / 'kaggle.json'} "
+            f"{TOKEN_URL} (section API) and save kaggle.json as {folder / 'kaggle.json'} "
             "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN. "
             "Without an account: make download SOURCE=sample (built-in sample) or SOURCE=dir DIR=<folder>")
 
