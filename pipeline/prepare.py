@@ -1,15 +1,34 @@
 """The prepare stage: competition CSVs -> validated uint8 arrays in input/prepared/.
 
 Pixel k of a CSV row lands at image row k // 28, column k % 28, and image row r is time step r of
-the recurrent models. Parsing takes a fast path (pandas' C parser plus vectorised checks); only when
-that finds something wrong does a slow scanner walk the file to name the exact line and column.
+the recurrent models. Columns are matched by name, so pixel columns in another order still land in
+the right place.
+
+Parsing takes a fast path: the bytes are checked to hold only digits, commas, line ends (and the
+spaces, tabs and quotes a spreadsheet may add), then pandas' C parser reads them straight into uint8,
+which rejects anything outside 0-255 or not a whole number. Only when that fails does a slow scanner
+walk the file line by line (a regular expression for clean lines, cell by cell for the others) to name
+the first problem: one message with the file, the line number an editor shows, the column number and
+name, what was expected and what was found. Both paths accept exactly the same cells: ASCII digits,
+optionally quoted or padded with spaces; "12.0", "+3", "-0" and "1e2" are rejected, not rounded.
+What real files hold still loads: a UTF-8 byte-order mark, Windows (CRLF) or old Mac (CR) line ends,
+no final newline, blank lines at the very end, quoted header names. A blank line in the middle is an
+error (it is usually a sign of two files pasted together).
+
+Duplicate images are kept (they are real data) and counted: rows are compared as raw bytes in a set,
+exact and ~0.05 s for 42,000 images, where np.unique(axis=0) took ~1 s.
+
+Nothing is written until both files have passed, so bad input leaves an existing cache untouched.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +40,13 @@ from pipeline.io import atomic_path, read_json, write_json
 
 PIXELS = [f"pixel{k}" for k in range(784)]
 CACHE_VERSION = 1
+
+_DIGITS_AND_SEPARATORS = b"0123456789,\r\n"
+_PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths strip it the same way
+_PIXEL_RE = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_LABEL_RE = rb"[0-9]"
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_LINE_RES: dict[tuple[str, ...], re.Pattern[bytes]] = {}
 
 
 @dataclass
@@ -36,134 +62,243 @@ def to_images(flat: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, 28, 28))
 
 
+def expected_columns(labelled: bool) -> list[str]:
+    return (["label"] if labelled else []) + PIXELS
+
+
 # -- reading and validating one CSV --------------------------------------------------------------
 
 def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Read train.csv (labelled) or test.csv; returns uint8 images and uint8 labels (or None)."""
     path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder; expected the competition's CSV file")
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise PipelineError(f"{path}: the file is empty; expected a header line and one row per image")
-    names = _read_header(path, labelled)
     try:
-        values = _fast_parse(path, names)
-    except Exception:
-        values = None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read it ({exc.strerror})") from exc
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    header_end, body_start = _first_line_end(data, start)
+    end = _content_end(data, body_start)  # blank lines at the very end are harmless
+    if end == body_start and not data[start:header_end].strip(b" \t"):
+        raise PipelineError(f"{path}: line 1, column 1: expected a CSV header and one row per image, "
+                            f"found an empty file ({len(data)} bytes)")
+    names = _read_header(path, data[start:header_end], labelled)
+    if end == body_start:
+        raise PipelineError(f"{path}: line 2, column 1 ({names[0]}): expected one row per image after "
+                            "the header, found no rows (the file has only a header line)")
+    values = _fast_parse(data, body_start, end, names)
     if values is None:
-        _diagnose(path, names, labelled)
-        raise PipelineError(f"{path}: could not be parsed as a competition CSV")
-    order = [names.index(c) for c in (["label"] if labelled else []) + PIXELS]
-    values = values[:, order]
-    labels = values[:, 0].astype(np.uint8) if labelled else None
-    images = to_images(values[:, 1:] if labelled else values).astype(np.uint8)
-    return images, labels
+        _diagnose(path, data[body_start:end], names)
+        raise PipelineError(f"{path}: could not be parsed as a competition CSV (line 2 onwards, column 1 "
+                            f"({names[0]})): expected comma-separated integers")
+    if labelled:
+        label_at = names.index("label")
+        labels = np.ascontiguousarray(values[:, label_at])
+    else:
+        label_at, labels = None, None
+    canonical = [n for n in names if n != "label"] == PIXELS
+    if canonical:
+        pixels = np.delete(values, label_at, axis=1) if label_at is not None else values
+    else:
+        pixels = values[:, [names.index(n) for n in PIXELS]]
+    return to_images(pixels), labels
 
 
-def _read_header(path: Path, labelled: bool) -> list[str]:
-    with open(path, "rb") as handle:
-        raw = handle.readline()
-    try:
-        line = raw.decode("utf-8-sig").rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: line 1: not UTF-8 text (byte {exc.start}); "
-                            "expected a CSV header like label,pixel0,...,pixel783") from exc
-    names = [n.strip().strip('"') for n in line.split(",")]
-    expected = (["label"] if labelled else []) + PIXELS
-    what = "train.csv (label,pixel0..pixel783)" if labelled else "test.csv (pixel0..pixel783)"
-    seen: set[str] = set()
+def _first_line_end(data: bytes, start: int) -> tuple[int, int]:
+    """Where the first line ends and the next begins (line ends: CRLF, LF or a lone CR)."""
+    ends = [i for i in (data.find(b"\n", start), data.find(b"\r", start)) if i >= 0]
+    if not ends:
+        return len(data), len(data)
+    end = min(ends)
+    return end, end + (2 if data[end:end + 2] == b"\r\n" else 1)
+
+
+def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
+    expected = expected_columns(labelled)
+    what = ("train.csv's header label,pixel0,...,pixel783" if labelled
+            else "test.csv's header pixel0,...,pixel783")
+    where = f"{path}: line 1"
+    kind = _binary_kind(raw)
+    if kind:
+        raise PipelineError(f"{where}, column 1: expected {what}, found {kind}")
+    problem = _not_text(raw)
+    if problem:
+        col, found = problem
+        raise PipelineError(f"{where}, column {col}: expected {what}, found {found}")
+    line = raw.decode("utf-8")
+    if not line.strip():
+        raise PipelineError(f"{where}, column 1: expected {what}, found an empty line")
+    names = [n.strip() for n in next(csv.reader([line]))]
+    known = set(expected)
+    seen: dict[str, int] = {}
     for col, name in enumerate(names, start=1):
+        at = f"{where}, column {col} ({name!r})"
         if name in seen:
-            raise PipelineError(f"{path}: line 1, column {col}: duplicated column name {name!r}")
-        seen.add(name)
+            raise PipelineError(f"{at}: expected each column name once, found {name!r} again "
+                                f"(also column {seen[name]})")
+        seen[name] = col
         if name == "label" and not labelled:
-            raise PipelineError(f"{path}: line 1, column {col}: a 'label' column in the test file; "
-                                f"expected {what}")
-        if name != "label" and name not in expected:
-            raise PipelineError(f"{path}: line 1, column {col}: unknown column name {name!r}; "
-                                f"expected {what}")
+            raise PipelineError(f"{at}: expected {what}, found a 'label' column (is this train.csv? "
+                                "test.csv has no labels)")
+        if name not in known:
+            if not name:
+                found = "an empty column name (a trailing comma?)"
+            elif name.lower() in known:
+                found = f"{name!r} (names are lower case: {name.lower()!r})"
+            else:
+                found = f"unknown column name {name!r}"
+            raise PipelineError(f"{at}: expected {what}, found {found}")
     if labelled and "label" not in seen:
-        raise PipelineError(f"{path}: line 1: no 'label' column; expected {what}")
+        hint = " (is this test.csv?)" if sorted(names) == sorted(PIXELS) else ""
+        raise PipelineError(f"{where}, column 1 ({names[0]!r}): expected {what}, found no 'label' "
+                            f"column{hint}")
     missing = [n for n in expected if n not in seen]
     if missing:
-        raise PipelineError(f"{path}: line 1: {len(names)} columns, expected {len(expected)}; "
-                            f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        first = missing[0]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise PipelineError(f"{where}, column {expected.index(first) + 1} ({first!r}): expected "
+                            f"{len(expected)} columns ({what}), found {len(names)}; column {first!r} "
+                            f"is missing{more}")
     return names
 
 
-def _fast_parse(path: Path, names: list[str]) -> np.ndarray | None:
-    """The whole body as int64 (rows, columns) in header order, or None if anything is off."""
+def _binary_kind(raw: bytes) -> str:
+    """A name for what a file is when its start says it is not a CSV at all."""
+    if raw.startswith(b"PK\x03\x04"):
+        return "a zip archive (unzip it and put train.csv/test.csv in input/)"
+    if raw.startswith(b"\x1f\x8b"):
+        return "a gzip archive (decompress it first)"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16 text (save the file as UTF-8 CSV)"
+    return ""
+
+
+def _not_text(raw: bytes) -> tuple[int, str] | None:
+    """(column, description) of the first byte in a line that is not UTF-8 text, or None."""
+    bad = raw.find(b"\x00")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.start if bad < 0 else min(bad, exc.start)
+    if bad < 0:
+        return None
+    return raw.count(b",", 0, bad) + 1, f"byte 0x{raw[bad]:02x}, which is not text (binary data?)"
+
+
+def _content_end(data: bytes, start: int) -> int:
+    """The index just after the last byte from start on that is not a space, tab or line end."""
+    end = len(data)
+    while end > start:
+        chunk = data[max(start, end - 65536):end]
+        kept = len(chunk.rstrip(b" \t\r\n"))
+        if kept:
+            return end - len(chunk) + kept
+        end -= len(chunk)
+    return start
+
+
+def _fast_parse(data: bytes, body_start: int, end: int, names: list[str]) -> np.ndarray | None:
+    """The rows data[body_start:end] as uint8 (rows, columns) in header order, or None if anything is off."""
     import pandas as pd
 
-    frame = pd.read_csv(path, encoding="utf-8-sig", engine="c", header=0, names=names,
-                        skip_blank_lines=False)
-    if len(frame) == 0 or not all(dtype == np.int64 for dtype in frame.dtypes):
+    # translate keeps the order of what it does not delete, so the header's leftovers come first;
+    # working on the whole file saves copying 76 MB.
+    in_header = len(data[:body_start].translate(None, _DIGITS_AND_SEPARATORS))
+    odd = data.translate(None, _DIGITS_AND_SEPARATORS)[in_header:]
+    if odd and odd.translate(None, _PADDING):
+        return None  # a sign, a decimal point, a letter, binary data...: the scanner says which
+    tail = data[end:]
+    if tail in (b"", b"\n", b"\r", b"\r\n"):
+        source, skip = io.BytesIO(data), 1  # the file as it is, skipping the header line
+    else:
+        source, skip = io.BytesIO(data[body_start:end]), 0  # without the blank lines at the end
+    try:
+        frame = pd.read_csv(source, header=None, skiprows=skip, engine="c", dtype=np.uint8,
+                            na_filter=False, skip_blank_lines=False)
+    except (ValueError, OverflowError, pd.errors.ParserError):
+        return None  # out of range, empty cells, ragged rows
+    if frame.shape[1] != len(names):
         return None
     values = frame.to_numpy()
-    label_col = names.index("label") if "label" in names else None
-    pixels = np.delete(values, label_col, axis=1) if label_col is not None else values
-    if pixels.min() < 0 or pixels.max() > 255:
-        return None
-    if label_col is not None and (values[:, label_col].min() < 0 or values[:, label_col].max() > 9):
+    if "label" in names and len(values) and values[:, names.index("label")].max() > 9:
         return None
     return values
 
 
-def _diagnose(path: Path, names: list[str], labelled: bool) -> None:
-    """Walk the file row by row and raise on the first problem, naming line and column."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise PipelineError(f"{path}: line {line}: not UTF-8 text (binary data?) at byte "
-                            f"{exc.start}; expected comma-separated integers") from exc
-    if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise PipelineError(f"{path}: line {line}: contains NUL bytes (binary data?); "
-                            "expected comma-separated integers")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    next(reader)
-    rows = 0
-    for cells in reader:
-        line = reader.line_num
-        if not cells or cells == [""]:
-            raise PipelineError(f"{path}: line {line}: empty line; expected {len(names)} values")
-        rows += 1
-        if len(cells) != len(names):
-            raise PipelineError(f"{path}: line {line}: {len(cells)} values, expected {len(names)} "
-                                "(one per header column)")
-        for col, (name, cell) in enumerate(zip(names, cells, strict=True), start=1):
-            _check_cell(path, line, col, name, cell.strip())
-    if rows == 0:
-        raise PipelineError(f"{path}: only a header line; expected one row per image after it")
+def _line_re(names: list[str]) -> re.Pattern[bytes]:
+    """A line that is valid at a glance: plain numbers in range, one per column."""
+    key = tuple(names)
+    if key not in _LINE_RES:
+        cells = [_LABEL_RE if n == "label" else _PIXEL_RE for n in names]
+        _LINE_RES.clear()
+        _LINE_RES[key] = re.compile(b",".join(cells))
+    return _LINE_RES[key]
 
 
-def _check_cell(path: Path, line: int, col: int, name: str, cell: str) -> None:
-    where = f"{path}: line {line}, column {col} ({name})"
-    low, high, what = (0, 9, "a label 0-9") if name == "label" else (0, 255, "a pixel 0-255")
-    if cell == "":
-        raise PipelineError(f"{where}: empty cell; expected {what}")
-    try:
-        value = int(cell)
-    except ValueError:
-        try:
-            number = float(cell)
-        except ValueError:
-            raise PipelineError(f"{where}: {cell[:20]!r} is not a number; expected {what}") from None
-        if number != number or number in (float("inf"), float("-inf")) or not number.is_integer():
-            raise PipelineError(f"{where}: {cell[:20]!r} is not a whole number; expected {what}") \
-                from None
-        value = int(number)
-    if not low <= value <= high:
-        raise PipelineError(f"{where}: {cell[:20]} is out of range; expected {what}")
+def _diagnose(path: Path, body: bytes, names: list[str]) -> None:
+    """Walk the rows in file order and raise on the first problem, naming line and column."""
+    clean = _line_re(names)
+    for number, raw in enumerate(body.splitlines(), start=2):
+        if clean.fullmatch(raw):
+            continue
+        _check_line(path, number, raw, names)
+
+
+def _check_line(path: Path, number: int, raw: bytes, names: list[str]) -> None:
+    where = f"{path}: line {number}"
+    n = len(names)
+    problem = _not_text(raw)
+    if problem:
+        col, found = problem
+        name = f" ({names[col - 1]})" if col <= n else ""
+        raise PipelineError(f"{where}, column {col}{name}: expected comma-separated integers, found "
+                            f"{found}")
+    line = raw.decode("utf-8")
+    if not line.strip():
+        raise PipelineError(f"{where}, column 1 ({names[0]}): expected {n} comma-separated values, "
+                            "found an empty line (remove blank lines between rows)")
+    cells = next(csv.reader([line]))
+    for col, (name, cell) in enumerate(zip(names, cells, strict=False), start=1):
+        _check_cell(f"{where}, column {col} ({name})", name, cell)
+    if len(cells) < n:
+        col = len(cells) + 1
+        raise PipelineError(f"{where}, column {col} ({names[col - 1]}): expected {n} values, one per "
+                            f"header column, found {len(cells)} (the row is too short)")
+    if len(cells) > n:
+        raise PipelineError(f"{where}, column {n + 1} (beyond the last, {names[-1]}): expected {n} "
+                            f"values, one per header column, found {len(cells)} (the row is too long)")
+
+
+def _check_cell(where: str, name: str, cell: str) -> None:
+    """Accept ASCII digits (padded with spaces or tabs) in range; anything else is named."""
+    high, what = (9, "a label 0-9") if name == "label" else (255, "a pixel value 0-255")
+    text = cell.strip(" \t")
+    shown = repr(cell[:20] + ("..." if len(cell) > 20 else ""))
+    if text.isascii() and text.isdigit():
+        if int(text) <= high:
+            return
+        found = f"{shown}, above {high}"
+    elif text == "":
+        found = "an empty cell"
+    elif text[0] in "+-" and text[1:].isascii() and text[1:].isdigit():
+        found = f"{shown}, a negative number" if text[0] == "-" and int(text[1:]) else \
+            f"{shown}, a number with a sign"
+    elif not _DECIMAL.fullmatch(text):
+        found = f"{shown}, which is not a number"
+    elif float(text).is_integer():
+        found = f"{shown}; write whole numbers without a decimal point or exponent"
+    else:
+        found = f"{shown}, a fraction"
+    raise PipelineError(f"{where}: expected {what} (a whole number), found {found}")
 
 
 def count_duplicates(images: np.ndarray) -> int:
     """How many images repeat an earlier one exactly (they are kept: they are real data)."""
     flat = np.ascontiguousarray(images.reshape(len(images), -1))
-    _, first = np.unique(flat, axis=0, return_index=True)
-    return len(flat) - len(first)
+    return len(flat) - len(set(map(bytes, flat)))
 
 
 # -- the cache -----------------------------------------------------------------------------------
@@ -189,47 +324,72 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def load(paths: Paths) -> Prepared:
     """The prepared arrays, checked against the digest recorded when they were written."""
     meta = read_json(paths.prepared / "meta.json")
-    if not meta or meta.get("version") != CACHE_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
         raise PipelineError(f"{paths.prepared}: no prepared data; run `make prepare` first")
-    try:
-        arrays = {n: np.load(p, allow_pickle=False) for n, p in _array_paths(paths).items()}
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{paths.prepared}: the prepared cache is unreadable ({exc}); "
-                            "run `make prepare` to rebuild it") from exc
+    arrays = {}
+    for name, path in _array_paths(paths).items():
+        try:
+            arrays[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise PipelineError(f"{path}: the prepared cache is missing or unreadable ({exc}); "
+                                "run `make prepare` to rebuild it") from exc
     if _digest(arrays) != meta.get("data_key"):
-        raise PipelineError(f"{paths.prepared}: the prepared cache does not match its record; "
-                            "run `make prepare` to rebuild it")
+        raise PipelineError(f"{paths.prepared}: the prepared cache does not match its record "
+                            "(damaged?); run `make prepare` to rebuild it")
     return Prepared(**arrays, data_key=meta["data_key"])
 
 
-def _cache_is_current(paths: Paths) -> tuple[bool, str]:
+def _cached(paths: Paths) -> tuple[Prepared | None, str]:
+    """The cache when it is current; else None and why it is rebuilt ("" when there is none)."""
     meta = read_json(paths.prepared / "meta.json")
-    if not meta:
-        return False, ""
+    if not paths.prepared.is_dir() or (meta is None and not any(paths.prepared.iterdir())):
+        return None, ""
+    if not isinstance(meta, dict):
+        return None, f"{paths.prepared / 'meta.json'} is missing or unreadable; rebuilding the cache"
     if meta.get("inputs") != {"train": _stat_key(paths.train_csv), "test": _stat_key(paths.test_csv)}:
-        return False, "the CSV files changed"
+        return None, "the CSV files changed; rebuilding the cache"
     try:
-        load(paths)
-    except PipelineError:
-        return False, "the cache is corrupt or incomplete; rebuilding it"
-    return True, ""
+        return load(paths), ""
+    except PipelineError as exc:
+        return None, f"the cache is corrupt or incomplete ({exc}); rebuilding it"
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before the slow work when the cache cannot be written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PipelineError(f"{existing}: is a file; expected a folder for the prepared cache "
+                            f"({folder})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineError(f"{existing}: cannot write here (permission denied); prepare needs to "
+                            f"write its cache to {folder}")
 
 
 def run(paths: Paths, force: bool = False) -> str:
     """Validate both CSVs and write the cache (unless it is current); returns the data key."""
     for csv_path, other in ((paths.train_csv, paths.test_csv), (paths.test_csv, paths.train_csv)):
         if not csv_path.is_file():
-            extra = f" ({other.name} is present)" if other.is_file() else ""
-            raise PipelineError(f"{csv_path}: file not found{extra}; run `make download` first")
+            if other.is_file():
+                raise PipelineError(f"{csv_path}: file not found, while {other.name} is present; put "
+                                    f"{csv_path.name} in {csv_path.parent} (nothing is filled in from "
+                                    "another source), or `make download FORCE=1` to fetch both")
+            if csv_path.is_dir():
+                raise PipelineError(f"{csv_path}: is a folder; expected the competition's CSV file")
+            raise PipelineError(f"{csv_path}: file not found (nor {other.name}); run `make download` "
+                                "first")
     if not force:
-        current, why = _cache_is_current(paths)
-        if current:
+        data, why = _cached(paths)
+        if data is not None:
             print("prepare: up to date")
-            return load(paths).data_key
+            return data.data_key
         if why:
             print(f"prepare: {why}")
+    _check_writable(paths.prepared)
     train_x, train_y = read_competition_csv(paths.train_csv, labelled=True)
     test_x, _ = read_competition_csv(paths.test_csv, labelled=False)
+    assert train_y is not None
     arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x}
     key = _digest(arrays)
     for name, target in _array_paths(paths).items():
