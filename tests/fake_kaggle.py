@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 API = "/api/v1/competitions.CompetitionApiService/"
+INTROSPECT = "/api/v1/security.OAuthService/IntrospectToken"  # the client's check of an access token
 FILE_PATH = "/files/digit-recognizer.zip"
 UPLOAD_PATH = "/upload/blob-token-1"
 SUBMIT_OK = "Successfully submitted to Digit Recognizer"
@@ -42,6 +43,7 @@ class FakeKaggle:
         self.put_status = 200  # answer to the submission upload (PUT)
         self.submission = {"message": SUBMIT_OK, "ref": 4242}
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
+        self.hosts: set[str] = set()  # every host the client asked for: only localhost is expected
         self.auth_headers: list[str] = []
         self.uploaded: bytes | None = None
         self.submit_request: dict[str, Any] | None = None
@@ -82,6 +84,8 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             if fake.api_error:
                 code, message = fake.api_error
                 self._json(code, {"code": code, "message": message})
+            elif path == INTROSPECT:
+                self._json(200, {"active": True, "username": "fake-user"})
             elif path == API + "DownloadDataFiles":
                 self._redirect("http://localhost" + FILE_PATH)
             elif path == API + "StartSubmissionUpload":
@@ -109,6 +113,11 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
             fake.wait_released()
 
+        def do_CONNECT(self) -> None:
+            """An HTTPS tunnel: the client tried to reach a real host. Recorded, and refused."""
+            fake.hosts.add(self.path)
+            self.send_error(403)
+
         def do_PUT(self) -> None:
             path = self._record()
             data = self._body()
@@ -120,6 +129,7 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
 
         def _record(self) -> str:
             fake.requests.append((self.command, urlsplit(self.path).path))
+            fake.hosts.add(urlsplit(self.path).netloc or self.headers.get("Host", ""))
             fake.auth_headers.append(self.headers.get("Authorization", ""))
             return urlsplit(self.path).path
 

@@ -29,6 +29,7 @@ from pipeline.submission import COMPETITION_TEST_ROWS
 REPO = Path(__file__).resolve().parent.parent
 DUMMY_USER = "fake-user"
 DUMMY_KEY = "dummy-key-0123456789abcdef"
+DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"
 DUMMY_BASIC = base64.b64encode(f"{DUMMY_USER}:{DUMMY_KEY}".encode()).decode()
 RULES_URL = "https://www.kaggle.com/competitions/digit-recognizer/rules"
 TRAIN = b"label,pixel0,pixel1\n1,0,255\n7,12,0\n"
@@ -37,7 +38,7 @@ ARCHIVE = make_zip({"train.csv": TRAIN, "test.csv": TEST, "sample_submission.csv
 # The hang tests' own timeout. Only they use one this short: on a busy machine the client alone can
 # take longer to start, and other failures must not be mistaken for a hang.
 HANG_TIMEOUT = 1.5
-HANGS = ("server-hangs", "body-stalls")
+HANGS = ("server-hangs", "hangs-at-import", "body-stalls")
 OLD = {"train.csv": b"old train\n", "test.csv": b"old test\n", "source.json": b'{"source": "dir"}\n'}
 
 
@@ -48,6 +49,7 @@ def fake() -> Iterator[FakeKaggle]:
     server = FakeKaggle(ARCHIVE).start()
     yield server
     server.stop()
+    assert server.hosts <= {"localhost"}, "the client tried to reach a real host"
 
 
 @pytest.fixture
@@ -94,8 +96,8 @@ def put_old_files(root: Path) -> None:
 
 def assert_no_secret(result: subprocess.CompletedProcess) -> None:
     for text in (result.stdout, result.stderr):
-        assert DUMMY_KEY not in text
-        assert DUMMY_BASIC not in text
+        for secret in (DUMMY_KEY, DUMMY_BASIC, DUMMY_TOKEN):
+            assert secret not in text
 
 
 def assert_fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -147,14 +149,32 @@ def test_importing_every_pipeline_module_leaves_kaggle_out() -> None:
 
 # --- download ---------------------------------------------------------------------------------------
 
-def test_download_writes_the_served_files(root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
+def _use_env_vars(env: dict[str, str]) -> str:
+    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").unlink()
+    env.update(KAGGLE_USERNAME=DUMMY_USER, KAGGLE_KEY=DUMMY_KEY)
+    return f"Basic {DUMMY_BASIC}"
+
+
+def _use_token(env: dict[str, str]) -> str:
+    env["KAGGLE_API_TOKEN"] = DUMMY_TOKEN  # wins over kaggle.json, as in the client
+    return f"Bearer {DUMMY_TOKEN}"
+
+
+CREDENTIALS = {"kaggle.json": lambda env: f"Basic {DUMMY_BASIC}", "env-vars": _use_env_vars,
+               "access-token": _use_token}
+
+
+@pytest.mark.parametrize("credentials", list(CREDENTIALS))
+def test_download_writes_the_served_files(credentials: str, root: Path, env: dict[str, str],
+                                          fake: FakeKaggle) -> None:
+    expected_auth = CREDENTIALS[credentials](env)
     result = download_kaggle(root, env)
     assert result.returncode == 0, result.stderr
     assert (root / "input" / "train.csv").read_bytes() == TRAIN
     assert (root / "input" / "test.csv").read_bytes() == TEST
     assert json.loads((root / "input" / "source.json").read_text())["source"] == "kaggle"
     assert sorted(snapshot(root / "input")) == ["source.json", "test.csv", "train.csv"]  # no leftovers
-    assert f"Basic {DUMMY_BASIC}" in fake.auth_headers  # the client really talked to the fake
+    assert expected_auth in fake.auth_headers  # the client really used these credentials, on the fake
     assert_no_secret(result)
 
 
@@ -202,6 +222,15 @@ def _hang(fake: FakeKaggle, env: dict[str, str]) -> None:
     fake.hang_api = True
 
 
+def _hang_at_import(fake: FakeKaggle, env: dict[str, str]) -> None:
+    env["KAGGLE_API_TOKEN"] = DUMMY_TOKEN  # importing the client checks the token with the server
+    fake.hang_api = True
+
+
+def _broken_client(fake: FakeKaggle, env: dict[str, str]) -> None:
+    env["KAGGLE_CONFIG_DIR"] = str(Path(env["HOME"], ".kaggle", "kaggle.json", "sub"))  # import fails
+
+
 def _stall(fake: FakeKaggle, env: dict[str, str]) -> None:
     fake.stall_file_after = len(ARCHIVE) // 2
 
@@ -213,7 +242,9 @@ DOWNLOAD_FAILURES = {
     "http-500": (_http(500, "Internal error"), ["HTTP 500", "Internal error"]),
     "no-network": (_no_network, ["cannot reach Kaggle", "network"]),
     "server-hangs": (_hang, ["did not answer for 1.5 s", "TIMEOUT="]),
+    "hangs-at-import": (_hang_at_import, ["did not answer for 1.5 s"]),
     "body-stalls": (_stall, ["did not answer for 1.5 s"]),
+    "client-error": (_broken_client, ["the kaggle client failed", "NotADirectoryError"]),
     "truncated-zip": (_serve(ARCHIVE[: len(ARCHIVE) // 2]), ["truncated or corrupt"]),
     "corrupt-zip": (_serve(corrupted(make_zip({"train.csv": TRAIN, "test.csv": TEST}, zipfile.ZIP_STORED))),
                     ["truncated or corrupt"]),
