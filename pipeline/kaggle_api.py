@@ -265,7 +265,9 @@ def unpack(archive: Path, dest: Path, names: tuple[str, ...]) -> dict[str, Path]
             _check_members(zf.infolist(), names)
             for name in names:
                 _extract(zf, name, dest / name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+    # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method.
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
+            NotImplementedError) as exc:
         raise PipelineError(f"the archive Kaggle sent is truncated or corrupt ({exc}); "
                             "nothing was changed in input/, retry the download") from exc
     return {name: dest / name for name in names}

@@ -24,6 +24,7 @@ import pytest
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
 from pipeline import download, kaggle_api
+from pipeline.errors import PipelineError
 from pipeline.submission import COMPETITION_TEST_ROWS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -471,3 +472,27 @@ def test_auto_falls_back_to_the_sample_without_credentials(home: Path) -> None:
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
     source, why = download._choose_source()
     assert source == "kaggle" and str(home / ".kaggle" / "kaggle.json") in why
+
+
+def encrypted(data: bytes) -> bytes:
+    """The archive with every member flagged as encrypted."""
+    out = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = out.find(signature)
+        while start != -1:
+            out[start + offset] |= 1
+            start = out.find(signature, start + 4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("data", "phrase"), [
+    (encrypted(make_zip({"train.csv": TRAIN, "test.csv": TEST})), "truncated or corrupt"),
+    (make_zip({"train.csv": TRAIN, "test.csv": TEST, "..\\evil.csv": b"x"}), "unsafe path"),
+    (make_zip({"train.csv": TRAIN, "test.csv": TEST, "C:/evil.csv": b"x"}), "unsafe path"),
+    (b"", "truncated or corrupt"),
+], ids=["encrypted", "backslash-dotdot", "drive-letter", "empty"])
+def test_unpack_refuses_more_bad_archives(data: bytes, phrase: str, tmp_path: Path) -> None:
+    (tmp_path / "a.zip").write_bytes(data)
+    with pytest.raises(PipelineError, match=phrase):
+        kaggle_api.unpack(tmp_path / "a.zip", tmp_path, ("train.csv", "test.csv"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
