@@ -92,7 +92,10 @@ def _download_kaggle(paths: Paths, timeout: float) -> None:
     from pipeline import kaggle_api
 
     created = not paths.input.exists()
-    paths.input.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.input.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{paths.input}: cannot create ({exc.strerror})") from exc
     try:
         # The temporary folder sits in input/ so the final renames stay on one file system; it is
         # removed whatever happens, so a failed download leaves input/ as it was.
@@ -100,10 +103,17 @@ def _download_kaggle(paths: Paths, timeout: float) -> None:
             files = kaggle_api.download_competition(COMPETITION, Path(tmp), timeout=timeout)
             # Both files are complete and checked before either replaces what input/ holds.
             for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
-                os.replace(files[name], target)
+                _replace(files[name], target)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
                 paths.input.rmdir()
         raise
     print(f"download: fetched train.csv and test.csv of '{COMPETITION}' from Kaggle")
+
+
+def _replace(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise PipelineError(f"{target}: cannot write ({exc.strerror})") from exc
