@@ -286,6 +286,18 @@ def test_bad_file_is_named_precisely_and_changes_nothing(project: Paths, case: B
     assert prepare.load(project).train_x.shape == (N_TRAIN, 28, 28)
 
 
+def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
+    """The two files are read at once; the message is still always about train.csv first."""
+    before = snapshot(project.root)
+    project.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
+    project.test_csv.write_bytes(b"")
+    code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
+    assert code == 1
+    assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
+    assert "test.csv" not in err
+    assert snapshot(project.root) == before
+
+
 @pytest.mark.parametrize("case_id", ["non-numeric", "row-too-short", "label-in-test"])
 def test_bad_file_through_a_real_process(tmp_path: Path, case_id: str) -> None:
     case = next(c for c in BAD if c.id == case_id)
@@ -511,6 +523,18 @@ def test_unwritable_cache_folder(project: Paths, capsys: pytest.CaptureFixture[s
         assert snapshot(project.root) == before
     finally:
         project.prepared.chmod(mode)
+
+
+def test_unwritable_cache_folder_simulated(project: Paths, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The same check where chmod cannot bite (root, some CI): the folder reports no write access."""
+    project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
+    before = snapshot(project.root)
+    monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project.prepared)
+    code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
+    assert code == 1
+    assert_one_clear_error(err, f"{project.prepared}: cannot write here")
+    assert snapshot(project.root) == before
 
 
 def test_cache_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
