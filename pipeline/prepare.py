@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -47,7 +48,6 @@ _PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths str
 _PIXEL_RE = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _LABEL_RE = rb"[0-9]"
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_LINE_RES: dict[tuple[str, ...], re.Pattern[bytes]] = {}
 
 
 @dataclass
@@ -110,11 +110,20 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
 
 def _first_line_end(data: bytes, start: int) -> tuple[int, int]:
     """Where the first line ends and the next begins (line ends: CRLF, LF or a lone CR)."""
-    ends = [i for i in (data.find(b"\n", start), data.find(b"\r", start)) if i >= 0]
-    if not ends:
+    newline = data.find(b"\n", start)
+    end = data.find(b"\r", start, newline if newline >= 0 else len(data))
+    if end < 0:
+        end = newline
+    if end < 0:
         return len(data), len(data)
-    end = min(ends)
     return end, end + (2 if data[end:end + 2] == b"\r\n" else 1)
+
+
+def _show(name: str, quote: bool = False) -> str:
+    """A column name as a message shows it: plain when plain (unless quote), else quoted, cut short."""
+    if not quote and name and len(name) <= 40 and name.isprintable() and " " not in name:
+        return name
+    return repr(name[:40] + ("..." if len(name) > 40 else ""))
 
 
 def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
@@ -132,13 +141,18 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
     line = raw.decode("utf-8")
     if not line.strip():
         raise PipelineError(f"{where}, column 1: expected {what}, found an empty line")
+    if "," not in line:
+        for sep, called in (("\t", "tabs"), (";", "semicolons"), ("|", "bars"), (" ", "spaces")):
+            if sep in line.strip():
+                raise PipelineError(f"{where}, column 1: expected {what} separated by commas, found "
+                                    f"names separated by {called} (save the file as comma-separated CSV)")
     names = [n.strip() for n in next(csv.reader([line]))]
     known = set(expected)
     seen: dict[str, int] = {}
     for col, name in enumerate(names, start=1):
-        at = f"{where}, column {col} ({name!r})"
+        at = f"{where}, column {col} ({_show(name)})"
         if name in seen:
-            raise PipelineError(f"{at}: expected each column name once, found {name!r} again "
+            raise PipelineError(f"{at}: expected each column name once, found {_show(name)} again "
                                 f"(also column {seen[name]})")
         seen[name] = col
         if name == "label" and not labelled:
@@ -148,20 +162,20 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
             if not name:
                 found = "an empty column name (a trailing comma?)"
             elif name.lower() in known:
-                found = f"{name!r} (names are lower case: {name.lower()!r})"
+                found = f"{_show(name, quote=True)} (names are lower case: {name.lower()})"
             else:
-                found = f"unknown column name {name!r}"
+                found = f"unknown column name {_show(name, quote=True)}"
             raise PipelineError(f"{at}: expected {what}, found {found}")
     if labelled and "label" not in seen:
         hint = " (is this test.csv?)" if sorted(names) == sorted(PIXELS) else ""
-        raise PipelineError(f"{where}, column 1 ({names[0]!r}): expected {what}, found no 'label' "
+        raise PipelineError(f"{where}, column 1 ({_show(names[0])}): expected {what}, found no 'label' "
                             f"column{hint}")
     missing = [n for n in expected if n not in seen]
     if missing:
         first = missing[0]
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise PipelineError(f"{where}, column {expected.index(first) + 1} ({first!r}): expected "
-                            f"{len(expected)} columns ({what}), found {len(names)}; column {first!r} "
+        raise PipelineError(f"{where}, column {expected.index(first) + 1} ({first}): expected "
+                            f"{len(expected)} columns ({what}), found {len(names)}; column {first} "
                             f"is missing{more}")
     return names
 
@@ -229,19 +243,15 @@ def _fast_parse(data: bytes, body_start: int, end: int, names: list[str]) -> np.
     return values
 
 
-def _line_re(names: list[str]) -> re.Pattern[bytes]:
+@functools.lru_cache(maxsize=4)
+def _line_re(names: tuple[str, ...]) -> re.Pattern[bytes]:
     """A line that is valid at a glance: plain numbers in range, one per column."""
-    key = tuple(names)
-    if key not in _LINE_RES:
-        cells = [_LABEL_RE if n == "label" else _PIXEL_RE for n in names]
-        _LINE_RES.clear()
-        _LINE_RES[key] = re.compile(b",".join(cells))
-    return _LINE_RES[key]
+    return re.compile(b",".join(_LABEL_RE if n == "label" else _PIXEL_RE for n in names))
 
 
 def _diagnose(path: Path, body: bytes, names: list[str]) -> None:
     """Walk the rows in file order and raise on the first problem, naming line and column."""
-    clean = _line_re(names)
+    clean = _line_re(tuple(names))
     for number, raw in enumerate(body.splitlines(), start=2):
         if clean.fullmatch(raw):
             continue
@@ -269,7 +279,7 @@ def _check_line(path: Path, number: int, raw: bytes, names: list[str]) -> None:
         raise PipelineError(f"{where}, column {col} ({names[col - 1]}): expected {n} values, one per "
                             f"header column, found {len(cells)} (the row is too short)")
     if len(cells) > n:
-        raise PipelineError(f"{where}, column {n + 1} (beyond the last, {names[-1]}): expected {n} "
+        raise PipelineError(f"{where}, column {n + 1} (past the last column, {names[-1]}): expected {n} "
                             f"values, one per header column, found {len(cells)} (the row is too long)")
 
 
@@ -289,6 +299,8 @@ def _check_cell(where: str, name: str, cell: str) -> None:
             f"{shown}, a number with a sign"
     elif not _DECIMAL.fullmatch(text):
         found = f"{shown}, which is not a number"
+        if "," in cell:
+            found += " (an unclosed quote joins the cells after it)"
     elif float(text).is_integer():
         found = f"{shown}; write whole numbers without a decimal point or exponent"
     else:
@@ -389,7 +401,9 @@ def run(paths: Paths, force: bool = False) -> str:
             print(f"prepare: {why}")
     _check_writable(paths.prepared)
     # pandas' parser releases the GIL, so the two files are read at once (~25% faster on 2 cores);
-    # train.csv's problem, if any, is the one reported.
+    # train.csv's problem, if any, is the one reported. pandas is imported once, before the threads.
+    import pandas  # noqa: F401
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         train_job = pool.submit(read_competition_csv, paths.train_csv, True)
         test_job = pool.submit(read_competition_csv, paths.test_csv, False)

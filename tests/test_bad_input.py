@@ -211,7 +211,9 @@ BAD = [
     Bad("trailing-comma-in-header", "test", lambda: CLEAN_TEST.replace(b"pixel783\n", b"pixel783,\n", 1),
         1, 785, None, ("empty column name",)),
     Bad("tab-separated", "test", lambda: CLEAN_TEST.replace(b",", b"\t"), 1, 1, None,
-        ("unknown column name",)),
+        ("separated by tabs",)),
+    Bad("semicolon-separated", "train", lambda: CLEAN_TRAIN.replace(b",", b";"), 1, 1, None,
+        ("separated by semicolons",)),
     # cells
     Bad("non-numeric", "train", _train(lambda t: cell(t, 4, 102, "abc")), 4, 102, "pixel100",
         ("'abc'", "not a number", "0-255")),
@@ -263,7 +265,8 @@ BAD = [
         "pixel10", ("0x00", "not text")),
     Bad("invalid-utf8-in-row", "test", _test(lambda t: _bytes_in_cell(t, 9, 700, b"\xff")), 9, 700,
         "pixel699", ("0xff", "not text")),
-    Bad("stray-quote", "train", _train(lambda t: cell(t, 13, 50, '"12')), 13, 50, None, ()),
+    Bad("stray-quote", "train", _train(lambda t: cell(t, 13, 50, '"12')), 13, 50, "pixel48",
+        ("unclosed quote",)),
     Bad("two-problems-first-wins", "train", _train(_two_problems), 4, 3, "pixel1", ("'oops'",)),
 ]
 
@@ -290,7 +293,7 @@ def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.Captu
     """The two files are read at once; the message is still always about train.csv first."""
     before = snapshot(project.root)
     project.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
-    project.test_csv.write_bytes(b"")
+    project.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
     code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
     assert code == 1
     assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
