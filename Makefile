@@ -63,7 +63,7 @@ predict: setup ## ensemble the fold models into submissions/submission.csv (TTA=
 	$(RUN) predict $(FORCE_ARG) $(CONFIG_ARGS)
 
 upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
-	$(RUN) upload --message "$(MESSAGE)" $(call opt,TIMEOUT,timeout)
+	$(RUN) upload --message="$(MESSAGE)" $(call opt,TIMEOUT,timeout)
 
 report: setup ## draw the latest run into reports/index.html (curves, confusion matrix, mistakes)
 	$(RUN) report

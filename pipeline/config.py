@@ -129,8 +129,8 @@ class TrainConfig:
     # -- prediction and hardware -----------------------------------------------------------------
     tta: int = 0  # test-time augmentation: extra augmented passes averaged per model (0 = off)
     device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu
-    jobs: int = 1  # folds trained at once (processes); on a GPU several small RNNs share it
-    amp: bool = True  # mixed precision (float16) on CUDA; ignored elsewhere
+    jobs: int = 0  # folds trained at once (processes); 0 = auto: all on a GPU, one at a time on CPU
+    amp: bool = False  # bfloat16 mixed precision on CUDA; ignored elsewhere
     eval_batch: int = 4096  # batch size for validation and prediction
 
     def key(self, *names: str) -> str:
@@ -178,7 +178,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value not in options:
             raise PipelineError(f"config: {name} must be one of {', '.join(options)}, got {value!r}")
-    positive = ("hidden", "layers", "epochs", "batch", "eval_batch", "jobs")
+    positive = ("hidden", "layers", "epochs", "batch", "eval_batch")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise PipelineError(f"config: {name} must be at least 1, got {getattr(cfg, name)}")
@@ -189,7 +189,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("dropout", "label_smoothing", "scale"):
         if not 0 <= getattr(cfg, name) < 1:
             raise PipelineError(f"config: {name} must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("clip", "weight_decay", "rotate", "shift", "tta"):
+    for name in ("clip", "weight_decay", "rotate", "shift", "tta", "jobs"):
         if getattr(cfg, name) < 0:
             raise PipelineError(f"config: {name} must not be negative, got {getattr(cfg, name)}")
     return cfg

@@ -41,9 +41,11 @@ class RecurrentClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 28, 28) with pixel values 0-255, uint8 or float -> class scores (B, 10)."""
-        x = images.float() / 255.0
-        if self.normalize:
-            x = (x - PIXEL_MEAN) / PIXEL_STD
+        if self.normalize:  # (x / 255 - mean) / std as one multiply and one in-place add
+            x = images.float() * (1 / (255 * PIXEL_STD))
+            x.add_(-PIXEL_MEAN / PIXEL_STD)
+        else:
+            x = images.float() / 255.0
         _, state = self.rnn(x)
         if isinstance(state, tuple):  # LSTM: (h, c)
             state = state[0]

@@ -6,6 +6,7 @@ accuracy, and keeps a copy of every submission named by time, model and CV score
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -71,8 +72,9 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
         if ckpt["key"] != fold_key(config_of(paths.fold_model(k), ckpt), folds_key, k):
             raise PipelineError(f"{paths.fold_model(k)}: its record does not match its settings; "
                                 f"retrain it with `make train FOLD={k}`")
-    key = fingerprint({"models": [c["key"] for c in checkpoints], "tta": cfg.tta,
-                       "data": data.data_key})
+    # The checkpoints' bytes, not only their settings: a retrained or replaced model is noticed.
+    weights = [hashlib.sha1(paths.fold_model(k).read_bytes()).hexdigest() for k in range(n_folds)]
+    key = fingerprint({"models": weights, "tta": cfg.tta, "data": data.data_key})
     record = read_json(paths.preds / "ensemble.json") or {}
     if not force and record.get("key") == key and paths.submission_csv.is_file():
         print(f"predict: up to date ({paths.submission_csv}, OOF accuracy "
@@ -81,24 +83,23 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
 
     device = resolve_device(cfg.device)
     started = time.perf_counter()
+    # Everything is computed before anything is written: a bad fold leaves no partial output.
+    models = [model_from_checkpoint(paths.fold_model(k), c) for k, c in enumerate(checkpoints)]
+    cv, oof_acc = cv_table(paths, checkpoints, data.train_y)
     test_images = torch.from_numpy(data.test_x).to(device)
     per_fold = []
-    for k, ckpt in enumerate(checkpoints):
-        model, trained = model_from_checkpoint(paths.fold_model(k), ckpt)
-        model.to(device)
+    for model, trained in models:
         run_cfg = replace(trained, eval_batch=cfg.eval_batch, amp=cfg.amp)
-        probs = predict_log_proba(model, test_images, run_cfg, tta=cfg.tta,
-                               seed=cfg.seed).exp().cpu().numpy()
-        write_probabilities(paths.test_preds(k), probs,
-                            {"ImageId": np.arange(1, len(probs) + 1)})
-        per_fold.append(probs)
+        log_probs = predict_log_proba(model.to(device), test_images, run_cfg, tta=cfg.tta, seed=cfg.seed)
+        per_fold.append(log_probs.exp().cpu().numpy())
     ensemble = average_probabilities(per_fold)
-
-    cv, oof_acc = cv_table(paths, checkpoints, data.train_y)
-    write_csv(paths.logs / "cv.csv", cv)
     frame = pd.DataFrame({"ImageId": np.arange(1, len(ensemble) + 1),
                           "Label": ensemble.argmax(1).astype(np.int64)})
     validate_frame(frame, expected_rows=len(data.test_x), where="predict")
+
+    for k, probs in enumerate(per_fold):
+        write_probabilities(paths.test_preds(k), probs, {"ImageId": frame["ImageId"].to_numpy()})
+    write_csv(paths.logs / "cv.csv", cv)
     write_csv(paths.submission_csv, frame)
     model_name = checkpoints[0]["config"]["model"]
     kept = _keep_copy(paths, frame, model_name, oof_acc)

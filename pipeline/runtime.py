@@ -59,8 +59,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PipelineError(f"{path}: corrupt or not a checkpoint of this pipeline ({exc}); "
-                            "delete it and retrain that fold") from exc
+        raise PipelineError(f"{path}: corrupt or not a checkpoint of this pipeline (torch.load failed: "
+                            f"{type(exc).__name__}); delete it and retrain that fold") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline; delete it and retrain")
     return payload
@@ -103,6 +103,9 @@ def predict_log_proba(model: nn.Module, images: torch.Tensor, cfg: TrainConfig,
     for start in range(0, len(images), cfg.eval_batch):
         batch = images[start:start + cfg.eval_batch].float()
         with autocast(device, cfg.amp):
+            if tta == 0:
+                chunks.append(model(batch).float().log_softmax(1))
+                continue
             probs = model(batch).float().softmax(1)
             for _ in range(tta):
                 moved = random_affine(batch, generator, cfg.rotate, cfg.scale, cfg.shift)

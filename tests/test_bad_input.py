@@ -632,14 +632,7 @@ CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
 }
 
 
-# torch.load's message for garbage is six lines long and advises weights_only=False; the fix in
-# runtime.load_checkpoint is to name the exception's type instead of quoting it. Drop this marker then.
-GARBAGE_XFAIL = pytest.mark.xfail(strict=True, reason="runtime.load_checkpoint quotes torch's "
-                                  "multi-line message (issue 5)")
-
-
-@pytest.mark.parametrize("damage", [pytest.param(d, marks=GARBAGE_XFAIL) if d == "garbage" else d
-                                    for d in CHECKPOINT_DAMAGE])
+@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
 def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     CHECKPOINT_DAMAGE[damage](run_dir.fold_model(0))

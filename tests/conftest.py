@@ -1,0 +1,44 @@
+"""Shared fixtures: a project folder with one tiny finished run on the built-in sample."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")
+# Fresh folders use the sample, never the real competition data, even where Kaggle credentials exist.
+SAMPLE = ("--source", "sample")
+
+
+def run_cli(root: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline --root ROOT ARGS...` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--root", str(root), *args],
+                            cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished `submit` on the sample: 2 folds, 2 epochs, a small hidden size."""
+    root = tmp_path_factory.mktemp("run")
+    run_cli(root, "submit", *SAMPLE, *TINY)
+    return root
+
+
+@pytest.fixture
+def run_copy(sample_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished run that a test may change."""
+    root = tmp_path / "run"
+    shutil.copytree(sample_run, root)
+    return root

@@ -1,0 +1,129 @@
+"""Interruption, numerical faults, reproducibility and the fold-parallel path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from conftest import REPO, SAMPLE, TINY, run_cli
+from pipeline.config import Paths
+
+OUTPUTS = ("models", "logs", "preds", "submissions")
+
+
+def fresh_outputs(root: Path) -> Path:
+    """Keep the prepared data and folds of a run, drop everything trained."""
+    for name in OUTPUTS:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return root
+
+
+def same_models(a: Path, b: Path, folds: int = 2) -> None:
+    for k in range(folds):
+        ca = torch.load(Paths(a).fold_model(k), map_location="cpu", weights_only=True)
+        cb = torch.load(Paths(b).fold_model(k), map_location="cpu", weights_only=True)
+        assert ca["epoch"] == cb["epoch"] and ca["valid_acc"] == cb["valid_acc"]
+        assert ca["state_dict"].keys() == cb["state_dict"].keys()
+        for name, tensor in ca["state_dict"].items():
+            assert torch.equal(tensor, cb["state_dict"][name]), (k, name)
+
+
+def same_logs(a: Path, b: Path, folds: int = 2) -> None:
+    for k in range(folds):
+        la = pd.read_csv(Paths(a).fold_log(k)).drop(columns=["seconds", "samples_per_s"])
+        lb = pd.read_csv(Paths(b).fold_log(k)).drop(columns=["seconds", "samples_per_s"])
+        pd.testing.assert_frame_equal(la, lb)
+
+
+def test_same_seed_gives_the_same_run(sample_run: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    run_cli(again, "submit", *SAMPLE, *TINY)
+    pd.testing.assert_frame_equal(pd.read_csv(Paths(again).folds_csv),
+                                  pd.read_csv(Paths(sample_run).folds_csv))
+    same_models(sample_run, again)
+    assert Paths(again).submission_csv.read_bytes() == Paths(sample_run).submission_csv.read_bytes()
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, tmp_path: Path) -> None:
+    args = ("--folds", "2", "--epochs", "12", "--hidden", "32")
+    reference = tmp_path / "reference"
+    shutil.copytree(run_copy, reference)
+    run_cli(fresh_outputs(reference), "submit", *args)
+
+    killed = fresh_outputs(run_copy)
+    log = Paths(killed).fold_log(0)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(killed), "train", *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 4:  # header + 3 epochs
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert Paths(killed).fold_state(0).is_file()
+    assert not Paths(killed).submission_csv.exists()
+    assert not list(Paths(killed).models.glob("*.tmp")) and not list(Paths(killed).logs.glob(".*"))
+
+    result = run_cli(killed, "submit", *args)
+    assert "fold 0: resuming after epoch" in result.stdout
+    same_models(killed, reference)
+    same_logs(killed, reference)
+    assert Paths(killed).submission_csv.read_bytes() == Paths(reference).submission_csv.read_bytes()
+    assert not Paths(killed).fold_state(0).exists()
+
+
+def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(fresh_outputs(run_copy)),
+                             "train", "--folds", "2", "--epochs", "50", "--hidden", "32"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = Paths(run_copy).fold_log(0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not log.is_file():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_the_fold_without_broken_outputs(run_copy: Path) -> None:
+    paths = Paths(run_copy)
+    submission = paths.submission_csv.read_bytes()
+    model = paths.fold_model(0).read_bytes()
+    result = run_cli(run_copy, "train", "--folds", "2", "--epochs", "1", "--hidden", "32",
+                     "--lr", "1e30", "--clip", "0", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fold 0, epoch 1" in result.stderr and "lower learning rate" in result.stderr
+    assert paths.fold_model(0).read_bytes() == model
+    assert paths.submission_csv.read_bytes() == submission
+
+
+def test_parallel_folds_equal_sequential_folds(run_copy: Path, tmp_path: Path) -> None:
+    sequential = tmp_path / "sequential"
+    shutil.copytree(run_copy, sequential)
+    run_cli(fresh_outputs(sequential), "train", *TINY, env={"OMP_NUM_THREADS": "1"})
+    # Two jobs split two threads: one each, as in the sequential run.
+    result = run_cli(fresh_outputs(run_copy), "train", *TINY, "--jobs", "2",
+                     env={"OMP_NUM_THREADS": "2"})
+    assert "2 folds at a time" in result.stdout
+    same_models(run_copy, sequential)
+    same_logs(run_copy, sequential)
+
+
+def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
+    paths = Paths(fresh_outputs(run_copy))
+    paths.models.mkdir()
+    paths.fold_state(0).write_bytes(os.urandom(64))
+    result = run_cli(run_copy, "train", *TINY)
+    assert "unreadable training state" in result.stdout
+    assert not paths.fold_state(0).exists() and paths.fold_model(0).is_file()
