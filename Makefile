@@ -24,7 +24,7 @@ FORCE_ARG = $(if $(filter 1 yes true,$(FORCE)),--force)
 RUN = $(PY) -m pipeline
 
 .PHONY: help setup submit download prepare folds train predict upload report runs test lint \
-	bench bench-accuracy clean
+	bench bench-accuracy gpu-check clean
 
 help: ## list the targets and the options they take
 	@echo "usage: make <target> [OPTION=value ...]"
@@ -42,7 +42,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
-setup: $(VENV)/.installed ## create .venv and install the project (done on first use of any target)
+# SETUP= (empty) skips the virtual environment, e.g. `make submit SETUP= PY=python3` on a machine
+# whose Python already has the dependencies.
+SETUP ?= $(VENV)/.installed
+setup: $(SETUP) ## create .venv and install the project (done on first use of any target)
 
 submit: setup ## every stage: download -> prepare -> folds -> train -> predict
 	$(RUN) submit $(SOURCE_ARGS) $(CONFIG_ARGS)
@@ -73,6 +76,15 @@ runs: setup ## list every finished run, newest first, with its settings, OOF acc
 
 test: setup ## run the test suite (no network, no GPU needed)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" adds a full-size submit)
+	$(PY) benchmarks/speed.py $(BENCH_ARGS)
+
+bench-accuracy: setup ## k-fold CV: tutorial recipe vs default RNN vs GRU (TRAIN=path/to/train.csv)
+	$(PY) benchmarks/accuracy.py $(call opt,TRAIN,train) $(BENCH_ARGS)
+
+gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv)
+	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check pipeline tests benchmarks

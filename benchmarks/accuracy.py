@@ -22,8 +22,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import download, folds, predict, prepare, train  # noqa: E402
-from pipeline.config import ROOT, Paths, resolve  # noqa: E402
+from pipeline import download, folds, predict, prepare, train
+from pipeline.config import ROOT, Paths, resolve
 
 DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "mnist-real" / "train.csv"
 VARIANTS = {

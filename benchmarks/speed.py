@@ -32,12 +32,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import prepare, train  # noqa: E402
-from pipeline.config import ROOT, Paths, TrainConfig, resolve  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.runtime import describe, predict_log_proba, resolve_device  # noqa: E402
+from pipeline import prepare, train
+from pipeline.config import ROOT, Paths, TrainConfig, resolve
+from pipeline.models import build_model
+from pipeline.runtime import describe, predict_log_proba, resolve_device
 
 N_TRAIN, N_TEST = 42_000, 28_000
+RAW = "raw bound: nn.RNN step, resident tensors"
+TUTORIAL = "tutorial loop (DataLoader, batch 64, h150)"
+OURS = "pipeline loop, defaults (augmentation on)"
+OURS_TUTORIAL = "pipeline loop, tutorial settings"
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,10 +180,10 @@ def bench_training(cfg: TrainConfig, device: torch.device, rows: int, repeats: i
     labels = torch.from_numpy(labels_np.astype(np.int64)).to(device)
     tutorial_cfg = replace(resolve(preset="tutorial"), device=cfg.device, amp=cfg.amp)
     cases = [
-        ("raw bound: nn.RNN step, resident tensors", raw_step_loop(cfg, device, rows)),
-        ("tutorial loop (DataLoader, batch 64, h150)", tutorial_loop(images_np, labels_np, device, rows)),
-        ("pipeline loop, defaults (augmentation on)", pipeline_loop(cfg, images, labels, rows)),
-        ("pipeline loop, tutorial settings", pipeline_loop(tutorial_cfg, images, labels, rows)),
+        (RAW, raw_step_loop(cfg, device, rows)),
+        (TUTORIAL, tutorial_loop(images_np, labels_np, device, rows)),
+        (OURS, pipeline_loop(cfg, images, labels, rows)),
+        (OURS_TUTORIAL, pipeline_loop(tutorial_cfg, images, labels, rows)),
     ]
     results = []
     for name, fn in cases:
@@ -294,13 +298,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = {
         "pipeline / raw bound (training)": ratio(
-            results, "pipeline loop, defaults (augmentation on)", "raw bound: nn.RNN step, resident tensors"),
+            results, OURS, RAW),
         "pipeline / tutorial loop (training)": ratio(
-            results, "pipeline loop, defaults (augmentation on)", "tutorial loop (DataLoader, batch 64, h150)"),
+            results, OURS, TUTORIAL),
         "pipeline at tutorial settings / tutorial loop": ratio(
-            results, "pipeline loop, tutorial settings", "tutorial loop (DataLoader, batch 64, h150)"),
-        "ensemble / raw forward (inference)": ratio(
-            results, "pipeline ensemble of 5 folds", "raw forward bound x5"),
+            results, OURS_TUTORIAL, TUTORIAL),
+        "ensemble / raw forward (inference)": ratio(results, "pipeline ensemble of 5 folds",
+                                                    "raw forward bound x5"),
     }
     print("\nratios (higher is better for ours):")
     for name, value in ratios.items():

@@ -116,6 +116,7 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
         "submission": kept.name,
         "source": source,
     })
+    print(summary_table(cv, checkpoints))
     print(f"predict: {n_folds} folds on {describe(device)}, {len(ensemble)} test images in "
           f"{seconds:.1f}s; OOF accuracy {oof_acc:.4f}")
     print(f"predict: wrote {paths.submission_csv} (kept as {kept.relative_to(paths.root)})")
@@ -145,6 +146,15 @@ def cv_table(paths: Paths, checkpoints: list[dict[str, Any]],
     rows.append({"fold": "all", "best_epoch": "", "valid_loss": nll / total, "valid_acc": oof_acc,
                  "seconds": round(sum(c["seconds"] for c in checkpoints), 2), "rows": total})
     return pd.DataFrame(rows), oof_acc
+
+
+def summary_table(cv: pd.DataFrame, checkpoints: list[dict[str, Any]]) -> str:
+    """The run at a glance: per fold and overall accuracy, loss, time and device."""
+    devices = [c["device"] for c in checkpoints]
+    table = cv.assign(device=[*devices, ", ".join(sorted(set(devices)))])
+    table["valid_loss"] = table["valid_loss"].map("{:.4f}".format)
+    table["valid_acc"] = table["valid_acc"].map("{:.4f}".format)
+    return table.to_string(index=False)
 
 
 def _keep_copy(paths: Paths, frame: pd.DataFrame, model: str, oof_acc: float) -> Path:

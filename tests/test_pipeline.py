@@ -127,7 +127,7 @@ def test_make_passes_options_through() -> None:
     result = subprocess.run(["make", "-n", "--no-print-directory", "train", "FOLD=2", "EPOCHS=5",
                              "MODEL=gru", "HIDDEN=64", "BIDIRECTIONAL=1", "ARGS=--clip 0.5"],
                             cwd=REPO, capture_output=True, text=True, check=True)
-    line = [ln for ln in result.stdout.splitlines() if "-m pipeline train" in ln][0]
+    line = next(ln for ln in result.stdout.splitlines() if "-m pipeline train" in ln)
     for part in ("--fold 2", "--epochs 5", "--model gru", "--hidden 64", "--bidirectional",
                  "--clip 0.5"):
         assert part in line

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from conftest import REPO, SAMPLE, TINY, run_cli
+
 from pipeline.config import Paths
 
 OUTPUTS = ("models", "logs", "preds", "submissions")
