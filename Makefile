@@ -3,6 +3,8 @@
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
+# The upload message travels in the environment, so no quote or $ in it can break the command.
+export MESSAGE
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
 # Options for the stage CLIs, passed only when set (e.g. `make submit EPOCHS=5 MODEL=gru`).
-opt = $(if $($(1)),--$(2) $($(1)))
+opt = $(if $($(1)),--$(2) "$($(1))")
 flag = $(if $($(1)),$(if $(filter 0 no false,$($(1))),--no-$(2),--$(2)))
 CONFIG_ARGS = $(call opt,PRESET,preset) $(call opt,CONFIG,config) $(call opt,MODEL,model) \
 	$(call opt,EPOCHS,epochs) $(call opt,FOLDS,folds) $(call opt,HIDDEN,hidden) \
@@ -32,7 +34,7 @@ help: ## list the targets and the options they take
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "options: MODEL=rnn|gru|lstm EPOCHS FOLDS HIDDEN LAYERS BATCH LR SEED DEVICE=auto|cpu|cuda"
-	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS PRESET=tutorial CONFIG=file.toml FOLD=k"
+	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS AUGMENT=0 AMP=1 PRESET=tutorial CONFIG=file.toml FOLD=k"
 	@echo "         SOURCE=auto|kaggle|dir|sample DIR=path FORCE=1 TIMEOUT=s MESSAGE=\"...\""
 	@echo "         ARGS=\"--any --stage-option\"   (see: .venv/bin/python -m pipeline <stage> --help)"
 
@@ -48,7 +50,7 @@ SETUP ?= $(VENV)/.installed
 setup: $(SETUP) ## create .venv and install the project (done on first use of any target)
 
 submit: setup ## every stage: download -> prepare -> folds -> train -> predict
-	$(RUN) submit $(SOURCE_ARGS) $(CONFIG_ARGS)
+	$(RUN) submit $(SOURCE_ARGS) $(FORCE_ARG) $(CONFIG_ARGS)
 
 download: setup ## put train.csv/test.csv in input/ (SOURCE=auto|kaggle|dir|sample, FORCE=1)
 	$(RUN) download $(SOURCE_ARGS) $(FORCE_ARG)
@@ -66,7 +68,7 @@ predict: setup ## ensemble the fold models into submissions/submission.csv (TTA=
 	$(RUN) predict $(FORCE_ARG) $(CONFIG_ARGS)
 
 upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
-	$(RUN) upload --message="$(MESSAGE)" $(call opt,TIMEOUT,timeout)
+	$(RUN) upload $(call opt,TIMEOUT,timeout)
 
 report: setup ## draw the latest run into reports/index.html (curves, confusion matrix, mistakes)
 	$(RUN) report
@@ -87,7 +89,7 @@ gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real t
 	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)
 
 lint: setup ## ruff
-	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(PY) -m ruff check pipeline tests benchmarks
 
 clean: ## delete prepared data, models, logs and predictions (keeps input CSVs and submissions)
 	rm -rf input/prepared input/folds.csv input/folds.json reports

@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.variants.split(","):
         name, settings = parse_variant(text)
         result = run_variant(args.train, settings, args.folds, args.test_rows, not args.verbose)
-        rows.append({"variant": name, **result})
+        rows.append({"variant": name, **result, "_base": text.partition(":")[0]})
         print(f"  {name:<28} OOF accuracy {result['oof_acc']:.4f}  {result['minutes']:.2f} min",
               flush=True)
     table = pd.DataFrame(rows)
-    base = table.loc[table["variant"] == "tutorial", "error"]
+    base = table.loc[table.pop("_base") == "tutorial", "error"]
     if len(base):
         table["error_reduction"] = 1 - table["error"] / float(base.iloc[0])
     print()

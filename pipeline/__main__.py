@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CHOICES, ROOT, Paths, TrainConfig, resolve
+from pipeline.config import CHOICES, PRESETS, ROOT, Paths, TrainConfig, resolve
+from pipeline.download import SOURCES
 from pipeline.errors import PipelineError
 
 
@@ -31,7 +33,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training config (defaults < --preset < --config < options)")
     group.add_argument("--config", type=Path, help="TOML or JSON file of config fields "
                        "(logs/config.json of a past run works)")
-    group.add_argument("--preset", choices=("default", "tutorial"),
+    group.add_argument("--preset", choices=tuple(PRESETS),
                        help="a named recipe; 'tutorial' reproduces the tutorial's settings")
     helps = _field_help()
     for field in fields(TrainConfig):
@@ -87,7 +89,7 @@ def _submit(args: argparse.Namespace, paths: Paths) -> None:
 
     cfg = config_from(args)
     started = time.perf_counter()
-    download.run(paths, source=args.source, src_dir=args.dir, timeout=args.timeout)
+    download.run(paths, source=args.source, src_dir=args.dir, force=args.force, timeout=args.timeout)
     prepare.run(paths)
     folds.run(cfg, paths)
     train.run(cfg, paths)
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def source_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--source", default="auto", choices=("auto", "kaggle", "dir", "sample"),
+        p.add_argument("--source", default="auto", choices=SOURCES,
                        help="where the CSVs come from (default: auto)")
         p.add_argument("--dir", type=Path, help="folder holding train.csv and test.csv "
                        "(with --source dir)")
@@ -147,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
     p = stage("submit", _submit, "every stage in order, each skipped when its output is current")
     source_options(p)
+    p.add_argument("--force", action="store_true", help="download the CSVs again even if present")
     add_config_options(p)
     p = stage("upload", _upload, "send submissions/submission.csv to the competition")
-    p.add_argument("--message", required=True, help="the submission's description on Kaggle")
+    p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
+                   help="the submission's description on Kaggle (default: $MESSAGE, as `make upload` sets)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for Kaggle before giving up (default: 300)")
     stage("report", _report, "draw the latest run into reports/index.html (curves, confusion matrix, "

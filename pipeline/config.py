@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib  # Python 3.11+
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from pipeline.errors import PipelineError
 
@@ -151,7 +150,7 @@ MODEL_FIELDS = (
     "model", "hidden", "layers", "bidirectional", "dropout", "orthogonal_init", "epochs", "batch",
     "drop_last",
     "optimizer", "lr", "weight_decay", "schedule", "clip", "label_smoothing", "normalize",
-    "augment", "rotate", "scale", "shift",
+    "augment", "rotate", "scale", "shift", "amp",
 )
 
 PRESETS: dict[str, dict[str, Any]] = {

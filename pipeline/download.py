@@ -37,6 +37,17 @@ def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: 
     if source not in SOURCES:
         raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")
     present = [p for p in (paths.train_csv, paths.test_csv) if p.exists()]
+    record = read_json(paths.source_json) or {}
+    other = record.get("source") not in (None, source) or (
+        source == "dir" and record.get("dir") not in (None, str(src_dir)))
+    if len(present) == 2 and not force and source != "auto" and other:
+        if record["source"] == "sample":  # the built-in sample is no loss: replace it
+            print(f"download: replacing the built-in sample in input/ with SOURCE={source}")
+            force = True
+        else:
+            where = record["source"] + (f" {record['dir']}" if record.get("dir") else "")
+            print(f"download: WARNING: input/ holds files from {where}, not from SOURCE={source}; "
+                  "they are kept. Add FORCE=1 to replace them")
     if len(present) == 2 and not force:
         used = data_source(paths)
         print(f"download: keeping input/train.csv and input/test.csv already present "

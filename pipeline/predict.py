@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline import folds, prepare, runs
-from pipeline.config import Paths, TrainConfig, fingerprint
+from pipeline.config import MODEL_FIELDS, Paths, TrainConfig, fingerprint
 from pipeline.download import SAMPLE_BANNER, data_source
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_csv, write_json
@@ -54,10 +54,12 @@ def finished_checkpoints(paths: Paths, n_folds: int, folds_key: str) -> list[dic
         if ckpt.get("folds_key") != folds_key:
             raise PipelineError(f"{path}: fold {k} was trained on other folds than "
                                 f"{paths.folds_csv}; run `make train`")
+        if ckpt.get("key") != fold_key(config_of(path, ckpt), folds_key, k):
+            raise PipelineError(f"{path}: its record does not match its settings; "
+                                f"retrain it with `make train FOLD={k}`")
         found.append(ckpt)
-    configs = {fingerprint({k: v for k, v in c["config"].items() if k not in ("device", "jobs")})
-               for c in found}
-    if len(configs) > 1:
+    settings = {config_of(paths.fold_model(k), c).key(*MODEL_FIELDS) for k, c in enumerate(found)}
+    if len(settings) > 1:
         raise PipelineError("predict: the fold models were trained with different settings; "
                             "run `make train` with the settings you want for every fold")
     return found
@@ -66,15 +68,12 @@ def finished_checkpoints(paths: Paths, n_folds: int, folds_key: str) -> list[dic
 def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     """Write per-fold test probabilities, logs/cv.csv and the submission; returns its path."""
     data = prepare.load(paths)
-    _, folds_key, n_folds = folds.load(paths)
+    _, folds_key, n_folds = folds.load(paths, data.data_key)
     checkpoints = finished_checkpoints(paths, n_folds, folds_key)
-    for k, ckpt in enumerate(checkpoints):
-        if ckpt["key"] != fold_key(config_of(paths.fold_model(k), ckpt), folds_key, k):
-            raise PipelineError(f"{paths.fold_model(k)}: its record does not match its settings; "
-                                f"retrain it with `make train FOLD={k}`")
     # The checkpoints' bytes, not only their settings: a retrained or replaced model is noticed.
     weights = [hashlib.sha1(paths.fold_model(k).read_bytes()).hexdigest() for k in range(n_folds)]
-    key = fingerprint({"models": weights, "tta": cfg.tta, "data": data.data_key})
+    key = fingerprint({"models": weights, "data": data.data_key, "amp": cfg.amp,
+                       "tta": cfg.tta, "tta_seed": cfg.seed if cfg.tta else None})
     record = read_json(paths.preds / "ensemble.json") or {}
     if not force and record.get("key") == key and paths.submission_csv.is_file():
         print(f"predict: up to date ({paths.submission_csv}, OOF accuracy "

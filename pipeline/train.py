@@ -84,7 +84,8 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
     order = rows[torch.randperm(len(rows), generator=generator, device=rows.device)]
     x = images[order].float()
     if cfg.augment:
-        chunk = 2048  # small enough to stay in cache, large enough to amortise the calls
+        # On a CPU, chunks small enough to stay in cache; on a GPU, one call for the whole epoch.
+        chunk = 2048 if x.device.type == "cpu" else len(x)
         x = torch.cat([random_affine(x[i:i + chunk], generator, cfg.rotate, cfg.scale, cfg.shift)
                        for i in range(0, len(x), chunk)])
     return x, labels[order]
@@ -133,14 +134,14 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 class Progress:
     """A bar per fold on a terminal; one plain line per epoch otherwise (CI, files)."""
 
-    def __init__(self, fold: int, epochs: int, start: int) -> None:
+    def __init__(self, fold: int, epochs: int, start: int, position: int | None = None) -> None:
         self.fold, self.epochs = fold, epochs
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=epochs, initial=start, desc=f"fold {fold}", unit="epoch",
-                            leave=True, dynamic_ncols=True)
+                            leave=True, dynamic_ncols=True, position=position)
 
     def update(self, row: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -158,43 +159,50 @@ class Progress:
 
 
 def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared,
-               fold_of: np.ndarray, folds_key: str, device: torch.device) -> dict[str, Any]:
-    """Train (or resume, or skip) one fold; returns its summary."""
+               fold_of: np.ndarray, folds_key: str, device: torch.device,
+               bar_position: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or skip) one fold; returns its summary (bar_position: for parallel bars)."""
     key = fold_key(cfg, folds_key, fold)
     model_path, state_path = paths.fold_model(fold), paths.fold_state(fold)
+    torch.manual_seed(cfg.seed * 1000 + fold)
+    model = build_model(cfg).to(device)
+    train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
+    valid_rows = torch.from_numpy(np.flatnonzero(fold_of == fold)).to(device)
+    # The whole data set lives on the device as uint8; batches are indexed there.
+    images = torch.from_numpy(data.train_x).to(device)
+    labels = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
+    valid_x, valid_y = images[valid_rows], labels[valid_rows]
+
     if model_path.is_file():
         done = load_checkpoint(model_path)
-        if done.get("complete") and done.get("key") == key and paths.oof_preds(fold).is_file():
+        if done.get("complete") and done.get("key") == key:
+            if not paths.oof_preds(fold).is_file():  # lost predictions: remake them, don't retrain
+                model.load_state_dict(done["state_dict"])
+                _write_oof(paths, fold, model, cfg, valid_x, valid_y, valid_rows)
             print(f"fold {fold}: up to date (best epoch {done['epoch']}, "
                   f"valid_acc {done['valid_acc']:.4f})")
             return summary(done)
 
-    torch.manual_seed(cfg.seed * 1000 + fold)
-    model = build_model(cfg).to(device)
     optimizer = make_optimizer(cfg, model)
-    train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
-    valid_rows = torch.from_numpy(np.flatnonzero(fold_of == fold)).to(device)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, len(train_rows)))
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     elapsed = 0.0
 
-    state = _load_state(state_path, key)
+    state = _load_state(state_path, key, device)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, best, elapsed = state["history"], state["best"], state["elapsed"]
         print(f"fold {fold}: resuming after epoch {len(history)} of {cfg.epochs}")
 
-    # The whole data set lives on the device as uint8; batches are indexed there.
-    images = torch.from_numpy(data.train_x).to(device)
-    labels = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
-    valid_x, valid_y = images[valid_rows], labels[valid_rows]
-    progress = Progress(fold, cfg.epochs, len(history))
+    progress = Progress(fold, cfg.epochs, len(history), bar_position)
     try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             started = time.perf_counter()
@@ -224,7 +232,8 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
                 "key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": history, "best": best,
-                "elapsed": elapsed,
+                "elapsed": elapsed, "device_type": device.type,
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             })
             write_csv(paths.fold_log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
             progress.update(row)
@@ -234,9 +243,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     # Out-of-fold predictions come from the best epoch's weights, not the last epoch's.
     final = load_checkpoint(model_path)
     model.load_state_dict(final["state_dict"])
-    _, _, log_probs = evaluate(model, valid_x, valid_y, cfg)
-    write_probabilities(paths.oof_preds(fold), log_probs.exp().cpu().numpy(),
-                        {"row": valid_rows.cpu().numpy(), "label": valid_y.cpu().numpy()})
+    _write_oof(paths, fold, model, cfg, valid_x, valid_y, valid_rows)
     final.update(complete=True, seconds=elapsed)
     save_checkpoint(model_path, final)
     state_path.unlink(missing_ok=True)
@@ -256,7 +263,14 @@ def _checkpoint(cfg: TrainConfig, model: torch.nn.Module, key: str, folds_key: s
     }
 
 
-def _load_state(path: Path, key: str) -> dict[str, Any] | None:
+def _write_oof(paths: Paths, fold: int, model: torch.nn.Module, cfg: TrainConfig,
+               valid_x: torch.Tensor, valid_y: torch.Tensor, valid_rows: torch.Tensor) -> None:
+    _, _, log_probs = evaluate(model, valid_x, valid_y, cfg)
+    write_probabilities(paths.oof_preds(fold), log_probs.exp().cpu().numpy(),
+                        {"row": valid_rows.cpu().numpy(), "label": valid_y.cpu().numpy()})
+
+
+def _load_state(path: Path, key: str, device: torch.device) -> dict[str, Any] | None:
     """The resumable state of this very training run, or None (a stale one is discarded)."""
     if not path.is_file():
         return None
@@ -265,7 +279,14 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
     except Exception:
         print(f"{path}: unreadable training state; starting the fold again")
         return None
-    return state if isinstance(state, dict) and state.get("key") == key else None
+    if not isinstance(state, dict) or state.get("key") != key:
+        return None
+    if state.get("device_type", "cpu") != device.type:
+        # Random-number states of one device type do not fit another.
+        print(f"{path}: saved on {state.get('device_type')}, now on {device.type}; "
+              "starting the fold again")
+        return None
+    return state
 
 
 def summary(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -284,10 +305,7 @@ def write_probabilities(path: Path, probs: np.ndarray, front: dict[str, np.ndarr
 def run(cfg: TrainConfig, paths: Paths, fold: int | None = None) -> list[dict[str, Any]]:
     """Train every fold, or only the one given; returns their summaries."""
     data = prepare.load(paths)
-    fold_of, folds_key, n_folds = folds.load(paths)
-    if n_folds != cfg.folds:
-        raise PipelineError(f"{paths.folds_csv}: has {n_folds} folds but the config asks for "
-                            f"{cfg.folds}; run `make folds FOLDS={cfg.folds}` first")
+    fold_of, folds_key, n_folds = folds.load(paths, data.data_key, cfg)
     if fold is not None and not 0 <= fold < n_folds:
         raise PipelineError(f"train: fold {fold} does not exist; folds are numbered 0 to "
                             f"{n_folds - 1}")
@@ -319,16 +337,16 @@ def _run_parallel(cfg: TrainConfig, paths: Paths, todo: list[int], device: torch
         for i, k in enumerate(todo):
             worker_device = f"cuda:{i % gpus}" if gpus > 1 else str(device)
             tasks.append(pool.submit(_fold_worker, asdict(cfg), str(paths.root), k, worker_device,
-                                     threads))
+                                     threads, i))
         return [task.result() for task in tasks]
 
 
 def _fold_worker(cfg_fields: dict[str, Any], root: str, fold: int, device: str,
-                 threads: int) -> dict[str, Any]:
+                 threads: int, position: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
     cfg = TrainConfig(**cfg_fields)
     paths = Paths(Path(root))
     data = prepare.load(paths)
-    fold_of, folds_key, _ = folds.load(paths)
-    return train_fold(cfg, paths, fold, data, fold_of, folds_key, torch.device(device))
+    fold_of, folds_key, _ = folds.load(paths, data.data_key)
+    return train_fold(cfg, paths, fold, data, fold_of, folds_key, torch.device(device), position)

@@ -318,17 +318,14 @@ def test_bad_file_through_a_real_process(tmp_path: Path, case_id: str) -> None:
 
 
 def test_bad_input_is_fast_to_diagnose(tmp_path: Path) -> None:
-    """The scanner that names the problem is not quadratic: a bad cell at the end of 2,000 rows."""
-    import time
+    """A bad cell at the end of 2,000 rows is found and named (its speed is in `make bench`)."""
 
     rows = [[str(v) for v in row] for row in np.tile(TRAIN_VALUES, (100, 1)).tolist()]
     rows[-1][-1] = "x"
     path = tmp_path / "train.csv"
     path.write_bytes(render(TRAIN_NAMES, rows))
-    started = time.perf_counter()
     with pytest.raises(PipelineError, match=r"line 2001, column 785 \(pixel783\)"):
         prepare.read_competition_csv(path, labelled=True)
-    assert time.perf_counter() - started < 2.0
 
 
 # -- missing files: say which, never fill the gap ----------------------------------------------
@@ -493,9 +490,7 @@ def test_duplicate_rows_are_kept_and_counted(tmp_path: Path, capsys: pytest.Capt
     assert len(prepare.load(paths).train_x) == N_TRAIN + 3
 
 
-def test_count_duplicates_is_exact_and_fast() -> None:
-    import time
-
+def test_count_duplicates_is_exact() -> None:
     rng = np.random.default_rng(0)
     shape = (42_000, 28, 28)
     images = rng.integers(0, 256, shape, dtype=np.uint8) * (rng.integers(0, 100, shape, dtype=np.uint8) < 19)
@@ -505,9 +500,7 @@ def test_count_duplicates_is_exact_and_fast() -> None:
     images[301] = images[7]
     images[301, 27, 27] ^= 1  # differs in the last byte only: not a duplicate
     assert prepare.count_duplicates(images[:10]) == 0
-    started = time.perf_counter()
     assert prepare.count_duplicates(images) == 3
-    assert time.perf_counter() - started < 0.5
 
 
 # -- the cache: unwritable, corrupt ---------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_make_passes_options_through() -> None:
     result = subprocess.run(["make", "-n", "--no-print-directory", "train", "FOLD=2", "EPOCHS=5",
                              "MODEL=gru", "HIDDEN=64", "BIDIRECTIONAL=1", "ARGS=--clip 0.5"],
                             cwd=REPO, capture_output=True, text=True, check=True)
-    line = next(ln for ln in result.stdout.splitlines() if "-m pipeline train" in ln)
+    line = next(ln for ln in result.stdout.splitlines() if "-m pipeline train" in ln).replace('"', "")
     for part in ("--fold 2", "--epochs 5", "--model gru", "--hidden 64", "--bidirectional",
                  "--clip 0.5"):
         assert part in line
@@ -139,3 +139,51 @@ def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
     result = run_cli(run_copy, "train", *bad, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip()
+
+
+def test_folds_made_for_other_data_or_seed_are_refused(run_copy: Path) -> None:
+    paths = Paths(run_copy)
+    wrong_seed = run_cli(run_copy, "train", *TINY, "--seed", "7", check=False)
+    assert wrong_seed.returncode == 1 and "make folds" in wrong_seed.stderr
+    lines = paths.train_csv.read_text().splitlines()
+    paths.train_csv.write_text("\n".join(lines[:-20]) + "\n")  # the data changes under the folds
+    run_cli(run_copy, "prepare")
+    stale = run_cli(run_copy, "train", *TINY, check=False)
+    assert stale.returncode == 1 and "other data" in stale.stderr and "make folds" in stale.stderr
+    run_cli(run_copy, "folds", *TINY)
+    assert len(pd.read_csv(paths.folds_csv)) == len(lines) - 21
+
+
+def test_explicit_other_source_replaces_only_the_sample(run_copy: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "downloads"
+    elsewhere.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (elsewhere / name).write_bytes((run_copy / "input" / name).read_bytes())
+    (elsewhere / "train.csv").write_text(
+        "\n".join((elsewhere / "train.csv").read_text().splitlines()[:-10]) + "\n")
+    # The built-in sample gives way to an explicitly asked-for source...
+    replaced = run_cli(run_copy, "download", "--source", "dir", "--dir", str(elsewhere))
+    assert "replacing the built-in sample" in replaced.stdout
+    assert json.loads(Paths(run_copy).source_json.read_text())["source"] == "dir"
+    assert Paths(run_copy).train_csv.read_bytes() == (elsewhere / "train.csv").read_bytes()
+    # ...but real files from one source are kept, with a warning, unless FORCE=1.
+    kept = run_cli(run_copy, "download", "--source", "sample")
+    assert "WARNING" in kept.stdout and "FORCE=1" in kept.stdout
+    assert Paths(run_copy).train_csv.read_bytes() == (elsewhere / "train.csv").read_bytes()
+    forced = run_cli(run_copy, "download", "--source", "sample", "--force")
+    assert "wrote the sample" in forced.stdout
+
+
+def test_settings_that_do_not_change_learning_do_not_retrain(run_copy: Path) -> None:
+    result = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
+    assert "fold 0: up to date" in result.stdout
+    run_cli(run_copy, "predict", "--eval-batch", "64")
+
+
+def test_lost_out_of_fold_predictions_are_remade_without_retraining(run_copy: Path) -> None:
+    paths = Paths(run_copy)
+    oof, model = paths.oof_preds(1).read_bytes(), paths.fold_model(1).read_bytes()
+    paths.oof_preds(1).unlink()
+    result = run_cli(run_copy, "train", *TINY)
+    assert "fold 1: up to date" in result.stdout
+    assert paths.oof_preds(1).read_bytes() == oof and paths.fold_model(1).read_bytes() == model

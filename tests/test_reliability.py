@@ -127,3 +127,14 @@ def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
     result = run_cli(run_copy, "train", *TINY)
     assert "unreadable training state" in result.stdout
     assert not paths.fold_state(0).exists() and paths.fold_model(0).is_file()
+
+
+def test_training_state_from_another_device_type_is_not_resumed(tmp_path: Path) -> None:
+    from pipeline.train import _load_state
+
+    path = tmp_path / "fold_0.last.pt"
+    torch.save({"key": "k", "device_type": "cuda", "history": []}, path)
+    assert _load_state(path, "k", torch.device("cpu")) is None
+    torch.save({"key": "k", "device_type": "cpu", "history": []}, path)
+    assert _load_state(path, "k", torch.device("cpu")) is not None
+    assert _load_state(path, "other", torch.device("cpu")) is None

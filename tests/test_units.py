@@ -246,3 +246,14 @@ def test_valid_submission_passes() -> None:
 def test_invalid_submissions_are_named(frame: pd.DataFrame, message: str) -> None:
     with pytest.raises(PipelineError, match=message):
         validate_frame(frame, expected_rows=2, where="s.csv")
+
+
+def test_test_time_augmentation_averages_seeded_passes() -> None:
+    cfg = TrainConfig(hidden=8)
+    model = build_model(cfg)
+    images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
+    plain = predict_log_proba(model, images, cfg)
+    tta = predict_log_proba(model, images, cfg, tta=3, seed=1)
+    torch.testing.assert_close(tta.exp().sum(1), torch.ones(12))
+    assert not torch.allclose(tta, plain)
+    torch.testing.assert_close(tta, predict_log_proba(model, images, cfg, tta=3, seed=1))

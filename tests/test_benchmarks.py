@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end at a tiny size (their figures are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=True)
+
+
+def test_speed_benchmark_runs_tiny(tmp_path: Path) -> None:
+    result = bench("benchmarks/speed.py", "--rows", "256", "--repeats", "1", "--test-rows", "300",
+                   "--skip-prepare", "--out", str(tmp_path))
+    assert "pipeline / raw bound (training)" in result.stdout
+    saved = json.loads((tmp_path / "results.json").read_text())
+    cases = {r["case"] for r in saved["results"]}
+    assert {"raw bound: nn.RNN step, resident tensors", "pipeline ensemble of 5 folds"} <= cases
+    assert all(value > 0 for value in saved["ratios"].values())
+
+
+def test_accuracy_benchmark_runs_tiny(sample_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "accuracy.csv"
+    result = bench("benchmarks/accuracy.py", "--train", str(sample_run / "input" / "train.csv"),
+                   "--folds", "2", "--test-rows", "50", "--out", str(out),
+                   "--variants", "tutorial:epochs=1,default:epochs=1+hidden=16")
+    assert "error_reduction" in result.stdout
+    table = out.read_text().splitlines()
+    assert table[0].startswith("variant,oof_acc,error,minutes") and len(table) == 3
+
+
+def test_accuracy_benchmark_says_when_its_data_is_missing(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--train",
+                             str(tmp_path / "nope.csv")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_gpu_check_script_parses() -> None:
+    subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPO, check=True)
