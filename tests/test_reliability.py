@@ -85,11 +85,15 @@ def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, tmp
 def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(fresh_outputs(run_copy)),
                              "train", "--folds", "2", "--epochs", "50", "--hidden", "32"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A test runner started in the background inherits SIGINT ignored;
+                            # the child must see Ctrl-C as a terminal user's program does.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = Paths(run_copy).fold_log(0)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not log.is_file():
         time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
