@@ -61,8 +61,8 @@ prepare: setup ## validate the CSVs and cache them as uint8 arrays in input/prep
 folds: setup ## write the stratified folds to input/folds.csv (FOLDS, SEED)
 	$(RUN) folds $(CONFIG_ARGS)
 
-train: setup ## train every fold, or one with FOLD=k; resumes an interrupted run
-	$(RUN) train $(call opt,FOLD,fold) $(CONFIG_ARGS)
+train: setup ## train every fold, or one with FOLD=k (FORCE=1: even if current); resumes
+	$(RUN) train $(call opt,FOLD,fold) $(FORCE_ARG) $(CONFIG_ARGS)
 
 predict: setup ## ensemble the fold models into submissions/submission.csv (TTA=n)
 	$(RUN) predict $(FORCE_ARG) $(CONFIG_ARGS)

@@ -75,7 +75,7 @@ def _folds(args: argparse.Namespace, paths: Paths) -> None:
 def _train(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import train
 
-    train.run(config_from(args), paths, fold=args.fold)
+    train.run(config_from(args), paths, fold=args.fold, force=args.force)
 
 
 def _predict(args: argparse.Namespace, paths: Paths) -> None:
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(stage("folds", _folds, "write the stratified folds (input/folds.csv)"))
     p = stage("train", _train, "train one model per fold (resumes an interrupted run)")
     p.add_argument("--fold", type=int, help="train only this fold (0-based)")
+    p.add_argument("--force", action="store_true", help="train from scratch even if up to date")
     add_config_options(p)
     p = stage("predict", _predict, "ensemble the fold models into submissions/submission.csv")
     p.add_argument("--force", action="store_true", help="predict again even if current")

@@ -160,8 +160,11 @@ class Progress:
 
 def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared,
                fold_of: np.ndarray, folds_key: str, device: torch.device,
-               bar_position: int | None = None) -> dict[str, Any]:
-    """Train (or resume, or skip) one fold; returns its summary (bar_position: for parallel bars)."""
+               bar_position: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Train (or resume, or skip) one fold; returns its summary (bar_position: for parallel bars).
+
+    force: train from scratch even when a finished or interrupted run of these settings exists.
+    """
     key = fold_key(cfg, folds_key, fold)
     model_path, state_path = paths.fold_model(fold), paths.fold_state(fold)
     torch.manual_seed(cfg.seed * 1000 + fold)
@@ -173,7 +176,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     labels = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
     valid_x, valid_y = images[valid_rows], labels[valid_rows]
 
-    if model_path.is_file():
+    if model_path.is_file() and not force:
         done = load_checkpoint(model_path)
         if done.get("complete") and done.get("key") == key:
             if not paths.oof_preds(fold).is_file():  # lost predictions: remake them, don't retrain
@@ -190,7 +193,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     best: dict[str, Any] = {}
     elapsed = 0.0
 
-    state = _load_state(state_path, key, device)
+    state = None if force else _load_state(state_path, key, device)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -302,8 +305,9 @@ def write_probabilities(path: Path, probs: np.ndarray, front: dict[str, np.ndarr
     write_csv(path, frame, float_format="%.6g")
 
 
-def run(cfg: TrainConfig, paths: Paths, fold: int | None = None) -> list[dict[str, Any]]:
-    """Train every fold, or only the one given; returns their summaries."""
+def run(cfg: TrainConfig, paths: Paths, fold: int | None = None,
+        force: bool = False) -> list[dict[str, Any]]:
+    """Train every fold, or only the one given (force: even if up to date); returns summaries."""
     data = prepare.load(paths)
     fold_of, folds_key, n_folds = folds.load(paths, data.data_key, cfg)
     if fold is not None and not 0 <= fold < n_folds:
@@ -318,14 +322,14 @@ def run(cfg: TrainConfig, paths: Paths, fold: int | None = None) -> list[dict[st
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = cfg.jobs or (len(todo) if device.type == "cuda" else 1)
     if jobs > 1 and len(todo) > 1:
-        return _run_parallel(cfg, paths, todo, device, jobs)
+        return _run_parallel(cfg, paths, todo, device, jobs, force)
     print(f"train: {cfg.model}, hidden {cfg.hidden}, {cfg.epochs} epochs, folds {todo} on "
           f"{describe(device)}")
-    return [train_fold(cfg, paths, k, data, fold_of, folds_key, device) for k in todo]
+    return [train_fold(cfg, paths, k, data, fold_of, folds_key, device, force=force) for k in todo]
 
 
 def _run_parallel(cfg: TrainConfig, paths: Paths, todo: list[int], device: torch.device,
-                  jobs: int) -> list[dict[str, Any]]:
+                  jobs: int, force: bool) -> list[dict[str, Any]]:
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     jobs = min(jobs, len(todo))
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
@@ -337,16 +341,17 @@ def _run_parallel(cfg: TrainConfig, paths: Paths, todo: list[int], device: torch
         for i, k in enumerate(todo):
             worker_device = f"cuda:{i % gpus}" if gpus > 1 else str(device)
             tasks.append(pool.submit(_fold_worker, asdict(cfg), str(paths.root), k, worker_device,
-                                     threads, i))
+                                     threads, i, force))
         return [task.result() for task in tasks]
 
 
 def _fold_worker(cfg_fields: dict[str, Any], root: str, fold: int, device: str,
-                 threads: int, position: int) -> dict[str, Any]:
+                 threads: int, position: int, force: bool) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
     cfg = TrainConfig(**cfg_fields)
     paths = Paths(Path(root))
     data = prepare.load(paths)
     fold_of, folds_key, _ = folds.load(paths, data.data_key)
-    return train_fold(cfg, paths, fold, data, fold_of, folds_key, torch.device(device), position)
+    return train_fold(cfg, paths, fold, data, fold_of, folds_key, torch.device(device), position,
+                      force)

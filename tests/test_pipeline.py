@@ -187,3 +187,14 @@ def test_lost_out_of_fold_predictions_are_remade_without_retraining(run_copy: Pa
     result = run_cli(run_copy, "train", *TINY)
     assert "fold 1: up to date" in result.stdout
     assert paths.oof_preds(1).read_bytes() == oof and paths.fold_model(1).read_bytes() == model
+
+
+def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> None:
+    paths = Paths(run_copy)
+    before = {k: torch.load(paths.fold_model(k), weights_only=True)["state_dict"] for k in (0, 1)}
+    fold1 = paths.fold_model(1).read_bytes()
+    result = run_cli(run_copy, "train", "--fold", "0", "--force", *TINY)
+    assert "fold 0 epoch   2/2" in result.stdout and "fold 1" not in result.stdout
+    after = torch.load(paths.fold_model(0), weights_only=True)["state_dict"]
+    assert all(torch.equal(after[name], before[0][name]) for name in after)
+    assert paths.fold_model(1).read_bytes() == fold1
