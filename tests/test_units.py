@@ -257,3 +257,30 @@ def test_test_time_augmentation_averages_seeded_passes() -> None:
     torch.testing.assert_close(tta.exp().sum(1), torch.ones(12))
     assert not torch.allclose(tta, plain)
     torch.testing.assert_close(tta, predict_log_proba(model, images, cfg, tta=3, seed=1))
+
+
+def test_fast_sampling_grid_equals_affine_grid() -> None:
+    import torch.nn.functional as F
+
+    images = torch.rand(16, 28, 28) * 255
+    fast = random_affine(images, torch.Generator().manual_seed(3), rotate=15, scale=0.1, shift=2)
+    # The same draws, through PyTorch's own affine_grid.
+    u = torch.rand(16, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    angle, zoom = u[:, 0] * math.radians(15), 1 + u[:, 1] * 0.1
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = u[:, 2] * 2 * 2 / 28, u[:, 3] * 2 * 2 / 28
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, [16, 1, 28, 28], align_corners=False)
+    plain = F.grid_sample(images.unsqueeze(1), grid, align_corners=False).squeeze(1)
+    torch.testing.assert_close(fast, plain, atol=1e-2, rtol=0)
+
+
+def test_fused_normalisation_equals_the_formula() -> None:
+    from pipeline.models import PIXEL_MEAN, PIXEL_STD
+
+    model = build_model(TrainConfig(hidden=8)).eval()
+    seen = []
+    model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    model(images)
+    torch.testing.assert_close(seen[0], (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD)
