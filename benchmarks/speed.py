@@ -42,6 +42,7 @@ RAW = "raw bound: nn.RNN step, resident tensors"
 TUTORIAL = "tutorial loop (DataLoader, batch 64, h150)"
 OURS = "pipeline loop, defaults (augmentation on)"
 OURS_TUTORIAL = "pipeline loop, tutorial settings"
+RAW_FORWARD, ENSEMBLE = "raw forward bound x5", "pipeline ensemble of 5 folds"
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,12 +194,13 @@ def bench_training(cfg: TrainConfig, device: torch.device, rows: int, repeats: i
     return results
 
 
-def bench_inference(cfg: TrainConfig, device: torch.device, repeats: int, test_np: np.ndarray,
-                    models: int = 5) -> list[dict]:
+def bench_inference(cfg: TrainConfig, device: torch.device, repeats: int,
+                    test_np: np.ndarray) -> list[dict]:
+    models = 5  # the default number of folds
     test = torch.from_numpy(test_np).to(device)
     results = []
-    for name, fn in [(f"raw forward bound x{models}", raw_forward(cfg, device, len(test), models)),
-                     (f"pipeline ensemble of {models} folds", ensemble_predict(cfg, test, models))]:
+    for name, fn in [(RAW_FORWARD, raw_forward(cfg, device, len(test), models)),
+                     (ENSEMBLE, ensemble_predict(cfg, test, models))]:
         seconds = median_seconds(fn, repeats, device)
         results.append({"case": name, "seconds": seconds, "samples_per_s": len(test) / seconds})
         print(f"  {name:<46} {seconds:>10.3f} s  ({len(test) / seconds:,.0f} images/s)", flush=True)
@@ -297,14 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_e2e(folder, args.device, options, args.out))
 
     ratios = {
-        "pipeline / raw bound (training)": ratio(
-            results, OURS, RAW),
-        "pipeline / tutorial loop (training)": ratio(
-            results, OURS, TUTORIAL),
-        "pipeline at tutorial settings / tutorial loop": ratio(
-            results, OURS_TUTORIAL, TUTORIAL),
-        "ensemble / raw forward (inference)": ratio(results, "pipeline ensemble of 5 folds",
-                                                    "raw forward bound x5"),
+        "pipeline / raw bound (training)": ratio(results, OURS, RAW),
+        "pipeline / tutorial loop (training)": ratio(results, OURS, TUTORIAL),
+        "pipeline at tutorial settings / tutorial loop": ratio(results, OURS_TUTORIAL, TUTORIAL),
+        "ensemble / raw forward (inference)": ratio(results, ENSEMBLE, RAW_FORWARD),
     }
     print("\nratios (higher is better for ours):")
     for name, value in ratios.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
@@ -32,7 +34,7 @@ def folds_key(data_key: str, cfg: TrainConfig) -> str:
 
 
 def _digest(fold_of: np.ndarray) -> str:
-    return fingerprint(np.asarray(fold_of, dtype=np.int64).tobytes().hex())
+    return hashlib.sha1(np.asarray(fold_of, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def load(paths: Paths, data_key: str, cfg: TrainConfig | None = None) -> tuple[np.ndarray, str, int]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pipeline.errors import PipelineError
+from pipeline.io import read_json
 
 TOKEN_URL = "https://www.kaggle.com/settings"
 # The real files unpack to ~125 MB; anything near this is not the competition's archive.
@@ -47,10 +48,7 @@ def config_dir() -> Path:
 
 
 def _read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 

@@ -103,12 +103,13 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     model_name = checkpoints[0]["config"]["model"]
     kept = _keep_copy(paths, frame, model_name, oof_acc)
     source = data_source(paths)
+    trained = {**checkpoints[0]["config"], "tta": cfg.tta}  # what the ensemble really is
     write_json(paths.preds / "ensemble.json", {"key": key, "oof_acc": oof_acc, "kept": kept.name,
-                                               "source": source, "tta": cfg.tta})
+                                               "source": source, "tta": cfg.tta, "config": trained})
     seconds = time.perf_counter() - started
     runs.record(paths, {
         "model": model_name,
-        "config": {**checkpoints[0]["config"], "tta": cfg.tta},  # the trained settings
+        "config": trained,
         "oof_acc": oof_acc,
         "seconds": sum(c["seconds"] for c in checkpoints) + seconds,  # training + prediction
         "device": describe(device),

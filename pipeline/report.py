@@ -83,10 +83,13 @@ def load_run(paths: Paths) -> Run:
     data = prepare.load(paths)
     _check_oof(paths, oof, data.train_y)
     test_pred, test_from = _test_predictions(paths, folds)
-    return Run(cv=cv, config=read_json(paths.logs / "config.json") or {}, histories=histories,
+    ensemble = read_json(paths.preds / "ensemble.json") or {}
+    # The settings the ensemble's models were trained with (logs/config.json follows the last
+    # `train`, which may have been one fold with other settings).
+    config = ensemble.get("config") or read_json(paths.logs / "config.json") or {}
+    return Run(cv=cv, config=config, histories=histories,
                oof=oof, train_x=data.train_x, train_y=data.train_y, test_pred=test_pred,
-               test_from=test_from, source=data_source(paths),
-               ensemble=read_json(paths.preds / "ensemble.json") or {},
+               test_from=test_from, source=data_source(paths), ensemble=ensemble,
                warnings=_staleness(paths, folds))
 
 
@@ -173,9 +176,9 @@ def class_balance(train_y: np.ndarray, test_pred: np.ndarray | None) -> pd.DataF
 
 
 def changed_config(config: dict[str, Any]) -> dict[str, bool]:
-    """For each config field, whether it differs from TrainConfig()'s default."""
-    defaults = asdict(TrainConfig())
-    return {name: name in defaults and value != defaults[name] for name, value in config.items()}
+    """For each config field, whether it is a hyperparameter changed from its default."""
+    changed = runs.changed_settings(config)
+    return {name: name in changed for name in config}
 
 
 # -- the figures -------------------------------------------------------------------------------

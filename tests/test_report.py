@@ -15,29 +15,16 @@ import pandas as pd
 import pytest
 
 from pipeline import report, runs
-from pipeline.config import Paths, TrainConfig, resolve
+from pipeline.config import Paths, TrainConfig
 from pipeline.errors import PipelineError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Paths:
-    """A finished run on the built-in sample, as small as a run gets: 2 folds, 1 epoch, 32 units.
-
-    Made by the stage functions in this process (the same calls `submit` makes) rather than a
-    subprocess, which would import torch a second time.
-    """
-    from pipeline import download, folds, predict, prepare, train
-
-    paths = Paths(tmp_path_factory.mktemp("run"))
-    cfg = resolve(overrides={"folds": 2, "epochs": 1, "hidden": 32, "device": "cpu"})
-    download.run(paths, source="sample")
-    prepare.run(paths)
-    folds.run(cfg, paths)
-    train.run(cfg, paths)
-    predict.run(cfg, paths)
-    return paths
+def tiny_run(sample_run: Path) -> Paths:
+    """The suite's finished run on the built-in sample: 2 folds, 2 epochs, 32 units."""
+    return Paths(sample_run)
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +74,7 @@ def test_report_writes_index_html_in_reports(tiny_run: Paths, page: Path) -> Non
     assert f"{oof_acc:.4f}" in text  # the overall OOF accuracy of cv.csv
     assert "<th>best_epoch</th>" in text and "<td>all</td>" in text  # the cv.csv table
     assert "<th>setting</th>" in text and "label_smoothing" in text  # the config table
-    assert "class=changed><td class=l>epochs</td><td class=l>1</td>" in text  # epochs differs
+    assert "class=changed><td class=l>epochs</td><td class=l>2</td>" in text  # epochs differs
     assert "SAMPLE" in text  # a run on the sample says so
 
 
@@ -153,6 +140,15 @@ def test_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"no run to report on .*make submit"):
         report.run(Paths(tmp_path))
     assert not (tmp_path / "reports").exists()
+
+
+def test_report_shows_the_settings_the_ensemble_was_trained_with(tiny_run: Paths,
+                                                                 tmp_path: Path) -> None:
+    paths = copy_run(tiny_run, tmp_path)
+    # A later `train` of other settings rewrites logs/config.json; the ensemble is unchanged.
+    config = json.loads((paths.logs / "config.json").read_text())
+    (paths.logs / "config.json").write_text(json.dumps({**config, "hidden": 999}))
+    assert report.load_run(paths).config["hidden"] == 32
 
 
 def test_report_names_a_missing_file_of_the_run(tiny_run: Paths, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,3 +286,29 @@ def test_fused_normalisation_equals_the_formula() -> None:
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     model(images)
     torch.testing.assert_close(seen[0], (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+ROW = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "valid_loss": 0.4, "valid_acc": 0.9123,
+       "lr": 0.001, "seconds": 0.5, "samples_per_s": 1000.0}
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = train.Progress(fold=3, epochs=10, start=0)
+    bar.update(ROW)
+    bar.close()
+    assert "fold 3" in terminal.getvalue() and "valid_acc=0.9123" in terminal.getvalue()
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    plain = train.Progress(fold=3, epochs=10, start=0)
+    plain.update(ROW)
+    plain.close()
+    out = capsys.readouterr().out
+    assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
