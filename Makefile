@@ -20,7 +20,7 @@ CONFIG_ARGS = $(call opt,PRESET,preset) $(call opt,CONFIG,config) $(call opt,MOD
 	$(call opt,LAYERS,layers) $(call opt,BATCH,batch) $(call opt,LR,lr) $(call opt,SEED,seed) \
 	$(call opt,DEVICE,device) $(call opt,TTA,tta) $(call opt,JOBS,jobs) \
 	$(call opt,DROPOUT,dropout) $(call flag,BIDIRECTIONAL,bidirectional) \
-	$(call flag,AUGMENT,augment) $(call flag,AMP,amp) $(ARGS)
+	$(call flag,AUGMENT,augment) $(call flag,AMP,amp) $(call flag,CUDA_GRAPH,cuda-graph) $(ARGS)
 SOURCE_ARGS = $(call opt,SOURCE,source) $(call opt,DIR,dir) $(call opt,TIMEOUT,timeout)
 FORCE_ARG = $(if $(filter 1 yes true,$(FORCE)),--force)
 RUN = $(PY) -m pipeline
@@ -34,7 +34,8 @@ help: ## list the targets and the options they take
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "options: MODEL=rnn|gru|lstm EPOCHS FOLDS HIDDEN LAYERS BATCH LR SEED DEVICE=auto|cpu|cuda"
-	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS AUGMENT=0 AMP=1 PRESET=tutorial CONFIG=file.toml FOLD=k"
+	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS AUGMENT=0 AMP=1 CUDA_GRAPH=1 PRESET=tutorial"
+	@echo "         CONFIG=file.toml FOLD=k"
 	@echo "         SOURCE=auto|kaggle|dir|sample DIR=path FORCE=1 TIMEOUT=s MESSAGE=\"...\""
 	@echo "         ARGS=\"--any --stage-option\"   (see: .venv/bin/python -m pipeline <stage> --help)"
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one call, for a bare CUDA machine:
 #     bash benchmarks/gpu_check.sh OUTDIR [path/to/real/train.csv]
-# 1. the test suite's unit tests with CUDA visible, and a small end-to-end run on cuda (sample data);
-# 2. the speed benchmark on cuda (training, inference, prepare) at the defaults and at batch 512;
-# 3. full-size `submit` on synthetic data at the defaults (all folds at once on the GPU);
-# 4. with a real train.csv: 5-fold accuracy of the default config on cuda, folds in parallel.
+# 1. the unit tests with CUDA visible; the CUDA-graph step against the eager one (graph_check.py);
+#    a small end-to-end run on cuda (sample data) with the step replayed from CUDA graphs;
+# 2. the speed benchmark on cuda (training eager and graph-replayed, inference, prepare) at the
+#    defaults and at batch 1024;
+# 3. full-size `submit` on synthetic data at the defaults and with CUDA graphs (all folds at once);
+# 4. with a real train.csv: 5-fold accuracy on cuda, folds in parallel, eager and with CUDA graphs.
 # Uses .venv when it has a CUDA build of torch, else the machine's python3 (PyTorch preinstalled).
 # Each step has its own time limit; the whole script is planned to end within 8 minutes.
 set -uo pipefail
@@ -29,11 +31,15 @@ step "environment"
   nproc; } 2>&1 | tee -a "$summary"
 
 step "unit tests with CUDA visible"
-timeout 100 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py 2>&1 | tail -5 | tee -a "$summary"
+timeout 100 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py tests/test_step.py 2>&1 \
+  | tail -5 | tee -a "$summary"
 
-step "small end-to-end run on cuda (sample, 2 folds, 3 epochs)"
+step "CUDA graph step against the eager step (rnn, gru, lstm, rnn+amp)"
+timeout 90 $py benchmarks/graph_check.py --device cuda --out "$out/graph" 2>&1 | tee -a "$summary"
+
+step "small end-to-end run on cuda (sample, 2 folds, 3 epochs, CUDA graphs)"
 timeout 60 $py -m pipeline --root "$scratch/small" submit --source sample --device cuda --folds 2 \
-  --epochs 3 2>&1 | tail -4 | tee -a "$summary"
+  --epochs 3 --cuda-graph 2>&1 | tail -5 | tee -a "$summary"
 
 step "speed benchmark on cuda: defaults (with prepare), then batch 1024"
 timeout 100 $py benchmarks/speed.py --device cuda --rows 33600 --repeats 3 --out "$out/speed" 2>&1 \
@@ -41,13 +47,14 @@ timeout 100 $py benchmarks/speed.py --device cuda --rows 33600 --repeats 3 --out
 timeout 50 $py benchmarks/speed.py --device cuda --rows 33600 --repeats 3 --batch 1024 --skip-prepare \
   2>&1 | grep -E "samples/s|x$" | tee -a "$summary"
 
-step "full-size submit on cuda (42,000 + 28,000 synthetic rows), defaults"
-timeout 120 $py benchmarks/speed.py --device cuda --rows 2048 --repeats 1 --skip-prepare \
-  --e2e= --out "$out/e2e" 2>&1 | grep -E "submit|FAILED" -A3 | tee -a "$summary"
+step "full-size submit on cuda (42,000 + 28,000 synthetic rows), defaults, then CUDA graphs"
+timeout 200 $py benchmarks/speed.py --device cuda --rows 2048 --repeats 1 --skip-prepare \
+  --e2e= --e2e=--cuda-graph --out "$out/e2e" 2>&1 | grep -E "submit|training|FAILED" -A1 \
+  | tee -a "$summary"
 
 if [ -n "$real_train" ] && [ -f "$real_train" ]; then
   step "accuracy on real digits, cuda, 5 folds at once"
-  timeout 60 $py benchmarks/accuracy.py --train "$real_train" --variants "default:device=cuda" \
-    2>&1 | tail -4 | tee -a "$summary"
+  timeout 80 $py benchmarks/accuracy.py --train "$real_train" \
+    --variants "default:device=cuda,graph:device=cuda+cuda_graph=1" 2>&1 | tail -5 | tee -a "$summary"
 fi
 step "done"

@@ -6,6 +6,7 @@
    alone for inference), at the pipeline's default hidden and batch sizes;
 2. the tutorial's loop: a DataLoader over a float TensorDataset, batch 64, hidden 150;
 3. the pipeline's training loop at its defaults (augmentation on) and at the tutorial's settings;
+   on CUDA also with the step replayed from a CUDA graph (--cuda-graph);
 4. inference of a 5-fold ensemble over the test rows, against 5 raw forward passes;
 5. prepare: parsing both CSVs written at full size, and reloading the prepared cache;
 6. with --e2e: the whole `submit` on the full-size data (defaults, or the options given).
@@ -36,12 +37,14 @@ from pipeline import prepare, train
 from pipeline.config import ROOT, Paths, TrainConfig, resolve
 from pipeline.models import build_model
 from pipeline.runtime import describe, predict_log_proba, resolve_device
+from pipeline.step import TrainStep
 
 N_TRAIN, N_TEST = 42_000, 28_000
 RAW = "raw bound: nn.RNN step, resident tensors"
 TUTORIAL = "tutorial loop (DataLoader, batch 64, h150)"
 OURS = "pipeline loop, defaults (augmentation on)"
 OURS_TUTORIAL = "pipeline loop, tutorial settings"
+OURS_GRAPH = "pipeline loop, defaults, CUDA graph"
 RAW_FORWARD, ENSEMBLE = "raw forward bound x5", "pipeline ensemble of 5 folds"
 
 
@@ -143,9 +146,10 @@ def pipeline_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
     scheduler = train.make_scheduler(replace(cfg, epochs=1000), optimizer, steps)
     generator = torch.Generator(device=device).manual_seed(0)
     subset = torch.arange(rows, device=device)
+    step = TrainStep(model, optimizer, scheduler, cfg, device)
 
     def epoch() -> None:
-        train.train_epoch(model, optimizer, scheduler, images, labels, subset, cfg, generator)
+        train.train_epoch(step, images, labels, subset, cfg, generator)
     return epoch
 
 
@@ -186,6 +190,8 @@ def bench_training(cfg: TrainConfig, device: torch.device, rows: int, repeats: i
         (OURS, pipeline_loop(cfg, images, labels, rows)),
         (OURS_TUTORIAL, pipeline_loop(tutorial_cfg, images, labels, rows)),
     ]
+    if device.type == "cuda":
+        cases.append((OURS_GRAPH, pipeline_loop(replace(cfg, cuda_graph=True), images, labels, rows)))
     results = []
     for name, fn in cases:
         seconds = median_seconds(fn, repeats, device)
@@ -255,7 +261,20 @@ def bench_e2e(folder: Path, device: str, options: str, log: Path | None) -> dict
         print(f"  submit {options} FAILED:\n{result.stderr[-2000:]}")
         return {"case": f"e2e submit {options}".strip(), "seconds": float("nan")}
     print(f"  {'submit, full size, ' + (options or 'defaults'):<46} {seconds:>10.1f} s")
-    return {"case": f"e2e submit {options}".strip(), "seconds": seconds}
+    together = "folds at a time" in result.stdout
+    rate = training_rate(Paths(root), together)
+    print(f"  {'  its training, ' + ('all folds together' if together else 'one fold'):<46} "
+          f"{rate:>12,.0f} samples/s")
+    return {"case": f"e2e submit {options}".strip(), "seconds": seconds,
+            "training_samples_per_s": rate, "folds_together": together}
+
+
+def training_rate(paths: Paths, together: bool) -> float:
+    """Training samples per second from the fold logs: summed over folds that ran at the same time."""
+    import pandas as pd
+
+    medians = [pd.read_csv(log)["samples_per_s"].median() for log in sorted(paths.logs.glob("fold_*.csv"))]
+    return float(sum(medians) if together else statistics.median(medians))
 
 
 def ratio(results: list[dict], a: str, b: str, key: str = "samples_per_s") -> float:
@@ -304,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline at tutorial settings / tutorial loop": ratio(results, OURS_TUTORIAL, TUTORIAL),
         "ensemble / raw forward (inference)": ratio(results, ENSEMBLE, RAW_FORWARD),
     }
+    if device.type == "cuda":
+        ratios["pipeline with CUDA graph / tutorial loop"] = ratio(results, OURS_GRAPH, TUTORIAL)
+        ratios["pipeline with CUDA graph / raw bound"] = ratio(results, OURS_GRAPH, RAW)
+    tutorial_rate = next(r["samples_per_s"] for r in results if r["case"] == TUTORIAL)
+    for r in results:
+        if r.get("folds_together"):
+            ratios[f"{r['case']}: all folds' training / tutorial loop"] = (
+                r["training_samples_per_s"] / tutorial_rate)
     print("\nratios (higher is better for ours):")
     for name, value in ratios.items():
         print(f"  {name:<46} {value:>8.2f}x")

@@ -86,10 +86,10 @@ def model_from_checkpoint(path: Path, payload: dict[str, Any]) -> tuple[nn.Modul
     return model, cfg
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+def autocast(device: torch.device, enabled: bool, cache: bool = True) -> torch.autocast:
     # bfloat16 needs no loss scaling, so mixed precision adds no host synchronisation.
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=enabled and device.type == "cuda")
+                          enabled=enabled and device.type == "cuda", cache_enabled=cache)
 
 
 @torch.no_grad()

@@ -29,13 +29,13 @@ from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_csv, write_json
 from pipeline.models import build_model
 from pipeline.runtime import (
-    autocast,
     describe,
     load_checkpoint,
     predict_log_proba,
     resolve_device,
     save_checkpoint,
 )
+from pipeline.step import TrainStep, graph_wanted
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds",
                "samples_per_s"]
@@ -91,35 +91,15 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
     return x, labels[order]
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, images: torch.Tensor,
-                labels: torch.Tensor, rows: torch.Tensor, cfg: TrainConfig,
-                generator: torch.Generator) -> tuple[float, float]:
+def train_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                cfg: TrainConfig, generator: torch.Generator) -> tuple[float, float]:
     """One pass over the fold's training rows; returns mean loss and accuracy."""
-    model.train()
-    device = images.device
+    step.model.train()
+    step.reset()
     x_epoch, y_epoch = epoch_batches(images, labels, rows, cfg, generator)
-    steps = steps_per_epoch(cfg, len(rows))
-    # Sums stay on the device: reading them back each step would stall a GPU.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for step in range(steps):
-        x = x_epoch[step * cfg.batch:(step + 1) * cfg.batch]
-        y = y_epoch[step * cfg.batch:(step + 1) * cfg.batch]
-        with autocast(device, cfg.amp):
-            logits = model(x).float()
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-    return loss_sum.item() / seen, correct.item() / seen
+    for start in range(0, steps_per_epoch(cfg, len(rows)) * cfg.batch, cfg.batch):
+        step(x_epoch[start:start + cfg.batch], y_epoch[start:start + cfg.batch])
+    return step.means()
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -188,6 +168,8 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
 
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, len(train_rows)))
+    step = TrainStep(model, optimizer, scheduler, cfg, device,
+                     log=lambda message: print(f"fold {fold}: {message}"))
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
@@ -210,8 +192,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            train_loss, train_acc = train_epoch(model, optimizer, scheduler, images, labels,
-                                                train_rows, cfg, generator)
+            train_loss, train_acc = train_epoch(step, images, labels, train_rows, cfg, generator)
             train_seconds = time.perf_counter() - started
             valid_loss, valid_acc, _ = evaluate(model, valid_x, valid_y, cfg)
             if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
@@ -321,10 +302,13 @@ def run(cfg: TrainConfig, paths: Paths, fold: int | None = None,
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = cfg.jobs or (len(todo) if device.type == "cuda" else 1)
+    if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
+        print("train: cuda_graph is off for this model: a replayed graph would reuse one dropout "
+              "mask (set dropout 0 to use it)")
     if jobs > 1 and len(todo) > 1:
         return _run_parallel(cfg, paths, todo, device, jobs, force)
     print(f"train: {cfg.model}, hidden {cfg.hidden}, {cfg.epochs} epochs, folds {todo} on "
-          f"{describe(device)}")
+          f"{describe(device)}" + (", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""))
     return [train_fold(cfg, paths, k, data, fold_of, folds_key, device, force=force) for k in todo]
 
 
@@ -335,7 +319,8 @@ def _run_parallel(cfg: TrainConfig, paths: Paths, todo: list[int], device: torch
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
     print(f"train: {jobs} folds at a time on {describe(device)}"
-          + (f", spread over {gpus} GPUs" if gpus > 1 else ""))
+          + (f", spread over {gpus} GPUs" if gpus > 1 else "")
+          + (", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""))
     tasks = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for i, k in enumerate(todo):

@@ -182,11 +182,17 @@ def test_settings_that_do_not_change_learning_do_not_retrain(run_copy: Path) -> 
 
 def test_lost_out_of_fold_predictions_are_remade_without_retraining(run_copy: Path) -> None:
     paths = Paths(run_copy)
-    oof, model = paths.oof_preds(1).read_bytes(), paths.fold_model(1).read_bytes()
+    oof, model = pd.read_csv(paths.oof_preds(1)), paths.fold_model(1).read_bytes()
     paths.oof_preds(1).unlink()
     result = run_cli(run_copy, "train", *TINY)
     assert "fold 1: up to date" in result.stdout
-    assert paths.oof_preds(1).read_bytes() == oof and paths.fold_model(1).read_bytes() == model
+    assert paths.fold_model(1).read_bytes() == model  # not retrained
+    # The same weights on the same rows; the first RNN call of a fresh process on a CPU may round
+    # differently in the last bit (the BLAS's first-call path), so the sixth digit may differ.
+    remade = pd.read_csv(paths.oof_preds(1))
+    assert list(remade.columns) == list(oof.columns)
+    assert remade[["row", "label"]].equals(oof[["row", "label"]])
+    np.testing.assert_allclose(remade.to_numpy(), oof.to_numpy(), rtol=1e-5, atol=2e-6)
 
 
 def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> None:

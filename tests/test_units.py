@@ -21,6 +21,7 @@ from pipeline.folds import assign
 from pipeline.models import MODELS, build_model
 from pipeline.predict import average_probabilities
 from pipeline.runtime import predict_log_proba, resolve_device
+from pipeline.step import TrainStep
 from pipeline.submission import validate_frame
 
 # -- folds -----------------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, 40))
-    loss, acc = train.train_epoch(model, optimizer, scheduler, images, labels, torch.arange(40), cfg,
+    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
+    loss, acc = train.train_epoch(step, images, labels, torch.arange(40), cfg,
                                   torch.Generator().manual_seed(0))
     assert math.isfinite(loss) and 0 <= acc <= 1
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
@@ -176,8 +178,8 @@ def test_clipping_bounds_the_gradient_norm() -> None:
     optimizer.register_step_pre_hook(record)
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
-    train.train_epoch(model, optimizer, scheduler, images, labels, torch.arange(40), cfg,
-                      torch.Generator().manual_seed(0))
+    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
+    train.train_epoch(step, images, labels, torch.arange(40), cfg, torch.Generator().manual_seed(0))
     assert len(norms) == 2 and max(norms) <= 0.05 * (1 + 1e-4)
 
 

@@ -1,0 +1,104 @@
+"""On a CUDA device: a training step replayed from a CUDA graph learns what the eager step learns.
+
+    python benchmarks/graph_check.py [--device cuda] [--epochs 2] [--rows 4100] [--out DIR]
+
+For each cell (and the vanilla RNN with bf16 AMP), trains the same model from the same seed three
+times on synthetic data whose epochs end in a short batch: eager, eager again (the noise floor of
+nondeterministic GPU kernels), and graph-replayed. Prints the largest weight difference of each
+against the first run, the per-epoch losses and each path's speed; exits 1 if the graph-replayed
+run is further from the eager one than the noise floor allows (or a capture failed). On a CPU no
+graph is captured (the option is ignored there), so the script only checks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.speed import sync, synthetic
+from pipeline import train
+from pipeline.config import TrainConfig, resolve
+from pipeline.models import build_model
+from pipeline.runtime import describe, resolve_device
+from pipeline.step import TrainStep
+
+VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+amp": {"amp": True}}
+
+
+def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+        failures: list[str]) -> tuple[dict, list[float], float, bool]:
+    """Train from a fixed seed; returns the weights, per-epoch losses, samples/s, and if captured."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    optimizer = train.make_optimizer(cfg, model)
+    scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, len(images)))
+    step = TrainStep(model, optimizer, scheduler, cfg, device, log=failures.append)
+    generator = torch.Generator(device=device).manual_seed(1)
+    rows = torch.arange(len(images), device=device)
+    losses, started = [], time.perf_counter()
+    for _ in range(cfg.epochs):
+        losses.append(train.train_epoch(step, images, labels, rows, cfg, generator)[0])
+    sync(device)
+    rate = cfg.epochs * len(images) / (time.perf_counter() - started)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights, losses, rate, step.graph is not None
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=4100, help="training rows (not a multiple of 128)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: "
+                        + ", ".join(VARIANTS))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    # Off CUDA no graph is captured (cuda_graph is ignored there): a dry run of this script.
+    needs_capture = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    images_np, labels_np = synthetic(args.rows, seed=3)
+    images = torch.from_numpy(images_np).to(device)
+    labels = torch.from_numpy(labels_np.astype("int64")).to(device)
+    print(f"graph_check: {describe(device)}, torch {torch.__version__}, {args.rows} rows x "
+          f"{args.epochs} epochs")
+    ok, report = True, {}
+    for name in args.variants.split(","):
+        settings = VARIANTS[name]
+        cfg = resolve(overrides={"device": args.device, "epochs": args.epochs, **settings})
+        failures: list[str] = []
+        eager, eager_losses, eager_rate, _ = fit(cfg, images, labels, device, failures)
+        again, _, _, _ = fit(cfg, images, labels, device, failures)
+        graphed, graph_losses, graph_rate, captured = fit(replace(cfg, cuda_graph=True), images, labels,
+                                                          device, failures)
+        floor, diff = max_diff(eager, again), max_diff(eager, graphed)
+        passed = (captured or not needs_capture) and not failures and diff <= 10 * floor + 1e-5
+        ok &= passed
+        report[name] = {"floor": floor, "diff": diff, "eager_losses": eager_losses,
+                        "graph_losses": graph_losses, "eager_samples_per_s": eager_rate,
+                        "graph_samples_per_s": graph_rate, "captured": captured, "failures": failures}
+        print(f"  {name:<8} {'ok' if passed else 'MISMATCH':<8} weights vs eager: graph {diff:.2e}, "
+              f"eager rerun {floor:.2e}; last loss {eager_losses[-1]:.5f} / {graph_losses[-1]:.5f}; "
+              f"{eager_rate:,.0f} -> {graph_rate:,.0f} samples/s ({graph_rate / eager_rate:.2f}x)"
+              + (f"; {failures[0]}" if failures else ""), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "graph_check.json").write_text(json.dumps(report, indent=2))
+    print("graph_check:", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

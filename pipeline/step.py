@@ -1,0 +1,147 @@
+"""One training step (forward, loss, backward, clipping, update, schedule), eager or from a CUDA graph.
+
+A small RNN's step is dozens of tiny kernels; on a GPU the time goes into launching them, not into
+running them. With ``cuda_graph`` on a CUDA device, the forward, loss, backward and clipping of a
+full batch are captured once and replayed: one launch per step instead of about sixty. The optimizer
+(fused AdamW on CUDA) and the learning-rate schedule stay outside the graph, unchanged, so both paths
+run the same kernels on the same numbers and learn the same model.
+
+What the graph needs, and how it is kept:
+- fixed addresses: each batch is copied into a static input buffer; the gradients the captured
+  backward writes are never set to None afterwards (an eager step zeroes them in place);
+- fixed shapes: only full batches replay; a short last batch runs eagerly;
+- no randomness inside the step: dropout between stacked layers would replay one mask for ever, so
+  a model with dropout trains eagerly (augmentation is done per epoch, outside the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import TrainConfig
+from pipeline.runtime import autocast
+
+WARMUP_STEPS = 3  # eager passes on the capture stream before capture (cuDNN plans, workspaces)
+
+
+class CudaGraph:
+    """The CUDA side of capture: a side stream for warm-up and capture, then replay."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.graph = torch.cuda.CUDAGraph()
+
+    @contextlib.contextmanager
+    def warmup(self) -> Iterator[None]:
+        # Warm-up must run on the stream that captures: cuDNN keeps its workspace per stream.
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def capture(self, fn: Callable[[], None]) -> None:
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream):
+            fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def graph_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the step is captured: asked for, on CUDA, and with nothing random inside the step."""
+    return cfg.cuda_graph and device.type == "cuda" and not (cfg.dropout > 0 and cfg.layers > 1)
+
+
+class TrainStep:
+    """Calls one step per batch and keeps the epoch's loss and accuracy sums on the device.
+
+    make_graph: builds the capture backend (CudaGraph on CUDA; the tests pass a stand-in that
+    replays the captured function eagerly, to check the bookkeeping around capture on a CPU).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig,
+                 device: torch.device, make_graph: Callable[[torch.device], CudaGraph] | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
+        self.device = device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.make_graph = make_graph or (CudaGraph if graph_wanted(cfg, device) else None)
+        self.graph: CudaGraph | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_y: torch.Tensor | None = None
+        self.log = log
+        # Sums stay on the device: reading them back each step would stall a GPU.
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+
+    def reset(self) -> None:
+        """Start the sums of a new epoch (in place: a captured graph adds into these tensors)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
+
+    def means(self) -> tuple[float, float]:
+        """Mean training loss and accuracy since reset (one host sync)."""
+        return self.loss_sum.item() / self.seen, self.correct.item() / self.seen
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        full = len(x) == self.cfg.batch
+        if full and self.graph is None and self.make_graph is not None:
+            self._capture(x, y)
+        if full and self.graph is not None:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            self.graph.replay()
+        else:
+            # Once a graph owns the gradient tensors they must keep their addresses.
+            self.optimizer.zero_grad(set_to_none=self.graph is None)
+            self._forward_backward(x, y)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.seen += len(y)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # Autocast's weight cache would hold tensors from outside the graph's memory: off in graphs.
+        with autocast(self.device, self.cfg.amp, cache=self.make_graph is None):
+            logits = self.model(x).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        loss.backward()
+        if self.cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        self.loss_sum += loss.detach() * len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Warm up and capture on the first full batch; on failure, carry on eagerly."""
+        graph = self.make_graph(self.device)
+        self.static_x, self.static_y = x.clone(), y.clone()
+        sums = self.loss_sum.clone(), self.correct.clone()
+        step = lambda: self._forward_backward(self.static_x, self.static_y)  # noqa: E731
+        try:
+            with graph.warmup():
+                for _ in range(WARMUP_STEPS):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step()
+            # Captured with no gradients, the backward writes fresh ones (in the graph's memory)
+            # on every replay instead of adding to the last step's.
+            self.optimizer.zero_grad(set_to_none=True)
+            graph.capture(step)
+        except RuntimeError as exc:
+            self.log(f"CUDA graph capture failed ({str(exc).splitlines()[0]}); "
+                     "training this fold without it")
+            self.make_graph = None
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.graph = graph
+        finally:
+            # Warm-up passes are not training steps: they leave no trace in the epoch's sums.
+            self.loss_sum.copy_(sums[0])
+            self.correct.copy_(sums[1])
