@@ -8,7 +8,6 @@ exist, else the sample. Existing files are kept unless ``force`` is set; new fil
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from pipeline import sample
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import read_json, replace_together, staged_files, write_json
 
 SOURCES = ("auto", "kaggle", "dir", "sample")
 SAMPLE_BANNER = (
@@ -93,28 +92,40 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
         if not (src_dir / name).is_file():
             raise PipelineError(f"{src_dir / name}: not found; the folder must hold train.csv and "
                                 "test.csv of the competition")
-    for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
-        with atomic_path(target) as tmp:
-            shutil.copyfile(src_dir / name, tmp)
+    targets = [paths.train_csv, paths.test_csv]
+    # Both copies are made before either replaces what input/ holds: a full disk midway leaves
+    # input/ as it was, never a new train.csv beside an old test.csv.
+    with staged_files(paths.input, [t.name for t in targets]) as staged:
+        for source, target in zip(staged, targets, strict=True):
+            try:
+                shutil.copyfile(src_dir / target.name, source)
+            except OSError as exc:
+                raise PipelineError(f"{src_dir / target.name}: cannot copy to {paths.input} "
+                                    f"({exc.strerror}); input/ is as it was") from exc
+        replace_together(list(zip(staged, targets, strict=True)))
     print(f"download: copied train.csv and test.csv from {src_dir}")
+
+
+def _make_input(paths: Paths) -> None:
+    try:
+        paths.input.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{paths.input}: cannot create ({exc.strerror})") from exc
 
 
 def _download_kaggle(paths: Paths, timeout: float) -> None:
     from pipeline import kaggle_api
 
     created = not paths.input.exists()
-    try:
-        paths.input.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"{paths.input}: cannot create ({exc.strerror})") from exc
+    _make_input(paths)
     try:
         # The temporary folder sits in input/ so the final renames stay on one file system; it is
         # removed whatever happens, so a failed download leaves input/ as it was.
         with tempfile.TemporaryDirectory(prefix=".download-", dir=paths.input) as tmp:
             files = kaggle_api.download_competition(COMPETITION, Path(tmp), timeout=timeout)
             # Both files are complete and checked before either replaces what input/ holds.
-            for name, target in (("train.csv", paths.train_csv), ("test.csv", paths.test_csv)):
-                _replace(files[name], target)
+            replace_together([(files["train.csv"], paths.train_csv),
+                              (files["test.csv"], paths.test_csv)])
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -122,9 +133,3 @@ def _download_kaggle(paths: Paths, timeout: float) -> None:
         raise
     print(f"download: fetched train.csv and test.csv of '{COMPETITION}' from Kaggle")
 
-
-def _replace(source: Path, target: Path) -> None:
-    try:
-        os.replace(source, target)
-    except OSError as exc:
-        raise PipelineError(f"{target}: cannot write ({exc.strerror})") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise PipelineError(f"{path}: cannot write ({exc.strerror})") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_together(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each staged file over its target, all or none (train.csv and test.csv are a pair).
+
+    Each target is first set aside; if any rename fails, every target is put back as it was and
+    the staged files are left to their caller. Renames stay within one folder, so each is atomic.
+    """
+    done: list[tuple[Path, Path | None]] = []
+    target = moves[0][1]
+    try:
+        for staged, target in moves:
+            kept = None
+            if target.exists():
+                kept = target.with_name(f".{target.name}.{os.getpid()}.old")
+                os.replace(target, kept)
+            done.append((target, kept))
+            os.replace(staged, target)
+    except OSError as exc:
+        for restored, kept in reversed(done):
+            with contextlib.suppress(OSError):
+                if kept is not None:
+                    os.replace(kept, restored)
+                else:
+                    restored.unlink(missing_ok=True)
+        raise PipelineError(f"{target}: cannot write ({exc.strerror}); "
+                            f"{', '.join(t.name for _, t in moves)} are as they were") from exc
+    for _, kept in done:
+        if kept is not None:
+            kept.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_files(folder: Path, names: list[str]) -> Iterator[list[Path]]:
+    """Temporary paths in folder (so a final rename stays on its file system), removed on exit."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    except OSError as exc:
+        raise PipelineError(f"{folder}: cannot write here ({exc.strerror})") from exc
+    try:
+        yield [tmp / name for name in names]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

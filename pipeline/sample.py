@@ -31,10 +31,10 @@ def make_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write(train_csv: Path, test_csv: Path) -> tuple[int, int]:
-    """Write the sample as train.csv and test.csv (atomically); returns their row counts."""
+    """Write the sample as train.csv and test.csv (both or neither); returns their row counts."""
     import pandas as pd
 
-    from pipeline.io import write_csv
+    from pipeline.io import replace_together, staged_files, write_csv
 
     pixels, labels = make_images()
     order = np.random.default_rng(SAMPLE_SEED).permutation(len(labels))
@@ -44,6 +44,8 @@ def write(train_csv: Path, test_csv: Path) -> tuple[int, int]:
     train = pd.DataFrame(flat[train_rows], columns=columns)
     train.insert(0, "label", labels[train_rows])
     test = pd.DataFrame(flat[test_rows], columns=columns)
-    write_csv(train_csv, train)
-    write_csv(test_csv, test)
+    with staged_files(train_csv.parent, [train_csv.name, test_csv.name]) as staged:
+        write_csv(staged[0], train)
+        write_csv(staged[1], test)
+        replace_together([(staged[0], train_csv), (staged[1], test_csv)])
     return len(train), len(test)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -11,10 +12,14 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from conftest import REPO, SAMPLE, TINY, run_cli
 
+from pipeline import download
 from pipeline.config import Paths
+from pipeline.errors import PipelineError
+from pipeline.io import replace_together, staged_files
 
 OUTPUTS = ("models", "logs", "preds", "submissions")
 
@@ -142,3 +147,68 @@ def test_training_state_from_another_device_type_is_not_resumed(tmp_path: Path) 
     torch.save({"key": "k", "device_type": "cpu", "history": []}, path)
     assert _load_state(path, "k", torch.device("cpu")) is not None
     assert _load_state(path, "other", torch.device("cpu")) is None
+
+
+# -- train.csv and test.csv are replaced as a pair --------------------------------------------------
+
+
+def failing_second_rename(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """os.replace fails (disk full) when a staged file called name is renamed into place."""
+    real = os.replace
+
+    def replace(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
+        if Path(src).name == name and ".staging-" in str(src):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_failed_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "train.csv").write_text("old train")
+    (folder / "test.csv").write_text("old test")
+    failing_second_rename(monkeypatch, "test.csv")
+    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
+        staged[0].write_text("new train")
+        staged[1].write_text("new test")
+        with pytest.raises(PipelineError, match=r"test.csv: cannot write \(No space left.*as they were"):
+            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
+    assert (folder / "train.csv").read_text() == "old train"
+    assert (folder / "test.csv").read_text() == "old test"
+    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]  # nothing left over
+
+
+def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "input"
+    failing_second_rename(monkeypatch, "test.csv")
+    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
+        for path in staged:
+            path.write_text("new")
+        with pytest.raises(PipelineError):
+            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
+    assert list(folder.iterdir()) == []
+
+
+def test_dir_download_that_fails_midway_keeps_the_old_pair(run_copy: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = Paths(run_copy)
+    before = paths.train_csv.read_bytes(), paths.test_csv.read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.csv").write_bytes(before[0].replace(b"\n0,", b"\n1,", 1))  # a different file
+    (other / "test.csv").write_bytes(before[1])
+    real = shutil.copyfile
+
+    def copyfile(src: Path, dst: Path) -> None:  # the disk fills up while test.csv is copied
+        if Path(src).name == "test.csv":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    with pytest.raises(PipelineError, match=r"other/test.csv: cannot copy .*No space left.*as it was"):
+        download.run(paths, source="dir", src_dir=other, force=True)
+    assert (paths.train_csv.read_bytes(), paths.test_csv.read_bytes()) == before
+    assert not [p for p in paths.input.iterdir() if p.name.startswith(".")]
