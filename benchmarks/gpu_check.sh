@@ -34,7 +34,7 @@ step "unit tests with CUDA visible"
 timeout 100 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py tests/test_step.py 2>&1 \
   | tail -5 | tee -a "$summary"
 
-step "CUDA graph step against the eager step (rnn, gru, lstm, rnn+amp)"
+step "CUDA graph step against the eager step (rnn, gru, lstm, each with and without AMP)"
 timeout 90 $py benchmarks/graph_check.py --device cuda --out "$out/graph" 2>&1 | tee -a "$summary"
 
 step "small end-to-end run on cuda (sample, 2 folds, 3 epochs, CUDA graphs)"

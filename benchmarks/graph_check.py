@@ -2,7 +2,7 @@
 
     python benchmarks/graph_check.py [--device cuda] [--epochs 2] [--rows 4100] [--out DIR]
 
-For each cell (and the vanilla RNN with bf16 AMP), trains the same model from the same seed three
+For each cell (and each with AMP), trains the same model from the same seed three
 times on synthetic data whose epochs end in a short batch: eager, eager again (the noise floor of
 nondeterministic GPU kernels), and graph-replayed. Prints the largest weight difference of each
 against the first run, the per-epoch losses and each path's speed; exits 1 if the graph-replayed
@@ -30,7 +30,8 @@ from pipeline.models import build_model
 from pipeline.runtime import describe, resolve_device
 from pipeline.step import TrainStep
 
-VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+amp": {"amp": True}}
+VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+amp": {"amp": True},
+            "gru+amp": {"model": "gru", "amp": True}, "lstm+amp": {"model": "lstm", "amp": True}}
 
 
 def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,

@@ -129,7 +129,7 @@ class TrainConfig:
     tta: int = 0  # test-time augmentation: extra augmented passes averaged per model (0 = off)
     device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu
     jobs: int = 0  # folds trained at once (processes); 0 = auto: all on a GPU, one at a time on CPU
-    amp: bool = False  # bfloat16 mixed precision on CUDA; ignored elsewhere
+    amp: bool = False  # CUDA autocast: bfloat16, the cuDNN recurrent layer float16; ignored elsewhere
     cuda_graph: bool = False  # replay each training step from a CUDA graph; ignored off CUDA
     eval_batch: int = 4096  # batch size for validation and prediction
 

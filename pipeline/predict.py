@@ -1,7 +1,8 @@
 """The predict stage: fold models -> test probabilities -> averaged ensemble -> validated submission.
 
 Also gathers the out-of-fold predictions into logs/cv.csv, the honest estimate of the ensemble's
-accuracy, and keeps a copy of every submission named by time, model and CV score.
+accuracy (with TTA, also the held-out accuracy with the same augmented passes), and keeps a copy of
+every submission named by time, model and CV score.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def finished_checkpoints(paths: Paths, n_folds: int, folds_key: str) -> list[dic
 def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     """Write per-fold test probabilities, logs/cv.csv and the submission; returns its path."""
     data = prepare.load(paths)
-    _, folds_key, n_folds = folds.load(paths, data.data_key)
+    fold_of, folds_key, n_folds = folds.load(paths, data.data_key)
     checkpoints = finished_checkpoints(paths, n_folds, folds_key)
     # The checkpoints' bytes, not only their settings: a retrained or replaced model is noticed.
     weights = [hashlib.sha1(paths.fold_model(k).read_bytes()).hexdigest() for k in range(n_folds)]
@@ -86,11 +87,18 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     models = [model_from_checkpoint(paths.fold_model(k), c) for k, c in enumerate(checkpoints)]
     cv, oof_acc = cv_table(paths, checkpoints, data.train_y)
     test_images = torch.from_numpy(data.test_x).to(device)
-    per_fold = []
-    for model, trained in models:
+    per_fold, tta_correct = [], 0
+    for k, (model, trained) in enumerate(models):
         run_cfg = replace(trained, eval_batch=cfg.eval_batch, amp=cfg.amp)
         log_probs = predict_log_proba(model.to(device), test_images, run_cfg, tta=cfg.tta, seed=cfg.seed)
         per_fold.append(log_probs.exp().cpu().numpy())
+        if cfg.tta:
+            # The same passes on the fold's held-out rows: what TTA is worth, measured honestly.
+            rows = np.flatnonzero(fold_of == k)
+            held_out = torch.from_numpy(data.train_x[rows]).to(device)
+            guess = predict_log_proba(model, held_out, run_cfg, tta=cfg.tta, seed=cfg.seed).argmax(1)
+            tta_correct += int((guess.cpu().numpy() == data.train_y[rows]).sum())
+    oof_acc_tta = tta_correct / len(data.train_y) if cfg.tta else None
     ensemble = average_probabilities(per_fold)
     frame = pd.DataFrame({"ImageId": np.arange(1, len(ensemble) + 1),
                           "Label": ensemble.argmax(1).astype(np.int64)})
@@ -105,12 +113,14 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     source = data_source(paths)
     trained = {**checkpoints[0]["config"], "tta": cfg.tta}  # what the ensemble really is
     write_json(paths.preds / "ensemble.json", {"key": key, "oof_acc": oof_acc, "kept": kept.name,
-                                               "source": source, "tta": cfg.tta, "config": trained})
+                                               "oof_acc_tta": oof_acc_tta, "source": source,
+                                               "tta": cfg.tta, "config": trained})
     seconds = time.perf_counter() - started
     runs.record(paths, {
         "model": model_name,
         "config": trained,
         "oof_acc": oof_acc,
+        "oof_acc_tta": oof_acc_tta,
         "seconds": sum(c["seconds"] for c in checkpoints) + seconds,  # training + prediction
         "device": describe(device),
         "submission": kept.name,
@@ -118,7 +128,8 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
     })
     print(summary_table(cv, checkpoints))
     print(f"predict: {n_folds} folds on {describe(device)}, {len(ensemble)} test images in "
-          f"{seconds:.1f}s; OOF accuracy {oof_acc:.4f}")
+          f"{seconds:.1f}s; OOF accuracy {oof_acc:.4f}"
+          + (f", with TTA={cfg.tta} {oof_acc_tta:.4f}" if cfg.tta else ""))
     print(f"predict: wrote {paths.submission_csv} (kept as {kept.relative_to(paths.root)})")
     if source == "sample":
         print(SAMPLE_BANNER)

@@ -137,6 +137,9 @@ def row_of(entry: dict[str, Any], paths: Paths) -> tuple[str, ...]:
         if isinstance(changed, dict) else ""
     acc = entry.get("oof_acc")
     acc_text = f"{acc:.4f}" if isinstance(acc, (int, float)) else ""
+    tta_acc = entry.get("oof_acc_tta")
+    if acc_text and isinstance(tta_acc, (int, float)):
+        acc_text += f" ({tta_acc:.4f} with TTA)"
     submission = str(entry.get("submission", ""))
     if submission and not (paths.submissions / submission).is_file():
         submission += " (deleted)"

@@ -87,7 +87,8 @@ def model_from_checkpoint(path: Path, payload: dict[str, Any]) -> tuple[nn.Modul
 
 
 def autocast(device: torch.device, enabled: bool, cache: bool = True) -> torch.autocast:
-    # bfloat16 needs no loss scaling, so mixed precision adds no host synchronisation.
+    # bfloat16 needs no loss scaling, so mixed precision adds no host synchronisation. PyTorch's
+    # autocast rule for cuDNN RNNs casts the recurrent layer to float16 whatever dtype is asked for.
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=enabled and device.type == "cuda", cache_enabled=cache)
 

@@ -31,23 +31,43 @@ WARMUP_STEPS = 3  # eager passes on the capture stream before capture (cuDNN pla
 class CudaGraph:
     """The CUDA side of capture: a side stream for warm-up and capture, then replay."""
 
+    # A failed capture is not retried in the same process (a later fold would try again in vain).
+    failed = False
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(device)
         self.graph = torch.cuda.CUDAGraph()
+        self.pool = torch.cuda.graph_pool_handle()
 
     @contextlib.contextmanager
     def warmup(self) -> Iterator[None]:
-        # Warm-up must run on the stream that captures: cuDNN keeps its workspace per stream.
+        # Warm-up runs on the capturing stream, so the per-stream library handles and workspaces
+        # (cuBLAS's, for the linear head) exist before capture, which may not create them.
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            yield
-        current.wait_stream(self.stream)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
 
     def capture(self, fn: Callable[[], None]) -> None:
-        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream):
-            fn()
+        current = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.graph(self.graph, pool=self.pool,
+                                                                  stream=self.stream):
+                fn()
+        except BaseException:
+            # A failed capture_end skips torch.cuda.graph's own clean-up: put the stream back and
+            # end the allocator's capture into the graph's pool, as torch.cuda.use_mem_pool does.
+            CudaGraph.failed = True
+            torch.cuda.set_stream(current)
+            with contextlib.suppress(Exception):
+                torch._C._cuda_endAllocateToPool(self.index, self.pool)
+                torch._C._cuda_releasePool(self.index, self.pool)
+            raise
 
     def replay(self) -> None:
         self.graph.replay()
@@ -72,7 +92,9 @@ class TrainStep:
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.device = device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.make_graph = make_graph or (CudaGraph if graph_wanted(cfg, device) else None)
+        if make_graph is None and graph_wanted(cfg, device) and not CudaGraph.failed:
+            make_graph = CudaGraph
+        self.make_graph = make_graph
         self.graph: CudaGraph | None = None
         self.static_x: torch.Tensor | None = None
         self.static_y: torch.Tensor | None = None
@@ -135,8 +157,10 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             graph.capture(step)
         except RuntimeError as exc:
-            self.log(f"CUDA graph capture failed ({str(exc).splitlines()[0]}); "
-                     "training this fold without it")
+            # The error that ends a capture is often "capture invalidated"; the cause comes first.
+            cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+            self.log(f"CUDA graph capture failed ({str(cause).splitlines()[0]}); "
+                     "training without it")
             self.make_graph = None
             self.optimizer.zero_grad(set_to_none=True)
         else:

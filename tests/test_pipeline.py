@@ -204,3 +204,28 @@ def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> Non
     after = torch.load(paths.fold_model(0), weights_only=True)["state_dict"]
     assert all(torch.equal(after[name], before[0][name]) for name in after)
     assert paths.fold_model(1).read_bytes() == fold1
+
+
+def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
+    result = run_cli(run_copy, "predict", "--tta", "2", *TINY)
+    record = json.loads((run_copy / "preds" / "ensemble.json").read_text())
+    assert f"with TTA=2 {record['oof_acc_tta']:.4f}" in result.stdout
+    # Recomputed here from the checkpoints: each fold's model, with the same passes, on its rows.
+    from pipeline import prepare
+    from pipeline.runtime import load_checkpoint, model_from_checkpoint, predict_log_proba
+
+    paths = Paths(run_copy)
+    data = prepare.load(paths)
+    fold_of = pd.read_csv(paths.folds_csv).sort_values("row")["fold"].to_numpy()
+    correct = 0
+    for k in range(2):
+        model, cfg = model_from_checkpoint(paths.fold_model(k), load_checkpoint(paths.fold_model(k)))
+        rows = np.flatnonzero(fold_of == k)
+        guess = predict_log_proba(model, torch.from_numpy(data.train_x[rows]), cfg, tta=2, seed=42)
+        correct += int((guess.argmax(1).numpy() == data.train_y[rows]).sum())
+    assert record["oof_acc_tta"] == correct / len(fold_of)
+    assert "with TTA)" in run_cli(run_copy, "runs").stdout
+    # Without TTA there is no such figure.
+    plain = run_cli(run_copy, "predict", *TINY)
+    assert "with TTA" not in plain.stdout
+    assert json.loads((run_copy / "preds" / "ensemble.json").read_text())["oof_acc_tta"] is None

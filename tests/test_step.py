@@ -41,8 +41,12 @@ class ReplayGraph:
         yield
 
     def capture(self, fn: Callable[[], None]) -> None:
-        if self.fail:
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        if self.fail:  # as torch.cuda.graph fails: the cause, then capture_end's own error
+            try:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                                   "capture") from None
         assert all(p.grad is None for p in self.model.parameters()), "captured with stale gradients"
         self.fn = fn
         self.captures += 1
