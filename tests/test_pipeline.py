@@ -125,11 +125,12 @@ def test_make_help_lists_the_stages() -> None:
 
 def test_make_passes_options_through() -> None:
     result = subprocess.run(["make", "-n", "--no-print-directory", "train", "FOLD=2", "EPOCHS=5",
-                             "MODEL=gru", "HIDDEN=64", "BIDIRECTIONAL=1", "ARGS=--clip 0.5"],
+                             "MODEL=gru", "HIDDEN=64", "BIDIRECTIONAL=1", "CUDA_GRAPH=1", "AMP=0",
+                             "ARGS=--clip 0.5"],
                             cwd=REPO, capture_output=True, text=True, check=True)
     line = next(ln for ln in result.stdout.splitlines() if "-m pipeline train" in ln).replace('"', "")
     for part in ("--fold 2", "--epochs 5", "--model gru", "--hidden 64", "--bidirectional",
-                 "--clip 0.5"):
+                 "--cuda-graph", "--no-amp", "--clip 0.5"):
         assert part in line
 
 
