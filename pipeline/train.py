@@ -177,14 +177,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
 
     state = None if force else _load_state(state_path, key, device)
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history, best, elapsed = state["history"], state["best"], state["elapsed"]
+        history, best, elapsed = _resume(state, step, generator, device)
         print(f"fold {fold}: resuming after epoch {len(history)} of {cfg.epochs}")
 
     progress = Progress(fold, cfg.epochs, len(history), bar_position)
@@ -212,13 +205,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
                 save_checkpoint(model_path, _checkpoint(cfg, model, key, folds_key, fold, best,
                                                         elapsed, device, complete=False))
             history.append(row)
-            save_checkpoint(state_path, {
-                "key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "best": best,
-                "elapsed": elapsed, "device_type": device.type,
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            })
+            save_checkpoint(state_path, _state(key, step, generator, device, history, best, elapsed))
             write_csv(paths.fold_log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
             progress.update(row)
     finally:
@@ -234,6 +221,31 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
           f"valid_loss {best['valid_loss']:.4f}, {elapsed:.1f}s")
     return summary(final)
+
+
+def _state(key: str, step: TrainStep, generator: torch.Generator, device: torch.device,
+           history: list[dict[str, Any]], best: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    """Everything an interrupted fold needs to carry on exactly where it stopped."""
+    return {
+        "key": key, "model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
+        "scheduler": step.scheduler.state_dict(), "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+        "elapsed": elapsed, "device_type": device.type,
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _resume(state: dict[str, Any], step: TrainStep, generator: torch.Generator,
+            device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """Load a saved state into the model, optimizer, schedule and random generators."""
+    step.model.load_state_dict(state["model"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    step.scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["history"], state["best"], state["elapsed"]
 
 
 def _checkpoint(cfg: TrainConfig, model: torch.nn.Module, key: str, folds_key: str, fold: int,
