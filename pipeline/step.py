@@ -12,6 +12,8 @@ What the graph needs, and how it is kept:
 - fixed shapes: only full batches replay; a short last batch runs eagerly;
 - no randomness inside the step: dropout between stacked layers would replay one mask for ever, so
   a model with dropout trains eagerly (augmentation is done per epoch, outside the step).
+The first replay is checked against the last eager warm-up pass on the same batch and weights: if
+its gradients differ, or capture fails, the fold says why and trains without the graph.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class TrainStep:
         self.correct += (logits.detach().argmax(1) == y).sum()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Warm up and capture on the first full batch; on failure, carry on eagerly."""
+        """Warm up, capture and check on the first full batch; on any failure, carry on eagerly."""
         graph = self.make_graph(self.device)
         self.static_x, self.static_y = x.clone(), y.clone()
         sums = self.loss_sum.clone(), self.correct.clone()
@@ -152,20 +154,35 @@ class TrainStep:
                 for _ in range(WARMUP_STEPS):
                     self.optimizer.zero_grad(set_to_none=True)
                     step()
+                expected = [p.grad.detach().clone() for p in self.params]
             # Captured with no gradients, the backward writes fresh ones (in the graph's memory)
             # on every replay instead of adding to the last step's.
             self.optimizer.zero_grad(set_to_none=True)
             graph.capture(step)
+            graph.replay()
+            problem = _differs(self.params, expected)
         except RuntimeError as exc:
             # The error that ends a capture is often "capture invalidated"; the cause comes first.
             cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
-            self.log(f"CUDA graph capture failed ({str(cause).splitlines()[0]}); "
-                     "training without it")
+            problem = f"capture failed ({str(cause).splitlines()[0]})"
+        if problem:
+            self.log(f"CUDA graph {problem}; training without it")
             self.make_graph = None
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)  # before the graph (and its memory) goes
         else:
             self.graph = graph
-        finally:
-            # Warm-up passes are not training steps: they leave no trace in the epoch's sums.
-            self.loss_sum.copy_(sums[0])
-            self.correct.copy_(sums[1])
+        # Warm-up passes and the check are not training steps: no trace in the epoch's sums.
+        self.loss_sum.copy_(sums[0])
+        self.correct.copy_(sums[1])
+
+
+def _differs(params: list[torch.Tensor], expected: list[torch.Tensor]) -> str:
+    """Why a replay's gradients are not the eager pass's on the same batch and weights, or ''."""
+    for p, want in zip(params, expected, strict=True):
+        if p.grad is None or p.grad.shape != want.shape:
+            return "replay left no gradient"
+        # Same kernels on the same numbers; cuDNN's weight gradients may add in another order.
+        if not torch.allclose(p.grad, want, rtol=1e-3, atol=1e-6):
+            gap = (p.grad - want).abs().max().item()
+            return f"replay differs from the eager step (gradient off by up to {gap:.3g})"
+    return ""

@@ -28,10 +28,14 @@ ROWS = 40  # two full batches and a short one of 8
 
 
 class ReplayGraph:
-    """A CPU stand-in for step.CudaGraph with a graph's semantics (see the module docstring)."""
+    """A CPU stand-in for step.CudaGraph with a graph's semantics (see the module docstring).
 
-    def __init__(self, model: torch.nn.Module, fail: bool = False) -> None:
-        self.model, self.fail = model, fail
+    fail: capture raises as a real one can; stale: replays add to the last gradients instead of
+    overwriting them (a graph captured wrongly).
+    """
+
+    def __init__(self, model: torch.nn.Module, fail: bool = False, stale: bool = False) -> None:
+        self.model, self.fail, self.stale = model, fail, stale
         self.fn: Callable[[], None] | None = None
         self.warmups = self.captures = self.replays = 0
 
@@ -53,8 +57,10 @@ class ReplayGraph:
 
     def replay(self) -> None:
         for p in self.model.parameters():  # a replayed backward writes its gradients afresh
-            if p.grad is not None:
+            if p.grad is not None and not self.stale:
                 p.grad.zero_()
+            elif p.grad is None and self.stale:
+                p.grad = torch.ones_like(p)
         self.replays += 1
         self.fn()
 
@@ -94,8 +100,9 @@ def test_replayed_step_learns_exactly_what_the_eager_step_learns() -> None:
     assert_same_model(eager, graphed)
     assert graph_history == eager_history
     (g,) = step.made
-    # One capture for the whole run, after one warm-up; every full batch replays, short ones don't.
-    assert (g.warmups, g.captures, g.replays) == (1, 1, 2 * 2)
+    # One capture for the whole run, after one warm-up, checked by one replay; then every full
+    # batch replays and short ones don't.
+    assert (g.warmups, g.captures, g.replays) == (1, 1, 1 + 2 * 2)
 
 
 def test_warmup_passes_leave_no_trace_in_sums_or_weights() -> None:
@@ -133,6 +140,16 @@ def test_failed_capture_falls_back_to_the_eager_step() -> None:
     assert len(step.made) == 1  # tried once, not on every batch
     assert len(logs) == 1 and "capture failed (CUDA error: operation not permitted" in logs[0]
     assert "more" not in logs[0]
+
+
+def test_a_replay_that_differs_from_the_eager_step_is_not_used() -> None:
+    logs: list[str] = []
+    eager, eager_history, _ = fit(CFG, epochs=2)
+    checked, history, step = fit(CFG, epochs=2, graph=lambda m: ReplayGraph(m, stale=True), logs=logs)
+    assert step.graph is None and step.made[0].replays == 1  # the check, and never again
+    assert len(logs) == 1 and "replay differs from the eager step" in logs[0]
+    assert_same_model(eager, checked)
+    assert history == eager_history
 
 
 def test_graph_only_where_it_is_safe_and_asked_for() -> None:
