@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import sys
 import tempfile
 import time
@@ -65,8 +66,12 @@ def run_variant(train_csv: Path, settings: dict[str, str], folds_n: int, test_ro
             predict.run(cfg, paths)
         minutes = (time.perf_counter() - started) / 60
         cv = pd.read_csv(paths.logs / "cv.csv")
+        with_tta = json.loads((paths.preds / "ensemble.json").read_text()).get("oof_acc_tta")
     oof = float(cv.loc[cv["fold"].astype(str) == "all", "valid_acc"].iloc[0])
-    return {"oof_acc": oof, "error": 1 - oof, "minutes": minutes}
+    result = {"oof_acc": oof, "error": 1 - oof, "minutes": minutes}
+    if with_tta is not None:  # a TTA=n variant: the held-out accuracy with the same passes too
+        result["oof_acc_tta"] = with_tta
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         name, settings = parse_variant(text)
         result = run_variant(args.train, settings, args.folds, args.test_rows, not args.verbose)
         rows.append({"variant": name, **result, "_base": text.partition(":")[0]})
-        print(f"  {name:<28} OOF accuracy {result['oof_acc']:.4f}  {result['minutes']:.2f} min",
+        tta = f" (with TTA {result['oof_acc_tta']:.4f})" if "oof_acc_tta" in result else ""
+        print(f"  {name:<28} OOF accuracy {result['oof_acc']:.4f}{tta}  {result['minutes']:.2f} min",
               flush=True)
     table = pd.DataFrame(rows)
     base = table.loc[table.pop("_base") == "tutorial", "error"]
