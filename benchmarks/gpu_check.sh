@@ -7,7 +7,9 @@
 #    defaults and at batch 1024;
 # 3. full-size `submit` on synthetic data at the defaults and with CUDA graphs (all folds at once);
 # 4. with a real train.csv: 5-fold accuracy on cuda, folds in parallel, eager and with CUDA graphs.
-# Uses .venv when it has a CUDA build of torch, else the machine's python3 (PyTorch preinstalled).
+# Uses .venv when it has a CUDA build of torch, else the machine's python3. Where that python3 lacks
+# PyTorch or another dependency, WHEELS=folder installs them from wheels brought along (offline):
+#     WHEELS=wheels bash benchmarks/gpu_check.sh OUTDIR
 # Each step has its own time limit; the whole script is planned to end within 8 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR [train.csv]}
@@ -15,14 +17,26 @@ real_train=${2:-}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-py=python3
-if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+# PY= picks the interpreter; DEVICE=cpu makes a dry run of the script itself on a machine without a GPU.
+device=${DEVICE:-cuda}
+py=${PY:-python3}
+if [ -z "${PY:-}" ] && [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   py=.venv/bin/python
+fi
+if ! $py -c "import torch, pandas, sklearn, tqdm, pytest" 2>/dev/null; then
+  if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
+    echo "installing the dependencies from $WHEELS"
+    $py -m pip install --quiet --no-index --find-links "$WHEELS" torch numpy pandas scikit-learn \
+      tqdm matplotlib pytest || echo "gpu_check: installing from $WHEELS failed"
+  else
+    echo "gpu_check: $py lacks PyTorch or another dependency; pass WHEELS=folder of wheels"
+  fi
 fi
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 summary=$out/summary.txt
+: > "$summary"
 step() { echo; echo "== $1 ($(date +%T))" | tee -a "$summary"; }
 
 step "environment"
@@ -35,26 +49,26 @@ timeout 100 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py tests/te
   | tail -5 | tee -a "$summary"
 
 step "CUDA graph step against the eager step (rnn, gru, lstm, each with and without AMP)"
-timeout 90 $py benchmarks/graph_check.py --device cuda --out "$out/graph" 2>&1 | tee -a "$summary"
+timeout 90 $py benchmarks/graph_check.py --device $device --out "$out/graph" 2>&1 | tee -a "$summary"
 
 step "small end-to-end run on cuda (sample, 2 folds, 3 epochs, CUDA graphs)"
-timeout 60 $py -m pipeline --root "$scratch/small" submit --source sample --device cuda --folds 2 \
-  --epochs 3 --cuda-graph 2>&1 | tail -5 | tee -a "$summary"
+timeout 60 $py -m pipeline --root "$scratch/small" submit --source sample --device $device --folds 2 \
+  --epochs 3 --cuda-graph 2>&1 | grep -E "train:|CUDA graph|OOF accuracy|Error|error" | tee -a "$summary"
 
 step "speed benchmark on cuda: defaults (with prepare), then batch 1024"
-timeout 100 $py benchmarks/speed.py --device cuda --rows 33600 --repeats 3 --out "$out/speed" 2>&1 \
+timeout 100 $py benchmarks/speed.py --device $device --rows 33600 --repeats 3 --out "$out/speed" 2>&1 \
   | tee -a "$summary"
-timeout 50 $py benchmarks/speed.py --device cuda --rows 33600 --repeats 3 --batch 1024 --skip-prepare \
+timeout 50 $py benchmarks/speed.py --device $device --rows 33600 --repeats 3 --batch 1024 --skip-prepare \
   2>&1 | grep -E "samples/s|x$" | tee -a "$summary"
 
 step "full-size submit on cuda (42,000 + 28,000 synthetic rows), defaults, then CUDA graphs"
-timeout 200 $py benchmarks/speed.py --device cuda --rows 2048 --repeats 1 --skip-prepare \
+timeout 200 $py benchmarks/speed.py --device $device --rows 2048 --repeats 1 --skip-prepare \
   --e2e= --e2e=--cuda-graph --out "$out/e2e" 2>&1 | grep -E "submit|training|FAILED" -A1 \
   | tee -a "$summary"
 
 if [ -n "$real_train" ] && [ -f "$real_train" ]; then
   step "accuracy on real digits, cuda, 5 folds at once"
   timeout 80 $py benchmarks/accuracy.py --train "$real_train" \
-    --variants "default:device=cuda,graph:device=cuda+cuda_graph=1" 2>&1 | tail -5 | tee -a "$summary"
+    --variants "default:device=$device,graph:device=$device+cuda_graph=1" 2>&1 | tail -5 | tee -a "$summary"
 fi
 step "done"
