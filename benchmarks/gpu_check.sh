@@ -10,7 +10,7 @@
 # Uses .venv when it has a CUDA build of torch, else the machine's python3. Where that python3 lacks
 # PyTorch or another dependency, WHEELS=folder installs them from wheels brought along (offline):
 #     WHEELS=wheels bash benchmarks/gpu_check.sh OUTDIR
-# Each step has its own time limit; the whole script is planned to end within 8 minutes.
+# Each step has its own time limit (together under 10 minutes); a whole run takes about 6 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR [train.csv]}
 real_train=${2:-}
@@ -45,7 +45,7 @@ step "environment"
   nproc; } 2>&1 | tee -a "$summary"
 
 step "unit tests with CUDA visible"
-timeout 100 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py tests/test_step.py 2>&1 \
+timeout 60 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py tests/test_step.py 2>&1 \
   | tail -5 | tee -a "$summary"
 
 step "CUDA graph step against the eager step (rnn, gru, lstm, each with and without AMP)"
@@ -56,19 +56,19 @@ timeout 60 $py -m pipeline --root "$scratch/small" submit --source sample --devi
   --epochs 3 --cuda-graph 2>&1 | grep -E "train:|CUDA graph|OOF accuracy|Error|error" | tee -a "$summary"
 
 step "speed benchmark on cuda: defaults (with prepare), then batch 1024"
-timeout 100 $py benchmarks/speed.py --device $device --rows 33600 --repeats 3 --out "$out/speed" 2>&1 \
+timeout 90 $py benchmarks/speed.py --device $device --rows 33600 --repeats 3 --out "$out/speed" 2>&1 \
   | tee -a "$summary"
 timeout 50 $py benchmarks/speed.py --device $device --rows 33600 --repeats 3 --batch 1024 --skip-prepare \
   2>&1 | grep -E "samples/s|x$" | tee -a "$summary"
 
 step "full-size submit on cuda (42,000 + 28,000 synthetic rows), defaults, then CUDA graphs"
-timeout 200 $py benchmarks/speed.py --device $device --rows 2048 --repeats 1 --skip-prepare \
+timeout 160 $py benchmarks/speed.py --device $device --rows 2048 --repeats 1 --skip-prepare \
   --e2e= --e2e=--cuda-graph --out "$out/e2e" 2>&1 | grep -E "submit|training|FAILED" -A1 \
   | tee -a "$summary"
 
 if [ -n "$real_train" ] && [ -f "$real_train" ]; then
   step "accuracy on real digits, cuda, 5 folds at once"
-  timeout 80 $py benchmarks/accuracy.py --train "$real_train" \
+  timeout 70 $py benchmarks/accuracy.py --train "$real_train" \
     --variants "default:device=$device,graph:device=$device+cuda_graph=1" 2>&1 | tail -5 | tee -a "$summary"
 fi
 step "done"
