@@ -34,7 +34,7 @@ help: ## list the targets and the options they take
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "options: MODEL=rnn|gru|lstm EPOCHS FOLDS HIDDEN LAYERS BATCH LR SEED DEVICE=auto|cpu|cuda"
-	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS AUGMENT=0 AMP=1 CUDA_GRAPH=1 PRESET=tutorial"
+	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS AUGMENT=0 AMP=1 CUDA_GRAPH=0 PRESET=tutorial"
 	@echo "         CONFIG=file.toml FOLD=k"
 	@echo "         SOURCE=auto|kaggle|dir|sample DIR=path FORCE=1 TIMEOUT=s MESSAGE=\"...\""
 	@echo "         ARGS=\"--any --stage-option\"   (see: .venv/bin/python -m pipeline <stage> --help)"

@@ -100,8 +100,10 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
             try:
                 shutil.copyfile(src_dir / target.name, source)
             except OSError as exc:
-                raise PipelineError(f"{src_dir / target.name}: cannot copy to {paths.input} "
-                                    f"({exc.strerror}); input/ is as it was") from exc
+                reading = exc.filename is not None and Path(exc.filename) == src_dir / target.name
+                where = (f"{src_dir / target.name}: cannot read it" if reading else
+                         f"{src_dir / target.name}: cannot copy it into {paths.input}")
+                raise PipelineError(f"{where} ({exc.strerror}); input/ is as it was") from exc
         replace_together(list(zip(staged, targets, strict=True)))
     print(f"download: copied train.csv and test.csv from {src_dir}")
 

@@ -48,8 +48,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def replace_together(moves: list[tuple[Path, Path]]) -> None:
     """Rename each staged file over its target, all or none (train.csv and test.csv are a pair).
 
-    Each target is first set aside; if any rename fails, every target is put back as it was and
-    the staged files are left to their caller. Renames stay within one folder, so each is atomic.
+    Each existing target is first kept under a second name (a hard link where the file system has
+    them, so the target never goes missing). If a rename fails or the run is interrupted, every
+    target is put back as it was; a target that cannot be put back is named with where it is kept.
     """
     done: list[tuple[Path, Path | None]] = []
     target = moves[0][1]
@@ -58,21 +59,40 @@ def replace_together(moves: list[tuple[Path, Path]]) -> None:
             kept = None
             if target.exists():
                 kept = target.with_name(f".{target.name}.{os.getpid()}.old")
-                os.replace(target, kept)
+                kept.unlink(missing_ok=True)
+                try:
+                    os.link(target, kept)
+                except OSError:  # no hard links here: move it aside instead
+                    os.replace(target, kept)
             done.append((target, kept))
             os.replace(staged, target)
-    except OSError as exc:
-        for restored, kept in reversed(done):
-            with contextlib.suppress(OSError):
-                if kept is not None:
-                    os.replace(kept, restored)
-                else:
-                    restored.unlink(missing_ok=True)
+    except BaseException as exc:
+        lost = _put_back(done)
+        if lost or not isinstance(exc, OSError):
+            if lost:
+                print(f"WARNING: could not put back {', '.join(lost)}", flush=True)
+            raise
         raise PipelineError(f"{target}: cannot write ({exc.strerror}); "
                             f"{', '.join(t.name for _, t in moves)} are as they were") from exc
     for _, kept in done:
         if kept is not None:
             kept.unlink(missing_ok=True)
+
+
+def _put_back(done: list[tuple[Path, Path | None]]) -> list[str]:
+    """Undo replace_together's renames; returns what could not be restored, and where it is kept."""
+    lost = []
+    for target, kept in reversed(done):
+        try:
+            if kept is None:
+                target.unlink(missing_ok=True)
+            elif target.exists() and os.path.samefile(kept, target):
+                kept.unlink()  # never replaced: rename() between two links of one file does nothing
+            else:
+                os.replace(kept, target)
+        except OSError:
+            lost.append(f"{target} (kept as {kept})" if kept else str(target))
+    return lost
 
 
 @contextlib.contextmanager

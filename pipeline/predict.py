@@ -77,8 +77,10 @@ def run(cfg: TrainConfig, paths: Paths, force: bool = False) -> Path:
                        "tta": cfg.tta, "tta_seed": cfg.seed if cfg.tta else None})
     record = read_json(paths.preds / "ensemble.json") or {}
     if not force and record.get("key") == key and paths.submission_csv.is_file():
+        tta_acc = record.get("oof_acc_tta")
         print(f"predict: up to date ({paths.submission_csv}, OOF accuracy "
-              f"{record.get('oof_acc', float('nan')):.4f})")
+              f"{record.get('oof_acc', float('nan')):.4f}"
+              + (f", with TTA={cfg.tta} {tta_acc:.4f}" if tta_acc is not None else "") + ")")
         return paths.submission_csv
 
     device = resolve_device(cfg.device)

@@ -10,8 +10,8 @@ What the graph needs, and how it is kept:
 - fixed addresses: each batch is copied into a static input buffer; the gradients the captured
   backward writes are never set to None afterwards (an eager step zeroes them in place);
 - fixed shapes: only full batches replay; a short last batch runs eagerly;
-- no randomness inside the step: dropout between stacked layers would replay one mask for ever, so
-  a model with dropout trains eagerly (augmentation is done per epoch, outside the step).
+- no randomness inside the step, so that a replay can be checked against the eager step: a model
+  with dropout between stacked layers trains eagerly (augmentation is per epoch, outside the step).
 The first replay is checked against the last eager warm-up pass on the same batch and weights: if
 its gradients differ, or capture fails, the fold says why and trains without the graph.
 """
@@ -33,7 +33,8 @@ WARMUP_STEPS = 3  # eager passes on the capture stream before capture (cuDNN pla
 class CudaGraph:
     """The CUDA side of capture: a side stream for warm-up and capture, then replay."""
 
-    # A failed capture is not retried in the same process (a later fold would try again in vain).
+    # After a failed capture or check, later folds in the same process train without a graph (and
+    # say so) rather than pay for, and risk, another attempt.
     failed = False
 
     def __init__(self, device: torch.device) -> None:
@@ -64,7 +65,6 @@ class CudaGraph:
         except BaseException:
             # A failed capture_end skips torch.cuda.graph's own clean-up: put the stream back and
             # end the allocator's capture into the graph's pool, as torch.cuda.use_mem_pool does.
-            CudaGraph.failed = True
             torch.cuda.set_stream(current)
             with contextlib.suppress(Exception):
                 torch._C._cuda_endAllocateToPool(self.index, self.pool)
@@ -94,8 +94,11 @@ class TrainStep:
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.device = device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if make_graph is None and graph_wanted(cfg, device) and not CudaGraph.failed:
-            make_graph = CudaGraph
+        if make_graph is None and graph_wanted(cfg, device):
+            if CudaGraph.failed:
+                log("CUDA graph not used: it failed earlier in this process")
+            else:
+                make_graph = CudaGraph
         self.make_graph = make_graph
         self.graph: CudaGraph | None = None
         self.static_x: torch.Tensor | None = None
@@ -166,6 +169,7 @@ class TrainStep:
             cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
             problem = f"capture failed ({str(cause).splitlines()[0]})"
         if problem:
+            CudaGraph.failed = True
             self.log(f"CUDA graph {problem}; training without it")
             self.make_graph = None
             self.optimizer.zero_grad(set_to_none=True)  # before the graph (and its memory) goes

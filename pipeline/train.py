@@ -315,8 +315,8 @@ def run(cfg: TrainConfig, paths: Paths, fold: int | None = None,
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = cfg.jobs or (len(todo) if device.type == "cuda" else 1)
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
-        print("train: cuda_graph is off for this model: a replayed graph would reuse one dropout "
-              "mask (set dropout 0 to use it)")
+        print("train: no CUDA graph for a model with dropout: its step is random, so a replay "
+              "cannot be checked against the normal step (set dropout 0 to use one)")
     if jobs > 1 and len(todo) > 1:
         return _run_parallel(cfg, paths, todo, device, jobs, force)
     print(f"train: {cfg.model}, hidden {cfg.hidden}, {cfg.epochs} epochs, folds {todo} on "

@@ -226,6 +226,8 @@ def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
         correct += int((guess.argmax(1).numpy() == data.train_y[rows]).sum())
     assert record["oof_acc_tta"] == correct / len(fold_of)
     assert "with TTA)" in run_cli(run_copy, "runs").stdout
+    again = run_cli(run_copy, "predict", "--tta", "2", *TINY)
+    assert "up to date" in again.stdout and f"with TTA=2 {record['oof_acc_tta']:.4f}" in again.stdout
     # Without TTA there is no such figure.
     plain = run_cli(run_copy, "predict", *TINY)
     assert "with TTA" not in plain.stdout

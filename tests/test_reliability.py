@@ -152,13 +152,14 @@ def test_training_state_from_another_device_type_is_not_resumed(tmp_path: Path) 
 # -- train.csv and test.csv are replaced as a pair --------------------------------------------------
 
 
-def failing_second_rename(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """os.replace fails (disk full) when a staged file called name is renamed into place."""
+def failing_second_rename(monkeypatch: pytest.MonkeyPatch, name: str,
+                          error: BaseException | None = None) -> None:
+    """os.replace fails (disk full, or error) when a staged file called name is renamed into place."""
     real = os.replace
 
     def replace(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
         if Path(src).name == name and ".staging-" in str(src):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
@@ -178,6 +179,23 @@ def test_failed_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.
     assert (folder / "train.csv").read_text() == "old train"
     assert (folder / "test.csv").read_text() == "old test"
     assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]  # nothing left over
+
+
+def test_interrupt_between_the_renames_puts_both_files_back(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "train.csv").write_text("old train")
+    (folder / "test.csv").write_text("old test")
+    failing_second_rename(monkeypatch, "test.csv", KeyboardInterrupt())
+    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
+        staged[0].write_text("new train")
+        staged[1].write_text("new test")
+        with pytest.raises(KeyboardInterrupt):  # passed on as it is, after the files are put back
+            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
+    assert (folder / "train.csv").read_text() == "old train"
+    assert (folder / "test.csv").read_text() == "old test"
+    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]
 
 
 def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
@@ -208,7 +226,8 @@ def test_dir_download_that_fails_midway_keeps_the_old_pair(run_copy: Path, tmp_p
         real(src, dst)
 
     monkeypatch.setattr(shutil, "copyfile", copyfile)
-    with pytest.raises(PipelineError, match=r"other/test.csv: cannot copy .*No space left.*as it was"):
+    with pytest.raises(PipelineError, match=r"other/test.csv: cannot copy it into .*input \(No space "
+                       r"left.*as it was"):
         download.run(paths, source="dir", src_dir=other, force=True)
     assert (paths.train_csv.read_bytes(), paths.test_csv.read_bytes()) == before
     assert not [p for p in paths.input.iterdir() if p.name.startswith(".")]

@@ -17,6 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from pipeline import step as step_module
 from pipeline import train
 from pipeline.config import TrainConfig
 from pipeline.models import build_model
@@ -25,6 +26,12 @@ from pipeline.step import WARMUP_STEPS, TrainStep, graph_wanted
 CPU = torch.device("cpu")
 CFG = TrainConfig(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
 ROWS = 40  # two full batches and a short one of 8
+
+
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a new process would: no earlier failed capture."""
+    monkeypatch.setattr(step_module.CudaGraph, "failed", False)
 
 
 class ReplayGraph:
@@ -106,10 +113,17 @@ def test_replayed_step_learns_exactly_what_the_eager_step_learns() -> None:
 
 
 def test_warmup_passes_leave_no_trace_in_sums_or_weights() -> None:
-    graphed, history, _ = fit(replace(CFG, augment=False, epochs=1), epochs=1, graph=ReplayGraph)
+    forwards: list[int] = []
+
+    def counting(model: torch.nn.Module) -> ReplayGraph:  # made at the first full batch
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        return ReplayGraph(model)
+
+    graphed, history, _ = fit(replace(CFG, augment=False, epochs=1), epochs=1, graph=counting)
     eager, eager_history, _ = fit(replace(CFG, augment=False, epochs=1), epochs=1)
-    # WARMUP_STEPS extra forward/backward passes ran; neither the weights nor the sums saw them.
-    assert WARMUP_STEPS >= 1
+    # Warm-up, the check's replay, two full batches replayed and the short one run eagerly...
+    assert len(forwards) == WARMUP_STEPS + 1 + 2 + 1
+    # ...yet neither the weights nor the sums saw the extra passes.
     assert history == eager_history
     assert_same_model(eager, graphed)
 
@@ -152,6 +166,19 @@ def test_a_replay_that_differs_from_the_eager_step_is_not_used() -> None:
     assert history == eager_history
 
 
+def test_a_failure_stops_later_folds_of_the_process_from_trying(monkeypatch: pytest.MonkeyPatch) -> None:
+    logs: list[str] = []
+    fit(CFG, epochs=1, graph=lambda m: ReplayGraph(m, fail=True), logs=logs)
+    assert step_module.CudaGraph.failed
+    monkeypatch.setattr(step_module, "graph_wanted", lambda cfg, device: True)  # as on a GPU
+    model = build_model(CFG)
+    optimizer = train.make_optimizer(CFG, model)
+    later = TrainStep(model, optimizer, train.make_scheduler(CFG, optimizer, 3), CFG, CPU,
+                      log=logs.append)
+    assert later.make_graph is None
+    assert logs[-1] == "CUDA graph not used: it failed earlier in this process"
+
+
 def test_graph_only_where_it_is_safe_and_asked_for() -> None:
     cuda = torch.device("cuda")
     assert graph_wanted(TrainConfig(cuda_graph=True), cuda)
@@ -163,7 +190,7 @@ def test_graph_only_where_it_is_safe_and_asked_for() -> None:
 
 
 def test_cuda_graph_is_ignored_on_a_cpu() -> None:
-    plain, plain_history, _ = fit(CFG, epochs=1)
+    plain, plain_history, _ = fit(replace(CFG, cuda_graph=False), epochs=1)
     asked, asked_history, step = fit(replace(CFG, cuda_graph=True), epochs=1)
     assert step.graph is None and step.make_graph is None
     assert_same_model(plain, asked)
