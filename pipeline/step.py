@@ -1,10 +1,10 @@
 """One training step (forward, loss, backward, clipping, update, schedule), eager or from a CUDA graph.
 
 A small RNN's step is dozens of tiny kernels; on a GPU the time goes into launching them, not into
-running them. With ``cuda_graph`` on a CUDA device, the forward, loss, backward and clipping of a
-full batch are captured once and replayed: one launch per step instead of about sixty. The optimizer
-(fused AdamW on CUDA) and the learning-rate schedule stay outside the graph, unchanged, so both paths
-run the same kernels on the same numbers and learn the same model.
+running them. With ``cuda_graph`` (the default) on a CUDA device, the forward, loss, backward and
+clipping of a full batch are captured once and replayed: one launch per step instead of about sixty.
+The optimizer (fused AdamW on CUDA) and the learning-rate schedule stay outside the graph, unchanged,
+so both paths run the same kernels on the same numbers and learn the same model.
 
 What the graph needs, and how it is kept:
 - fixed addresses: each batch is copied into a static input buffer; the gradients the captured
