@@ -108,18 +108,14 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
     print(f"download: copied train.csv and test.csv from {src_dir}")
 
 
-def _make_input(paths: Paths) -> None:
-    try:
-        paths.input.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"{paths.input}: cannot create ({exc.strerror})") from exc
-
-
 def _download_kaggle(paths: Paths, timeout: float) -> None:
     from pipeline import kaggle_api
 
     created = not paths.input.exists()
-    _make_input(paths)
+    try:
+        paths.input.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{paths.input}: cannot create ({exc.strerror})") from exc
     try:
         # The temporary folder sits in input/ so the final renames stay on one file system; it is
         # removed whatever happens, so a failed download leaves input/ as it was.

@@ -177,7 +177,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
 
     state = None if force else _load_state(state_path, key, device)
     if state:
-        history, best, elapsed = _resume(state, step, generator, device)
+        history, best, elapsed = _resume(state, step, generator)
         print(f"fold {fold}: resuming after epoch {len(history)} of {cfg.epochs}")
 
     progress = Progress(fold, cfg.epochs, len(history), bar_position)
@@ -205,7 +205,7 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
                 save_checkpoint(model_path, _checkpoint(cfg, model, key, folds_key, fold, best,
                                                         elapsed, device, complete=False))
             history.append(row)
-            save_checkpoint(state_path, _state(key, step, generator, device, history, best, elapsed))
+            save_checkpoint(state_path, _state(key, step, generator, history, best, elapsed))
             write_csv(paths.fold_log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
             progress.update(row)
     finally:
@@ -223,9 +223,10 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     return summary(final)
 
 
-def _state(key: str, step: TrainStep, generator: torch.Generator, device: torch.device,
-           history: list[dict[str, Any]], best: dict[str, Any], elapsed: float) -> dict[str, Any]:
+def _state(key: str, step: TrainStep, generator: torch.Generator, history: list[dict[str, Any]],
+           best: dict[str, Any], elapsed: float) -> dict[str, Any]:
     """Everything an interrupted fold needs to carry on exactly where it stopped."""
+    device = step.device
     return {
         "key": key, "model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
         "scheduler": step.scheduler.state_dict(), "generator": generator.get_state(),
@@ -235,16 +236,16 @@ def _state(key: str, step: TrainStep, generator: torch.Generator, device: torch.
     }
 
 
-def _resume(state: dict[str, Any], step: TrainStep, generator: torch.Generator,
-            device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+def _resume(state: dict[str, Any], step: TrainStep,
+            generator: torch.Generator) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
     """Load a saved state into the model, optimizer, schedule and random generators."""
     step.model.load_state_dict(state["model"])
     step.optimizer.load_state_dict(state["optimizer"])
     step.scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if step.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], step.device)
     return state["history"], state["best"], state["elapsed"]
 
 
@@ -317,22 +318,22 @@ def run(cfg: TrainConfig, paths: Paths, fold: int | None = None,
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
         print("train: no CUDA graph for a model with dropout: its step is random, so a replay "
               "cannot be checked against the normal step (set dropout 0 to use one)")
+    graphs = ", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""
     if jobs > 1 and len(todo) > 1:
-        return _run_parallel(cfg, paths, todo, device, jobs, force)
+        return _run_parallel(cfg, paths, todo, device, jobs, force, graphs)
     print(f"train: {cfg.model}, hidden {cfg.hidden}, {cfg.epochs} epochs, folds {todo} on "
-          f"{describe(device)}" + (", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""))
+          f"{describe(device)}{graphs}")
     return [train_fold(cfg, paths, k, data, fold_of, folds_key, device, force=force) for k in todo]
 
 
 def _run_parallel(cfg: TrainConfig, paths: Paths, todo: list[int], device: torch.device,
-                  jobs: int, force: bool) -> list[dict[str, Any]]:
+                  jobs: int, force: bool, graphs: str) -> list[dict[str, Any]]:
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     jobs = min(jobs, len(todo))
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
     print(f"train: {jobs} folds at a time on {describe(device)}"
-          + (f", spread over {gpus} GPUs" if gpus > 1 else "")
-          + (", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""))
+          + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
     tasks = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for i, k in enumerate(todo):
