@@ -12,32 +12,26 @@ PY := $(VENV)/bin/python
 # The PyTorch release the project is tested with; on Linux, PyPI's build includes CUDA.
 TORCH ?= torch==2.13.0
 
-# Options for the stage CLIs, passed only when set (e.g. `make submit EPOCHS=5 MODEL=gru`).
-opt = $(if $($(1)),--$(2) "$($(1))")
-flag = $(if $($(1)),$(if $(filter 0 no false,$($(1))),--no-$(2),--$(2)))
-CONFIG_ARGS = $(call opt,PRESET,preset) $(call opt,CONFIG,config) $(call opt,MODEL,model) \
-	$(call opt,EPOCHS,epochs) $(call opt,FOLDS,folds) $(call opt,HIDDEN,hidden) \
-	$(call opt,LAYERS,layers) $(call opt,BATCH,batch) $(call opt,LR,lr) $(call opt,SEED,seed) \
-	$(call opt,DEVICE,device) $(call opt,TTA,tta) $(call opt,JOBS,jobs) \
-	$(call opt,DROPOUT,dropout) $(call flag,BIDIRECTIONAL,bidirectional) \
-	$(call flag,AUGMENT,augment) $(call flag,AMP,amp) $(call flag,CUDA_GRAPH,cuda-graph) $(ARGS)
-SOURCE_ARGS = $(call opt,SOURCE,source) $(call opt,DIR,dir) $(call opt,TIMEOUT,timeout)
-FORCE_ARG = $(if $(filter 1 yes true,$(FORCE)),--force)
-RUN = $(PY) -m pipeline
+# Options reach the stage CLIs as environment variables (make exports command-line variables):
+# `--make` makes each option read the variable of its upper-case name, e.g. `make train EPOCHS=5`.
+# Settings are declared once, in pipeline/config.py; `make help` lists them from there.
+PIPELINE = $(PY) -m pipeline --make
 
-.PHONY: help setup submit download prepare folds train predict upload report runs test lint \
-	bench bench-accuracy gpu-check clean
+.PHONY: help setup submit download prepare folds train predict blend upload report runs forget test \
+	test-fast lint bench bench-accuracy gpu-check clean
 
 help: ## list the targets and the options they take
 	@echo "usage: make <target> [OPTION=value ...]"
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
-	@echo "options: MODEL=rnn|gru|lstm EPOCHS FOLDS HIDDEN LAYERS BATCH LR SEED DEVICE=auto|cpu|cuda"
-	@echo "         BIDIRECTIONAL=1 DROPOUT TTA JOBS AUGMENT=0 AMP=1 CUDA_GRAPH=0 PRESET=tutorial"
-	@echo "         CONFIG=file.toml FOLD=k"
-	@echo "         SOURCE=auto|kaggle|dir|sample DIR=path FORCE=1 TIMEOUT=s MESSAGE=\"...\""
-	@echo "         ARGS=\"--any --stage-option\"   (see: .venv/bin/python -m pipeline <stage> --help)"
+	@echo "settings (part of a run's id unless marked; e.g. make submit MODEL=gru EPOCHS=40):"
+	@$(PYTHON) -m pipeline.config
+	@echo
+	@echo "other options: RUN=<id> (train, predict, report, forget)  RUNS=\"<id> <id>\" MEAN=prob|logprob (blend)"
+	@echo "  FOLD=k (train)  FORCE=1  SORT=acc|time FORMAT=table|csv (runs)  NOWAIT=1 (never wait for"
+	@echo "  another command)  PRESET=tutorial  CONFIG=file.toml  SOURCE=auto|kaggle|dir|sample DIR=path"
+	@echo "  TIMEOUT=s  MESSAGE=\"...\"  ARGS=\"--any --stage-option\" (.venv/bin/python -m pipeline <stage> --help)"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,35 +44,44 @@ $(VENV)/.installed: pyproject.toml
 SETUP ?= $(VENV)/.installed
 setup: $(SETUP) ## create .venv and install the project (done on first use of any target)
 
-submit: setup ## every stage: download -> prepare -> folds -> train -> predict
-	$(RUN) submit $(SOURCE_ARGS) $(FORCE_ARG) $(CONFIG_ARGS)
+submit: setup ## every stage: download -> prepare -> folds -> train -> predict (each skipped if current)
+	$(PIPELINE) submit $(ARGS)
 
 download: setup ## put train.csv/test.csv in input/ (SOURCE=auto|kaggle|dir|sample, FORCE=1)
-	$(RUN) download $(SOURCE_ARGS) $(FORCE_ARG)
+	$(PIPELINE) download $(ARGS)
 
 prepare: setup ## validate the CSVs and cache them as uint8 arrays in input/prepared/
-	$(RUN) prepare $(FORCE_ARG)
+	$(PIPELINE) prepare $(ARGS)
 
 folds: setup ## write the stratified folds to input/folds.csv (FOLDS, SEED)
-	$(RUN) folds $(CONFIG_ARGS)
+	$(PIPELINE) folds $(ARGS)
 
-train: setup ## train every fold, or one with FOLD=k (FORCE=1: even if current); resumes
-	$(RUN) train $(call opt,FOLD,fold) $(FORCE_ARG) $(CONFIG_ARGS)
+train: setup ## train the run of these settings in runs/<id>/ (FOLD=k, RUN=<id>, FORCE=1); resumes
+	$(PIPELINE) train $(ARGS)
 
-predict: setup ## ensemble the fold models into submissions/submission.csv (TTA=n)
-	$(RUN) predict $(FORCE_ARG) $(CONFIG_ARGS)
+predict: setup ## the run's test predictions -> submissions/submission.csv (TTA=n, RUN=<id>)
+	$(PIPELINE) predict $(ARGS)
+
+blend: setup ## blend completed runs on their out-of-fold predictions (RUNS="<id> <id>")
+	$(PIPELINE) blend $(ARGS)
 
 upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
-	$(RUN) upload $(call opt,TIMEOUT,timeout)
+	$(PIPELINE) upload $(ARGS)
 
-report: setup ## draw the latest run into reports/index.html (curves, confusion matrix, mistakes)
-	$(RUN) report
+report: setup ## draw a run into reports/index.html (RUN=<id>; the latest by default)
+	$(PIPELINE) report $(ARGS)
 
-runs: setup ## list every finished run, newest first, with its settings, OOF accuracy and submission
-	$(RUN) runs
+runs: setup ## every run side by side (SORT=acc|time, FORMAT=csv)
+	$(PIPELINE) runs $(ARGS)
 
-test: setup ## run the test suite (no network, no GPU needed)
+forget: setup ## delete one run's folder (RUN=<id>), nothing else
+	$(PIPELINE) forget $(ARGS)
+
+test: setup ## run the whole test suite (no network, no GPU needed)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## every test but the end-to-end runs (marked slow)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" adds a full-size submit)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
@@ -92,6 +95,5 @@ gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real t
 lint: setup ## ruff
 	$(PY) -m ruff check pipeline tests benchmarks
 
-clean: ## delete prepared data, models, logs and predictions (keeps input CSVs and submissions)
+clean: ## delete the prepared cache, the folds and the report (keeps input CSVs, runs and submissions)
 	rm -rf input/prepared input/folds.csv input/folds.json reports
-	find models logs preds -type f ! -name .gitkeep -delete

@@ -1,4 +1,11 @@
-"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage."""
+"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage.
+
+Every stage builds what it needs upstream, skipping what is current, as Make users expect:
+download -> prepare -> folds -> train -> predict, then blend. The orchestration lives here; the
+stage modules only share lower layers (config, artifacts, checkpoint, io, runtime, models, step).
+With ``--make`` (what the Makefile passes), each option also reads the environment variable of its
+upper-case name, so ``make train EPOCHS=5`` is ``--epochs 5``.
+"""
 
 from __future__ import annotations
 
@@ -10,91 +17,137 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CHOICES, PRESETS, ROOT, Paths, TrainConfig, resolve
-from pipeline.download import SOURCES
+from pipeline.artifacts import Prepared, RunDir, check_name, latest, run_dir, run_id
+from pipeline.config import PRESETS, ROOT, Paths, Settings, resolve
 from pipeline.errors import PipelineError
 
-
-def _field_help() -> dict[str, str]:
-    """Each config field's help: its comment in config.py, so the two never drift apart."""
-    import inspect
-
-    from pipeline import config
-
-    helps = {}
-    for line in inspect.getsource(config.TrainConfig).splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and "#" in rest and name.isidentifier():
-            helps[name] = rest.split("#", 1)[1].strip()
-    return helps
+SOURCES = ("auto", "kaggle", "dir", "sample")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
+WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "blend", "forget")
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training config (defaults < --preset < --config < options)")
-    group.add_argument("--config", type=Path, help="TOML or JSON file of config fields "
-                       "(logs/config.json of a past run works)")
-    group.add_argument("--preset", choices=tuple(PRESETS),
-                       help="a named recipe; 'tutorial' reproduces the tutorial's settings")
-    helps = _field_help()
-    for field in fields(TrainConfig):
-        default = field.default
-        flag = "--" + field.name.replace("_", "-")
-        text = f"{helps.get(field.name, '')} (default: {default})"
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=text)
-        else:
-            group.add_argument(flag, dest=field.name, type=type(default), default=None,
-                               choices=CHOICES.get(field.name), help=text)
+# -- what each command does ------------------------------------------------------------------------
+
+def settings(args: argparse.Namespace, paths: Paths, data: Prepared) -> Settings:
+    """The settings of the command line, or of the run RUN= names (then only settings that do not
+    change what a model learns may be given beside it)."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
+    if not getattr(args, "run", None):
+        return resolve(preset=args.preset, file=args.config, overrides=given)
+    run = run_dir(paths, args.run)
+    if not run.config.is_file():
+        raise PipelineError(f"RUN={args.run}: no such run in {paths.runs}; `make runs` lists them")
+    learned = sorted(k for k in given if Settings.__dataclass_fields__[k].metadata["learns"])
+    if learned or args.preset or args.config:
+        shown = ", ".join(k.upper() for k in learned) or "PRESET/CONFIG"
+        raise PipelineError(f"RUN={args.run} fixes what its models learn, so {shown} cannot be given "
+                            "with it; leave RUN= out to train those settings as a run of their own")
+    cfg = resolve(file=run.config, overrides=given)
+    if run_id(cfg, data.data_key) != run.id:
+        raise PipelineError(f"RUN={args.run} was made from other data than input/*.csv now hold; "
+                            f"`make train CONFIG={run.config.relative_to(paths.root)}` trains its "
+                            "settings on this data")
+    return cfg
 
 
-def config_from(args: argparse.Namespace) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    return resolve(preset=args.preset, file=args.config, overrides=overrides)
+def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
+    from pipeline import download, prepare
+
+    download.run(paths, source=args.source, src_dir=args.dir, timeout=args.timeout,
+                 force=args.force and args.stage in ("download", "submit"))
+    return prepare.run(paths, force=args.force and args.stage == "prepare")
+
+
+def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir, Prepared, Any, list]:
+    """Data, folds and a trained run (each skipped when current)."""
+    from pipeline import folds, train
+
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    run = run_dir(paths, run_id(cfg, data.data_key))
+    records = train.run(cfg, paths, run, data, fold_of, fold=getattr(args, "fold", None),
+                        force=args.force and args.stage == "train")
+    return cfg, run, data, fold_of, records
+
+
+def build_prediction(args: argparse.Namespace, paths: Paths) -> tuple[RunDir, dict[str, Any]]:
+    from pipeline import predict
+
+    cfg, run, data, fold_of, records = build_run(args, paths)
+    return run, predict.run(cfg, paths, run, data, fold_of, records,
+                            force=args.force and args.stage == "predict")
 
 
 def _download(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import download
 
-    download.run(paths, source=args.source, src_dir=args.dir, force=args.force,
-                 timeout=args.timeout)
+    download.run(paths, source=args.source, src_dir=args.dir, force=args.force, timeout=args.timeout)
 
 
 def _prepare(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import prepare
-
-    prepare.run(paths, force=args.force)
+    build_data(args, paths)
 
 
 def _folds(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import folds
 
-    folds.run(config_from(args), paths)
+    data = build_data(args, paths)
+    folds.run(settings(args, paths, data), paths, data)
 
 
 def _train(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import train
-
-    train.run(config_from(args), paths, fold=args.fold, force=args.force)
+    _, run, *_ = build_run(args, paths)
+    print(f"train: done: {run.path.relative_to(paths.root)}")
 
 
 def _predict(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import predict
-
-    predict.run(config_from(args), paths, force=args.force)
+    build_prediction(args, paths)
 
 
 def _submit(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import download, folds, predict, prepare, train
-
-    cfg = config_from(args)
     started = time.perf_counter()
-    download.run(paths, source=args.source, src_dir=args.dir, force=args.force, timeout=args.timeout)
-    prepare.run(paths)
-    folds.run(cfg, paths)
-    train.run(cfg, paths)
-    predict.run(cfg, paths)
-    print(f"submit: done in {time.perf_counter() - started:.1f}s -> {paths.submission_csv}")
+    run, _ = build_prediction(args, paths)
+    print(f"submit: done in {time.perf_counter() - started:.1f}s -> {paths.submission_csv} "
+          f"(run {run.id})")
+
+
+def _blend(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import blend, folds
+
+    names = [check_name(n, "RUNS") for n in (args.runs or "").split()] or None
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    if names is None and not blend.candidates(paths, data, cfg.folds, cfg.seed, None)[0]:
+        print("blend: no completed run on these folds yet: making the run of these settings first")
+        build_prediction(args, paths)
+    blend.run(paths, data, fold_of, cfg.folds, cfg.seed, names, mean=args.mean,
+              force=args.force)
+
+
+def _report(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import report
+
+    name = args.run or latest(paths)
+    if name is None:
+        print("report: no run yet: making the default run first")
+        with _locked(paths, args):
+            name = build_prediction(args, paths)[0].id
+    report.run(paths, run_dir(paths, name))
+
+
+def _runs(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import runs
+
+    runs.run(paths, sort=args.sort, fmt=args.format)
+
+
+def _forget(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import runs
+
+    runs.forget(paths, args.run)
 
 
 def _upload(args: argparse.Namespace, paths: Paths) -> None:
@@ -103,70 +156,146 @@ def _upload(args: argparse.Namespace, paths: Paths) -> None:
     upload.run(paths, message=args.message, timeout=args.timeout)
 
 
-def _report(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import report
+# -- the parser -----------------------------------------------------------------------------------
 
-    report.run(paths)
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (defaults < --preset < --config < options)")
+    group.add_argument("--config", type=Path, help="TOML or JSON file of settings "
+                       "(a run's runs/<id>/config.json works)")
+    group.add_argument("--preset", choices=tuple(PRESETS),
+                       help="a named recipe; 'tutorial' reproduces the tutorial's settings")
+    for field in fields(Settings):
+        default, meta = field.default, field.metadata
+        flag = "--" + field.name.replace("_", "-")
+        text = f"{meta['help']} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        else:
+            group.add_argument(flag, dest=field.name, type=type(default), default=None,
+                               choices=meta["choices"], help=text)
 
 
-def _runs(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import runs
+def add_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="auto", choices=SOURCES,
+                        help="where the CSVs come from when input/ has none (default: auto)")
+    parser.add_argument("--dir", type=Path, help="folder holding train.csv and test.csv "
+                        "(with --source dir)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for Kaggle before giving up (default: 300)")
 
-    runs.run(paths)
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="python -m pipeline",
                                      description="Kaggle Digit Recognizer with recurrent networks.")
     parser.add_argument("--root", type=Path, default=ROOT,
-                        help="project folder holding input/, models/, logs/... (default: this repo)")
+                        help="project folder holding input/, runs/, submissions/ (default: this repo)")
+    parser.add_argument("--make", action="store_true",
+                        help="also read each option from the environment variable of its upper-case "
+                        "name (as `make` passes them)")
+    parser.add_argument("--nowait", action="store_true",
+                        help="when another command holds the project, stop at once instead of waiting")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
+    stages: dict[str, argparse.ArgumentParser] = {}
 
-    def stage(name: str, handler: Any, text: str) -> argparse.ArgumentParser:
+    def stage(name: str, handler: Any, text: str, source: bool = True,
+              force: str | None = None, config: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, force=False)
+        if source:
+            add_source(p)
+        if force:
+            p.add_argument("--force", action="store_true", help=force)
+        if config:
+            add_settings(p)
+        stages[name] = p
         return p
 
-    def source_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--source", default="auto", choices=SOURCES,
-                       help="where the CSVs come from (default: auto)")
-        p.add_argument("--dir", type=Path, help="folder holding train.csv and test.csv "
-                       "(with --source dir)")
-        p.add_argument("--timeout", type=float, default=300.0,
-                       help="seconds to wait for Kaggle before giving up (default: 300)")
-
-    p = stage("download", _download, "put train.csv and test.csv into input/")
-    source_options(p)
-    p.add_argument("--force", action="store_true", help="fetch again even if the files exist")
-    p = stage("prepare", _prepare, "validate the CSVs and cache them as uint8 arrays")
-    p.add_argument("--force", action="store_true", help="rebuild the cache even if current")
-    add_config_options(stage("folds", _folds, "write the stratified folds (input/folds.csv)"))
-    p = stage("train", _train, "train one model per fold (resumes an interrupted run)")
+    stage("download", _download, "put train.csv and test.csv into input/",
+          force="fetch again even if the files exist")
+    stage("prepare", _prepare, "validate the CSVs and cache them as uint8 arrays",
+          force="rebuild the cache even if current")
+    stage("folds", _folds, "write the stratified folds (input/folds.csv)", config=True)
+    p = stage("train", _train, "train the run of these settings (runs/<id>/); resumes", config=True,
+              force="retrain even the folds that are current (an interrupted retrain resumes)")
     p.add_argument("--fold", type=int, help="train only this fold (0-based)")
-    p.add_argument("--force", action="store_true", help="train from scratch even if up to date")
-    add_config_options(p)
-    p = stage("predict", _predict, "ensemble the fold models into submissions/submission.csv")
-    p.add_argument("--force", action="store_true", help="predict again even if current")
-    add_config_options(p)
-    p = stage("submit", _submit, "every stage in order, each skipped when its output is current")
-    source_options(p)
-    p.add_argument("--force", action="store_true", help="download the CSVs again even if present")
-    add_config_options(p)
-    p = stage("upload", _upload, "send submissions/submission.csv to the competition")
+    p.add_argument("--run", help="the run to train (its settings), by id; see `make runs`")
+    p = stage("predict", _predict, "the run's test predictions and submission (trains what is "
+              "missing)", config=True, force="predict again even if current")
+    p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
+    stage("submit", _submit, "every stage in order, each skipped when current", config=True,
+          force="download the CSVs again even if present")
+    p = stage("blend", _blend, "blend completed runs on their out-of-fold predictions", config=True,
+              force="blend again even if current")
+    p.add_argument("--runs", help="the runs to blend, by id, separated by spaces (default: every "
+                   "completed run on the current data and folds)")
+    p.add_argument("--mean", default="prob", choices=("prob", "logprob"),
+                   help="average probabilities (prob, the default) or log-probabilities")
+    p = stage("report", _report, "draw a run into reports/index.html (the latest by default)",
+              config=True)
+    p.add_argument("--run", help="the run to draw, by id (default: the latest)")
+    p = stage("runs", _runs, "every run side by side", source=False)
+    p.add_argument("--sort", default="acc", choices=("acc", "time"),
+                   help="best OOF accuracy first (acc) or newest first (time)")
+    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
+    p = stage("forget", _forget, "delete one run's folder", source=False)
+    p.add_argument("--run", required=True, help="the run to delete, by id")
+    p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
     p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
-                   help="the submission's description on Kaggle (default: $MESSAGE, as `make upload` sets)")
+                   help="the submission's description on Kaggle (default: $MESSAGE)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for Kaggle before giving up (default: 300)")
-    stage("report", _report, "draw the latest run into reports/index.html (curves, confusion matrix, "
-          "mistakes)")
-    stage("runs", _runs, "list every finished run, newest first (submissions/runs.jsonl)")
-    return parser
+    return parser, stages
+
+
+def from_environment(parser: argparse.ArgumentParser, env: dict[str, str]) -> list[str]:
+    """The options of a stage that the environment sets, as command-line words."""
+    words: list[str] = []
+    for action in parser._actions:
+        flag = next((s for s in action.option_strings if s.startswith("--")), None)
+        value = env.get(action.dest.upper(), "").strip()
+        if flag is None or action.dest in ("help", "root") or value == "":
+            continue
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            if value.lower() not in TRUE + FALSE:
+                raise PipelineError(f"{action.dest.upper()}={value!r}: must be 1 or 0")
+            if value.lower() in TRUE:
+                words.append(flag)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                words.append("--no-" + flag[2:])
+        else:
+            words += [flag, value]
+    return words
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser, stages = build_parser()
+    args = parser.parse_args(argv)
+    if args.make:
+        at = argv.index(args.stage)
+        extra = from_environment(stages[args.stage], dict(os.environ))
+        nowait = args.nowait or os.environ.get("NOWAIT", "").strip().lower() in TRUE
+        args = parser.parse_args([*argv[:at + 1], *extra, *argv[at + 1:]])
+        args.nowait = nowait
+    return args
+
+
+def _locked(paths: Paths, args: argparse.Namespace) -> Any:
+    from pipeline.lock import project_lock
+
+    return project_lock(paths, f"make {args.stage}", nowait=args.nowait)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args.handler(args, Paths(args.root.resolve()))
+        args = parse(argv)
+        paths = Paths(args.root.resolve())
+        if args.stage in WRITERS:
+            with _locked(paths, args):
+                args.handler(args, paths)
+        else:
+            args.handler(args, paths)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,13 @@
-"""Project paths and the training configuration.
+"""Project paths and the training settings.
 
 Every path is anchored at a project root (the repository by default), so any stage runs from any
-working directory. The training configuration is one dataclass; a preset, a TOML/JSON config file
-and command-line options merge over its defaults in that order.
+working directory. Each setting is declared once, as a field of `Settings` with its default, help,
+allowed values and whether it changes what a model learns; the command-line options, the Make
+variables, `make help`, validation, the run id and the "changed settings" of `make runs` all derive
+from that declaration. Defaults, a preset, a TOML/JSON config file and command-line options merge in
+that order.
+
+This module needs only the standard library, so `make help` can list the options before set-up.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib  # Python 3.11+
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +60,8 @@ class Paths:
         return self.input / "folds.json"
 
     @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def preds(self) -> Path:
-        return self.root / "preds"
+    def runs(self) -> Path:
+        return self.root / "runs"
 
     @property
     def submissions(self) -> Path:
@@ -78,81 +75,79 @@ class Paths:
     def reports(self) -> Path:
         return self.root / "reports"
 
-    def fold_model(self, fold: int) -> Path:
-        return self.models / f"fold_{fold}.pt"
 
-    def fold_state(self, fold: int) -> Path:
-        """The resumable end-of-epoch state of a fold still in training."""
-        return self.models / f"fold_{fold}.last.pt"
-
-    def fold_log(self, fold: int) -> Path:
-        return self.logs / f"fold_{fold}.csv"
-
-    def oof_preds(self, fold: int) -> Path:
-        return self.preds / f"oof_fold_{fold}.csv"
-
-    def test_preds(self, fold: int) -> Path:
-        return self.preds / f"test_fold_{fold}.csv"
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+            low: float | None = None, high: float | None = None, below: float | None = None,
+            learns: bool = True) -> Any:
+    """A settings field: default, help, allowed values ([low, high], or [low, below) when below is
+    given) and whether it changes what a model learns (part of the run id) or only where and how
+    fast it runs."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low,
+                                            "high": high, "below": below, "learns": learns})
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters. The defaults are the tuned recipe for the vanilla RNN (see README)."""
+class Settings:
+    """Every setting of a run. The defaults are the tuned recipe for the vanilla RNN (see README)."""
 
     # -- model ---------------------------------------------------------------------------------
-    model: str = "rnn"  # recurrent cell: rnn (vanilla, tanh), gru or lstm; rows are time steps
-    hidden: int = 128  # hidden units per direction; 128 trains fast and beats 150 of the tutorial
-    layers: int = 1  # stacked recurrent layers
-    bidirectional: bool = False  # also read the rows bottom-up and join both final states
-    dropout: float = 0.0  # dropout between stacked layers (needs layers > 1)
-    orthogonal_init: bool = True  # orthogonal recurrent weights: stable gradients over 28 steps
+    model: str = setting("rnn", "recurrent cell: rnn (vanilla, tanh), gru or lstm",
+                         choices=("rnn", "gru", "lstm"))
+    view: str = setting("rows", "what a time step reads: rows (top to bottom) or cols (left to right); "
+                        "runs of both views blend well", choices=("rows", "cols"))
+    hidden: int = setting(128, "hidden units per direction; 128 trains fast and beats the tutorial's 150",
+                          low=1, high=4096)
+    layers: int = setting(1, "stacked recurrent layers", low=1, high=8)
+    bidirectional: bool = setting(False, "also read the sequence backwards and join both final states")
+    dropout: float = setting(0.0, "dropout between stacked layers (needs layers > 1)", low=0, below=1)
+    orthogonal_init: bool = setting(True, "orthogonal recurrent weights: stable gradients over 28 steps")
     # -- cross-validation -----------------------------------------------------------------------
-    folds: int = 5  # stratified folds; one model per fold, averaged for the submission
-    seed: int = 42  # fixes folds, initialisation, shuffling and augmentation
+    folds: int = setting(5, "stratified folds; one model per fold, averaged for the submission",
+                         low=2, high=100)
+    seed: int = setting(42, "fixes folds, initialisation, shuffling and augmentation", low=0,
+                        high=2**32 - 1)
     # -- optimisation ---------------------------------------------------------------------------
-    epochs: int = 30  # passes over the training rows of a fold
-    batch: int = 128  # training batch size; any size works, the last short batch included
-    drop_last: bool = False  # drop the last short batch of an epoch (the tutorial did)
-    optimizer: str = "adamw"  # adamw (decoupled weight decay) or adam
-    lr: float = 3e-3  # peak learning rate (the one-cycle schedule warms up to it)
-    weight_decay: float = 1e-4  # AdamW weight decay
-    schedule: str = "onecycle"  # onecycle, cosine or none (constant learning rate)
-    clip: float = 1.0  # gradient-norm clipping; vanilla RNNs explode without it (0 = off)
-    label_smoothing: float = 0.1  # softens the targets; helps calibration of the ensemble
+    epochs: int = setting(30, "passes over the training rows of a fold", low=1, high=10_000)
+    batch: int = setting(128, "training batch size; any size works, the last short batch included",
+                         low=1, high=1_000_000)
+    drop_last: bool = setting(False, "drop the last short batch of an epoch (the tutorial did)")
+    optimizer: str = setting("adamw", "adamw (decoupled weight decay) or adam", choices=("adamw", "adam"))
+    lr: float = setting(3e-3, "peak learning rate (the one-cycle schedule warms up to it)",
+                        low=1e-8, high=10.0)
+    weight_decay: float = setting(1e-4, "AdamW weight decay", low=0, high=1.0)
+    schedule: str = setting("onecycle", "learning-rate schedule: onecycle, cosine or none (constant)",
+                            choices=("onecycle", "cosine", "none"))
+    clip: float = setting(1.0, "gradient-norm clipping; vanilla RNNs explode without it (0 = off)",
+                          low=0, high=1e6)
+    label_smoothing: float = setting(0.1, "softens the targets; helps calibration of the ensemble",
+                                     low=0, below=1)
     # -- input ----------------------------------------------------------------------------------
-    normalize: bool = True  # standardise pixels with the MNIST mean/std instead of plain /255
-    augment: bool = True  # random rotation, scale and shift of each training image, on device
-    rotate: float = 10.0  # augmentation: largest rotation in degrees
-    scale: float = 0.1  # augmentation: largest relative zoom in or out
-    shift: float = 2.0  # augmentation: largest shift in pixels
-    # -- prediction and hardware -----------------------------------------------------------------
-    tta: int = 0  # test-time augmentation: extra augmented passes averaged per model (0 = off)
-    device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu
-    jobs: int = 0  # folds trained at once (processes); 0 = auto: all on a GPU, one at a time on CPU
-    amp: bool = False  # CUDA autocast: bfloat16, the cuDNN recurrent layer float16; ignored elsewhere
-    cuda_graph: bool = True  # replay each training step from a CUDA graph (checked); ignored off CUDA
-    eval_batch: int = 4096  # batch size for validation and prediction
+    normalize: bool = setting(True, "standardise pixels with the MNIST mean/std instead of plain /255")
+    augment: bool = setting(True, "random rotation, scale and shift of each training image, on device")
+    rotate: float = setting(10.0, "augmentation: largest rotation in degrees", low=0, high=180)
+    scale: float = setting(0.1, "augmentation: largest relative zoom in or out", low=0, below=1)
+    shift: float = setting(2.0, "augmentation: largest shift in pixels", low=0, high=28)
+    amp: bool = setting(False, "CUDA autocast: bfloat16, the cuDNN recurrent layer float16; "
+                        "ignored elsewhere")
+    # -- prediction and hardware (where and how fast; not part of the run id) --------------------
+    tta: int = setting(0, "test-time augmentation: extra augmented passes averaged per model (0 = off)",
+                       low=0, high=64, learns=False)
+    device: str = setting("auto", "auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu",
+                          learns=False)
+    jobs: int = setting(0, "folds trained at once (processes); 0 = auto: all on a GPU, one on a CPU",
+                        low=0, high=256, learns=False)
+    cuda_graph: bool = setting(True, "replay each training step from a CUDA graph (checked); "
+                               "ignored off CUDA", learns=False)
+    eval_batch: int = setting(4096, "batch size for validation and prediction", low=1,
+                              high=1_000_000, learns=False)
 
-    def key(self, *names: str) -> str:
-        """A short fingerprint of the named fields (all fields when none are named)."""
+    def learned(self) -> dict[str, Any]:
+        """The settings that change what a model learns: what a run's id is made of."""
         values = asdict(self)
-        chosen = {n: values[n] for n in (names or sorted(values))}
-        return fingerprint(chosen)
+        return {f.name: values[f.name] for f in fields(self) if f.metadata["learns"]}
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model": ("rnn", "gru", "lstm"),
-    "optimizer": ("adamw", "adam"),
-    "schedule": ("onecycle", "cosine", "none"),
-}
-
-# The settings that change what a fold's model learns; the rest (device, jobs, tta...) do not.
-MODEL_FIELDS = (
-    "model", "hidden", "layers", "bidirectional", "dropout", "orthogonal_init", "epochs", "batch",
-    "drop_last",
-    "optimizer", "lr", "weight_decay", "schedule", "clip", "label_smoothing", "normalize",
-    "augment", "rotate", "scale", "shift", "amp",
-)
+TrainConfig = Settings  # the name the rest of the code has long used
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -167,76 +162,89 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def setting_fields() -> tuple[Field[Any], ...]:
+    return fields(Settings)
+
+
+def allowed(f: Field[Any]) -> str:
+    """A field's allowed values in words, as messages and help show them."""
+    meta = f.metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    if isinstance(f.default, bool):
+        return "1 or 0 (true or false)"
+    kind = "a whole number" if isinstance(f.default, int) else "a number"
+    if meta["below"] is not None:
+        return f"{kind} from {meta['low']:g} up to (not including) {meta['below']:g}"
+    if meta["low"] is not None:
+        return f"{kind} from {meta['low']:g} to {meta['high']:g}"
+    return kind
+
+
 def fingerprint(obj: Any) -> str:
     data = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha1(data).hexdigest()[:16]
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Range checks with messages that say what was expected."""
-    for name, options in CHOICES.items():
-        value = getattr(cfg, name)
-        if value not in options:
-            raise PipelineError(f"config: {name} must be one of {', '.join(options)}, got {value!r}")
-    positive = ("hidden", "layers", "epochs", "batch", "eval_batch")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise PipelineError(f"config: {name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.folds < 2:
-        raise PipelineError(f"config: folds must be at least 2, got {cfg.folds}")
-    if not cfg.lr > 0:
-        raise PipelineError(f"config: lr must be positive, got {cfg.lr}")
-    for name in ("dropout", "label_smoothing", "scale"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise PipelineError(f"config: {name} must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("clip", "weight_decay", "rotate", "shift", "tta", "jobs"):
-        if getattr(cfg, name) < 0:
-            raise PipelineError(f"config: {name} must not be negative, got {getattr(cfg, name)}")
+def validate(cfg: Settings, origin: str = "config") -> Settings:
+    """Range checks derived from each field's declaration; messages name the option and the range."""
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        bad = (meta["choices"] and value not in meta["choices"]) or (
+            meta["low"] is not None and not value >= meta["low"]) or (
+            meta["high"] is not None and not value <= meta["high"]) or (
+            meta["below"] is not None and not value < meta["below"])
+        if bad:
+            raise PipelineError(f"{origin}: {f.name.upper()}={value!r} is out of range; "
+                                f"{f.name} must be {allowed(f)}")
     return cfg
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML or JSON file of config fields (a saved logs/config.json works as is)."""
+    """Read a TOML or JSON file of settings (a run's config.json works as is)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    if path.suffix not in (".toml", ".json"):
+        raise PipelineError(f"{path}: a config file is TOML (.toml) or JSON (.json), "
+                            f"not {path.suffix or 'a file without an extension'}")
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from exc
+        raise PipelineError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
     if not isinstance(data, dict):
-        raise PipelineError(f"{path}: expected a table of config fields")
+        raise PipelineError(f"{path}: expected a table of settings")
     return data
 
 
 def resolve(preset: str | None = None, file: Path | None = None,
-            overrides: dict[str, Any] | None = None) -> TrainConfig:
+            overrides: dict[str, Any] | None = None) -> Settings:
     """Defaults, then the preset, then the config file, then command-line overrides."""
-    known = {f.name: f.type for f in fields(TrainConfig)}
-    layers: list[tuple[str, dict[str, Any]]] = []
+    known = {f.name: f for f in fields(Settings)}
     file_values = load_config_file(file) if file else {}
     preset = preset or file_values.pop("preset", None) or "default"
     file_values.pop("preset", None)
     if preset not in PRESETS:
         raise PipelineError(f"config: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    layers.append((f"preset {preset}", PRESETS[preset]))
+    layers = [(f"preset {preset}", PRESETS[preset])]
     if file:
         layers.append((str(file), file_values))
     layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
-    cfg = TrainConfig()
+    cfg = Settings()
     for origin, values in layers:
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise PipelineError(f"{origin}: unknown config field(s) {', '.join(unknown)}; "
+            raise PipelineError(f"{origin}: unknown setting(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(known)}")
-        cfg = replace(cfg, **{k: _coerce(k, v, origin) for k, v in values.items()})
-    return validate(cfg)
+        cfg = replace(cfg, **{k: coerce(known[k], v, origin) for k, v in values.items()})
+        validate(cfg, origin)
+    return cfg
 
 
-def _coerce(name: str, value: Any, origin: str) -> Any:
-    default = getattr(TrainConfig(), name)
-    kind = type(default)
+def coerce(f: Field[Any], value: Any, origin: str) -> Any:
+    """A value of the field's type, from what a file or the command line gave."""
+    kind = type(f.default)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -244,11 +252,55 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             return True
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
-    else:
+    elif not isinstance(value, bool):
         try:
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return kind(value)
-        except (TypeError, ValueError):
+            converted = kind(value)
+            if kind is float and converted != converted:  # NaN compares false with every bound
+                raise ValueError
+            return converted
+        except (TypeError, ValueError, OverflowError):
             pass
-    raise PipelineError(f"{origin}: {name} must be {kind.__name__}, got {value!r}")
+    raise PipelineError(f"{origin}: {f.name} must be {allowed(f)}, got {value!r}")
+
+
+def changed_settings(config: dict[str, Any] | Settings, learned_only: bool = True) -> dict[str, Any]:
+    """The settings that differ from the defaults (only those that change what a model learns)."""
+    values = asdict(config) if isinstance(config, Settings) else dict(config)
+    return {f.name: values[f.name] for f in fields(Settings)
+            if f.name in values and (f.metadata["learns"] or not learned_only)
+            and values[f.name] != f.default}
+
+
+def describe_changes(config: dict[str, Any] | Settings) -> str:
+    """`preset=tutorial hidden=64`: a preset when the run matches one, then what else differs."""
+    changed = changed_settings(config)
+    best_name, best_rest = "", changed
+    for name, values in PRESETS.items():
+        if name == "default" or not values:
+            continue
+        applied = changed_settings(replace(Settings(), **values))
+        if all(changed.get(k) == v for k, v in applied.items()):
+            rest = {k: v for k, v in changed.items() if k not in applied}
+            rest.update({k: Settings.__dataclass_fields__[k].default for k in applied
+                         if k not in changed})
+            if len(rest) < len(best_rest):
+                best_name, best_rest = name, rest
+    words = [f"preset={best_name}"] if best_name else []
+    words += [f"{k}={v}" for k, v in best_rest.items()]
+    return " ".join(words)
+
+
+def options_text() -> str:
+    """The options list of `make help`, one line per setting, from the declarations."""
+    lines = []
+    for f in fields(Settings):
+        default = f.default if not isinstance(f.default, bool) else int(f.default)
+        mark = "" if f.metadata["learns"] else "; not in the run id"
+        lines.append(f"  {f.name.upper():<16} {f.metadata['help']} (default {default}; {allowed(f)}{mark})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `make help` prints this without needing the virtual environment
+    print(options_text())

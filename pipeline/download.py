@@ -13,21 +13,12 @@ import tempfile
 from pathlib import Path
 
 from pipeline import sample
+from pipeline.artifacts import SAMPLE_BANNER, data_source
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, replace_together, staged_files, write_json
 
 SOURCES = ("auto", "kaggle", "dir", "sample")
-SAMPLE_BANNER = (
-    "*** Using the BUILT-IN SAMPLE (scikit-learn's 1,797 digits, resized to 28x28), not the "
-    "competition data. Good for trying the pipeline; its submission is not for Kaggle. ***"
-)
-
-
-def data_source(paths: Paths) -> str:
-    """Which source the files in input/ came from ('unknown' for files put there by hand)."""
-    record = read_json(paths.source_json) or {}
-    return str(record.get("source", "unknown"))
 
 
 def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: bool = False,
@@ -35,6 +26,8 @@ def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: 
     """Fetch the competition files; returns the source used."""
     if source not in SOURCES:
         raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "dir":
+        _check_dir(src_dir)
     present = [p for p in (paths.train_csv, paths.test_csv) if p.exists()]
     record = read_json(paths.source_json) or {}
     other = record.get("source") not in (None, source) or (
@@ -44,8 +37,9 @@ def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: 
             print(f"download: replacing the built-in sample in input/ with SOURCE={source}")
             force = True
         else:
-            where = record["source"] + (f" {record['dir']}" if record.get("dir") else "")
-            print(f"download: WARNING: input/ holds files from {where}, not from SOURCE={source}; "
+            where = f"the folder {record['dir']}" if record.get("dir") else f"SOURCE={record['source']}"
+            wanted = f"the folder {src_dir}" if source == "dir" else f"SOURCE={source}"
+            print(f"download: WARNING: input/ holds files from {where}, not from {wanted}; "
                   "they are kept. Add FORCE=1 to replace them")
     if len(present) == 2 and not force:
         used = data_source(paths)
@@ -84,14 +78,22 @@ def _choose_source() -> tuple[str, str]:
     return "sample", "no files in input/ and no Kaggle credentials"
 
 
-def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
+def _check_dir(src_dir: Path | None) -> None:
     if src_dir is None:
-        raise PipelineError("download: source dir needs a folder (make download SOURCE=dir DIR=path)")
+        raise PipelineError("download: SOURCE=dir needs a folder (make download SOURCE=dir DIR=path)")
     src_dir = Path(src_dir).expanduser()
+    if not src_dir.is_dir():
+        raise PipelineError(f"DIR={src_dir}: no such folder; it must hold the competition's "
+                            "train.csv and test.csv")
     for name in ("train.csv", "test.csv"):
         if not (src_dir / name).is_file():
             raise PipelineError(f"{src_dir / name}: not found; the folder must hold train.csv and "
                                 "test.csv of the competition")
+
+
+def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
+    assert src_dir is not None
+    src_dir = Path(src_dir).expanduser()
     targets = [paths.train_csv, paths.test_csv]
     # Both copies are made before either replaces what input/ holds: a full disk midway leaves
     # input/ as it was, never a new train.csv beside an old test.csv.

@@ -26,36 +26,23 @@ from __future__ import annotations
 import codecs
 import csv
 import functools
-import hashlib
 import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import PIXELS, Prepared, load_prepared, save_prepared, stale
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_json, write_json
-
-PIXELS = [f"pixel{k}" for k in range(784)]
-CACHE_VERSION = 1
 
 _DIGITS_AND_SEPARATORS = b"0123456789,\r\n"
 _PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths strip it the same way
 _PIXEL_RE = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _LABEL_RE = rb"[0-9]"
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-@dataclass
-class Prepared:
-    train_x: np.ndarray  # uint8 (N, 28, 28)
-    train_y: np.ndarray  # uint8 (N,)
-    test_x: np.ndarray  # uint8 (M, 28, 28)
-    data_key: str  # fingerprint of the three arrays
 
 
 def to_images(flat: np.ndarray) -> np.ndarray:
@@ -314,57 +301,15 @@ def count_duplicates(images: np.ndarray) -> int:
     return len(flat) - len(set(map(bytes, flat)))
 
 
-# -- the cache -----------------------------------------------------------------------------------
+# -- the stage ----------------------------------------------------------------------------------
 
-def _array_paths(paths: Paths) -> dict[str, Path]:
-    return {name: paths.prepared / f"{name}.npy" for name in ("train_x", "train_y", "test_x")}
-
-
-def _stat_key(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha1()
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(str(arrays[name].shape).encode())
-        h.update(np.ascontiguousarray(arrays[name]).data)
-    return h.hexdigest()[:16]
-
-
-def load(paths: Paths) -> Prepared:
-    """The prepared arrays, checked against the digest recorded when they were written."""
-    meta = read_json(paths.prepared / "meta.json")
-    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
-        raise PipelineError(f"{paths.prepared}: no prepared data; run `make prepare` first")
-    arrays = {}
-    for name, path in _array_paths(paths).items():
-        try:
-            arrays[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise PipelineError(f"{path}: the prepared cache is missing or unreadable ({exc}); "
-                                "run `make prepare` to rebuild it") from exc
-    if _digest(arrays) != meta.get("data_key"):
-        raise PipelineError(f"{paths.prepared}: the prepared cache does not match its record "
-                            "(damaged?); run `make prepare` to rebuild it")
-    return Prepared(**arrays, data_key=meta["data_key"])
-
-
-def _cached(paths: Paths) -> tuple[Prepared | None, str]:
-    """The cache when it is current; else None and why it is rebuilt ("" when there is none)."""
-    meta = read_json(paths.prepared / "meta.json")
-    if not paths.prepared.is_dir() or (meta is None and not any(paths.prepared.iterdir())):
-        return None, ""
-    if not isinstance(meta, dict):
-        return None, f"{paths.prepared / 'meta.json'} is missing or unreadable; rebuilding the cache"
-    if meta.get("inputs") != {"train": _stat_key(paths.train_csv), "test": _stat_key(paths.test_csv)}:
-        return None, "the CSV files changed; rebuilding the cache"
-    try:
-        return load(paths), ""
-    except PipelineError as exc:
-        return None, f"the cache is corrupt or incomplete ({exc}); rebuilding it"
+def _inputs(paths: Paths) -> dict[str, list[int]]:
+    """What the cache is made from: each CSV's size and modification time."""
+    out = {}
+    for path in (paths.train_csv, paths.test_csv):
+        stat = path.stat()
+        out[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return out
 
 
 def _check_writable(folder: Path) -> None:
@@ -380,8 +325,7 @@ def _check_writable(folder: Path) -> None:
                             f"file system); prepare writes its cache to {folder}")
 
 
-def run(paths: Paths, force: bool = False) -> str:
-    """Validate both CSVs and write the cache (unless it is current); returns the data key."""
+def _check_inputs_exist(paths: Paths) -> None:
     for csv_path, other in ((paths.train_csv, paths.test_csv), (paths.test_csv, paths.train_csv)):
         if not csv_path.is_file():
             if other.is_file():
@@ -390,17 +334,38 @@ def run(paths: Paths, force: bool = False) -> str:
                                     "another source), or `make download FORCE=1` to fetch both")
             if csv_path.is_dir():
                 raise PipelineError(f"{csv_path}: is a folder; expected the competition's CSV file")
-            raise PipelineError(f"{csv_path}: file not found (nor {other.name}); run `make download` "
-                                "first")
-    if not force:
-        data, why = _cached(paths)
-        if data is not None:
-            print("prepare: up to date")
-            return data.data_key
-        if why:
-            print(f"prepare: {why}")
+            raise PipelineError(f"{csv_path}: file not found (nor {other.name}); `make download` "
+                                "puts both there")
+
+
+def class_warning(labels: np.ndarray, folds: int = 2) -> str:
+    """A warning when the labels cannot make a useful digit classifier, else ''."""
+    counts = np.bincount(labels.astype(np.int64), minlength=10)
+    missing = [d for d in range(10) if counts[d] == 0]
+    if missing:
+        return (f"train.csv has no rows of digit(s) {', '.join(map(str, missing))}: the models can "
+                "never predict them, and the out-of-fold accuracy says nothing about them; add rows "
+                "of every digit")
+    few = [d for d in range(10) if counts[d] < max(folds, 5)]
+    if few:
+        return (f"digit(s) {', '.join(f'{d} ({counts[d]} rows)' for d in few)} have very few rows: "
+                "their accuracy will be noise; add rows of those digits")
+    return ""
+
+
+def run(paths: Paths, force: bool = False) -> Prepared:
+    """Validate both CSVs and write the cache unless it is current; returns the prepared data."""
+    _check_inputs_exist(paths)
+    inputs = _inputs(paths)
+    record = paths.prepared / "meta.json"
+    data: list[Prepared] = []
+    why = "FORCE=1" if force else stale(record, inputs, check=lambda: data.append(load_prepared(paths)))
+    if not why:
+        print("prepare: skipped: train.csv and test.csv unchanged")
+        return data[0]
+    print(f"prepare: reruns: {why}")
     _check_writable(paths.prepared)
-    # pandas' parser releases the GIL, so the two files are read at once (~25% faster on 2 cores);
+    # pandas' parser releases the GIL, so the two files are read at once (faster on 2 cores);
     # train.csv's problem, if any, is the one reported. pandas is imported once, before the threads.
     import pandas  # noqa: F401
 
@@ -411,18 +376,13 @@ def run(paths: Paths, force: bool = False) -> str:
         test_x, _ = test_job.result()
     assert train_y is not None
     arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x}
-    key = _digest(arrays)
-    for name, target in _array_paths(paths).items():
-        with atomic_path(target) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, arrays[name], allow_pickle=False)
-    inputs = {"train": _stat_key(paths.train_csv), "test": _stat_key(paths.test_csv)}
-    write_json(paths.prepared / "meta.json", {
-        "version": CACHE_VERSION, "inputs": inputs, "data_key": key,
-        "n_train": len(train_x), "n_test": len(test_x),
-    })
+    key = save_prepared(paths, arrays, inputs)
     dupes = count_duplicates(train_x)
     note = f"; {dupes} duplicate train images kept" if dupes else ""
     counts = np.bincount(train_y, minlength=10)
     print(f"prepare: {len(train_x)} train images (per class {counts.min()}-{counts.max()}), "
           f"{len(test_x)} test images{note}")
-    return key
+    warning = class_warning(train_y)
+    if warning:
+        print(f"prepare: WARNING: {warning}")
+    return Prepared(**arrays, data_key=key)

@@ -1,7 +1,7 @@
 """The report: reports/index.html and its figures, drawn from the files of the latest run.
 
-Nothing is retrained or re-predicted: the figures come from logs/ (per-epoch curves, cv.csv,
-config.json), preds/ (out-of-fold and test probabilities) and the prepared train images. The PNGs
+Nothing is retrained or re-predicted: the figures come from the run's folder (per-epoch curves, cv.csv,
+config.json, out-of-fold and test probabilities) and the prepared train images. The PNGs
 sit next to index.html and are referenced by relative name, so the folder opens from disk and can
 be copied or zipped as a whole.
 """
@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import prepare, runs
-from pipeline.config import Paths, TrainConfig
-from pipeline.download import data_source
+from pipeline.artifacts import PROB_COLUMNS, RunDir, completed, load_prepared
+from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_write_text, read_json
+from pipeline.ledger import format_seconds
 
 CLASSES = 10
-PROB_COLUMNS = [f"p{c}" for c in range(CLASSES)]
 MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read
 DPI = 100
 MAX_PIXELS = 3800  # the tallest figure we draw; many folds shrink the resolution instead
@@ -34,16 +33,17 @@ MAX_PIXELS = 3800  # the tallest figure we draw; many folds shrink the resolutio
 class Run:
     """Everything the report shows, read from the run's files."""
 
-    cv: pd.DataFrame  # logs/cv.csv: one row per fold and the overall row fold == "all"
-    config: dict[str, Any]  # logs/config.json
-    histories: dict[int, pd.DataFrame]  # fold -> logs/fold_{k}.csv
+    cv: pd.DataFrame  # cv.csv: one row per fold and the overall row fold == "all"
+    config: dict[str, Any]  # the run's settings
+    histories: dict[int, pd.DataFrame]  # fold -> fold_{k}.csv (none for a blend)
     oof: pd.DataFrame  # row, label, p0..p9 of every train row, sorted by row
     train_x: np.ndarray  # uint8 (N, 28, 28)
     train_y: np.ndarray  # uint8 (N,)
     test_pred: np.ndarray | None  # predicted test labels, None when no test predictions exist
     test_from: str  # which files test_pred came from
     source: str  # where input/ came from: kaggle, dir, sample or unknown
-    ensemble: dict[str, Any]  # preds/ensemble.json
+    ensemble: dict[str, Any]  # the run's run.json
+    name: str = ""  # the run's id
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -60,74 +60,44 @@ class Run:
 
 def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     if not path.is_file():
-        raise PipelineError(f"{path}: missing ({what}); rerun `make submit` to complete the run")
+        raise PipelineError(f"{path}: missing ({what}); `make predict` completes the run")
     try:
         return pd.read_csv(path, **kwargs)
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable CSV ({exc}); rerun `make submit`") from exc
+        raise PipelineError(f"{path}: not a readable CSV ({exc}); `make predict FORCE=1` remakes it") \
+            from exc
 
 
-def load_run(paths: Paths) -> Run:
-    """Read the latest run's files; a clear PipelineError when there is none or it is incomplete."""
-    cv_path = paths.logs / "cv.csv"
-    if not cv_path.is_file():
-        raise PipelineError(f"no run to report on in {paths.root}: {cv_path} is missing (predict "
-                            "writes it at the end of a run); run `make submit` first")
-    cv = _read_csv(cv_path, "the cross-validation table", dtype={"fold": str, "best_epoch": "Int64"})
+def load_run(paths: Paths, run: RunDir) -> Run:
+    """Read a run's files; a clear PipelineError when it is missing or incomplete."""
+    record = completed(run)
+    if record is None:
+        raise PipelineError(f"RUN={run.id}: no complete run of that name in {paths.runs} (`make runs` "
+                            "lists them)")
+    data = load_prepared(paths)
+    if record.get("data") != data.data_key:
+        raise PipelineError(f"RUN={run.id} was made from other data than input/*.csv now hold, so "
+                            "its mistakes cannot be drawn from them")
+    cv = _read_csv(run.cv, "the cross-validation table", dtype={"fold": str, "best_epoch": "Int64"})
     folds = [int(f) for f in cv["fold"] if f != "all"]
-    if not folds:
-        raise PipelineError(f"{cv_path}: lists no folds; rerun `make predict`")
-    histories = {k: _read_csv(paths.fold_log(k), f"the training log of fold {k}") for k in folds}
-    oof = pd.concat([_read_csv(paths.oof_preds(k), f"out-of-fold predictions of fold {k}")
-                     for k in folds], ignore_index=True).sort_values("row", ignore_index=True)
-    data = prepare.load(paths)
-    _check_oof(paths, oof, data.train_y)
-    test_pred, test_from = _test_predictions(paths, folds)
-    ensemble = read_json(paths.preds / "ensemble.json") or {}
-    # The settings the ensemble's models were trained with (logs/config.json follows the last
-    # `train`, which may have been one fold with other settings).
-    config = ensemble.get("config") or read_json(paths.logs / "config.json") or {}
-    return Run(cv=cv, config=config, histories=histories,
-               oof=oof, train_x=data.train_x, train_y=data.train_y, test_pred=test_pred,
-               test_from=test_from, source=data_source(paths), ensemble=ensemble,
-               warnings=_staleness(paths, folds))
+    histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
+                 if record.get("kind") != "blend"}
+    oof = _read_csv(run.oof, "out-of-fold predictions").sort_values("row", ignore_index=True)
+    _check_oof(run, oof, data.train_y)
+    test_pred = _read_csv(run.test, "test predictions")[PROB_COLUMNS].to_numpy().argmax(1)
+    config = record.get("config") or read_json(run.config) or {}
+    return Run(cv=cv, config=config, histories=histories, oof=oof, train_x=data.train_x,
+               train_y=data.train_y, test_pred=test_pred, test_from=f"runs/{run.id}/test.csv",
+               source=str(record.get("source", "unknown")), ensemble=record, name=run.id)
 
 
-def _check_oof(paths: Paths, oof: pd.DataFrame, train_y: np.ndarray) -> None:
+def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
     """The OOF rows must be exactly the train rows, with their labels, or the images would lie."""
     rows = oof["row"].to_numpy()
-    if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))):
-        raise PipelineError(f"{paths.preds}: the out-of-fold predictions cover {len(rows)} rows but "
-                            f"{paths.prepared} has {len(train_y)} train rows (the data changed "
-                            "after the run?); rerun `make submit`")
-    if not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
-        raise PipelineError(f"{paths.preds}: the out-of-fold labels differ from {paths.prepared}; "
-                            "the data changed after the run; rerun `make submit`")
-
-
-def _test_predictions(paths: Paths, folds: list[int]) -> tuple[np.ndarray | None, str]:
-    """The ensemble's test labels: the averaged fold probabilities, else the submission."""
-    files = [paths.test_preds(k) for k in folds]
-    if all(p.is_file() for p in files):
-        probs = np.mean([_read_csv(p, "test predictions")[PROB_COLUMNS].to_numpy() for p in files],
-                        axis=0)
-        return probs.argmax(1), f"the average of {len(files)} preds/test_fold_*.csv"
-    if paths.submission_csv.is_file():
-        return _read_csv(paths.submission_csv, "the submission")["Label"].to_numpy(), \
-            "submissions/submission.csv"
-    return None, ""
-
-
-def _staleness(paths: Paths, folds: list[int]) -> list[str]:
-    """Training that ran after the last predict makes the curves newer than cv.csv: say so."""
-    cv_time = (paths.logs / "cv.csv").stat().st_mtime
-    newer = [p.name for k in folds for p in (paths.fold_log(k), paths.oof_preds(k))
-             if p.stat().st_mtime > cv_time + 1]
-    if not newer:
-        return []
-    return [f"{', '.join(newer)} changed after logs/cv.csv was written: training ran again after "
-            "the last predict, so the curves and the CV table may be from different runs. Run "
-            "`make predict` and then `make report` again."]
+    if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))) or \
+            not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
+        raise PipelineError(f"{run.oof}: does not match the {len(train_y)} prepared train rows and "
+                            f"their labels; `make predict RUN={run.id} FORCE=1` remakes it")
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -135,11 +105,12 @@ def _staleness(paths: Paths, folds: list[int]) -> list[str]:
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = CLASSES) -> np.ndarray:
     """Counts: row = true class, column = predicted class."""
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
     labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
     if labels.shape != predicted.shape:
         raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(
-        classes, classes)
+    return sk_confusion(labels, predicted, labels=list(range(classes)))
 
 
 def oof_confusion(run: Run) -> np.ndarray:
@@ -177,7 +148,7 @@ def class_balance(train_y: np.ndarray, test_pred: np.ndarray | None) -> pd.DataF
 
 def changed_config(config: dict[str, Any]) -> dict[str, bool]:
     """For each config field, whether it is a hyperparameter changed from its default."""
-    changed = runs.changed_settings(config)
+    changed = changed_settings(config)
     return {name: name in changed for name in config}
 
 
@@ -334,7 +305,7 @@ def html_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str
 
 def config_table(config: dict[str, Any]) -> str:
     changed = changed_config(config)
-    defaults = asdict(TrainConfig())
+    defaults = asdict(Settings())
     rows = "".join(
         f"<tr{' class=changed' if changed[k] else ''}><td class=l>{html.escape(k)}</td>"
         f"<td class=l>{html.escape(str(v))}</td><td class=l>{html.escape(str(defaults.get(k, '')))}</td></tr>"
@@ -345,14 +316,15 @@ def config_table(config: dict[str, Any]) -> str:
 def _summary(run: Run, paths: Paths) -> str:
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
-    kept = run.ensemble.get("kept", "")
-    entry = runs.find(paths, kept) if kept else None
-    facts = [("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.folds))),
-             ("model", str(run.config.get("model", "?"))), ("train rows", str(len(run.train_y))),
-             ("data source", run.source)]
-    if entry:
-        facts += [("finished", str(entry.get("time", ""))), ("device", str(entry.get("device", ""))),
-                  ("time", runs.format_seconds(entry.get("seconds")))]
+    record = run.ensemble
+    kept = record.get("kept", "")
+    facts = [("run", run.name), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
+             ("model", str(record.get("model", "?"))), ("train rows", str(len(run.train_y))),
+             ("data source", run.source), ("device", str(record.get("device", ""))),
+             ("time", format_seconds(record.get("seconds")))]
+    if record.get("kind") == "blend":
+        facts.insert(2, ("honest OOF accuracy", f"{record['oof_acc_honest']:.4f}"))
+        facts.append(("members", ", ".join(f"{k} x{v}" for k, v in record["weights"].items())))
     if kept:
         facts.append(("submission", f"submissions/{kept}"))
     items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in facts)
@@ -378,8 +350,8 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 <h1>Run report</h1>
 <p>{html.escape(str(paths.root))}, written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 {warn}{_summary(run, paths)}
-<h2>Cross-validation (logs/cv.csv)</h2>{html_table(run.cv, {"seconds": 1})}
-<h2>Learning curves</h2>{img("curves", "learning curves per fold")}
+<h2>Cross-validation (cv.csv)</h2>{html_table(run.cv, {"seconds": 1})}
+{f'<h2>Learning curves</h2>{img("curves", "learning curves per fold")}' if "curves" in images else ""}
 <h2>Out-of-fold confusion matrix</h2><p>Rows are the true class, columns the predicted one.</p>
 {img("confusion", "confusion matrix")}
 <h2>Per-class accuracy</h2>{img("per_class", "per-class accuracy")}{html_table(per_class_frame)}
@@ -389,22 +361,23 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 {img("mistakes", "most confident mistakes")}
 <h2>Class balance: train labels and test predictions</h2><p>{balance_note}</p>
 {img("balance", "class balance")}
-<h2>Config (logs/config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
+<h2>Settings (config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
 {config_table(run.config)}
 </body></html>
 """
 
 
-def run(paths: Paths) -> Path:
-    """Write reports/index.html and its figures for the latest run; returns the page's path."""
+def run(paths: Paths, run_dir: RunDir) -> Path:
+    """Write reports/index.html and its figures for a run; returns the page's path."""
     started = time.perf_counter()
-    data = load_run(paths)
+    data = load_run(paths, run_dir)
     out = paths.reports
     matrix = oof_confusion(data)
     per_class_frame = per_class(matrix)
     mistakes = confident_mistakes(data.oof)
     images = {
-        "curves": plot_learning_curves(data, out / "learning_curves.png"),
+        **({"curves": plot_learning_curves(data, out / "learning_curves.png")} if data.histories
+           else {}),
         "confusion": plot_confusion(matrix, out / "confusion_matrix.png"),
         "per_class": plot_per_class(per_class_frame, out / "per_class_accuracy.png"),
         "mistakes": plot_mistakes(data, mistakes, out / "confident_mistakes.png"),
@@ -414,6 +387,7 @@ def run(paths: Paths) -> Path:
     atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
     for warning in data.warnings:
         print(f"report: warning: {warning}")
-    print(f"report: wrote {page} and {len(images)} figures in {time.perf_counter() - started:.1f}s "
+    print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
+          f"{time.perf_counter() - started:.1f}s "
           f"(OOF accuracy {np.trace(matrix) / matrix.sum():.4f})")
     return page

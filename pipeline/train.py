@@ -1,9 +1,11 @@
-"""The train stage: one model per fold, with a CSV log, a best checkpoint and out-of-fold predictions.
+"""The train stage: one model per fold of a run, with a CSV log, the best epoch's weights and
+out-of-fold predictions, all in the run's folder.
 
-Per epoch, in order: shuffle, step through the batches (augmenting on the device), evaluate on the
-fold's held-out rows, keep the best checkpoint, save the resumable state, rewrite the log. A killed
-run loses at most the epoch in progress; the rerun resumes with the same optimizer, schedule and
-random state, so it ends exactly where an uninterrupted run would.
+Per epoch, in order: shuffle (and augment on the device), step through the batches, evaluate on the
+fold's held-out rows, keep the best weights, save the resumable state, rewrite the log. A killed run
+loses at most the epoch in progress; the rerun resumes with the same optimizer, schedule and random
+state, so it ends exactly where an uninterrupted run would. The finished model is written only when
+the fold is finished, so a retrain (FORCE=1) never leaves a half-trained model in its place.
 """
 
 from __future__ import annotations
@@ -22,32 +24,27 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline import folds, prepare
-from pipeline.augment import random_affine
-from pipeline.config import MODEL_FIELDS, Paths, TrainConfig, fingerprint
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_csv, write_json
-from pipeline.models import build_model
-from pipeline.runtime import (
-    describe,
-    load_checkpoint,
-    predict_log_proba,
-    resolve_device,
-    save_checkpoint,
+from pipeline import checkpoint
+from pipeline.artifacts import (
+    LOG_COLUMNS,
+    Prepared,
+    RunDir,
+    load_prepared,
+    mark_current,
+    read_folds,
+    stale,
+    write_probabilities,
 )
+from pipeline.augment import random_affine
+from pipeline.config import Paths, Settings, fingerprint
+from pipeline.errors import PipelineError
+from pipeline.io import write_csv, write_json
+from pipeline.models import build_model
+from pipeline.runtime import describe, predict_log_proba, resolve_device
 from pipeline.step import TrainStep, graph_wanted
 
-LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds",
-               "samples_per_s"]
 
-
-def fold_key(cfg: TrainConfig, folds_key: str, fold: int) -> str:
-    """What a fold's model depends on: the learning settings, the folds and the seed."""
-    return fingerprint({"model": cfg.key(*MODEL_FIELDS), "folds": folds_key, "fold": fold,
-                        "seed": cfg.seed})
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Settings, model: torch.nn.Module) -> torch.optim.Optimizer:
     # On CUDA the fused kernels update every parameter in one launch.
     fused = next(model.parameters()).device.type == "cuda" or None
     if cfg.optimizer == "adam":
@@ -55,26 +52,29 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+def make_scheduler(cfg: Settings, optimizer: torch.optim.Optimizer,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 4:
+        # OneCycleLR divides by the length of its warm-up (pct_start * total - 1 steps): give it at
+        # least half a step however short the run.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=0.25)
-    if cfg.schedule == "cosine":
+                                                   pct_start=max(0.25, 1.5 / total))
+    if cfg.schedule in ("onecycle", "cosine"):  # too few steps for a warm-up: anneal only
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def steps_per_epoch(cfg: TrainConfig, n_rows: int) -> int:
+def steps_per_epoch(cfg: Settings, n_rows: int) -> int:
     steps = n_rows // cfg.batch if cfg.drop_last else math.ceil(n_rows / cfg.batch)
     if steps == 0:
-        raise PipelineError(f"train: batch {cfg.batch} is larger than the {n_rows} training rows "
-                            "of a fold and drop_last is on; use a smaller batch")
+        raise PipelineError(f"BATCH={cfg.batch} is larger than the {n_rows} training rows of a fold "
+                            f"and DROP_LAST is on, so no batch would train; BATCH must be at most "
+                            f"{n_rows} here (or turn DROP_LAST off)")
     return steps
 
 
-def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cfg: TrainConfig,
+def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cfg: Settings,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The epoch's shuffled (and augmented) training images as float, with their labels.
 
@@ -92,7 +92,7 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
 
 
 def train_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-                cfg: TrainConfig, generator: torch.Generator) -> tuple[float, float]:
+                cfg: Settings, generator: torch.Generator) -> tuple[float, float]:
     """One pass over the fold's training rows; returns mean loss and accuracy."""
     step.model.train()
     step.reset()
@@ -103,7 +103,7 @@ def train_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, row
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             cfg: TrainConfig) -> tuple[float, float, torch.Tensor]:
+             cfg: Settings) -> tuple[float, float, torch.Tensor]:
     """Log loss and accuracy on held-out rows, with their class log-probabilities."""
     log_probs = predict_log_proba(model, images, cfg)
     loss = F.nll_loss(log_probs, labels).item()
@@ -138,15 +138,15 @@ class Progress:
             self.bar.close()
 
 
-def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared,
-               fold_of: np.ndarray, folds_key: str, device: torch.device,
-               bar_position: int | None = None, force: bool = False) -> dict[str, Any]:
-    """Train (or resume, or skip) one fold; returns its summary (bar_position: for parallel bars).
+def fold_inputs(run: RunDir, fold: int) -> dict[str, Any]:
+    """What a fold's model is made from: its run (settings and data, by the run id) and its fold."""
+    return {"run": run.id, "fold": fold}
 
-    force: train from scratch even when a finished or interrupted run of these settings exists.
-    """
-    key = fold_key(cfg, folds_key, fold)
-    model_path, state_path = paths.fold_model(fold), paths.fold_state(fold)
+
+def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: np.ndarray,
+               device: torch.device, bar_position: int | None = None) -> dict[str, Any]:
+    """Train one fold (resuming its saved state if there is one); returns its record."""
+    key = fingerprint(fold_inputs(run, fold))
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = build_model(cfg).to(device)
     train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
@@ -154,18 +154,6 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     # The whole data set lives on the device as uint8; batches are indexed there.
     images = torch.from_numpy(data.train_x).to(device)
     labels = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
-    valid_x, valid_y = images[valid_rows], labels[valid_rows]
-
-    if model_path.is_file() and not force:
-        done = load_checkpoint(model_path)
-        if done.get("complete") and done.get("key") == key:
-            if not paths.oof_preds(fold).is_file():  # lost predictions: remake them, don't retrain
-                model.load_state_dict(done["state_dict"])
-                _write_oof(paths, fold, model, cfg, valid_x, valid_y, valid_rows)
-            print(f"fold {fold}: up to date (best epoch {done['epoch']}, "
-                  f"valid_acc {done['valid_acc']:.4f})")
-            return summary(done)
-
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, len(train_rows)))
     step = TrainStep(model, optimizer, scheduler, cfg, device,
@@ -173,11 +161,13 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
+    best_weights: dict[str, torch.Tensor] = {}
     elapsed = 0.0
-
-    state = None if force else _load_state(state_path, key, device)
+    state = checkpoint.load_state(run.state(fold), key, device)
     if state:
-        history, best, elapsed = _resume(state, step, generator)
+        checkpoint.resume(state, step, generator)
+        history, best, best_weights, elapsed = (state["history"], state["best"],
+                                                state["best_weights"], state["elapsed"])
         print(f"fold {fold}: resuming after epoch {len(history)} of {cfg.epochs}")
 
     progress = Progress(fold, cfg.epochs, len(history), bar_position)
@@ -187,169 +177,135 @@ def train_fold(cfg: TrainConfig, paths: Paths, fold: int, data: prepare.Prepared
             lr = scheduler.get_last_lr()[0]
             train_loss, train_acc = train_epoch(step, images, labels, train_rows, cfg, generator)
             train_seconds = time.perf_counter() - started
-            valid_loss, valid_acc, _ = evaluate(model, valid_x, valid_y, cfg)
-            if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
-                raise PipelineError(
-                    f"fold {fold}, epoch {epoch}: the loss became {train_loss} (train) / "
-                    f"{valid_loss} (valid). Try a lower learning rate (LR=), gradient clipping "
-                    "(ARGS='--clip 1'), or a smaller hidden size; nothing of this epoch was saved"
-                )
+            valid_loss, valid_acc, _ = evaluate(model, images[valid_rows], labels[valid_rows], cfg)
+            _check_finite(fold, epoch, train_loss, valid_loss)
             seconds = time.perf_counter() - started
             elapsed += seconds
-            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                   "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
-                   "seconds": round(seconds, 3),
-                   "samples_per_s": round(len(train_rows) / max(train_seconds, 1e-9), 1)}
+            history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                            "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
+                            "seconds": round(seconds, 3),
+                            "samples_per_s": round(len(train_rows) / max(train_seconds, 1e-9), 1)})
             if not best or (valid_acc, -valid_loss) > (best["valid_acc"], -best["valid_loss"]):
                 best = {"epoch": epoch, "valid_acc": valid_acc, "valid_loss": valid_loss}
-                save_checkpoint(model_path, _checkpoint(cfg, model, key, folds_key, fold, best,
-                                                        elapsed, device, complete=False))
-            history.append(row)
-            save_checkpoint(state_path, _state(key, step, generator, history, best, elapsed))
-            write_csv(paths.fold_log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
-            progress.update(row)
+                best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            checkpoint.save_state(run.state(fold), key, step, generator, history, best, best_weights,
+                                  elapsed)
+            write_csv(run.log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
+            progress.update(history[-1])
     finally:
         progress.close()
+    return _finish(cfg, run, fold, model, best, best_weights, elapsed, device,
+                   images[valid_rows], labels[valid_rows], valid_rows)
 
-    # Out-of-fold predictions come from the best epoch's weights, not the last epoch's.
-    final = load_checkpoint(model_path)
-    model.load_state_dict(final["state_dict"])
-    _write_oof(paths, fold, model, cfg, valid_x, valid_y, valid_rows)
-    final.update(complete=True, seconds=elapsed)
-    save_checkpoint(model_path, final)
-    state_path.unlink(missing_ok=True)
+
+def _check_finite(fold: int, epoch: int, train_loss: float, valid_loss: float) -> None:
+    if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
+        raise PipelineError(
+            f"fold {fold}, epoch {epoch}: the loss became {train_loss} (train) / {valid_loss} (valid). "
+            "Try a lower learning rate (LR=), gradient clipping (CLIP=1), or a smaller hidden size; "
+            "nothing of this epoch was saved")
+
+
+def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best: dict[str, Any],
+            best_weights: dict[str, torch.Tensor], elapsed: float, device: torch.device,
+            valid_x: torch.Tensor, valid_y: torch.Tensor, valid_rows: torch.Tensor) -> dict[str, Any]:
+    """The best epoch's weights become the finished model; its out-of-fold predictions go beside it."""
+    model.load_state_dict(best_weights)
+    _, _, log_probs = evaluate(model, valid_x, valid_y, cfg)
+    write_probabilities(run.oof_fold(fold), log_probs.exp().cpu().numpy(),
+                        {"row": valid_rows.cpu().numpy(), "label": valid_y.cpu().numpy()})
+    checkpoint.save(run.model(fold), checkpoint.finished(model, cfg, best))
+    record = {"fold": fold, "best_epoch": best["epoch"], "valid_loss": best["valid_loss"],
+              "valid_acc": best["valid_acc"], "seconds": round(elapsed, 2),
+              "device": describe(device), "trained_at": time.time()}
+    mark_current(run.fold_record(fold), fold_inputs(run, fold), **record)
+    run.state(fold).unlink(missing_ok=True)
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
           f"valid_loss {best['valid_loss']:.4f}, {elapsed:.1f}s")
-    return summary(final)
+    return record
 
 
-def _state(key: str, step: TrainStep, generator: torch.Generator, history: list[dict[str, Any]],
-           best: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    """Everything an interrupted fold needs to carry on exactly where it stopped."""
-    device = step.device
-    return {
-        "key": key, "model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
-        "scheduler": step.scheduler.state_dict(), "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(), "history": history, "best": best,
-        "elapsed": elapsed, "device_type": device.type,
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
+def fold_stale(run: RunDir, fold: int) -> str:
+    """'' when the fold's finished model, its out-of-fold predictions and record are current."""
+    return stale(run.fold_record(fold), fold_inputs(run, fold), [run.model(fold), run.oof_fold(fold)],
+                 check=lambda: checkpoint.load(run.model(fold)))
 
 
-def _resume(state: dict[str, Any], step: TrainStep,
-            generator: torch.Generator) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
-    """Load a saved state into the model, optimizer, schedule and random generators."""
-    step.model.load_state_dict(state["model"])
-    step.optimizer.load_state_dict(state["optimizer"])
-    step.scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if step.device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], step.device)
-    return state["history"], state["best"], state["elapsed"]
+def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
+    """Stop before training, in one sentence, when the settings cannot train on these folds."""
+    smallest = int(len(fold_of) - np.bincount(fold_of).max())
+    steps_per_epoch(cfg, smallest)
 
 
-def _checkpoint(cfg: TrainConfig, model: torch.nn.Module, key: str, folds_key: str, fold: int,
-                best: dict[str, Any], elapsed: float, device: torch.device,
-                complete: bool) -> dict[str, Any]:
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": asdict(cfg), "key": key, "folds_key": folds_key, "fold": fold,
-        "epoch": best["epoch"], "valid_acc": best["valid_acc"], "valid_loss": best["valid_loss"],
-        "seconds": elapsed, "device": str(device), "complete": complete,
-    }
-
-
-def _write_oof(paths: Paths, fold: int, model: torch.nn.Module, cfg: TrainConfig,
-               valid_x: torch.Tensor, valid_y: torch.Tensor, valid_rows: torch.Tensor) -> None:
-    _, _, log_probs = evaluate(model, valid_x, valid_y, cfg)
-    write_probabilities(paths.oof_preds(fold), log_probs.exp().cpu().numpy(),
-                        {"row": valid_rows.cpu().numpy(), "label": valid_y.cpu().numpy()})
-
-
-def _load_state(path: Path, key: str, device: torch.device) -> dict[str, Any] | None:
-    """The resumable state of this very training run, or None (a stale one is discarded)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        print(f"{path}: unreadable training state; starting the fold again")
-        return None
-    if not isinstance(state, dict) or state.get("key") != key:
-        return None
-    if state.get("device_type", "cpu") != device.type:
-        # Random-number states of one device type do not fit another.
-        print(f"{path}: saved on {state.get('device_type')}, now on {device.type}; "
-              "starting the fold again")
-        return None
-    return state
-
-
-def summary(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return {"fold": checkpoint["fold"], "best_epoch": checkpoint["epoch"],
-            "valid_loss": checkpoint["valid_loss"], "valid_acc": checkpoint["valid_acc"],
-            "seconds": round(checkpoint["seconds"], 2), "device": checkpoint["device"]}
-
-
-def write_probabilities(path: Path, probs: np.ndarray, front: dict[str, np.ndarray]) -> None:
-    frame = pd.DataFrame(front)
-    for c in range(probs.shape[1]):
-        frame[f"p{c}"] = probs[:, c]
-    write_csv(path, frame, float_format="%.6g")
-
-
-def run(cfg: TrainConfig, paths: Paths, fold: int | None = None,
-        force: bool = False) -> list[dict[str, Any]]:
-    """Train every fold, or only the one given (force: even if up to date); returns summaries."""
-    data = prepare.load(paths)
-    fold_of, folds_key, n_folds = folds.load(paths, data.data_key, cfg)
+def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
+        fold: int | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Train every fold of the run, or only the one given, skipping the current ones (force: retrain
+    even those); returns the folds' records."""
+    n_folds = cfg.folds
     if fold is not None and not 0 <= fold < n_folds:
-        raise PipelineError(f"train: fold {fold} does not exist; folds are numbered 0 to "
-                            f"{n_folds - 1}")
-    todo = [fold] if fold is not None else list(range(n_folds))
-    if read_json(paths.logs / "config.json") != asdict(cfg):
-        write_json(paths.logs / "config.json", asdict(cfg))
-    device = resolve_device(cfg.device)
+        raise PipelineError(f"FOLD={fold}: this run has folds 0 to {n_folds - 1}")
+    device = resolve_device(cfg.device)  # before anything is written: a wrong DEVICE changes nothing
+    check_settings(cfg, fold_of)
+    todo = []
+    for k in [fold] if fold is not None else range(n_folds):
+        why = "FORCE=1" if force else fold_stale(run_dir, k)
+        print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
+        if why:
+            todo.append(k)
+    if not run_dir.config.is_file():
+        write_json(run_dir.config, asdict(cfg))
+    if todo:
+        _train_folds(cfg, paths, run_dir, data, fold_of, todo, device)
+    return [read_fold_record(run_dir, k) for k in ([fold] if fold is not None else range(n_folds))]
+
+
+def read_fold_record(run: RunDir, fold: int) -> dict[str, Any]:
+    from pipeline.io import read_json
+
+    record = read_json(run.fold_record(fold))
+    if not isinstance(record, dict):
+        raise PipelineError(f"{run.fold_record(fold)}: missing or unreadable")
+    return record
+
+
+def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
+                 todo: list[int], device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
-    jobs = cfg.jobs or (len(todo) if device.type == "cuda" else 1)
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
         print("train: no CUDA graph for a model with dropout: its step is random, so a replay "
               "cannot be checked against the normal step (set dropout 0 to use one)")
     graphs = ", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""
-    if jobs > 1 and len(todo) > 1:
-        return _run_parallel(cfg, paths, todo, device, jobs, force, graphs)
-    print(f"train: {cfg.model}, hidden {cfg.hidden}, {cfg.epochs} epochs, folds {todo} on "
-          f"{describe(device)}{graphs}")
-    return [train_fold(cfg, paths, k, data, fold_of, folds_key, device, force=force) for k in todo]
+    # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
+    jobs = min(cfg.jobs or (len(todo) if device.type == "cuda" else 1), len(todo))
+    if jobs > 1:
+        _run_parallel(cfg, paths, run_dir, todo, device, jobs, graphs)
+        return
+    print(f"train: {run_dir.id}: folds {todo} on {describe(device)}{graphs}")
+    for k in todo:
+        train_fold(cfg, run_dir, k, data, fold_of, device)
 
 
-def _run_parallel(cfg: TrainConfig, paths: Paths, todo: list[int], device: torch.device,
-                  jobs: int, force: bool, graphs: str) -> list[dict[str, Any]]:
+def _run_parallel(cfg: Settings, paths: Paths, run_dir: RunDir, todo: list[int], device: torch.device,
+                  jobs: int, graphs: str) -> None:
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
-    jobs = min(jobs, len(todo))
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
-    print(f"train: {jobs} folds at a time on {describe(device)}"
+    where = describe(device, threads) + (" each" if device.type == "cpu" else "")
+    print(f"train: {run_dir.id}: {jobs} folds at a time on {where}"
           + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
-    tasks = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for i, k in enumerate(todo):
-            worker_device = f"cuda:{i % gpus}" if gpus > 1 else str(device)
-            tasks.append(pool.submit(_fold_worker, asdict(cfg), str(paths.root), k, worker_device,
-                                     threads, i, force))
-        return [task.result() for task in tasks]
+        tasks = [pool.submit(_fold_worker, asdict(cfg), str(paths.root), run_dir.id, k,
+                             f"cuda:{i % gpus}" if gpus > 1 else str(device), threads, i)
+                 for i, k in enumerate(todo)]
+        for task in tasks:
+            task.result()
 
 
-def _fold_worker(cfg_fields: dict[str, Any], root: str, fold: int, device: str,
-                 threads: int, position: int, force: bool) -> dict[str, Any]:
+def _fold_worker(cfg_fields: dict[str, Any], root: str, run_id: str, fold: int, device: str,
+                 threads: int, position: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
-    cfg = TrainConfig(**cfg_fields)
     paths = Paths(Path(root))
-    data = prepare.load(paths)
-    fold_of, folds_key, _ = folds.load(paths, data.data_key)
-    return train_fold(cfg, paths, fold, data, fold_of, folds_key, torch.device(device), position,
-                      force)
+    return train_fold(Settings(**cfg_fields), RunDir(paths.runs / run_id), fold, load_prepared(paths),
+                      read_folds(paths), torch.device(device), position)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pipeline.artifacts import data_source, latest
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -39,11 +40,11 @@ def run(paths: Paths, message: str, timeout: float = 300.0) -> int:
 
 def _refuse_sample(paths: Paths) -> None:
     """The submission's data must not be the built-in sample, by either record of where it came from."""
-    from pipeline.download import data_source
-
-    ensemble = read_json(paths.preds / "ensemble.json") or {}
-    records = {str(paths.source_json): data_source(paths),
-               str(paths.preds / "ensemble.json"): str(ensemble.get("source"))}
+    name = latest(paths)
+    made = read_json(paths.runs / name / "run.json") if name else None
+    records = {str(paths.source_json): data_source(paths)}
+    if isinstance(made, dict):
+        records[f"runs/{name}/run.json"] = str(made.get("source"))
     for where, source in records.items():
         if source == "sample":
             raise PipelineError(

@@ -1,0 +1,192 @@
+"""The blend stage: several runs' probabilities, weighted on their out-of-fold predictions.
+
+Greedy forward selection with replacement (Caruana et al., ICML 2004): start from the run with the
+lowest out-of-fold log loss, then repeatedly add the run (possibly one already in) whose addition
+lowers the blend's out-of-fold log loss most; stop when no addition helps. A run's weight is how
+often it was picked. Weights chosen on the same rows they are scored on flatter the blend, so an
+honest estimate is reported too: for each fold, the selection is refitted on the other folds' rows
+and scored on that fold's rows.
+
+Only runs on the same data and the same folds can be blended: their out-of-fold predictions then
+cover the same rows, each row predicted by models that never saw it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifacts import (
+    Prepared,
+    RunDir,
+    all_runs,
+    completed,
+    data_source,
+    mark_current,
+    read_probabilities,
+    run_dir,
+    stale,
+    write_probabilities,
+)
+from pipeline.config import Paths, fingerprint
+from pipeline.errors import PipelineError
+from pipeline.io import read_json, write_csv, write_json
+from pipeline.ledger import publish
+from pipeline.submission import validate_file
+
+MEANS = ("prob", "logprob")
+MAX_STEPS = 100  # picks in all; a blend of a few runs settles long before
+
+
+def combine(probs: np.ndarray, weights: np.ndarray, mean: str) -> np.ndarray:
+    """Weighted mean of (runs, N, 10) probabilities, or of their logs (renormalised)."""
+    w = weights / weights.sum()
+    if mean == "prob":
+        return np.tensordot(w, probs, axes=1)
+    logs = np.tensordot(w, np.log(np.clip(probs, 1e-12, 1)), axes=1)
+    out = np.exp(logs - logs.max(1, keepdims=True))
+    return out / out.sum(1, keepdims=True)
+
+
+def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
+
+
+def select(probs: np.ndarray, labels: np.ndarray, mean: str = "prob") -> np.ndarray:
+    """How many times each run is picked by greedy forward selection with replacement."""
+    counts = np.zeros(len(probs))
+    losses = [_loss(p, labels) for p in probs]
+    counts[int(np.argmin(losses))] = 1
+    current = min(losses)
+    for _ in range(MAX_STEPS):
+        trials = []
+        for m in range(len(probs)):
+            trial = counts.copy()
+            trial[m] += 1
+            trials.append(_loss(combine(probs, trial, mean), labels))
+        m = int(np.argmin(trials))
+        if trials[m] >= current - 1e-9:
+            break
+        counts[m] += 1
+        current = trials[m]
+    return counts
+
+
+def honest_accuracy(probs: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, mean: str) -> float:
+    """Accuracy where each fold's rows are scored by a selection fitted on the other folds' rows."""
+    correct = 0
+    for f in np.unique(fold_of):
+        held = fold_of == f
+        counts = select(probs[:, ~held], labels[~held], mean)
+        correct += int((combine(probs[:, held], counts, mean).argmax(1) == labels[held]).sum())
+    return correct / len(labels)
+
+
+def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
+               names: list[str] | None) -> tuple[list[tuple[RunDir, dict[str, Any]]], list[str]]:
+    """The runs to blend, and the reasons others were left out."""
+    chosen, skipped = [], []
+    pool = [run_dir(paths, n) for n in names] if names else all_runs(paths)
+    for run in pool:
+        record = completed(run)
+        problem = ""
+        if names and not run.path.is_dir():
+            problem = "no such run"
+        elif record is None:
+            problem = "not complete (still training, or never predicted)"
+        elif record.get("kind") == "blend":
+            problem = "a blend itself"
+        elif record.get("data") != data.data_key:
+            problem = "made from other data than input/*.csv now hold"
+        elif (record.get("folds"), record.get("seed")) != (folds, seed):
+            problem = f"on other folds ({record.get('folds')} folds, seed {record.get('seed')})"
+        if problem and names:
+            raise PipelineError(f"RUNS: {run.id} cannot be blended: {problem}; the runs must share "
+                                f"the current data and folds ({folds} folds, seed {seed})")
+        if problem:
+            if record is None or record.get("kind") != "blend":
+                skipped.append(f"{run.id}: {problem}")
+            continue
+        chosen.append((run, record))
+    return chosen, skipped
+
+
+def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, seed: int,
+        names: list[str] | None = None, mean: str = "prob", force: bool = False) -> dict[str, Any]:
+    """Blend the chosen runs (default: every completed run on these data and folds) into a
+    submission; returns the blend's record."""
+    chosen, skipped = candidates(paths, data, folds, seed, names)
+    for line in skipped:
+        print(f"blend: skipped {line}")
+    if not chosen:
+        raise PipelineError(f"blend: no completed run on the current data and folds ({folds} folds, "
+                            f"seed {seed}); `make submit` makes one")
+    members = {run.id: record["key"] for run, record in chosen}
+    inputs = {"members": members, "mean": mean, "data": data.data_key}
+    out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")
+    why = "FORCE=1" if force else stale(out.record, inputs, [out.oof, out.test, out.submission],
+                                        check=lambda: validate_file(out.submission, len(data.test_x)))
+    if why:
+        print(f"blend: {out.id} reruns: {why}")
+        record = _blend(paths, out, chosen, data, fold_of, mean)
+        mark_current(out.record, inputs, **record)
+    else:
+        print(f"blend: {out.id} skipped: the same runs, unchanged")
+    record = read_json(out.record)
+    kept = publish(paths, out, record, len(data.test_x), new=bool(why))
+    weights = ", ".join(f"{k} x{v}" for k, v in record["weights"].items())
+    print(f"blend: {weights}")
+    print(f"blend: OOF accuracy {record['oof_acc_honest']:.4f} honest (selection refitted without "
+          f"each fold), {record['oof_acc']:.4f} in-sample; wrote {paths.submission_csv} "
+          f"(kept as {kept.relative_to(paths.root)})")
+    return record
+
+
+def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]], data: Prepared,
+           fold_of: np.ndarray, mean: str) -> dict[str, Any]:
+    labels = data.train_y.astype(np.int64)
+    oofs, tests = [], []
+    for run, _ in chosen:
+        rows, oof = read_probabilities(run.oof, "row")
+        if len(rows) != len(labels) or not np.array_equal(rows, np.arange(len(labels))):
+            raise PipelineError(f"{run.oof}: does not cover the {len(labels)} train rows in order")
+        ids, test = read_probabilities(run.test, "ImageId")
+        if len(ids) != len(data.test_x):
+            raise PipelineError(f"{run.test}: {len(ids)} rows, but test.csv has {len(data.test_x)}")
+        oofs.append(oof)
+        tests.append(test)
+    oofs_a, tests_a = np.stack(oofs), np.stack(tests)
+    started = time.perf_counter()
+    counts = select(oofs_a, labels, mean)
+    honest = honest_accuracy(oofs_a, labels, fold_of, mean)
+    blended_oof = combine(oofs_a, counts, mean)
+    blended_test = combine(tests_a, counts, mean)
+    frame = pd.DataFrame({"ImageId": np.arange(1, len(blended_test) + 1),
+                          "Label": blended_test.argmax(1).astype(np.int64)})
+    out.path.mkdir(parents=True, exist_ok=True)
+    write_probabilities(out.oof, blended_oof, {"row": np.arange(len(labels)), "label": labels})
+    write_probabilities(out.test, blended_test, {"ImageId": frame["ImageId"].to_numpy()})
+    write_csv(out.submission, frame)
+    weights = {run.id: int(c) for (run, _), c in zip(chosen, counts, strict=True) if c}
+    write_json(out.blend, {"weights": weights, "mean": mean,
+                           "considered": [run.id for run, _ in chosen]})
+    per_fold = [float((blended_oof[fold_of == f].argmax(1) == labels[fold_of == f]).mean())
+                for f in np.unique(fold_of)]
+    cv = [{"fold": str(f), "valid_loss": _loss(blended_oof[fold_of == f], labels[fold_of == f]),
+           "valid_acc": acc, "rows": int((fold_of == f).sum())}
+          for f, acc in zip(np.unique(fold_of), per_fold, strict=True)]
+    cv.append({"fold": "all", "valid_loss": _loss(blended_oof, labels),
+               "valid_acc": float((blended_oof.argmax(1) == labels).mean()), "rows": len(labels)})
+    write_csv(out.cv, pd.DataFrame(cv))
+    return {"complete": True, "kind": "blend", "model": "blend", "weights": weights, "mean": mean,
+            "oof_acc": float((blended_oof.argmax(1) == labels).mean()), "oof_acc_honest": honest,
+            "oof_loss": _loss(blended_oof, labels), "fold_min": min(per_fold),
+            "fold_max": max(per_fold), "data": data.data_key, "folds": int(fold_of.max()) + 1,
+            "seed": chosen[0][1].get("seed"), "device": "", "config": {},
+            "seconds": sum(r.get("seconds", 0) for _, r in chosen) + time.perf_counter() - started,
+            "source": data_source(paths), "finished": time.time()}
+
+

@@ -1,0 +1,148 @@
+"""Publishing a submission, and the record of every one: one JSON object per line in
+submissions/runs.jsonl.
+
+It lives in submissions/ because each entry names a kept submission in that folder and because
+`make clean` keeps that folder: the history of runs should outlive the logs of the latest one.
+
+The file is append-only. An entry is one line written with a single write, then flushed and
+fsynced, so an interrupted run leaves at worst one torn last line. The reader skips lines it cannot
+parse, and the writer starts on a fresh line when the file does not end with one, so a torn line
+never swallows the next entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import RunDir, set_latest
+from pipeline.config import Paths, changed_settings
+from pipeline.errors import PipelineError
+from pipeline.io import write_csv, write_json
+from pipeline.submission import validate_file
+
+
+def runs_path(paths: Paths) -> Path:
+    return paths.submissions / "runs.jsonl"
+
+
+def add(paths: Paths, entry: dict[str, Any]) -> None:
+    """Append one run to the record.
+
+    Expected fields: model, oof_acc, seconds, device, submission (the kept copy's file name), source,
+    and either config (the full settings; `changed` is derived from it) or changed. `time` is filled
+    in (local time, ISO 8601) when missing.
+    """
+    entry = dict(entry)
+    entry.setdefault("time", datetime.now().astimezone().isoformat(timespec="seconds"))
+    if "changed" not in entry and "config" in entry:
+        entry["changed"] = changed_settings(entry["config"])
+    line = json.dumps(entry, sort_keys=True, default=str).encode("utf-8") + b"\n"
+    path = runs_path(paths)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot record the run ({exc.strerror})") from exc
+    try:
+        # A torn last line from an interrupted write would swallow this entry: end it first.
+        if not _ends_with_newline(path):
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot record the run ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """True for an empty file or one whose last byte ends a line."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return True
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+def read(paths: Paths) -> tuple[list[dict[str, Any]], int]:
+    """Every recorded run, oldest first, and how many unreadable (torn) lines were skipped."""
+    path = runs_path(paths)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the record of runs ({exc.strerror})") from exc
+    entries, skipped = [], 0
+    for raw in data.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            skipped += 1
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            skipped += 1
+    return entries, skipped
+
+
+def find(paths: Paths, submission: str) -> dict[str, Any] | None:
+    """The recorded run that wrote the kept submission of that file name (the latest if several)."""
+    entries, _ = read(paths)
+    matches = [e for e in entries if e.get("submission") == submission]
+    return matches[-1] if matches else None
+
+
+def format_seconds(seconds: Any) -> str:
+    try:
+        total = float(seconds)
+    except (TypeError, ValueError):
+        return ""
+    if total < 60:
+        return f"{total:.1f}s"
+    minutes, secs = divmod(round(total), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def publish(paths: Paths, run: RunDir, record: dict[str, Any], expected_rows: int,
+            new: bool) -> Path:
+    """Make the run's submission the current one (submissions/submission.csv) after checking it
+    against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl."""
+    frame = validate_file(run.submission, expected_rows)
+    if not paths.submission_csv.is_file() or \
+            paths.submission_csv.read_bytes() != run.submission.read_bytes():
+        write_csv(paths.submission_csv, frame)
+    kept = paths.submissions / str(record.get("kept", ""))
+    if new or not record.get("kept") or not kept.is_file():
+        acc = record.get("oof_acc_honest", record["oof_acc"])
+        mark = f"-tta{record['tta']}" if record.get("tta") else ""
+        kept = _unique(paths.submissions / f"{time.strftime('%Y%m%d-%H%M%S')}-{record['model']}"
+                       f"-cv{acc:.4f}{mark}.csv")
+        write_csv(kept, frame)
+        record["kept"] = kept.name
+        write_json(run.record, record)
+        add(paths, {"run": run.id, "model": record["model"], "config": record.get("config", {}),
+                    "oof_acc": record["oof_acc"], "oof_acc_tta": record.get("oof_acc_tta"),
+                    "oof_acc_honest": record.get("oof_acc_honest"), "tta": record.get("tta", 0),
+                    "seconds": record.get("seconds"), "device": record.get("device", ""),
+                    "submission": kept.name, "source": record.get("source", "")})
+    set_latest(paths, run.id)
+    return kept
+
+
+def _unique(target: Path) -> Path:
+    n, base = 1, target
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.stem}-{n}.csv")
+    return target
