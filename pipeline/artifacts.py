@@ -260,7 +260,8 @@ def completed(run: RunDir) -> dict[str, Any] | None:
 
 
 def set_latest(paths: Paths, name: str) -> None:
-    atomic_write_text(paths.runs / "latest", name + "\n")
+    if latest(paths) != name:
+        atomic_write_text(paths.runs / "latest", name + "\n")
 
 
 def latest(paths: Paths) -> str | None:

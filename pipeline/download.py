@@ -51,8 +51,8 @@ def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: 
     if len(present) == 1 and not force:
         have, missing = present[0], ({paths.train_csv, paths.test_csv} - set(present)).pop()
         raise PipelineError(
-            f"{missing}: missing, while {have.name} is present. Put both files in input/ "
-            "(or rerun with FORCE=1 to fetch both again); nothing is filled in from another source."
+            f"{missing}: file not found, while {have.name} is present. Put both files in input/ "
+            "(or `make download FORCE=1` to fetch both again); nothing is filled in from another source"
         )
     if source == "auto":
         source, why = _choose_source()

@@ -228,7 +228,7 @@ def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best:
 def fold_stale(run: RunDir, fold: int) -> str:
     """'' when the fold's finished model, its out-of-fold predictions and record are current."""
     return stale(run.fold_record(fold), fold_inputs(run, fold), [run.model(fold), run.oof_fold(fold)],
-                 check=lambda: checkpoint.load(run.model(fold)))
+                 check=lambda: checkpoint.model_from(run.model(fold)))
 
 
 def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
@@ -243,7 +243,7 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
     even those); returns the folds' records."""
     n_folds = cfg.folds
     if fold is not None and not 0 <= fold < n_folds:
-        raise PipelineError(f"FOLD={fold}: this run has folds 0 to {n_folds - 1}")
+        raise PipelineError(f"FOLD={fold}: no fold {fold} in this run; its folds are 0 to {n_folds - 1}")
     device = resolve_device(cfg.device)  # before anything is written: a wrong DEVICE changes nothing
     check_settings(cfg, fold_of)
     todo = []

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts import RunDir, all_runs
+from pipeline.config import Paths
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")
 # Fresh folders use the sample, never the real competition data, even where Kaggle credentials exist.
@@ -42,3 +45,16 @@ def run_copy(sample_run: Path, tmp_path: Path) -> Path:
     root = tmp_path / "run"
     shutil.copytree(sample_run, root)
     return root
+
+
+def the_run(root: Path, prefix: str = "") -> RunDir:
+    """The one run folder of a project whose id starts with prefix (blends left out)."""
+    found = [r for r in all_runs(Paths(root)) if r.id.startswith(prefix) and not r.id.startswith("blend")]
+    assert len(found) == 1, [r.id for r in found]
+    return found[0]
+
+
+def files(root: Path) -> dict[str, int]:
+    """Every file of a project with its modification time (the lock file left out)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".lock")}

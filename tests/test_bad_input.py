@@ -21,6 +21,7 @@ import pytest
 
 from pipeline import prepare
 from pipeline.__main__ import main
+from pipeline.artifacts import RunDir, all_runs, load_prepared
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 
@@ -85,9 +86,9 @@ def write_inputs(root: Path, train: bytes = CLEAN_TRAIN, test: bytes = CLEAN_TES
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root but the two CSVs, with its bytes."""
+    """Every file under root but the two CSVs (and the project's lock file), with its bytes."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("train.csv", "test.csv")}
+            if p.is_file() and p.name not in ("train.csv", "test.csv", ".lock")}
 
 
 @pytest.fixture
@@ -95,10 +96,10 @@ def project(tmp_path: Path) -> Paths:
     """Clean CSVs, a valid prepared cache, and a model, log and submission of an earlier run."""
     paths = write_inputs(tmp_path)
     prepare.run(paths)
-    paths.models.mkdir()
-    paths.fold_model(0).write_bytes(b"an earlier model\x00\x01")
-    paths.logs.mkdir()
-    paths.fold_log(0).write_text("epoch,train_loss\n1,0.5\n")
+    earlier = RunDir(paths.runs / "rnn-h8-e1-000000")
+    earlier.path.mkdir(parents=True)
+    earlier.model(0).write_bytes(b"an earlier model\x00\x01")
+    earlier.log(0).write_text("epoch,train_loss\n1,0.5\n")
     paths.submissions.mkdir()
     paths.submission_csv.write_text("ImageId,Label\n1,3\n")
     return paths
@@ -286,7 +287,7 @@ def test_bad_file_is_named_precisely_and_changes_nothing(project: Paths, case: B
     assert_one_clear_error(err, *words)
     assert snapshot(project.root) == before
     # and the cache written before still loads for whoever needs it
-    assert prepare.load(project).train_x.shape == (N_TRAIN, 28, 28)
+    assert load_prepared(project).train_x.shape == (N_TRAIN, 28, 28)
 
 
 def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
@@ -340,15 +341,17 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
     code, _, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
     assert code == 1
     assert_one_clear_error(err, str(gone), "not found", f"{other.name} is present",
-                           "nothing is filled in")
+                           "nothing is filled in", "make download FORCE=1")
     assert not gone.exists() and not paths.prepared.exists() and not paths.source_json.exists()
 
 
-def test_both_files_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
-    assert code == 1
-    assert_one_clear_error(err, "train.csv", "not found", "make download")
-    assert not (tmp_path / "input" / "train.csv").exists()
+def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`make prepare` on a fresh clone builds what it needs: the download (here, the sample)."""
+    code, out, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
+    assert code == 0, err
+    assert "download: source auto -> sample" in out and "prepare: reruns: not made yet" in out
+    assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
 
 
 def test_missing_file_through_a_real_process(tmp_path: Path) -> None:
@@ -432,7 +435,7 @@ def test_variants_through_the_command_line(tmp_path: Path, capsys: pytest.Captur
     odd = write_inputs(tmp_path / "odd", GOOD["bom-crlf-no-final-newline"](CLEAN_TRAIN, True),
                        GOOD["shuffled-columns"](CLEAN_TEST, False))
     assert main(["--root", str(odd.root), "prepare"]) == 0
-    assert prepare.load(odd).data_key == prepare.load(clean).data_key
+    assert load_prepared(odd).data_key == load_prepared(clean).data_key
 
 
 # The two paths accept exactly the same cells: the fast one decides, the slow one explains.
@@ -487,7 +490,7 @@ def test_duplicate_rows_are_kept_and_counted(tmp_path: Path, capsys: pytest.Capt
     paths = write_inputs(tmp_path, train=render(names, rows))
     assert main(["--root", str(tmp_path), "prepare"]) == 0
     assert "3 duplicate train images kept" in capsys.readouterr().out
-    assert len(prepare.load(paths).train_x) == N_TRAIN + 3
+    assert len(load_prepared(paths).train_x) == N_TRAIN + 3
 
 
 def test_count_duplicates_is_exact() -> None:
@@ -570,22 +573,20 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_corrupt_cache_is_noticed_and_rebuilt(project: Paths, corruption: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    key = prepare.load(project).data_key
+    key = load_prepared(project).data_key
     name, damage = CORRUPTIONS[corruption]
     damage(project.prepared / name)
     if name != "meta.json":
-        with pytest.raises(PipelineError, match="make prepare"):
-            prepare.load(project)
-        # a later stage that loads it says what to do
-        code, _, err = run_cli(capsys, "--root", str(project.root), "folds", "--folds", "2")
-        assert code == 1
-        assert_one_clear_error(err, "make prepare")
+        with pytest.raises(PipelineError, match=str(project.prepared)):
+            load_prepared(project)
+    # A later stage that needs the cache notices the damage and rebuilds it first.
+    code, out, err = run_cli(capsys, "--root", str(project.root), "folds", "--folds", "2")
+    assert code == 0, err
+    reason = "meta.json is missing or unreadable" if name == "meta.json" else "damaged"
+    assert f"prepare: reruns: {reason}" in out
+    assert load_prepared(project).data_key == key
     code, out, _ = run_cli(capsys, "--root", str(project.root), "prepare")
-    assert code == 0
-    assert "rebuilding" in out
-    assert prepare.load(project).data_key == key
-    code, out, _ = run_cli(capsys, "--root", str(project.root), "prepare")
-    assert code == 0 and "up to date" in out
+    assert code == 0 and "prepare: skipped: train.csv and test.csv unchanged" in out
 
 
 # -- checkpoints and folds (train/predict) -------------------------------------------------------
@@ -612,6 +613,11 @@ def run_dir(trained: Path, tmp_path: Path) -> Paths:
     return Paths(tmp_path / "run")
 
 
+def the_run(paths: Paths) -> RunDir:
+    (run,) = all_runs(paths)
+    return run
+
+
 def unchanged(before: dict[str, bytes], root: Path) -> bool:
     """Every file of `before` still holds the same bytes (new files may have appeared)."""
     after = snapshot(root)
@@ -628,13 +634,16 @@ CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
 def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    CHECKPOINT_DAMAGE[damage](run_dir.fold_model(0))
-    before = snapshot(run_dir.root)
-    code, _, err = run_cli(capsys, "--root", str(run_dir.root), "predict", *TINY)
-    assert code == 1
-    assert_one_clear_error(err, str(run_dir.fold_model(0)))
-    assert not run_dir.submission_csv.exists()
-    assert unchanged(before, run_dir.root)
+    """A damaged model is named as the reason its fold retrains; the other fold is kept."""
+    run = the_run(run_dir)
+    CHECKPOINT_DAMAGE[damage](run.model(0))
+    fold1 = run.model(1).read_bytes()
+    code, out, err = run_cli(capsys, "--root", str(run_dir.root), "predict", *TINY)
+    assert code == 0, err
+    assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
+    assert "train: fold 1 skipped" in out
+    assert run.model(1).read_bytes() == fold1
+    assert run_dir.submission_csv.is_file()
 
 
 @pytest.mark.parametrize("other", [{"hidden": 16}, {"model": "gru"}], ids=["hidden-16", "gru"])
@@ -645,19 +654,17 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
     import torch
 
     from pipeline.models import build_model
-    from pipeline.runtime import config_of
+    from pipeline.checkpoint import config_of
 
-    path = run_dir.fold_model(1)
+    path = the_run(run_dir).model(1)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     wrong = build_model(replace(config_of(path, payload), **other))
     payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
     torch.save(payload, path)
-    before = snapshot(run_dir.root)
-    code, _, err = run_cli(capsys, "--root", str(run_dir.root), "predict", *TINY)
-    assert code == 1
-    assert_one_clear_error(err, str(path), "do not fit")
-    assert not run_dir.submission_csv.exists()
-    assert unchanged(before, run_dir.root)
+    code, out, err = run_cli(capsys, "--root", str(run_dir.root), "predict", *TINY)
+    assert code == 0, err
+    assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
+    assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
 
 
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])

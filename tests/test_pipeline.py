@@ -1,4 +1,4 @@
-"""End to end through the CLI on the built-in sample: artifacts, skipping, reruns and make."""
+"""End to end through the CLI on the built-in sample: runs, skipping, reruns, blend and make."""
 
 from __future__ import annotations
 
@@ -10,148 +10,186 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, files, run_cli, the_run
 
+from pipeline.artifacts import LOG_COLUMNS, PROB_COLUMNS, RunDir, latest
 from pipeline.config import Paths
 from pipeline.submission import validate_file
 
-LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds",
-               "samples_per_s"]
+pytestmark = pytest.mark.slow
 
 
 def test_submit_writes_every_artifact(sample_run: Path) -> None:
     paths = Paths(sample_run)
     prepared = {n: np.load(paths.prepared / f"{n}.npy") for n in ("train_x", "train_y", "test_x")}
     assert prepared["train_x"].dtype == np.uint8 and prepared["train_x"].shape[1:] == (28, 28)
-    assert prepared["test_x"].dtype == np.uint8 and prepared["test_x"].shape[1:] == (28, 28)
     n_train, n_test = len(prepared["train_y"]), len(prepared["test_x"])
     assert json.loads(paths.source_json.read_text())["source"] == "sample"
-
     folds = pd.read_csv(paths.folds_csv)
-    assert list(folds.columns) == ["row", "label", "fold"]
-    assert sorted(folds["row"]) == list(range(n_train)) and set(folds["fold"]) == {0, 1}
+    assert list(folds.columns) == ["row", "label", "fold"] and set(folds["fold"]) == {0, 1}
 
-    seen_rows = []
+    run = the_run(sample_run)
+    assert run.id.startswith("rnn-h32-e2-") and latest(paths) == run.id
+    assert json.loads(run.config.read_text())["hidden"] == 32
     for k in range(2):
-        ckpt = torch.load(paths.fold_model(k), map_location="cpu", weights_only=True)
-        assert ckpt["complete"] and ckpt["config"]["hidden"] == 32 and 1 <= ckpt["epoch"] <= 2
-        assert not paths.fold_state(k).exists()
-        log = pd.read_csv(paths.fold_log(k))
+        ckpt = torch.load(run.model(k), map_location="cpu", weights_only=True)
+        assert ckpt["config"]["hidden"] == 32 and 1 <= ckpt["epoch"] <= 2
+        assert not run.state(k).exists()
+        log = pd.read_csv(run.log(k))
         assert list(log.columns) == LOG_COLUMNS and list(log["epoch"]) == [1, 2]
-        oof = pd.read_csv(paths.oof_preds(k))
-        assert list(oof.columns) == ["row", "label"] + [f"p{c}" for c in range(10)]
+        oof = pd.read_csv(run.oof_fold(k))
+        assert list(oof.columns) == ["row", "label", *PROB_COLUMNS]
         assert set(oof["row"]) == set(folds.loc[folds["fold"] == k, "row"])
-        np.testing.assert_allclose(oof.filter(like="p").sum(axis=1), 1, atol=1e-4)
-        seen_rows += list(oof["row"])
-        test = pd.read_csv(paths.test_preds(k))
-        assert list(test["ImageId"]) == list(range(1, n_test + 1))
-    assert sorted(seen_rows) == list(range(n_train))
-
-    cv = pd.read_csv(paths.logs / "cv.csv")
-    assert list(cv["fold"].astype(str)) == ["0", "1", "all"]
-    assert 0 < cv["valid_acc"].iloc[-1] <= 1
-    config = json.loads((paths.logs / "config.json").read_text())
-    assert config["epochs"] == 2 and config["folds"] == 2
-
+        assert list(pd.read_csv(run.test_fold(k))["ImageId"]) == list(range(1, n_test + 1))
+    oof = pd.read_csv(run.oof)
+    assert list(oof["row"]) == list(range(n_train))
+    np.testing.assert_allclose(oof[PROB_COLUMNS].sum(axis=1), 1, atol=1e-4)
+    cv = pd.read_csv(run.cv)
+    assert list(cv["fold"].astype(str)) == ["0", "1", "all"] and 0 < cv["valid_acc"].iloc[-1] <= 1
+    record = json.loads(run.record.read_text())
+    assert record["complete"] and record["oof_acc"] == pytest.approx(cv["valid_acc"].iloc[-1])
     submission = validate_file(paths.submission_csv, expected_rows=n_test)
-    kept = [p for p in paths.submissions.glob("*-rnn-cv*.csv")]
-    assert len(kept) == 1 and kept[0].read_bytes() == paths.submission_csv.read_bytes()
+    assert run.submission.read_bytes() == paths.submission_csv.read_bytes()
+    kept = list(paths.submissions.glob("*-rnn-cv*.csv"))
+    assert [k.name for k in kept] == [record["kept"]]
+    assert kept[0].read_bytes() == paths.submission_csv.read_bytes()
     assert submission["Label"].between(0, 9).all()
 
 
 def test_second_submit_redoes_nothing(run_copy: Path) -> None:
-    paths = Paths(run_copy)
-    before = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()}
+    before = files(run_copy)
     result = run_cli(run_copy, "submit", *TINY)
-    for stage in ("prepare: up to date", "folds: up to date", "fold 0: up to date",
-                  "fold 1: up to date", "predict: up to date"):
-        assert stage in result.stdout
-    after = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()}
-    assert after == before
-    assert len(list(paths.submissions.glob("*-cv*.csv"))) == 1
+    for line in ("prepare: skipped: train.csv and test.csv unchanged", "folds: skipped",
+                 "train: fold 0 skipped", "train: fold 1 skipped", "skipped: its folds and TTA=0"):
+        assert line in result.stdout
+    assert files(run_copy) == before
 
 
-def test_changed_hyperparameter_reruns_only_what_depends_on_it(run_copy: Path) -> None:
+def test_two_runs_are_kept_and_going_back_retrains_nothing(run_copy: Path) -> None:
     paths = Paths(run_copy)
-    folds_mtime = paths.folds_csv.stat().st_mtime_ns
-    result = run_cli(run_copy, "submit", "--folds", "2", "--epochs", "1", "--hidden", "32")
-    assert "prepare: up to date" in result.stdout and "folds: up to date" in result.stdout
-    assert "fold 0: up to date" not in result.stdout
-    assert paths.folds_csv.stat().st_mtime_ns == folds_mtime
-    assert list(pd.read_csv(paths.fold_log(0))["epoch"]) == [1]
-    assert len(list(paths.submissions.glob("*-cv*.csv"))) == 2
+    first = the_run(run_copy)
+    first_files = {p.name: p.read_bytes() for p in first.path.iterdir()}
+    first_submission = paths.submission_csv.read_bytes()
+    run_cli(run_copy, "submit", *TINY, "--model", "gru")
+    second = the_run(run_copy, "gru")
+    assert second.id.startswith("gru-h32-e2-") and latest(paths) == second.id
+    assert {p.name: p.read_bytes() for p in first.path.iterdir()} == first_files  # untouched
+    assert paths.submission_csv.read_bytes() == second.submission.read_bytes()
+    again = run_cli(run_copy, "submit", *TINY)  # the first settings again: nothing retrains
+    assert "train: fold 0 skipped" in again.stdout and "fold 0 epoch" not in again.stdout
+    assert paths.submission_csv.read_bytes() == first_submission
+    assert latest(paths) == first.id
+    assert len(list(paths.submissions.glob("*-cv*.csv"))) == 2  # no new kept copy for the old run
 
 
-def test_train_one_fold_and_predict_without_training(run_copy: Path) -> None:
-    paths = Paths(run_copy)
-    fold1 = paths.fold_model(1).read_bytes()
+def test_train_on_a_fresh_clone_builds_what_it_needs(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "train", *TINY)
+    for line in ("download: source auto -> sample", "prepare: reruns: not made yet",
+                 "folds: reruns: not made yet", "train: fold 0 reruns: not made yet"):
+        assert line in result.stdout
+    run = the_run(tmp_path)
+    assert run.model(0).is_file() and run.model(1).is_file() and not run.record.exists()
+
+
+def test_each_stage_says_why_it_reruns(run_copy: Path) -> None:
+    """The one freshness rule on each stage: a missing output, changed input, damaged output."""
+    paths, run = Paths(run_copy), the_run(run_copy)
+    run.oof_fold(1).unlink()
+    (paths.prepared / "test_x.npy").write_bytes(b"damaged")
+    result = run_cli(run_copy, "predict", *TINY)
+    assert "prepare: reruns: damaged" in result.stdout
+    assert "train: fold 0 skipped" in result.stdout
+    assert "train: fold 1 reruns: oof_1.csv is missing" in result.stdout
+    assert f"predict: {run.id} reruns: folds changed" in result.stdout
+    paths.train_csv.write_text(paths.train_csv.read_text())  # same bytes, new modification time
+    touched = run_cli(run_copy, "prepare")
+    assert "prepare: reruns: train.csv changed" in touched.stdout
+
+
+def test_train_one_fold_then_predict_trains_the_rest(run_copy: Path) -> None:
     result = run_cli(run_copy, "train", "--fold", "0", "--folds", "2", "--epochs", "1",
                      "--hidden", "32")
-    assert "folds [0]" in result.stdout
-    assert paths.fold_model(1).read_bytes() == fold1
-    # Fold 0 now has other settings than fold 1: predict refuses to mix them.
-    mixed = run_cli(run_copy, "predict", check=False)
-    assert mixed.returncode == 1 and "different settings" in mixed.stderr
-    run_cli(run_copy, "train", *TINY)
-    result = run_cli(run_copy, "predict", "--force")
-    assert "OOF accuracy" in result.stdout and "fold 0: up to date" not in result.stdout
+    run = the_run(run_copy, "rnn-h32-e1")
+    assert "folds [0]" in result.stdout and not run.model(1).exists()
+    predicted = run_cli(run_copy, "predict", "--folds", "2", "--epochs", "1", "--hidden", "32")
+    assert "train: fold 0 skipped" in predicted.stdout and "train: fold 1 reruns" in predicted.stdout
+    assert "OOF accuracy" in predicted.stdout and run.record.is_file()
 
 
-def test_stage_before_its_input_says_what_to_run(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "train", check=False)
-    assert result.returncode == 1
-    assert "make download" in result.stderr or "make prepare" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_run_is_named_by_run(run_copy: Path) -> None:
+    run = the_run(run_copy)
+    run.model(1).unlink()
+    result = run_cli(run_copy, "train", "--run", run.id, "--fold", "1")
+    assert "train: fold 1 reruns: fold_1.pt is missing" in result.stdout and run.model(1).is_file()
+    refused = run_cli(run_copy, "predict", "--run", run.id, "--hidden", "64", check=False)
+    assert refused.returncode == 1 and "HIDDEN cannot be given" in refused.stderr
+    missing = run_cli(run_copy, "predict", "--run", "rnn-nothing", check=False)
+    assert missing.returncode == 1 and "no such run" in missing.stderr
 
 
 def test_options_exist_on_the_stage_clis() -> None:
-    for stage in ("folds", "train", "predict", "submit"):
+    for stage in ("folds", "train", "predict", "submit", "blend"):
         text = run_cli(REPO, stage, "--help").stdout
-        for option in ("--model", "--epochs", "--folds", "--hidden", "--batch", "--lr", "--seed",
-                       "--device", "--preset", "--config"):
+        for option in ("--model", "--view", "--epochs", "--folds", "--hidden", "--batch", "--lr",
+                       "--seed", "--device", "--preset", "--config"):
             assert option in text, (stage, option)
 
 
-def test_make_help_lists_the_stages() -> None:
+def test_make_help_lists_the_stages_and_every_setting() -> None:
+    from dataclasses import fields
+
+    from pipeline.config import Settings
+
     result = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True,
                             text=True, check=True)
-    for target in ("submit", "download", "prepare", "folds", "train", "predict", "test", "upload",
-                   "report", "runs", "bench"):
+    for target in ("submit", "download", "prepare", "folds", "train", "predict", "blend", "test",
+                   "test-fast", "upload", "report", "runs", "forget", "bench"):
         assert f"  {target} " in result.stdout, target
+    for f in fields(Settings):
+        assert f"  {f.name.upper()} " in result.stdout, f.name
     plain = subprocess.run(["make", "--no-print-directory"], cwd=REPO, capture_output=True,
                            text=True, check=True)
     assert plain.stdout == result.stdout
 
 
-def test_make_passes_options_through() -> None:
-    result = subprocess.run(["make", "-n", "--no-print-directory", "train", "FOLD=2", "EPOCHS=5",
-                             "MODEL=gru", "HIDDEN=64", "BIDIRECTIONAL=1", "CUDA_GRAPH=1", "AMP=0",
-                             "ARGS=--clip 0.5"],
-                            cwd=REPO, capture_output=True, text=True, check=True)
-    line = next(ln for ln in result.stdout.splitlines() if "-m pipeline train" in ln).replace('"', "")
-    for part in ("--fold 2", "--epochs 5", "--model gru", "--hidden 64", "--bidirectional",
-                 "--cuda-graph", "--no-amp", "--clip 0.5"):
-        assert part in line
+def test_make_passes_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.__main__ import parse
+
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "train", "EPOCHS=5", "SETUP="],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    assert "-m pipeline --make train" in dry.stdout
+    for name, value in {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
+                        "BIDIRECTIONAL": "1", "CUDA_GRAPH": "1", "AMP": "0", "NOWAIT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    args = parse(["--make", "train", "--clip", "0.5"])
+    assert (args.fold, args.epochs, args.model, args.hidden, args.view) == (2, 5, "gru", 64, "cols")
+    assert (args.bidirectional, args.cuda_graph, args.amp, args.clip, args.nowait) == \
+        (True, True, False, 0.5, True)
+    monkeypatch.setenv("AMP", "maybe")
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="AMP='maybe': must be 1 or 0"):
+        parse(["--make", "train"])
 
 
 @pytest.mark.parametrize("bad", [["--folds", "1"], ["--model", "cnn"], ["--lr", "-1"],
-                                 ["--fold", "7", "--folds", "2"]])
+                                 ["--fold", "7", "--folds", "2"], ["--epochs", "0"]])
 def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
     result = run_cli(run_copy, "train", *bad, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip()
 
 
-def test_folds_made_for_other_data_or_seed_are_refused(run_copy: Path) -> None:
+def test_folds_and_runs_follow_the_data_and_seed(run_copy: Path) -> None:
     paths = Paths(run_copy)
-    wrong_seed = run_cli(run_copy, "train", *TINY, "--seed", "7", check=False)
-    assert wrong_seed.returncode == 1 and "make folds" in wrong_seed.stderr
+    other_seed = run_cli(run_copy, "train", *TINY, "--seed", "7")
+    assert "folds: reruns: seed changed" in other_seed.stdout
+    assert len({r.id for r in map(RunDir, paths.runs.iterdir()) if r.path.is_dir()}) == 2
     lines = paths.train_csv.read_text().splitlines()
     paths.train_csv.write_text("\n".join(lines[:-20]) + "\n")  # the data changes under the folds
-    run_cli(run_copy, "prepare")
-    stale = run_cli(run_copy, "train", *TINY, check=False)
-    assert stale.returncode == 1 and "other data" in stale.stderr and "make folds" in stale.stderr
-    run_cli(run_copy, "folds", *TINY)
+    result = run_cli(run_copy, "train", *TINY)
+    assert "prepare: reruns: train.csv changed" in result.stdout
+    assert "folds: reruns: data, seed changed" in result.stdout  # seed 7 -> 42 too
     assert len(pd.read_csv(paths.folds_csv)) == len(lines) - 21
 
 
@@ -169,7 +207,8 @@ def test_explicit_other_source_replaces_only_the_sample(run_copy: Path, tmp_path
     assert Paths(run_copy).train_csv.read_bytes() == (elsewhere / "train.csv").read_bytes()
     # ...but real files from one source are kept, with a warning, unless FORCE=1.
     kept = run_cli(run_copy, "download", "--source", "sample")
-    assert "WARNING" in kept.stdout and "FORCE=1" in kept.stdout
+    assert f"WARNING: input/ holds files from the folder {elsewhere}, not from SOURCE=sample" \
+        in kept.stdout and "FORCE=1" in kept.stdout
     assert Paths(run_copy).train_csv.read_bytes() == (elsewhere / "train.csv").read_bytes()
     forced = run_cli(run_copy, "download", "--source", "sample", "--force")
     assert "wrote the sample" in forced.stdout
@@ -177,58 +216,46 @@ def test_explicit_other_source_replaces_only_the_sample(run_copy: Path, tmp_path
 
 def test_settings_that_do_not_change_learning_do_not_retrain(run_copy: Path) -> None:
     result = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
-    assert "fold 0: up to date" in result.stdout
-    run_cli(run_copy, "predict", "--eval-batch", "64")
-
-
-def test_lost_out_of_fold_predictions_are_remade_without_retraining(run_copy: Path) -> None:
-    paths = Paths(run_copy)
-    oof, model = pd.read_csv(paths.oof_preds(1)), paths.fold_model(1).read_bytes()
-    paths.oof_preds(1).unlink()
-    result = run_cli(run_copy, "train", *TINY)
-    assert "fold 1: up to date" in result.stdout
-    assert paths.fold_model(1).read_bytes() == model  # not retrained
-    # The same weights on the same rows; the first RNN call of a fresh process on a CPU may round
-    # differently in the last bit (the BLAS's first-call path), so the sixth digit may differ.
-    remade = pd.read_csv(paths.oof_preds(1))
-    assert list(remade.columns) == list(oof.columns)
-    assert remade[["row", "label"]].equals(oof[["row", "label"]])
-    np.testing.assert_allclose(remade.to_numpy(), oof.to_numpy(), rtol=1e-5, atol=2e-6)
+    assert "train: fold 0 skipped" in result.stdout
+    assert len(list((run_copy / "runs").glob("rnn-*"))) == 1
 
 
 def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> None:
-    paths = Paths(run_copy)
-    before = {k: torch.load(paths.fold_model(k), weights_only=True)["state_dict"] for k in (0, 1)}
-    fold1 = paths.fold_model(1).read_bytes()
+    run = the_run(run_copy)
+    before = torch.load(run.model(0), weights_only=True)["state_dict"]
+    fold1 = run.model(1).read_bytes()
     result = run_cli(run_copy, "train", "--fold", "0", "--force", *TINY)
-    assert "fold 0 epoch   2/2" in result.stdout and "fold 1" not in result.stdout
-    after = torch.load(paths.fold_model(0), weights_only=True)["state_dict"]
-    assert all(torch.equal(after[name], before[0][name]) for name in after)
-    assert paths.fold_model(1).read_bytes() == fold1
+    assert "train: fold 0 reruns: FORCE=1" in result.stdout and "fold 0 epoch   2/2" in result.stdout
+    after = torch.load(run.model(0), weights_only=True)["state_dict"]
+    assert all(torch.equal(after[name], before[name]) for name in after)
+    assert run.model(1).read_bytes() == fold1
 
 
 def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
-    result = run_cli(run_copy, "predict", "--tta", "2", *TINY)
-    record = json.loads((run_copy / "preds" / "ensemble.json").read_text())
-    assert f"with TTA=2 {record['oof_acc_tta']:.4f}" in result.stdout
-    # Recomputed here from the checkpoints: each fold's model, with the same passes, on its rows.
-    from pipeline import prepare
-    from pipeline.runtime import load_checkpoint, model_from_checkpoint, predict_log_proba
+    from pipeline import checkpoint
+    from pipeline.artifacts import load_prepared
+    from pipeline.runtime import predict_log_proba
 
+    result = run_cli(run_copy, "predict", "--tta", "2", *TINY)
+    run = the_run(run_copy)
+    record = json.loads(run.record.read_text())
+    assert f"with TTA=2 {record['oof_acc_tta']:.4f}" in result.stdout
+    # The kept copy says it is a TTA submission and carries the TTA score.
+    assert record["kept"].endswith(f"-cv{record['oof_acc']:.4f}-tta2.csv")
+    # Recomputed here from the checkpoints: each fold's model, with the same passes, on its rows.
     paths = Paths(run_copy)
-    data = prepare.load(paths)
+    data = load_prepared(paths)
     fold_of = pd.read_csv(paths.folds_csv).sort_values("row")["fold"].to_numpy()
     correct = 0
     for k in range(2):
-        model, cfg = model_from_checkpoint(paths.fold_model(k), load_checkpoint(paths.fold_model(k)))
+        model, cfg = checkpoint.model_from(run.model(k))
         rows = np.flatnonzero(fold_of == k)
         guess = predict_log_proba(model, torch.from_numpy(data.train_x[rows]), cfg, tta=2, seed=42)
         correct += int((guess.argmax(1).numpy() == data.train_y[rows]).sum())
     assert record["oof_acc_tta"] == correct / len(fold_of)
-    assert "with TTA)" in run_cli(run_copy, "runs").stdout
+    assert "with TTA=2)" in run_cli(run_copy, "runs").stdout
     again = run_cli(run_copy, "predict", "--tta", "2", *TINY)
-    assert "up to date" in again.stdout and f"with TTA=2 {record['oof_acc_tta']:.4f}" in again.stdout
-    # Without TTA there is no such figure.
-    plain = run_cli(run_copy, "predict", *TINY)
+    assert "skipped" in again.stdout and f"with TTA=2 {record['oof_acc_tta']:.4f}" in again.stdout
+    plain = run_cli(run_copy, "predict", *TINY)  # without TTA there is no such figure
     assert "with TTA" not in plain.stdout
-    assert json.loads((run_copy / "preds" / "ensemble.json").read_text())["oof_acc_tta"] is None
+    assert json.loads(run.record.read_text())["oof_acc_tta"] is None
