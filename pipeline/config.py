@@ -113,7 +113,7 @@ class Settings:
     drop_last: bool = setting(False, "drop the last short batch of an epoch (the tutorial did)")
     optimizer: str = setting("adamw", "adamw (decoupled weight decay) or adam", choices=("adamw", "adam"))
     lr: float = setting(3e-3, "peak learning rate (the one-cycle schedule warms up to it)",
-                        low=1e-8, high=10.0)
+                        low=1e-8, high=1e30)
     weight_decay: float = setting(1e-4, "AdamW weight decay", low=0, high=1.0)
     schedule: str = setting("onecycle", "learning-rate schedule: onecycle, cosine or none (constant)",
                             choices=("onecycle", "cosine", "none"))

@@ -252,10 +252,10 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
         print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
         if why:
             todo.append(k)
-    if not run_dir.config.is_file():
-        write_json(run_dir.config, asdict(cfg))
     if todo:
         _train_folds(cfg, paths, run_dir, data, fold_of, todo, device)
+    if not run_dir.config.is_file():  # written once the run's models exist, never before
+        write_json(run_dir.config, asdict(cfg))
     return [read_fold_record(run_dir, k) for k in ([fold] if fold is not None else range(n_folds))]
 
 

@@ -328,8 +328,8 @@ def submission(root: Path) -> Path:
     rows = "".join(f"{i},{i % 10}\n" for i in range(1, COMPETITION_TEST_ROWS + 1))
     path.write_text("ImageId,Label\n" + rows)
     (root / "input" / "source.json").write_text('{"source": "kaggle"}\n')
-    (root / "preds").mkdir()
-    (root / "preds" / "ensemble.json").write_text('{"source": "kaggle"}\n')
+    (root / "runs" / "rnn-h8-e1-000000").mkdir(parents=True)
+    (root / "runs" / "rnn-h8-e1-000000" / "run.json").write_text('{"source": "kaggle"}\n')
     return path
 
 
@@ -384,9 +384,10 @@ def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], 
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("record", ["input/source.json", "preds/ensemble.json"])
+@pytest.mark.parametrize("record", ["input/source.json", "runs/rnn-h8-e1-000000/run.json"])
 def test_upload_refuses_a_submission_of_the_sample(record: str, root: Path, env: dict[str, str],
                                                    fake: FakeKaggle, submission: Path) -> None:
+    (root / "runs" / "latest").write_text("rnn-h8-e1-000000\n")
     (root / record).write_text('{"source": "sample"}\n')
     assert_fails(upload(root, env), "built-in sample", record)
     assert fake.requests == []

@@ -14,14 +14,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, SAMPLE, TINY, run_cli
+from conftest import REPO, SAMPLE, TINY, run_cli, the_run
 
-from pipeline import download
-from pipeline.config import Paths
+from pipeline import checkpoint, download
+from pipeline.artifacts import RunDir, load_prepared, run_id
+from pipeline.config import Paths, resolve
 from pipeline.errors import PipelineError
 from pipeline.io import replace_together, staged_files
 
-OUTPUTS = ("models", "logs", "preds", "submissions")
+OUTPUTS = ("runs", "submissions")
 
 
 def fresh_outputs(root: Path) -> Path:
@@ -33,8 +34,8 @@ def fresh_outputs(root: Path) -> Path:
 
 def same_models(a: Path, b: Path, folds: int = 2) -> None:
     for k in range(folds):
-        ca = torch.load(Paths(a).fold_model(k), map_location="cpu", weights_only=True)
-        cb = torch.load(Paths(b).fold_model(k), map_location="cpu", weights_only=True)
+        ca = torch.load(the_run(a).model(k), map_location="cpu", weights_only=True)
+        cb = torch.load(the_run(b).model(k), map_location="cpu", weights_only=True)
         assert ca["epoch"] == cb["epoch"] and ca["valid_acc"] == cb["valid_acc"]
         assert ca["state_dict"].keys() == cb["state_dict"].keys()
         for name, tensor in ca["state_dict"].items():
@@ -43,8 +44,8 @@ def same_models(a: Path, b: Path, folds: int = 2) -> None:
 
 def same_logs(a: Path, b: Path, folds: int = 2) -> None:
     for k in range(folds):
-        la = pd.read_csv(Paths(a).fold_log(k)).drop(columns=["seconds", "samples_per_s"])
-        lb = pd.read_csv(Paths(b).fold_log(k)).drop(columns=["seconds", "samples_per_s"])
+        la = pd.read_csv(the_run(a).log(k)).drop(columns=["seconds", "samples_per_s"])
+        lb = pd.read_csv(the_run(b).log(k)).drop(columns=["seconds", "samples_per_s"])
         pd.testing.assert_frame_equal(la, lb)
 
 
@@ -64,7 +65,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, tmp
     run_cli(fresh_outputs(reference), "submit", *args)
 
     killed = fresh_outputs(run_copy)
-    log = Paths(killed).fold_log(0)
+    run = planned_run(killed, args)
+    log = run.log(0)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(killed), "train", *args],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -75,26 +77,60 @@ def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, tmp
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert Paths(killed).fold_state(0).is_file()
+    assert run.state(0).is_file() and not run.model(0).exists()
     assert not Paths(killed).submission_csv.exists()
-    assert not list(Paths(killed).models.glob("*.tmp")) and not list(Paths(killed).logs.glob(".*"))
+    assert not list(run.path.glob(".*"))  # no temporary file left behind
 
     result = run_cli(killed, "submit", *args)
     assert "fold 0: resuming after epoch" in result.stdout
     same_models(killed, reference)
     same_logs(killed, reference)
     assert Paths(killed).submission_csv.read_bytes() == Paths(reference).submission_csv.read_bytes()
-    assert not Paths(killed).fold_state(0).exists()
+    assert not run.state(0).exists()
+
+
+def planned_run(root: Path, args: tuple[str, ...]) -> RunDir:
+    """The folder a command with these settings trains into (the project holds prepared data)."""
+    names = args[0::2]
+    overrides = {n.lstrip("-"): v for n, v in zip(names, args[1::2], strict=True)}
+    return RunDir(Paths(root).runs / run_id(resolve(overrides=overrides),
+                                            load_prepared(Paths(root)).data_key))
+
+
+def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(run_copy: Path) -> None:
+    """FORCE=1 replaces a finished model only by a finished one, and its rerun resumes too."""
+    args = ("--folds", "2", "--epochs", "12", "--hidden", "32")
+    run_cli(run_copy, "submit", *args)
+    run = planned_run(run_copy, args)
+    finished, submission = run.model(0).read_bytes(), Paths(run_copy).submission_csv.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(run_copy), "train",
+                             "--fold", "0", "--force", *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not run.state(0).is_file():
+        time.sleep(0.005)
+    assert proc.poll() is None, "the retrain finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert run.model(0).read_bytes() == finished  # the finished model is still there, unchanged
+    predicted = run_cli(run_copy, "predict", *args)
+    assert "train: fold 0 skipped" in predicted.stdout
+    assert Paths(run_copy).submission_csv.read_bytes() == submission
+    again = run_cli(run_copy, "train", "--fold", "0", "--force", *args)
+    assert "fold 0: resuming after epoch" in again.stdout
+    after = torch.load(run.model(0), weights_only=True)["state_dict"]
+    before = torch.load(__import__("io").BytesIO(finished), weights_only=True)["state_dict"]
+    assert all(torch.equal(after[name], before[name]) for name in after)  # the same model again
 
 
 def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(fresh_outputs(run_copy)),
-                             "train", "--folds", "2", "--epochs", "50", "--hidden", "32"],
+    args = ("--folds", "2", "--epochs", "50", "--hidden", "32")
+    log = planned_run(fresh_outputs(run_copy), args).log(0)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(run_copy), "train", *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # A test runner started in the background inherits SIGINT ignored;
                             # the child must see Ctrl-C as a terminal user's program does.
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    log = Paths(run_copy).fold_log(0)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not log.is_file():
         time.sleep(0.02)
@@ -108,12 +144,14 @@ def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
 def test_nan_loss_stops_the_fold_without_broken_outputs(run_copy: Path) -> None:
     paths = Paths(run_copy)
     submission = paths.submission_csv.read_bytes()
-    model = paths.fold_model(0).read_bytes()
-    result = run_cli(run_copy, "train", "--folds", "2", "--epochs", "1", "--hidden", "32",
-                     "--lr", "1e30", "--clip", "0", check=False)
+    model = the_run(run_copy).model(0).read_bytes()
+    args = ("--folds", "2", "--epochs", "1", "--hidden", "32", "--lr", "1e30", "--clip", "0")
+    result = run_cli(run_copy, "train", *args, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "fold 0, epoch 1" in result.stderr and "lower learning rate" in result.stderr
-    assert paths.fold_model(0).read_bytes() == model
+    assert the_run(run_copy, "rnn-h32-e2").model(0).read_bytes() == model
+    failed = planned_run(run_copy, args)
+    assert not failed.model(0).exists() and not failed.config.exists()
     assert paths.submission_csv.read_bytes() == submission
 
 
@@ -130,17 +168,16 @@ def test_parallel_folds_equal_sequential_folds(run_copy: Path, tmp_path: Path) -
 
 
 def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
-    paths = Paths(fresh_outputs(run_copy))
-    paths.models.mkdir()
-    paths.fold_state(0).write_bytes(os.urandom(64))
+    run = planned_run(fresh_outputs(run_copy), TINY)
+    run.path.mkdir(parents=True)
+    run.state(0).write_bytes(os.urandom(64))
     result = run_cli(run_copy, "train", *TINY)
     assert "unreadable training state" in result.stdout
-    assert not paths.fold_state(0).exists() and paths.fold_model(0).is_file()
+    assert not run.state(0).exists() and run.model(0).is_file()
 
 
 def test_training_state_from_another_device_type_is_not_resumed(tmp_path: Path) -> None:
-    from pipeline.train import _load_state
-
+    _load_state = checkpoint.load_state
     path = tmp_path / "fold_0.last.pt"
     torch.save({"key": "k", "device_type": "cuda", "history": []}, path)
     assert _load_state(path, "k", torch.device("cpu")) is None

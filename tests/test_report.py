@@ -1,4 +1,4 @@
-"""The report (reports/index.html and its figures) and the record of runs (submissions/runs.jsonl)."""
+"""The report (reports/index.html and its figures) and the record of submissions (runs.jsonl)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import report, runs
-from pipeline.config import Paths, TrainConfig
+from conftest import the_run
+
+from pipeline import ledger, report
+from pipeline.artifacts import RunDir
+from pipeline.config import Paths, TrainConfig, changed_settings
 from pipeline.errors import PipelineError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,7 +32,11 @@ def tiny_run(sample_run: Path) -> Paths:
 
 @pytest.fixture(scope="session")
 def page(tiny_run: Paths) -> Path:
-    return report.run(tiny_run)
+    return report.run(tiny_run, the_run(tiny_run.root))
+
+
+def draw(paths: Paths) -> Path:
+    return report.run(paths, the_run(paths.root))
 
 
 def copy_run(paths: Paths, target: Path) -> Paths:
@@ -69,7 +76,7 @@ def image_sources(page: Path) -> list[str]:
 def test_report_writes_index_html_in_reports(tiny_run: Paths, page: Path) -> None:
     assert page == tiny_run.reports / "index.html"
     text = page.read_text(encoding="utf-8")
-    cv = pd.read_csv(tiny_run.logs / "cv.csv", dtype={"fold": str})
+    cv = pd.read_csv(the_run(tiny_run.root).cv, dtype={"fold": str})
     oof_acc = float(cv.loc[cv["fold"] == "all", "valid_acc"].iloc[0])
     assert f"{oof_acc:.4f}" in text  # the overall OOF accuracy of cv.csv
     assert "<th>best_epoch</th>" in text and "<td>all</td>" in text  # the cv.csv table
@@ -95,12 +102,12 @@ def test_every_image_the_page_references_exists_next_to_it(page: Path) -> None:
 
 
 def test_confusion_matrix_counts_every_train_row(tiny_run: Paths) -> None:
-    run = report.load_run(tiny_run)
+    run = report.load_run(tiny_run, the_run(tiny_run.root))
     matrix = report.oof_confusion(run)
     assert matrix.shape == (10, 10)
     assert matrix.sum() == len(run.train_y) == len(np.load(tiny_run.prepared / "train_x.npy"))
     assert (matrix.sum(1) == np.bincount(run.train_y, minlength=10)).all()
-    cv = pd.read_csv(tiny_run.logs / "cv.csv", dtype={"fold": str})
+    cv = pd.read_csv(the_run(tiny_run.root).cv, dtype={"fold": str})
     oof_acc = float(cv.loc[cv["fold"] == "all", "valid_acc"].iloc[0])
     assert np.trace(matrix) / matrix.sum() == pytest.approx(oof_acc)
 
@@ -137,50 +144,37 @@ def test_confident_mistakes_are_wrong_and_surest_first() -> None:
 
 
 def test_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match=r"no run to report on .*make submit"):
-        report.run(Paths(tmp_path))
+    with pytest.raises(PipelineError, match=r"RUN=rnn-x: no complete run of that name"):
+        report.run(Paths(tmp_path), RunDir(tmp_path / "runs" / "rnn-x"))
     assert not (tmp_path / "reports").exists()
 
 
 def test_report_shows_the_settings_the_ensemble_was_trained_with(tiny_run: Paths,
                                                                  tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
-    # A later `train` of other settings rewrites logs/config.json; the ensemble is unchanged.
-    config = json.loads((paths.logs / "config.json").read_text())
-    (paths.logs / "config.json").write_text(json.dumps({**config, "hidden": 999}))
-    assert report.load_run(paths).config["hidden"] == 32
+    run = the_run(paths.root)
+    assert report.load_run(paths, run).config["hidden"] == 32
+    text = draw(paths).read_text(encoding="utf-8")
+    assert run.id in text and "<td class=l>hidden</td><td class=l>32</td>" in text
 
 
 def test_report_names_a_missing_file_of_the_run(tiny_run: Paths, tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
-    paths.oof_preds(1).unlink()
-    with pytest.raises(PipelineError, match=r"oof_fold_1\.csv: missing"):
-        report.run(paths)
+    the_run(paths.root).log(1).unlink()
+    with pytest.raises(PipelineError, match=r"fold_1\.csv: missing"):
+        draw(paths)
 
 
 def test_report_refuses_predictions_of_other_data(tiny_run: Paths, tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
-    oof = pd.read_csv(paths.oof_preds(0))
-    oof.iloc[:5].to_csv(paths.oof_preds(0), index=False)
-    with pytest.raises(PipelineError, match="rerun `make submit`"):
-        report.run(paths)
-
-
-def test_report_falls_back_to_the_submission_and_warns_of_newer_training(
-        tiny_run: Paths, tmp_path: Path) -> None:
-    paths = copy_run(tiny_run, tmp_path)
-    for k in range(2):
-        paths.test_preds(k).unlink()
-    log = paths.fold_log(0)
-    stamp = (paths.logs / "cv.csv").stat().st_mtime + 60  # trained again after the predict
-    os.utime(log, (stamp, stamp))
-    text = report.run(paths).read_text(encoding="utf-8")
-    assert "Test predictions: submissions/submission.csv" in text
-    assert "fold_0.csv changed after logs/cv.csv" in text
+    run = the_run(paths.root)
+    pd.read_csv(run.oof).iloc[:5].to_csv(run.oof, index=False)
+    with pytest.raises(PipelineError, match="make predict RUN="):
+        draw(paths)
 
 
 def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path: Path) -> None:
-    run = report.load_run(tiny_run)
+    run = report.load_run(tiny_run, the_run(tiny_run.root))
     none = report.confident_mistakes(run.oof).head(0)
     name = report.plot_mistakes(run, none, tmp_path / "mistakes.png")
     width, height = png_size(tmp_path / name)
@@ -198,46 +192,20 @@ def entry(submission: str, **config: object) -> dict[str, object]:
 
 def test_changed_settings_are_the_hyperparameters_off_their_defaults() -> None:
     cfg = TrainConfig(epochs=3, model="gru", device="cuda", jobs=4)
-    assert runs.changed_settings(cfg) == {"epochs": 3, "model": "gru"}
-    assert runs.changed_settings(TrainConfig()) == {}
+    assert changed_settings(cfg) == {"epochs": 3, "model": "gru"}
+    assert changed_settings(TrainConfig()) == {}
 
 
-def test_runs_table_lists_every_run_newest_first(tmp_path: Path) -> None:
+def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    assert "no runs recorded yet" in runs.table(paths)
-    runs.record(paths, entry("first.csv", epochs=5))
-    runs.record(paths, entry("second.csv", hidden=64, lr=0.001))
-    (paths.submissions / "second.csv").write_text("ImageId,Label\n")
-    lines = runs.table(paths).splitlines()
-    assert lines[0].split()[:2] == ["when", "model"]
-    assert "second.csv" in lines[2] and "hidden=64 lr=0.001" in lines[2]
-    assert "first.csv (deleted)" in lines[3] and "epochs=5" in lines[3]
-    assert "0.9876" in lines[2] and "1m23s" in lines[2] and "cpu (4 threads)" in lines[2]
-    assert lines[4] == f"2 run(s) in {runs.runs_path(paths)}"
-    recorded = [json.loads(line) for line in runs.runs_path(paths).read_text().splitlines()]
-    assert [e["changed"] for e in recorded] == [{"epochs": 5}, {"hidden": 64, "lr": 0.001}]
-    assert all("T" in e["time"] for e in recorded)  # ISO 8601, filled in by record()
-
-
-def test_runs_record_survives_an_interrupted_write(tmp_path: Path) -> None:
-    paths = Paths(tmp_path)
-    runs.record(paths, entry("first.csv"))
-    with open(runs.runs_path(paths), "ab") as handle:  # a write cut off mid-line
+    ledger.add(paths, entry("first.csv"))
+    with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
         handle.write(b'{"model": "gru", "oof_acc": 0.9')
-    entries, skipped = runs.read(paths)
+    entries, skipped = ledger.read(paths)
     assert [e["submission"] for e in entries] == ["first.csv"] and skipped == 1
-    assert "skipped 1 unreadable line" in runs.table(paths)
-
-    runs.record(paths, entry("second.csv"))
-    entries, skipped = runs.read(paths)
+    ledger.add(paths, entry("second.csv"))
+    entries, skipped = ledger.read(paths)
     assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == 1
-    lines = runs.runs_path(paths).read_bytes().split(b"\n")
+    lines = ledger.runs_path(paths).read_bytes().split(b"\n")
     assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
-    assert "second.csv (deleted)" in runs.table(paths).splitlines()[2]  # newest first, intact
-
-
-def test_runs_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    paths = Paths(tmp_path)
-    runs.record(paths, entry("only.csv"))
-    assert runs.run(paths) == capsys.readouterr().out.rstrip("\n")
-
+    assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in

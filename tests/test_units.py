@@ -47,7 +47,7 @@ def test_same_seed_same_folds_other_seed_other_folds(labels: np.ndarray) -> None
 
 def test_too_many_folds_for_a_rare_class_is_an_error() -> None:
     labels = np.array([0] * 20 + [1] * 2)
-    with pytest.raises(PipelineError, match="class 1 has 2 rows"):
+    with pytest.raises(PipelineError, match=r"FOLDS=3: digit 1 has 2 row\(s\)"):
         assign(labels, 3, seed=0)
 
 
@@ -208,7 +208,7 @@ def test_tutorial_preset_is_the_tutorial_recipe() -> None:
         ("rnn", 150, 1, "adam", 1e-3, 64, 10)
     assert cfg.drop_last and not cfg.normalize and not cfg.augment
     assert cfg.schedule == "none" and cfg.clip == 0 and cfg.label_smoothing == 0
-    assert set(PRESETS["tutorial"]) <= set(config.MODEL_FIELDS)
+    assert set(PRESETS["tutorial"]) <= set(TrainConfig().learned())
 
 
 def test_config_layers_merge_in_order(tmp_path: Path) -> None:
@@ -222,9 +222,9 @@ def test_config_layers_merge_in_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model": "cnn"}, "model must be one of"), ({"epochs": 0}, "epochs must be at least 1"),
-    ({"dropout": 1.5}, "dropout must be in"), ({"folds": 1}, "folds must be at least 2"),
-    ({"hidden": "big"}, "hidden must be int"), ({"bogus": 1}, "unknown config field"),
+    ({"model": "cnn"}, "model must be one of"), ({"epochs": 0}, "EPOCHS=0 is out of range; epochs must be a whole number from 1"),
+    ({"dropout": 1.5}, "dropout must be a number from 0 up to"), ({"folds": 1}, "FOLDS=1 is out of range"),
+    ({"hidden": "big"}, "hidden must be a whole number"), ({"bogus": 1}, "unknown setting"),
 ])
 def test_bad_config_values_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(PipelineError, match=message):
