@@ -274,22 +274,20 @@ def changed_settings(config: dict[str, Any] | Settings, learned_only: bool = Tru
 
 
 def describe_changes(config: dict[str, Any] | Settings) -> str:
-    """`preset=tutorial hidden=64`: a preset when the run matches one, then what else differs."""
-    changed = changed_settings(config)
-    best_name, best_rest = "", changed
-    for name, values in PRESETS.items():
-        if name == "default" or not values:
-            continue
-        applied = changed_settings(replace(Settings(), **values))
-        if all(changed.get(k) == v for k, v in applied.items()):
-            rest = {k: v for k, v in changed.items() if k not in applied}
-            rest.update({k: Settings.__dataclass_fields__[k].default for k in applied
-                         if k not in changed})
-            if len(rest) < len(best_rest):
-                best_name, best_rest = name, rest
-    words = [f"preset={best_name}"] if best_name else []
-    words += [f"{k}={v}" for k, v in best_rest.items()]
-    return " ".join(words)
+    """`preset=tutorial hidden=64`: the preset the run is closest to (if not the defaults), then
+    the settings that differ from it."""
+    values = asdict(config) if isinstance(config, Settings) else dict(config)
+    best: tuple[int, str, dict[str, Any]] | None = None
+    for name, preset in PRESETS.items():
+        base = asdict(replace(Settings(), **preset))
+        rest = {f.name: values[f.name] for f in fields(Settings) if f.metadata["learns"]
+                and f.name in values and values[f.name] != base[f.name]}
+        if best is None or len(rest) < best[0]:
+            best = (len(rest), name, rest)
+    assert best is not None
+    _, name, rest = best
+    words = [f"preset={name}"] if name != "default" else []
+    return " ".join(words + [f"{k}={v}" for k, v in rest.items()])
 
 
 def options_text() -> str:

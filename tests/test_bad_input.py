@@ -653,8 +653,8 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
 
     import torch
 
-    from pipeline.models import build_model
     from pipeline.checkpoint import config_of
+    from pipeline.models import build_model
 
     path = the_run(run_dir).model(1)
     payload = torch.load(path, map_location="cpu", weights_only=True)

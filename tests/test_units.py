@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, train
+from pipeline import train
 from pipeline.augment import random_affine
 from pipeline.config import PRESETS, TrainConfig, resolve
 from pipeline.errors import PipelineError
@@ -222,7 +222,8 @@ def test_config_layers_merge_in_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model": "cnn"}, "model must be one of"), ({"epochs": 0}, "EPOCHS=0 is out of range; epochs must be a whole number from 1"),
+    ({"model": "cnn"}, "model must be one of"),
+    ({"epochs": 0}, "EPOCHS=0 is out of range; epochs must be a whole number from 1"),
     ({"dropout": 1.5}, "dropout must be a number from 0 up to"), ({"folds": 1}, "FOLDS=1 is out of range"),
     ({"hidden": "big"}, "hidden must be a whole number"), ({"bogus": 1}, "unknown setting"),
 ])
