@@ -17,7 +17,8 @@ TORCH ?= torch==2.13.0
 # Settings are declared once, in pipeline/config.py; `make help` lists them from there.
 PIPELINE = $(PY) -m pipeline --make
 
-.PHONY: help setup submit download prepare folds train predict blend upload report runs forget test \
+.PHONY: help setup submit download prepare folds train predict blend tune tune-status upload report \
+	runs forget test \
 	test-fast lint bench bench-accuracy gpu-check clean
 
 help: ## list the targets and the options they take
@@ -29,6 +30,7 @@ help: ## list the targets and the options they take
 	@$(PYTHON) -m pipeline.config
 	@echo
 	@echo "other options: RUN=<id> (train, predict, report, forget)  RUNS=\"<id> <id>\" MEAN=prob|logprob (blend)"
+	@echo "  TRIALS=n WORKERS=n STUDY=name STORAGE=url SPACE=file TUNE_FOLDS=k PRUNER=median|wilcoxon|none (tune)"
 	@echo "  FOLD=k (train)  FORCE=1  SORT=acc|time FORMAT=table|csv (runs)  NOWAIT=1 (never wait for"
 	@echo "  another command)  PRESET=tutorial  CONFIG=file.toml  SOURCE=auto|kaggle|dir|sample DIR=path"
 	@echo "  TIMEOUT=s  MESSAGE=\"...\"  ARGS=\"--any --stage-option\" (.venv/bin/python -m pipeline <stage> --help)"
@@ -64,6 +66,12 @@ predict: setup ## the run's test predictions -> submissions/submission.csv (TTA=
 
 blend: setup ## blend completed runs on their out-of-fold predictions (RUNS="<id> <id>")
 	$(PIPELINE) blend $(ARGS)
+
+tune: setup ## search settings with Optuna (TRIALS, WORKERS, STUDY, STORAGE=url, SPACE, TUNE_FOLDS)
+	$(PIPELINE) tune $(ARGS)
+
+tune-status: setup ## a study's trials so far and the best five (STUDY, STORAGE)
+	$(PIPELINE) tune-status $(ARGS)
 
 upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
 	$(PIPELINE) upload $(ARGS)

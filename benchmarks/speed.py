@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import prepare, train
+from pipeline.artifacts import load_prepared
 from pipeline.config import ROOT, Paths, TrainConfig, resolve
 from pipeline.models import build_model
 from pipeline.runtime import describe, predict_log_proba, resolve_device
@@ -243,7 +244,7 @@ def bench_prepare(folder: Path, repeats: int) -> list[dict]:
 
     parse_s = median_seconds(parse, repeats, cpu)
     prepare.run(paths, force=True)
-    load_s = median_seconds(lambda: prepare.load(paths), repeats, cpu)
+    load_s = median_seconds(lambda: load_prepared(paths), repeats, cpu)
     print(f"  {'parse train.csv + test.csv (full size)':<46} {parse_s:>10.3f} s")
     print(f"  {'reload the prepared cache':<46} {load_s:>10.3f} s")
     return [{"case": "parse both CSVs", "seconds": parse_s},
@@ -279,7 +280,8 @@ def training_rate(paths: Paths, together: int) -> float:
     """Training samples per second from the fold logs, with `together` folds running at a time."""
     import pandas as pd
 
-    medians = [pd.read_csv(log)["samples_per_s"].median() for log in sorted(paths.logs.glob("fold_*.csv"))]
+    logs = sorted(paths.runs.glob("*/fold_*.csv"))
+    medians = [pd.read_csv(log)["samples_per_s"].median() for log in logs]
     return float(statistics.median(medians) * min(together, len(medians)))
 
 

@@ -24,7 +24,7 @@ from pipeline.errors import PipelineError
 SOURCES = ("auto", "kaggle", "dir", "sample")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
-WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "blend", "forget")
+WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "blend", "forget", "tune")
 
 
 # -- what each command does ------------------------------------------------------------------------
@@ -67,7 +67,8 @@ def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir,
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
     run = run_dir(paths, run_id(cfg, data.data_key))
-    records = train.run(cfg, paths, run, data, fold_of, fold=getattr(args, "fold", None),
+    fold = getattr(args, "fold", None)
+    records = train.run(cfg, paths, run, data, fold_of, folds=None if fold is None else [fold],
                         force=args.force and args.stage == "train")
     return cfg, run, data, fold_of, records
 
@@ -130,12 +131,33 @@ def _blend(args: argparse.Namespace, paths: Paths) -> None:
 def _report(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import report
 
+    if args.study:
+        from pipeline import tune
+
+        tune.report(paths, args.study, args.storage)
+        return
     name = args.run or latest(paths)
     if name is None:
         print("report: no run yet: making the default run first")
         with _locked(paths, args):
             name = build_prediction(args, paths)[0].id
     report.run(paths, run_dir(paths, name))
+
+
+def _tune(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import folds, tune
+
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    tune.run(paths, cfg, data, fold_of, study=args.study, trials=args.trials, workers=args.workers,
+             url=args.storage, space_path=args.space, tune_folds=args.tune_folds, pruner=args.pruner)
+
+
+def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import tune
+
+    print(tune.status(paths, args.study, args.storage))
 
 
 def _runs(args: argparse.Namespace, paths: Paths) -> None:
@@ -176,6 +198,12 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
                                choices=meta["choices"], help=text)
 
 
+def add_study_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", default="rnn", help="the study's name (default: rnn)")
+    parser.add_argument("--storage", help="an Optuna database URL shared by several machines, e.g. "
+                        "postgresql://user:pass@host/db (default: a journal in runs/tune/<study>/)")
+
+
 def add_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="auto", choices=SOURCES,
                         help="where the CSVs come from when input/ has none (default: auto)")
@@ -183,6 +211,21 @@ def add_source(parser: argparse.ArgumentParser) -> None:
                         "(with --source dir)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for Kaggle before giving up (default: 300)")
+
+
+def add_tune_stages(stage: Any) -> None:
+    p = stage("tune", _tune, "search settings with Optuna; every trial is a run", config=True)
+    add_study_options(p)
+    p.add_argument("--trials", type=int, default=20, help="run until the study has this many "
+                   "finished trials (default: 20)")
+    p.add_argument("--workers", type=int, default=1, help="trial processes on this machine")
+    p.add_argument("--space", type=Path, help="the search space (default: tune.toml)")
+    p.add_argument("--tune-folds", type=int, default=0,
+                   help="score trials on their first k folds only (0: all folds; default)")
+    p.add_argument("--pruner", default="median", choices=("median", "wilcoxon", "none"),
+                   help="how hopeless trials are stopped (default: median)")
+    add_study_options(stage("tune-status", _tune_status, "a study's trials so far and the best five",
+                            source=False))
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -229,17 +272,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
               force="blend again even if current")
     p.add_argument("--runs", help="the runs to blend, by id, separated by spaces (default: every "
                    "completed run on the current data and folds)")
-    p.add_argument("--mean", default="prob", choices=("prob", "logprob"),
-                   help="average probabilities (prob, the default) or log-probabilities")
-    p = stage("report", _report, "draw a run into reports/index.html (the latest by default)",
+    p.add_argument("--mean", default="logprob", choices=("prob", "logprob"),
+                   help="average log-probabilities (logprob, the default: it blended better out of "
+                   "fold) or probabilities")
+    p = stage("report", _report, "draw a run (or a study) into reports/ (the latest run by default)",
               config=True)
     p.add_argument("--run", help="the run to draw, by id (default: the latest)")
+    p.add_argument("--study", help="draw this tuning study instead of a run")
+    p.add_argument("--storage", help="the study's database URL (default: runs/tune/<study>/)")
+    add_tune_stages(stage)
     p = stage("runs", _runs, "every run side by side", source=False)
     p.add_argument("--sort", default="acc", choices=("acc", "time"),
                    help="best OOF accuracy first (acc) or newest first (time)")
     p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
-    p = stage("forget", _forget, "delete one run's folder", source=False)
-    p.add_argument("--run", required=True, help="the run to delete, by id")
+    stage("forget", _forget, "delete one run's folder", source=False).add_argument(
+        "--run", required=True, help="the run to delete, by id")
     p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
     p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
                    help="the submission's description on Kaggle (default: $MESSAGE)")

@@ -115,7 +115,7 @@ def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
 
 
 def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, seed: int,
-        names: list[str] | None = None, mean: str = "prob", force: bool = False) -> dict[str, Any]:
+        names: list[str] | None = None, mean: str = "logprob", force: bool = False) -> dict[str, Any]:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
     submission; returns the blend's record."""
     chosen, skipped = candidates(paths, data, folds, seed, names)
@@ -123,7 +123,7 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, seed: int
         print(f"blend: skipped {line}")
     if not chosen:
         raise PipelineError(f"blend: no completed run on the current data and folds ({folds} folds, "
-                            f"seed {seed}); `make submit` makes one")
+                            f"seed {seed}); `make submit FOLDS={folds} SEED={seed}` makes one")
     members = {run.id: record["key"] for run, record in chosen}
     inputs = {"members": members, "mean": mean, "data": data.data_key}
     out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")

@@ -31,7 +31,7 @@ from pipeline.artifacts import (
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_csv
-from pipeline.ledger import publish
+from pipeline.ledger import publish as make_current
 from pipeline.runtime import describe, predict_log_proba, resolve_device
 from pipeline.submission import validate_file, validate_frame
 
@@ -51,9 +51,9 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
-        folds: list[dict[str, Any]], force: bool = False) -> dict[str, Any]:
-    """Predict with the run's finished folds unless current; publish its submission; returns the
-    run's record. folds: the fold records train returned."""
+        folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> dict[str, Any]:
+    """Predict with the run's finished folds unless current; publish its submission (unless not
+    asked to: a tuning trial); returns the run's record. folds: the fold records train returned."""
     inputs = {"folds": [f["trained_at"] for f in folds], "tta": cfg.tta, "amp": cfg.amp,
               "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None}
     outputs = [run.oof, run.test, run.cv, run.submission]
@@ -67,7 +67,9 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
     else:
         record = read_json(run.record)
         print(f"predict: {run.id} skipped: its folds and TTA={cfg.tta} are unchanged")
-    kept = publish(paths, run, record, len(data.test_x), new=bool(why))
+    if not publish:
+        return record
+    kept = make_current(paths, run, record, len(data.test_x), new=bool(why))
     tta = f", with TTA={cfg.tta} {record['oof_acc_tta']:.4f}" if record.get("oof_acc_tta") else ""
     print(f"predict: {run.id}: OOF accuracy {record['oof_acc']:.4f}{tta}; wrote {paths.submission_csv} "
           f"(kept as {kept.relative_to(paths.root)})")

@@ -22,6 +22,8 @@ from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_write_text, read_json
 from pipeline.ledger import format_seconds
+from pipeline.page import CSS
+from pipeline.page import pyplot as _pyplot
 
 CLASSES = 10
 MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read
@@ -60,12 +62,13 @@ class Run:
 
 def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     if not path.is_file():
-        raise PipelineError(f"{path}: missing ({what}); `make predict` completes the run")
+        raise PipelineError(f"{path}: missing ({what}); `make predict RUN={path.parent.name}` "
+                            "completes the run")
     try:
         return pd.read_csv(path, **kwargs)
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable CSV ({exc}); `make predict FORCE=1` remakes it") \
-            from exc
+        raise PipelineError(f"{path}: not a readable CSV ({exc}); `make predict RUN={path.parent.name} "
+                            "FORCE=1` remakes it") from exc
 
 
 def load_run(paths: Paths, run: RunDir) -> Run:
@@ -153,16 +156,6 @@ def changed_config(config: dict[str, Any]) -> dict[str, bool]:
 
 
 # -- the figures -------------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    """pyplot on the file-only Agg backend, chosen here so importing the package never touches it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig: Any, path: Path, height_in: float) -> str:
@@ -278,11 +271,7 @@ def plot_balance(balance: pd.DataFrame, path: Path) -> str:
 
 # -- the page ----------------------------------------------------------------------------------
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;
-text-align:right}th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;border:1px solid #eee}
-.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em}.changed{font-weight:bold;
-background:#eef6ff}code{background:#f3f3f3;padding:0 .2em}"""
+
 
 
 def _cell(value: Any, digits: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -144,8 +145,12 @@ def fold_inputs(run: RunDir, fold: int) -> dict[str, Any]:
 
 
 def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: np.ndarray,
-               device: torch.device, bar_position: int | None = None) -> dict[str, Any]:
-    """Train one fold (resuming its saved state if there is one); returns its record."""
+               device: torch.device, bar_position: int | None = None,
+               on_epoch: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Train one fold (resuming its saved state if there is one); returns its record.
+
+    on_epoch(fold, epoch, valid_acc) is called after each epoch is saved (tuning reports there, and
+    may stop the fold by raising)."""
     key = fingerprint(fold_inputs(run, fold))
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = build_model(cfg).to(device)
@@ -192,6 +197,8 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
                                   elapsed)
             write_csv(run.log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
             progress.update(history[-1])
+            if on_epoch is not None:
+                on_epoch(fold, epoch, valid_acc)
     finally:
         progress.close()
     return _finish(cfg, run, fold, model, best, best_weights, elapsed, device,
@@ -238,25 +245,29 @@ def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
 
 
 def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
-        fold: int | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """Train every fold of the run, or only the one given, skipping the current ones (force: retrain
-    even those); returns the folds' records."""
+        folds: list[int] | None = None, force: bool = False,
+        on_epoch: Callable[[int, int, float], None] | None = None) -> list[dict[str, Any]]:
+    """Train every fold of the run, or only those given, skipping the current ones (force: retrain
+    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn)."""
     n_folds = cfg.folds
-    if fold is not None and not 0 <= fold < n_folds:
-        raise PipelineError(f"FOLD={fold}: no fold {fold} in this run; its folds are 0 to {n_folds - 1}")
+    for fold in folds or []:
+        if not 0 <= fold < n_folds:
+            raise PipelineError(f"FOLD={fold}: no fold {fold} in this run; its folds are 0 to "
+                                f"{n_folds - 1}")
+    folds = list(range(n_folds)) if folds is None else folds
     device = resolve_device(cfg.device)  # before anything is written: a wrong DEVICE changes nothing
     check_settings(cfg, fold_of)
     todo = []
-    for k in [fold] if fold is not None else range(n_folds):
+    for k in folds:
         why = "FORCE=1" if force else fold_stale(run_dir, k)
         print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
         if why:
             todo.append(k)
     if todo:
-        _train_folds(cfg, paths, run_dir, data, fold_of, todo, device)
+        _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch)
     if not run_dir.config.is_file():  # written once the run's models exist, never before
         write_json(run_dir.config, asdict(cfg))
-    return [read_fold_record(run_dir, k) for k in ([fold] if fold is not None else range(n_folds))]
+    return [read_fold_record(run_dir, k) for k in folds]
 
 
 def read_fold_record(run: RunDir, fold: int) -> dict[str, Any]:
@@ -269,7 +280,8 @@ def read_fold_record(run: RunDir, fold: int) -> dict[str, Any]:
 
 
 def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
-                 todo: list[int], device: torch.device) -> None:
+                 todo: list[int], device: torch.device,
+                 on_epoch: Callable[[int, int, float], None] | None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
@@ -278,12 +290,12 @@ def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, f
     graphs = ", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = min(cfg.jobs or (len(todo) if device.type == "cuda" else 1), len(todo))
-    if jobs > 1:
+    if jobs > 1 and on_epoch is None:
         _run_parallel(cfg, paths, run_dir, todo, device, jobs, graphs)
         return
     print(f"train: {run_dir.id}: folds {todo} on {describe(device)}{graphs}")
     for k in todo:
-        train_fold(cfg, run_dir, k, data, fold_of, device)
+        train_fold(cfg, run_dir, k, data, fold_of, device, on_epoch=on_epoch)
 
 
 def _run_parallel(cfg: Settings, paths: Paths, run_dir: RunDir, todo: list[int], device: torch.device,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pipeline.artifacts import RunDir, all_runs
 from pipeline.config import Paths
@@ -58,3 +59,9 @@ def files(root: Path) -> dict[str, int]:
     """Every file of a project with its modification time (the lock file left out)."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
             if p.is_file() and not p.name.startswith(".lock")}
+
+
+# Property-based searches: bounded for `make test`; HYPOTHESIS_PROFILE=deep searches longer.
+settings.register_profile("default", max_examples=50, derandomize=True)
+settings.register_profile("deep", max_examples=400)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -105,7 +105,7 @@ def project(tmp_path: Path) -> Paths:
     return paths
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
@@ -279,7 +279,7 @@ def test_bad_file_is_named_precisely_and_changes_nothing(project: Paths, case: B
     before = snapshot(project.root)
     target = project.train_csv if case.file == "train" else project.test_csv
     target.write_bytes(case.build())
-    code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
+    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
     assert code != 0
     words = [f"{case.file}.csv", f"line {case.line}", f"column {case.column}", *case.words]
     if case.name is not None:
@@ -295,7 +295,7 @@ def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.Captu
     before = snapshot(project.root)
     project.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
     project.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
-    code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
+    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
     assert code == 1
     assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
     assert "test.csv" not in err
@@ -338,7 +338,7 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
     gone, other = ((paths.train_csv, paths.test_csv) if missing == "train"
                    else (paths.test_csv, paths.train_csv))
     gone.unlink()
-    code, _, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
+    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
     assert code == 1
     assert_one_clear_error(err, str(gone), "not found", f"{other.name} is present",
                            "nothing is filled in", "make download FORCE=1")
@@ -348,7 +348,7 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
 def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`make prepare` on a fresh clone builds what it needs: the download (here, the sample)."""
-    code, out, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
+    code, out, err = in_process(capsys, "--root", str(tmp_path), "prepare")
     assert code == 0, err
     assert "download: source auto -> sample" in out and "prepare: reruns: not made yet" in out
     assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
@@ -368,7 +368,7 @@ def test_csv_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     paths = write_inputs(tmp_path)
     paths.train_csv.unlink()
     paths.train_csv.mkdir()
-    code, _, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
+    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
     assert code == 1
     assert_one_clear_error(err, "train.csv", "folder")
 
@@ -516,7 +516,7 @@ def test_unwritable_cache_folder(project: Paths, capsys: pytest.CaptureFixture[s
         if os.access(project.prepared, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
         before = snapshot(project.root)
-        code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
+        code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
         assert code == 1
         assert_one_clear_error(err, str(project.prepared), "cannot write")
         assert snapshot(project.root) == before
@@ -530,7 +530,7 @@ def test_unwritable_cache_folder_simulated(project: Paths, monkeypatch: pytest.M
     project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
     before = snapshot(project.root)
     monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project.prepared)
-    code, _, err = run_cli(capsys, "--root", str(project.root), "prepare")
+    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
     assert code == 1
     assert_one_clear_error(err, f"{project.prepared}: cannot write here")
     assert snapshot(project.root) == before
@@ -539,7 +539,7 @@ def test_unwritable_cache_folder_simulated(project: Paths, monkeypatch: pytest.M
 def test_cache_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = write_inputs(tmp_path)
     paths.prepared.write_bytes(b"not a folder")
-    code, _, err = run_cli(capsys, "--root", str(tmp_path), "prepare")
+    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
     assert code == 1
     assert_one_clear_error(err, str(paths.prepared), "is a file", "folder")
     assert paths.prepared.read_bytes() == b"not a folder"
@@ -580,18 +580,18 @@ def test_corrupt_cache_is_noticed_and_rebuilt(project: Paths, corruption: str,
         with pytest.raises(PipelineError, match=str(project.prepared)):
             load_prepared(project)
     # A later stage that needs the cache notices the damage and rebuilds it first.
-    code, out, err = run_cli(capsys, "--root", str(project.root), "folds", "--folds", "2")
+    code, out, err = in_process(capsys, "--root", str(project.root), "folds", "--folds", "2")
     assert code == 0, err
     reason = "meta.json is missing or unreadable" if name == "meta.json" else "damaged"
     assert f"prepare: reruns: {reason}" in out
     assert load_prepared(project).data_key == key
-    code, out, _ = run_cli(capsys, "--root", str(project.root), "prepare")
+    code, out, _ = in_process(capsys, "--root", str(project.root), "prepare")
     assert code == 0 and "prepare: skipped: train.csv and test.csv unchanged" in out
 
 
 # -- checkpoints and folds (train/predict) -------------------------------------------------------
 
-TINY = ["--folds", "2", "--epochs", "1", "--hidden", "8", "--batch", "8", "--device", "cpu",
+TINY_CPU = ["--folds", "2", "--epochs", "1", "--hidden", "8", "--batch", "8", "--device", "cpu",
         "--no-augment", "--eval-batch", "64"]
 
 
@@ -600,7 +600,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny finished run (2 folds, 1 epoch, no predict yet) to copy per test."""
     root = tmp_path_factory.mktemp("trained")
     write_inputs(root)
-    for stage in (["prepare"], ["folds", *TINY], ["train", *TINY]):
+    for stage in (["prepare"], ["folds", *TINY_CPU], ["train", *TINY_CPU]):
         assert main(["--root", str(root), *stage]) == 0, stage
     return root
 
@@ -638,7 +638,7 @@ def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
     run = the_run(run_dir)
     CHECKPOINT_DAMAGE[damage](run.model(0))
     fold1 = run.model(1).read_bytes()
-    code, out, err = run_cli(capsys, "--root", str(run_dir.root), "predict", *TINY)
+    code, out, err = in_process(capsys, "--root", str(run_dir.root), "predict", *TINY_CPU)
     assert code == 0, err
     assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
     assert "train: fold 1 skipped" in out
@@ -661,7 +661,7 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
     wrong = build_model(replace(config_of(path, payload), **other))
     payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
     torch.save(payload, path)
-    code, out, err = run_cli(capsys, "--root", str(run_dir.root), "predict", *TINY)
+    code, out, err = in_process(capsys, "--root", str(run_dir.root), "predict", *TINY_CPU)
     assert code == 0, err
     assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
     assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
@@ -670,7 +670,7 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])
 def test_fold_out_of_range(run_dir: Paths, fold: str, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(run_dir.root)
-    code, _, err = run_cli(capsys, "--root", str(run_dir.root), "train", "--fold", fold, *TINY)
+    code, _, err = in_process(capsys, "--root", str(run_dir.root), "train", "--fold", fold, *TINY_CPU)
     assert code == 1
     assert_one_clear_error(err, f"fold {fold}", "0 to 1")
     assert snapshot(run_dir.root) == before

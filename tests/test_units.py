@@ -236,8 +236,13 @@ def _submission(labels: list[int]) -> pd.DataFrame:
     return pd.DataFrame({"ImageId": range(1, len(labels) + 1), "Label": labels})
 
 
-def test_valid_submission_passes() -> None:
-    validate_frame(_submission([0, 9, 3]), expected_rows=3, where="s.csv")
+def test_valid_submission_passes(tmp_path: Path) -> None:
+    from pipeline.submission import validate_file
+
+    assert validate_frame(_submission([0, 9, 3]), expected_rows=3, where="s.csv") is None
+    _submission([0, 9, 3]).to_csv(tmp_path / "s.csv", index=False)
+    frame = validate_file(tmp_path / "s.csv", expected_rows=3)
+    assert list(frame["ImageId"]) == [1, 2, 3] and list(frame["Label"]) == [0, 9, 3]
 
 
 @pytest.mark.parametrize("frame, message", [
