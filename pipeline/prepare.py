@@ -42,6 +42,8 @@ _DIGITS_AND_SEPARATORS = b"0123456789,\r\n"
 _PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths strip it the same way
 _PIXEL_RE = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _LABEL_RE = rb"[0-9]"
+# A cell in quotes, whole: quotes only around a number, each side a separator or the line's end.
+_QUOTED = re.compile(rb'(?<![^,\r\n])[ \t]*"[ \t]*[0-9]+[ \t]*"[ \t]*(?![^,\r\n])')
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -212,6 +214,8 @@ def _fast_parse(data: bytes, body_start: int, end: int, names: list[str]) -> np.
     odd = data.translate(None, _DIGITS_AND_SEPARATORS)[in_header:]
     if odd and odd.translate(None, _PADDING):
         return None  # a sign, a decimal point, a letter, binary data...: the scanner says which
+    if b'"' in odd and b'"' in _QUOTED.sub(b"", data[body_start:end]):
+        return None  # a quote that does not wrap a whole cell (a line break in quotes, "1"2...)
     tail = data[end:]
     if tail in (b"", b"\n", b"\r", b"\r\n"):
         source, skip = io.BytesIO(data), 1  # the file as it is, skipping the header line
@@ -268,6 +272,12 @@ def _check_line(path: Path, number: int, raw: bytes, names: list[str]) -> None:
     if len(cells) > n:
         raise PipelineError(f"{where}, column {n + 1} (past the last column, {names[-1]}): expected {n} "
                             f"values, one per header column, found {len(cells)} (the row is too long)")
+    stray = _QUOTED.sub(lambda m: b"#" * len(m.group()), raw).find(b'"')
+    if stray >= 0:
+        col = raw.count(b",", 0, stray) + 1
+        raise PipelineError(f"{where}, column {col} ({names[min(col, n) - 1]}): expected a whole number, "
+                            "in quotes or not, found a quote inside the cell (a quote may only wrap "
+                            "the whole number)")
 
 
 def _check_cell(where: str, name: str, cell: str) -> None:
