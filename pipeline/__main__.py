@@ -213,6 +213,21 @@ def add_source(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for Kaggle before giving up (default: 300)")
 
 
+def add_blend_and_report_stages(stage: Any) -> None:
+    p = stage("blend", _blend, "blend completed runs on their out-of-fold predictions", config=True,
+              force="blend again even if current")
+    p.add_argument("--runs", help="the runs to blend, by id, separated by spaces (default: every "
+                   "completed run on the current data and folds)")
+    p.add_argument("--mean", default="logprob", choices=("prob", "logprob"),
+                   help="average log-probabilities (logprob, the default: it blended better out of "
+                   "fold) or probabilities")
+    p = stage("report", _report, "draw a run (or a study) into reports/ (the latest run by default)",
+              config=True)
+    p.add_argument("--run", help="the run to draw, by id (default: the latest)")
+    p.add_argument("--study", help="draw this tuning study instead of a run")
+    p.add_argument("--storage", help="the study's database URL (default: runs/tune/<study>/)")
+
+
 def add_tune_stages(stage: Any) -> None:
     p = stage("tune", _tune, "search settings with Optuna; every trial is a run", config=True)
     add_study_options(p)
@@ -268,18 +283,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
     stage("submit", _submit, "every stage in order, each skipped when current", config=True,
           force="download the CSVs again even if present")
-    p = stage("blend", _blend, "blend completed runs on their out-of-fold predictions", config=True,
-              force="blend again even if current")
-    p.add_argument("--runs", help="the runs to blend, by id, separated by spaces (default: every "
-                   "completed run on the current data and folds)")
-    p.add_argument("--mean", default="logprob", choices=("prob", "logprob"),
-                   help="average log-probabilities (logprob, the default: it blended better out of "
-                   "fold) or probabilities")
-    p = stage("report", _report, "draw a run (or a study) into reports/ (the latest run by default)",
-              config=True)
-    p.add_argument("--run", help="the run to draw, by id (default: the latest)")
-    p.add_argument("--study", help="draw this tuning study instead of a run")
-    p.add_argument("--storage", help="the study's database URL (default: runs/tune/<study>/)")
+    add_blend_and_report_stages(stage)
     add_tune_stages(stage)
     p = stage("runs", _runs, "every run side by side", source=False)
     p.add_argument("--sort", default="acc", choices=("acc", "time"),

@@ -16,7 +16,7 @@ no final newline, blank lines at the very end, quoted header names. A blank line
 error (it is usually a sign of two files pasted together).
 
 Duplicate images are kept (they are real data) and counted: rows are compared as raw bytes in a set,
-exact and ~0.05 s for 42,000 images, where np.unique(axis=0) took ~1 s.
+exact, and much faster than np.unique(axis=0).
 
 Nothing is written until both files have passed, so bad input leaves an existing cache untouched.
 """

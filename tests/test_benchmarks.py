@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # end-to-end runs; `make test-fast` leaves them out
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:

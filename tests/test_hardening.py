@@ -29,6 +29,8 @@ HEADER_TRAIN = "label," + ",".join(PIXELS)
 HEADER_TEST = ",".join(PIXELS)
 OPTION = re.compile(r"\b[A-Z_]{3,}=")
 
+pytestmark = pytest.mark.slow  # end-to-end runs; `make test-fast` leaves them out
+
 
 def write_project(root: Path, labels: list[int], n_test: int, seed: int = 0) -> Paths:
     rng = np.random.default_rng(seed)

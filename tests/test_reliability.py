@@ -49,6 +49,7 @@ def same_logs(a: Path, b: Path, folds: int = 2) -> None:
         pd.testing.assert_frame_equal(la, lb)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_run(sample_run: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     run_cli(again, "submit", *SAMPLE, *TINY)
@@ -58,6 +59,7 @@ def test_same_seed_gives_the_same_run(sample_run: Path, tmp_path: Path) -> None:
     assert Paths(again).submission_csv.read_bytes() == Paths(sample_run).submission_csv.read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, tmp_path: Path) -> None:
     args = ("--folds", "2", "--epochs", "12", "--hidden", "32")
     reference = tmp_path / "reference"
@@ -97,6 +99,7 @@ def planned_run(root: Path, args: tuple[str, ...]) -> RunDir:
                                             load_prepared(Paths(root)).data_key))
 
 
+@pytest.mark.slow
 def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(run_copy: Path) -> None:
     """FORCE=1 replaces a finished model only by a finished one, and its rerun resumes too."""
     args = ("--folds", "2", "--epochs", "12", "--hidden", "32")
@@ -123,6 +126,7 @@ def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(run_copy: Pa
     assert all(torch.equal(after[name], before[name]) for name in after)  # the same model again
 
 
+@pytest.mark.slow
 def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
     args = ("--folds", "2", "--epochs", "50", "--hidden", "32")
     log = planned_run(fresh_outputs(run_copy), args).log(0)
@@ -141,6 +145,7 @@ def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
     assert "rerun the same command to resume" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_fold_without_broken_outputs(run_copy: Path) -> None:
     paths = Paths(run_copy)
     submission = paths.submission_csv.read_bytes()
@@ -155,6 +160,7 @@ def test_nan_loss_stops_the_fold_without_broken_outputs(run_copy: Path) -> None:
     assert paths.submission_csv.read_bytes() == submission
 
 
+@pytest.mark.slow
 def test_parallel_folds_equal_sequential_folds(run_copy: Path, tmp_path: Path) -> None:
     sequential = tmp_path / "sequential"
     shutil.copytree(run_copy, sequential)
@@ -167,6 +173,7 @@ def test_parallel_folds_equal_sequential_folds(run_copy: Path, tmp_path: Path) -
     same_logs(run_copy, sequential)
 
 
+@pytest.mark.slow
 def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
     run = planned_run(fresh_outputs(run_copy), TINY)
     run.path.mkdir(parents=True)
@@ -247,6 +254,7 @@ def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_dir_download_that_fails_midway_keeps_the_old_pair(run_copy: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     paths = Paths(run_copy)

@@ -70,6 +70,7 @@ def image_sources(page: Path) -> list[str]:
 # -- the report ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_report_writes_index_html_in_reports(tiny_run: Paths, page: Path) -> None:
     assert page == tiny_run.reports / "index.html"
     text = page.read_text(encoding="utf-8")
@@ -82,6 +83,7 @@ def test_report_writes_index_html_in_reports(tiny_run: Paths, page: Path) -> Non
     assert "SAMPLE" in text  # a run on the sample says so
 
 
+@pytest.mark.slow
 def test_every_figure_is_a_valid_png_of_sensible_size(page: Path) -> None:
     figures = sorted(page.parent.glob("*.png"))
     assert len(figures) == 5
@@ -90,6 +92,7 @@ def test_every_figure_is_a_valid_png_of_sensible_size(page: Path) -> None:
         assert 100 <= width <= 4000 and 100 <= height <= 4000, (figure.name, width, height)
 
 
+@pytest.mark.slow
 def test_every_image_the_page_references_exists_next_to_it(page: Path) -> None:
     sources = image_sources(page)
     assert len(sources) == 5
@@ -98,6 +101,7 @@ def test_every_image_the_page_references_exists_next_to_it(page: Path) -> None:
         assert (page.parent / src).is_file(), src
 
 
+@pytest.mark.slow
 def test_confusion_matrix_counts_every_train_row(tiny_run: Paths) -> None:
     run = report.load_run(tiny_run, the_run(tiny_run.root))
     matrix = report.oof_confusion(run)
@@ -146,6 +150,7 @@ def test_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.slow
 def test_report_shows_the_settings_the_ensemble_was_trained_with(tiny_run: Paths,
                                                                  tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
@@ -155,6 +160,7 @@ def test_report_shows_the_settings_the_ensemble_was_trained_with(tiny_run: Paths
     assert run.id in text and "<td class=l>hidden</td><td class=l>32</td>" in text
 
 
+@pytest.mark.slow
 def test_report_names_a_missing_file_of_the_run(tiny_run: Paths, tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
     the_run(paths.root).log(1).unlink()
@@ -162,6 +168,7 @@ def test_report_names_a_missing_file_of_the_run(tiny_run: Paths, tmp_path: Path)
         draw(paths)
 
 
+@pytest.mark.slow
 def test_report_refuses_predictions_of_other_data(tiny_run: Paths, tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
     run = the_run(paths.root)
@@ -170,6 +177,7 @@ def test_report_refuses_predictions_of_other_data(tiny_run: Paths, tmp_path: Pat
         draw(paths)
 
 
+@pytest.mark.slow
 def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path: Path) -> None:
     run = report.load_run(tiny_run, the_run(tiny_run.root))
     none = report.confident_mistakes(run.oof).head(0)

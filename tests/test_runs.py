@@ -123,6 +123,7 @@ def test_blend_refuses_runs_on_other_folds(project: Path) -> None:
     assert named.returncode == 1 and f"{other.id} cannot be blended: on other folds" in named.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["../..", "/etc", "a/b", "..", ".hidden", "", "x" * 200, "a b"])
 def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not a run name"):
@@ -135,6 +136,7 @@ def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> N
     assert (victim / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "blend", "--runs", "ok ../../etc", check=False)
     assert result.returncode == 1 and "RUNS='../../etc': not a run name" in result.stderr
@@ -144,6 +146,7 @@ def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
 # -- one command at a time -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
     from pipeline.lock import project_lock
 
@@ -162,6 +165,7 @@ def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
     assert run_cli(tmp_path, "runs").returncode == 0  # reading needs no lock
 
 
+@pytest.mark.slow
 def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
@@ -212,6 +216,7 @@ def test_a_failed_command_writes_nothing_about_a_run(project: Path) -> None:
     assert after == before
 
 
+@pytest.mark.slow
 def test_one_class_gets_a_warning(tmp_path: Path) -> None:
     """Issue case 5: a train.csv of digit 3 only says so; 2 folds is not told to use fewer."""
     folder = tmp_path / "threes"
@@ -231,12 +236,14 @@ def test_one_class_gets_a_warning(tmp_path: Path) -> None:
     assert "use fewer folds" not in str(error.value) and "add rows of digit 5" in str(error.value)
 
 
+@pytest.mark.slow
 def test_missing_dir_is_an_error(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "download", "--source", "dir", "--dir", str(tmp_path / "nope"),
                      check=False)
     assert result.returncode == 1 and "no such folder" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "text", "words"), [
     ("x.yaml", "epochs: 3\n", ["TOML (.toml) or JSON (.json)", "x.yaml"]),
     ("x.toml", "epochs = 'many'\n", ["x.toml: epochs must be a whole number", "'many'"]),
@@ -264,6 +271,7 @@ def test_few_steps_onecycle_and_preset_in_runs(project: Path) -> None:
     assert "preset=tutorial hidden=16 folds=2 epochs=1" in run_cli(project, "runs").stdout
 
 
+@pytest.mark.slow
 def test_jobs_on_a_cpu_says_threads_per_worker(project: Path) -> None:
     result = run_cli(project, "train", "--folds", "2", "--epochs", "1", "--hidden", "8", "--jobs", "2",
                      env={"OMP_NUM_THREADS": "2"})
