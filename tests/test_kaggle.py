@@ -42,6 +42,9 @@ HANG_TIMEOUT = 1.5
 HANGS = ("server-hangs", "hangs-at-import", "body-stalls")
 OLD = {"train.csv": b"old train\n", "test.csv": b"old test\n", "source.json": b'{"source": "dir"}\n'}
 
+# The real client in subprocesses against a local fake server (timeouts included): end to end.
+pytestmark = pytest.mark.slow
+
 
 # --- fixtures and helpers -------------------------------------------------------------------------
 
