@@ -71,7 +71,7 @@ tune: setup ## search settings with Optuna (TRIALS, WORKERS, STUDY, STORAGE=url,
 	$(PIPELINE) tune $(ARGS)
 
 tune-status: setup ## a study's trials so far and the best five (STUDY, STORAGE)
-	$(PIPELINE) tune-status $(ARGS)
+	@$(PIPELINE) tune-status $(ARGS)
 
 upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
 	$(PIPELINE) upload $(ARGS)
@@ -80,7 +80,7 @@ report: setup ## draw a run into reports/index.html (RUN=<id>; the latest by def
 	$(PIPELINE) report $(ARGS)
 
 runs: setup ## every run side by side (SORT=acc|time, FORMAT=csv)
-	$(PIPELINE) runs $(ARGS)
+	@$(PIPELINE) runs $(ARGS)
 
 forget: setup ## delete one run's folder (RUN=<id>), nothing else
 	$(PIPELINE) forget $(ARGS)

@@ -169,6 +169,9 @@ def _runs(args: argparse.Namespace, paths: Paths) -> None:
 def _forget(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import runs
 
+    if not args.run:
+        raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
+                            "lists them)")
     runs.forget(paths, args.run)
 
 
@@ -290,7 +293,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="best OOF accuracy first (acc) or newest first (time)")
     p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
     stage("forget", _forget, "delete one run's folder", source=False).add_argument(
-        "--run", required=True, help="the run to delete, by id")
+        "--run", help="the run to delete, by id (required)")
     p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
     p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
                    help="the submission's description on Kaggle (default: $MESSAGE)")

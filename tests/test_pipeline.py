@@ -165,6 +165,8 @@ def test_make_passes_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (args.fold, args.epochs, args.model, args.hidden, args.view) == (2, 5, "gru", 64, "cols")
     assert (args.bidirectional, args.cuda_graph, args.amp, args.clip, args.nowait) == \
         (True, True, False, 0.5, True)
+    monkeypatch.setenv("RUN", "rnn-h8-e1-abcdef")
+    assert parse(["--make", "forget"]).run == "rnn-h8-e1-abcdef"  # a stage's own option, from RUN=
     monkeypatch.setenv("AMP", "maybe")
     from pipeline.errors import PipelineError
 
