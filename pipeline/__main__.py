@@ -145,13 +145,14 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
 
 
 def _tune(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline import folds, tune
+    from pipeline import folds, predict, train, tune
 
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
-    tune.run(paths, cfg, data, fold_of, study=args.study, trials=args.trials, workers=args.workers,
-             url=args.storage, space_path=args.space, tune_folds=args.tune_folds, pruner=args.pruner)
+    tune.run(paths, cfg, data, fold_of, (train.run, predict.run), study=args.study,
+             trials=args.trials, workers=args.workers, url=args.storage, space_path=args.space,
+             tune_folds=args.tune_folds, pruner=args.pruner)
 
 
 def _tune_status(args: argparse.Namespace, paths: Paths) -> None:

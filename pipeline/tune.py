@@ -20,6 +20,7 @@ import re
 import time
 import tomllib
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from pipeline.config import Paths, Settings, coerce, validate
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text, write_json
 
+Stages = tuple[Callable[..., Any], Callable[..., Any]]  # train.run, predict.run
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
 PRUNERS = ("median", "wilcoxon", "none")
 
@@ -154,18 +156,20 @@ def fail_stale(made: Any) -> int:
 # -- one trial ------------------------------------------------------------------------------------
 
 class Objective:
-    """Train (and, with every fold, predict) the run of a trial's settings; return its score."""
+    """Train (and, with every fold, predict) the run of a trial's settings; return its score.
+
+    stages: the train and predict stages' run functions (given by the command line, so this stage
+    imports no other)."""
 
     def __init__(self, paths: Paths, base: Settings, space: dict[str, Any], data: Prepared,
-                 fold_of: Any, tune_folds: int, pruner: str) -> None:
+                 fold_of: Any, tune_folds: int, pruner: str, stages: Stages) -> None:
         self.paths, self.base, self.space, self.data, self.fold_of = paths, base, space, data, fold_of
-        self.tune_folds, self.pruner = tune_folds, pruner
+        self.tune_folds, self.pruner, self.stages = tune_folds, pruner, stages
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        from pipeline import predict, train
-
+        train_run, predict_run = self.stages
         cfg = validate(replace(self.base, **suggest(trial, self.space)), f"trial {trial.number}")
         run = run_dir(self.paths, run_id(cfg, self.data.data_key))
         trial.set_user_attr("run", run.id)
@@ -181,7 +185,7 @@ class Objective:
 
         records = []
         for fold in folds:  # fold by fold, so the Wilcoxon pruner can stop between them
-            records += train.run(cfg, self.paths, run, self.data, self.fold_of, folds=[fold],
+            records += train_run(cfg, self.paths, run, self.data, self.fold_of, folds=[fold],
                                  on_epoch=on_epoch)
             if self.pruner == "wilcoxon":
                 trial.report(records[-1]["valid_acc"], fold)
@@ -189,7 +193,7 @@ class Objective:
                     trial.set_user_attr("pruned", f"pruned after fold {fold}")
                     raise optuna.TrialPruned()
         if len(folds) == cfg.folds:
-            made = predict.run(cfg, self.paths, run, self.data, self.fold_of, records, publish=False)
+            made = predict_run(cfg, self.paths, run, self.data, self.fold_of, records, publish=False)
             return float(made["oof_acc"])
         return sum(r["valid_acc"] for r in records) / len(records)
 
@@ -209,8 +213,8 @@ def progress(made: Any, trial: Any) -> None:
 
 # -- the stage ------------------------------------------------------------------------------------
 
-def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, study: str, trials: int,
-        workers: int = 1, url: str | None = None, space_path: Path | None = None,
+def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stages, study: str,
+        trials: int, workers: int = 1, url: str | None = None, space_path: Path | None = None,
         tune_folds: int = 0, pruner: str = "median") -> dict[str, Any]:
     """Run trials until the study has `trials` finished ones (complete or pruned); returns a summary."""
     import optuna
@@ -240,7 +244,8 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, study: str, 
         # Each worker runs its share of what is missing; the callback stops all at the study's total
         # (several machines on one database may overshoot it by a trial or so each).
         shares = [(trials - have) // workers + (i < (trials - have) % workers) for i in range(workers)]
-        args = (str(paths.root), asdict(base), space, study, url, trials, tune_folds, pruner, workers)
+        args = (str(paths.root), asdict(base), space, study, url, trials, tune_folds, pruner, workers,
+                stages)
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
@@ -249,23 +254,25 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, study: str, 
                 for done in [pool.submit(_worker, *args, share) for share in shares if share]:
                     done.result()
         else:
-            _optimize(made, paths, base, space, data, fold_of, trials, tune_folds, pruner, shares[0])
+            _optimize(made, paths, base, space, data, fold_of, trials, tune_folds, pruner, shares[0],
+                      stages)
     return summarize(paths, made, study, base, time.perf_counter() - started, optuna)
 
 
 def _optimize(made: Any, paths: Paths, base: Settings, space: dict[str, Any], data: Prepared,
-              fold_of: Any, trials: int, tune_folds: int, pruner: str, share: int) -> None:
+              fold_of: Any, trials: int, tune_folds: int, pruner: str, share: int,
+              stages: Stages) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    objective = Objective(paths, base, space, data, fold_of, tune_folds, pruner)
+    objective = Objective(paths, base, space, data, fold_of, tune_folds, pruner, stages)
     stop = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
     made.optimize(objective, n_trials=share, callbacks=[stop, progress], catch=(PipelineError,))
 
 
 def _worker(root: str, base_fields: dict[str, Any], space: dict[str, Any], study: str,
             url: str | None, trials: int, tune_folds: int, pruner: str, workers: int,
-            share: int) -> None:
+            stages: Stages, share: int) -> None:
     """One trial process of WORKERS=n: its share of the cores, the same study."""
     import torch
 
@@ -275,7 +282,7 @@ def _worker(root: str, base_fields: dict[str, Any], space: dict[str, Any], study
     paths, base = Paths(Path(root)), Settings(**base_fields)
     made = open_study(paths, study, url, space, pruner, base)
     _optimize(made, paths, base, space, load_prepared(paths), read_folds(paths), trials, tune_folds,
-              pruner, share)
+              pruner, share, stages)
 
 
 def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: float,
