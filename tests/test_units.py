@@ -320,3 +320,20 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest
     plain.close()
     out = capsys.readouterr().out
     assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
+
+
+def test_no_stage_imports_another() -> None:
+    """Layers, not a web: stages share lower modules only (the command line wires them together)."""
+    import ast
+
+    stages = {"download", "prepare", "folds", "train", "predict", "blend", "report", "runs",
+              "upload", "tune"}
+    for name in stages:
+        tree = ast.parse((Path(__file__).parent.parent / "pipeline" / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                imported.add(node.module.split(".")[1])
+        assert not imported & stages, (name, imported & stages)
