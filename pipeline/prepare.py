@@ -79,7 +79,7 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
     if end == body_start:
         raise PipelineError(f"{path}: line 2, column 1 ({names[0]}): expected one row per image after "
                             "the header, found no rows (the file has only a header line)")
-    values = _fast_parse(data, body_start, end, names)
+    values = _fast_parse(data, body_start, end, names, path)
     if values is None:
         _diagnose(path, data[body_start:end], names)
         raise PipelineError(f"{path}: could not be parsed as a competition CSV (line 2 onwards, column 1 "
@@ -204,8 +204,11 @@ def _content_end(data: bytes, start: int) -> int:
     return start
 
 
-def _fast_parse(data: bytes, body_start: int, end: int, names: list[str]) -> np.ndarray | None:
-    """The rows data[body_start:end] as uint8 (rows, columns) in header order, or None if anything is off."""
+def _fast_parse(data: bytes, body_start: int, end: int, names: list[str],
+                path: Path | None = None) -> np.ndarray | None:
+    """The rows data[body_start:end] as uint8 (rows, columns) in header order, or None if anything is off.
+
+    path: the file data was read from; pandas parses a file by name much faster than from memory."""
     import pandas as pd
 
     # translate keeps the order of what it does not delete, so the header's leftovers come first;
@@ -218,13 +221,14 @@ def _fast_parse(data: bytes, body_start: int, end: int, names: list[str]) -> np.
         return None  # a quote that does not wrap a whole cell (a line break in quotes, "1"2...)
     tail = data[end:]
     if tail in (b"", b"\n", b"\r", b"\r\n"):
-        source, skip = io.BytesIO(data), 1  # the file as it is, skipping the header line
+        # The file as it is (by name when given), skipping the header line.
+        source, skip = (path if path is not None else io.BytesIO(data)), 1
     else:
         source, skip = io.BytesIO(data[body_start:end]), 0  # without the blank lines at the end
     try:
         frame = pd.read_csv(source, header=None, skiprows=skip, engine="c", dtype=np.uint8,
                             na_filter=False, skip_blank_lines=False)
-    except (ValueError, OverflowError, pd.errors.ParserError):
+    except (ValueError, OverflowError, OSError, pd.errors.ParserError):
         return None  # out of range, empty cells, ragged rows
     if frame.shape[1] != len(names):
         return None
