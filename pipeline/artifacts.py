@@ -68,9 +68,12 @@ def stale(record: Path, inputs: dict[str, Any], outputs: Iterable[Path] = (),
     return ""
 
 
-def mark_current(record: Path, inputs: dict[str, Any], **facts: Any) -> None:
-    """Write the record that makes the outputs current: the inputs, their key and any facts."""
-    write_json(record, {**facts, "inputs": inputs, "key": fingerprint(inputs)})
+def mark_current(record: Path, inputs: dict[str, Any], **facts: Any) -> dict[str, Any]:
+    """Write the record that makes the outputs current: the inputs, their key and any facts.
+    Returns the record as written."""
+    made = {**facts, "inputs": inputs, "key": fingerprint(inputs)}
+    write_json(record, made)
+    return made
 
 
 # -- prepared pixel cache -------------------------------------------------------------------------

@@ -131,11 +131,10 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, seed: int
                                         check=lambda: validate_file(out.submission, len(data.test_x)))
     if why:
         print(f"blend: {out.id} reruns: {why}")
-        record = _blend(paths, out, chosen, data, fold_of, mean)
-        mark_current(out.record, inputs, **record)
+        record = mark_current(out.record, inputs, **_blend(paths, out, chosen, data, fold_of, mean))
     else:
         print(f"blend: {out.id} skipped: the same runs, unchanged")
-    record = read_json(out.record)
+        record = read_json(out.record)
     kept = publish(paths, out, record, len(data.test_x), new=bool(why))
     weights = ", ".join(f"{k} x{v}" for k, v in record["weights"].items())
     print(f"blend: {weights}")

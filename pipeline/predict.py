@@ -61,9 +61,7 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
                                         check=lambda: validate_file(run.submission, len(data.test_x)))
     if why:
         print(f"predict: {run.id} reruns: {why}")
-        record = _predict(cfg, paths, run, data, fold_of, folds)
-        mark_current(run.record, inputs, **record)
-        record = read_json(run.record)
+        record = mark_current(run.record, inputs, **_predict(cfg, paths, run, data, fold_of, folds))
     else:
         record = read_json(run.record)
         print(f"predict: {run.id} skipped: its folds and TTA={cfg.tta} are unchanged")

@@ -39,7 +39,7 @@ from pipeline.artifacts import (
 from pipeline.augment import random_affine
 from pipeline.config import Paths, Settings, fingerprint
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv, write_json
+from pipeline.io import read_json, write_csv, write_json
 from pipeline.models import build_model
 from pipeline.runtime import describe, predict_log_proba, resolve_device
 from pipeline.step import TrainStep, graph_wanted
@@ -271,8 +271,6 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
 
 
 def read_fold_record(run: RunDir, fold: int) -> dict[str, Any]:
-    from pipeline.io import read_json
-
     record = read_json(run.fold_record(fold))
     if not isinstance(record, dict):
         raise PipelineError(f"{run.fold_record(fold)}: missing or unreadable")

@@ -119,7 +119,7 @@ def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
                pruner: str, base: Settings, seed: int | None = None) -> Any:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30),
                "wilcoxon": optuna.pruners.WilcoxonPruner(p_threshold=0.1),
@@ -167,6 +167,13 @@ class Objective:
         self.tune_folds, self.pruner, self.stages = tune_folds, pruner, stages
 
     def __call__(self, trial: Any) -> float:
+        try:
+            return self._score(trial)
+        except PipelineError as exc:  # the trial fails (Optuna goes on); its line says why
+            trial.set_user_attr("outcome", f"failed: {exc}")
+            raise
+
+    def _score(self, trial: Any) -> float:
         import optuna
 
         train_run, predict_run = self.stages
@@ -180,7 +187,7 @@ class Objective:
                 return
             trial.report(valid_acc, fold * 1000 + round(100 * epoch / cfg.epochs))
             if trial.should_prune():
-                trial.set_user_attr("pruned", f"pruned at fold {fold} epoch {epoch}")
+                trial.set_user_attr("outcome", f"pruned at fold {fold} epoch {epoch}")
                 raise optuna.TrialPruned()
 
         records = []
@@ -190,7 +197,7 @@ class Objective:
             if self.pruner == "wilcoxon":
                 trial.report(records[-1]["valid_acc"], fold)
                 if trial.should_prune():
-                    trial.set_user_attr("pruned", f"pruned after fold {fold}")
+                    trial.set_user_attr("outcome", f"pruned after fold {fold}")
                     raise optuna.TrialPruned()
         if len(folds) == cfg.folds:
             made = predict_run(cfg, self.paths, run, self.data, self.fold_of, records, publish=False)
@@ -202,12 +209,11 @@ def progress(made: Any, trial: Any) -> None:
     """One line per finished trial: number, settings, score or where it was pruned, time."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
         if trial.datetime_complete and trial.datetime_start else float("nan")
-    settings = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in trial.params.items())
+    settings = params_text(trial.params)
     if trial.state.name == "COMPLETE":
         outcome = f"{trial.value:.4f}"
     else:  # a pruned trial's value is its last report, not a score: say where it stopped instead
-        outcome = str(trial.user_attrs.get("pruned", trial.state.name.lower()))
+        outcome = str(trial.user_attrs.get("outcome", trial.state.name.lower()))
     print(f"tune: trial {trial.number:>3}  {outcome:<22}  {seconds:6.1f}s  {settings}", flush=True)
 
 
@@ -325,19 +331,30 @@ def _toml(value: Any) -> str:
     return str(value)
 
 
-def status(paths: Paths, study: str, url: str | None) -> str:
-    """Trials so far by state, and the best five."""
+def params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def load(paths: Paths, study: str, url: str | None) -> Any:
+    """An existing study, or a clear error."""
     import optuna
-    from optuna.trial import TrialState
 
     check_name(study, "STUDY")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
     if not url and not (paths.runs / "tune" / study / "journal.log").is_file():
         raise PipelineError(f"STUDY={study}: no such study in {paths.runs / 'tune'}")
     try:
         made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
     except KeyError:
         raise PipelineError(f"STUDY={study}: no such study in that storage") from None
+    return made
+
+
+def status(paths: Paths, study: str, url: str | None, made: Any = None) -> str:
+    """Trials so far by state, and the best five."""
+    from optuna.trial import TrialState
+
+    made = made or load(paths, study, url)
     trials = made.get_trials(deepcopy=False)
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
     lines = [f"study {study}: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in
@@ -345,9 +362,8 @@ def status(paths: Paths, study: str, url: str | None) -> str:
                                               TrialState.RUNNING, TrialState.WAITING))]
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:5]
     for t in done:
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in t.params.items())
-        lines.append(f"  trial {t.number:>3}  {t.value:.4f}  {t.user_attrs.get('run', '')}  {params}")
+        lines.append(f"  trial {t.number:>3}  {t.value:.4f}  {t.user_attrs.get('run', '')}  "
+                     f"{params_text(t.params)}")
     return "\n".join(lines)
 
 
@@ -356,13 +372,12 @@ def report(paths: Paths, study: str, url: str | None) -> Path:
     drawn by Optuna's own matplotlib plots."""
     import html
 
-    import optuna
     from optuna.visualization import matplotlib as plots
 
     from pipeline.page import CSS, pyplot
 
-    text = status(paths, study, url)  # also checks the study exists
-    made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
+    made = load(paths, study, url)
+    text = status(paths, study, url, made)
     plt = pyplot()
     out = paths.reports / f"study-{study}"
     out.mkdir(parents=True, exist_ok=True)

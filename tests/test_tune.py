@@ -213,3 +213,31 @@ def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_p
     assert all(out.count("tune: trial ") >= 1 for out, _ in outputs)  # both machines ran trials
     status = run_cli(project, "tune-status", "--study", "shared", "--storage", postgres).stdout
     assert "study shared:" in status and "complete" in status
+
+
+def test_ctrl_c_marks_the_trial_and_stops_cleanly(project: Path) -> None:
+    command = [sys.executable, "-m", "pipeline", "--root", str(project), "tune", "--trials", "2",
+               "--space", str(project / "space.toml"), "--folds", "2", "--epochs", "40"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((project / "runs").glob("*/fold_0.state.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert states(study(project)) == ["FAIL"]  # marked, not left running
+
+
+@pytest.mark.parametrize("stage", ["tune", "tune-status"])
+def test_a_study_name_that_would_leave_the_project_is_refused(project: Path, stage: str) -> None:
+    result = run_cli(project, stage, "--study", "../../x", check=False)
+    assert result.returncode == 1 and "STUDY='../../x': not a run name" in result.stderr
+    assert not (project.parent / "x").exists() and not (project / "runs" / "tune").exists()
+
+
+def test_a_failing_trial_says_why_and_the_study_goes_on(project: Path) -> None:
+    (project / "space.toml").write_text("[batch]\nchoices = [5000]\n")  # larger than a fold
+    result = tune(project, "--trials", "1", "--drop-last")
+    assert "failed: BATCH=5000 is larger than the" in result.stdout and "Traceback" not in result.stderr
+    assert "no complete trial yet" in result.stdout and states(study(project)) == ["FAIL"]
