@@ -17,7 +17,7 @@ TORCH ?= torch==2.13.0
 # Settings are declared once, in pipeline/config.py; `make help` lists them from there.
 PIPELINE = $(PY) -m pipeline --make
 
-.PHONY: help setup submit download prepare folds train predict blend tune tune-status upload report \
+.PHONY: help setup submit download prepare folds train predict distill blend tune tune-status upload report \
 	runs forget test \
 	test-fast lint bench bench-accuracy gpu-check clean
 
@@ -63,6 +63,9 @@ train: setup ## train the run of these settings in runs/<id>/ (FOLD=k, RUN=<id>,
 
 predict: setup ## the run's test predictions -> submissions/submission.csv (TTA=n, RUN=<id>)
 	$(PIPELINE) predict $(ARGS)
+
+distill: setup ## a run that also learns from the test rows labelled by TEACHER=<run or blend> (the latest)
+	$(PIPELINE) distill $(ARGS)
 
 blend: setup ## blend completed runs on their out-of-fold predictions (RUNS="<id> <id>")
 	$(PIPELINE) blend $(ARGS)
