@@ -97,8 +97,9 @@ test-fast: setup ## every test but the end-to-end runs (marked slow)
 bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" adds a full-size submit)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
 
-bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend (TRAIN=path/to/train.csv)
-	$(PY) benchmarks/accuracy.py $(if $(TRAIN),--train "$(TRAIN)") $(BENCH_ARGS)
+bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend (TRAIN=, TEST=, SCREEN=1)
+	$(PY) benchmarks/accuracy.py $(if $(TRAIN),--train "$(TRAIN)") $(if $(TEST),--test "$(TEST)") \
+		$(if $(filter 1,$(SCREEN)),--screen) $(BENCH_ARGS)
 
 gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv)
 	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)
