@@ -6,7 +6,9 @@
 # 2. the speed benchmark on cuda (training with and without CUDA graphs, inference, prepare) at
 #    the defaults and at batch 1024;
 # 3. full-size `submit` on synthetic data at the defaults and without CUDA graphs (folds at once);
-# 4. with a real train.csv: 5-fold accuracy on cuda, folds in parallel, with and without graphs.
+# 4. with a real train.csv: 5-fold accuracy on cuda, folds in parallel, with and without graphs;
+# 5. with FULL_TRAIN= (and FULL_TEST=) the competition-sized files: the default and PRESET=gpu, their
+#    submissions kept under OUTDIR/full/work/submissions.
 # Uses .venv when it has a CUDA build of torch, else the machine's python3. Where that python3 lacks
 # PyTorch or another dependency, WHEELS=folder installs them from wheels brought along (offline):
 #     WHEELS=wheels bash benchmarks/gpu_check.sh OUTDIR
@@ -72,6 +74,15 @@ if [ -n "$real_train" ] && [ -f "$real_train" ]; then
   for variant in "default:device=$device" "nograph:device=$device+cuda_graph=0"; do
     timeout 40 $py benchmarks/accuracy.py --train "$real_train" --variants "$variant" 2>&1 | tail -2 \
       | tee -a "$summary"
+  done
+fi
+if [ -n "${FULL_TRAIN:-}" ] && [ -f "$FULL_TRAIN" ]; then
+  # FULL_TRAIN / FULL_TEST: the competition-sized train.csv and test.csv (42,000 + 28,000 rows).
+  step "full-size accuracy on cuda: the default, then PRESET=gpu (5 folds at once, real test kept)"
+  test_arg=${FULL_TEST:+--test "$FULL_TEST"}
+  for variant in "default:device=$device" "gpu:preset=gpu+device=$device"; do
+    timeout 240 $py benchmarks/accuracy.py --train "$FULL_TRAIN" $test_arg --variants "$variant" \
+      --project "$out/full" 2>&1 | tail -2 | tee -a "$summary"
   done
 fi
 step "done"
