@@ -98,7 +98,8 @@ class Settings:
     hidden: int = setting(128, "hidden units per direction; 128 trains fast and beats the tutorial's 150",
                           low=1, high=4096)
     layers: int = setting(1, "stacked recurrent layers", low=1, high=8)
-    bidirectional: bool = setting(False, "also read the sequence backwards and join both final states")
+    bidirectional: bool = setting(True, "also read the sequence backwards and join both final states: "
+                                  "on 42,000 digits +0.8 points of accuracy for 2x the time")
     dropout: float = setting(0.0, "dropout between stacked layers (needs layers > 1)", low=0, below=1)
     orthogonal_init: bool = setting(True, "orthogonal recurrent weights: stable gradients over 28 steps")
     # -- cross-validation -----------------------------------------------------------------------
@@ -175,7 +176,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The best vanilla RNN of a 30-trial `make tune` study on 5,999 real digits (see README):
     # +1.0 point of OOF accuracy over the default for about 2.2x its training time.
     "tuned": {
-        "model": "rnn", "hidden": 192, "epochs": 60, "lr": 1.43e-3, "weight_decay": 7.0e-4,
+        "model": "rnn", "bidirectional": False, "hidden": 192, "epochs": 60, "lr": 1.43e-3, "weight_decay": 7.0e-4,
         "label_smoothing": 0.16, "clip": 1.76, "rotate": 1.0, "scale": 0.04, "shift": 1.95,
     },
 }
