@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import notebook
 from pipeline.artifacts import RunDir, latest, set_latest
 from pipeline.config import Paths, changed_settings
 from pipeline.errors import PipelineError
@@ -201,9 +202,15 @@ def publish(paths: Paths, run: RunDir, record: dict[str, Any], expected_rows: in
     """Make the run's submission the current one (submissions/submission.csv) after checking it
     against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl."""
     frame = validate_file(run.submission, expected_rows)
-    if not paths.submission_csv.is_file() or \
-            paths.submission_csv.read_bytes() != run.submission.read_bytes():
-        write_csv(paths.submission_csv, frame)
+    outputs = [paths.submission_csv]
+    working = notebook.working()  # in a Kaggle notebook, also where its output and "Submit" look
+    if working is not None and working.resolve() != paths.submissions.resolve():
+        outputs.append(working / "submission.csv")
+    for output in outputs:
+        if not output.is_file() or output.read_bytes() != run.submission.read_bytes():
+            write_csv(output, frame)
+            if output != paths.submission_csv:
+                print(f"submission: also written to {output} (the notebook's output)")
     kept = paths.submissions / str(record.get("kept", ""))
     if new or not record.get("kept") or not kept.is_file():
         acc = record.get("oof_acc_honest", record["oof_acc"])
