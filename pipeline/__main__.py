@@ -159,6 +159,9 @@ def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import tune
 
     print(tune.status(paths, args.study, args.storage))
+    journal = paths.runs / "tune" / args.study / "journal.log"
+    if not args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
+        print(f"in a browser: optuna-dashboard {journal}")
 
 
 def _runs(args: argparse.Namespace, paths: Paths) -> None:
