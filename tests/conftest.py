@@ -61,6 +61,20 @@ def files(root: Path) -> dict[str, int]:
             if p.is_file() and not p.name.startswith(".lock")}
 
 
+# What a working copy holds besides the project's own files: none of it reaches a fresh clone.
+LOCAL = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "reports",
+         "bench-results", "input", "runs", "submissions"}
+
+
+def fresh_clone(target: Path) -> Path:
+    """A copy of the project as a fresh clone has it: no .venv, no data, no runs."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in LOCAL or n.endswith((".pyc", ".egg-info"))}
+
+    shutil.copytree(REPO, target, ignore=ignore)
+    return target
+
+
 # Property-based searches: bounded for `make test`; HYPOTHESIS_PROFILE=deep searches longer.
 settings.register_profile("default", max_examples=50, derandomize=True)
 settings.register_profile("deep", max_examples=400)

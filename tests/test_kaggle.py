@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fresh_clone
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
 from pipeline import download, kaggle_api, ledger
@@ -453,6 +455,35 @@ def test_upload_waits_for_the_score_and_runs_show_it_beside_oof(made_here: tuple
     assert rows[run_id]["LB"] == "0.97100"
     assert "0.97100" in cli(root, env, "runs").stdout
     assert_no_secret(result)
+
+
+def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path, str], tmp_path: Path,
+                                                          env: dict[str, str], fake: FakeKaggle) -> None:
+    """The README's lines through make, in a fresh clone holding the finished run."""
+    root, run_id = made_here
+    clone = fresh_clone(tmp_path / "clone")
+    for folder in ("input", "runs", "submissions"):
+        shutil.copytree(root / folder, clone / folder)
+    env = {k: v for k, v in env.items() if not k.startswith(("MAKE", "MFLAGS"))}
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", *args, "SETUP=", f"PY={sys.executable}"],
+                              cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+
+    sent = make("upload", 'MESSAGE=gru blend, "quoted"', "WAIT=20")
+    assert sent.returncode == 0, sent.stderr
+    assert "public score 0.97100" in sent.stdout
+    assert fake.submit_request is not None
+    assert fake.submit_request["submissionDescription"] == 'gru blend, "quoted"'
+    board = make("lb")
+    assert board.returncode == 0, board.stderr
+    assert board.stdout.splitlines()[0].split() == ["date", "description", "status", "public", "score",
+                                                    "ref", "from"]
+    assert run_id in board.stdout and "0.97100" in board.stdout
+    listed = make("runs", "FORMAT=csv")
+    assert listed.returncode == 0, listed.stderr
+    assert {r["run"]: r["LB"] for r in csv.DictReader(io.StringIO(listed.stdout))}[run_id] == "0.97100"
+    assert_no_secret(sent)
 
 
 def test_a_scoring_error_is_reported_and_recorded(root: Path, env: dict[str, str], fake: FakeKaggle,

@@ -4,7 +4,6 @@ competition input read-only, no virtual environment and no network."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -13,14 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fresh_clone
 
 from pipeline import download, notebook, sample
 from pipeline.config import Paths
 
 REPO = Path(__file__).resolve().parent.parent
-# What a fresh clone holds besides the tracked files: none of it may reach the copy.
-LOCAL = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "reports",
-         "bench-results", "input", "runs", "submissions"}
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes | None]]:
@@ -159,15 +156,6 @@ def test_makefile_uses_the_notebooks_python_inside_a_notebook(tmp_path: Path) ->
 
 
 # --- make submit end to end ------------------------------------------------------------------------
-
-def fresh_clone(target: Path) -> Path:
-    """The project's own files, as a clone has them: no .venv, no data, no runs."""
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        return {n for n in names if n in LOCAL or n.endswith(".pyc")}
-
-    shutil.copytree(REPO, target, ignore=ignore)
-    return target
-
 
 def closed_port() -> int:
     with socket.socket() as sock:
