@@ -9,8 +9,10 @@ competition" takes). KAGGLE_ROOT moves that tree elsewhere, for tests. Standard 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 COMPETITION = "digit-recognizer"
+MIN_KAGGLE = "1.7"  # the client built on kagglesdk (pyproject.toml asks for the same)
 # import name -> pip name, for what `make submit` needs.
 REQUIRED = {"torch": "torch", "numpy": "numpy", "pandas": "pandas", "sklearn": "scikit-learn",
             "tqdm": "tqdm", "matplotlib": "matplotlib", "filelock": "filelock"}
@@ -52,6 +55,16 @@ def working() -> Path | None:
     """The notebook's output folder, /kaggle/working (None outside a notebook)."""
     folder = kaggle_root() / "working"
     return folder if in_notebook() and folder.is_dir() else None
+
+
+def kaggle_client_too_old() -> str | None:
+    """The installed kaggle client's version when it predates the API the pipeline calls."""
+    try:
+        found = importlib.metadata.version("kaggle")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    numbers = [int(part) for part in re.findall(r"\d+", found)[:2]]
+    return found if tuple(numbers) < tuple(int(p) for p in MIN_KAGGLE.split(".")) else None
 
 
 def online(host: str = "pypi.org", timeout: float = 3.0) -> bool:
@@ -94,6 +107,10 @@ def check(is_online: Callable[[], bool] = online,
     for name in optional:
         pip_name, needs = OPTIONAL[name]
         print(f"setup: note: {pip_name} is not installed ({needs} need it)", file=sys.stderr)
+    old_client = kaggle_client_too_old()
+    if old_client:
+        print(f"setup: note: the installed kaggle client is {old_client}; make upload and make lb "
+              f"need {MIN_KAGGLE} or newer (with the internet on: pip install -U kaggle)", file=sys.stderr)
     if required:
         names = " ".join(REQUIRED[n] for n in required)
         print(f"setup: missing from {python}: {names}. Turn the notebook's internet on (Settings > "

@@ -136,6 +136,16 @@ def test_setup_never_installs_pytorch(monkeypatch: pytest.MonkeyPatch,
     assert "PyTorch is missing" in capsys.readouterr().err
 
 
+def test_setup_notes_a_kaggle_client_too_old_for_upload(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(notebook.importlib.metadata, "version", lambda name: "1.6.17")
+    assert notebook.kaggle_client_too_old() == "1.6.17"
+    assert notebook.check(is_online=lambda: False, install=refuse_install) == 0  # submit still runs
+    assert "kaggle client is 1.6.17" in capsys.readouterr().err
+    monkeypatch.setattr(notebook.importlib.metadata, "version", lambda name: "2.2.5")
+    assert notebook.kaggle_client_too_old() is None
+
+
 def make_dry_run(env: dict[str, str], *args: str) -> str:
     result = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)
