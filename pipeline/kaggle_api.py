@@ -61,9 +61,20 @@ def _nonempty_file(path: Path) -> bool:
         return False
 
 
+def notebook_token() -> Path | None:
+    """In a Kaggle notebook, the file of the token Kaggle gives the notebook itself, which the client
+    tries first (kagglesdk's get_access_token_from_env), when it is there."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") is None or os.environ.get("KAGGLE_DATA_PROXY_URL") is None:
+        return None
+    path = os.environ.get("KAGGLE_API_V1_TOKEN")
+    return Path(path) if path and _nonempty_file(Path(path)) else None
+
+
 def credentials_source() -> str | None:
     """Where the client would find credentials, in its own order (None when nowhere)."""
     home = Path.home() / ".kaggle"
+    if notebook_token():
+        return "KAGGLE_API_V1_TOKEN (the notebook's own token)"
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     for token in (home / "access_token", home / "access_token.txt"):
@@ -91,7 +102,8 @@ def _secret_values() -> list[str]:
     values = [os.environ.get("KAGGLE_KEY", ""), str(config.get("key", ""))]
     token = os.environ.get("KAGGLE_API_TOKEN", "")
     values.append(token)
-    for path in (Path(token) if token else None, home / "access_token", home / "access_token.txt"):
+    for path in (Path(token) if token else None, home / "access_token", home / "access_token.txt",
+                 notebook_token()):
         if path is not None and _nonempty_file(path):
             values.append(path.read_text(encoding="utf-8").strip())
     values += [str(v) for v in _read_json_file(home / "credentials.json").values() if isinstance(v, str)]

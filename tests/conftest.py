@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,13 @@ def run_cli(root: Path, *args: str, check: bool = True, env: dict[str, str] | No
         raise AssertionError(f"pipeline {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests are never inside a Kaggle notebook unless one is simulated: run in a real notebook,
+    they must not take its attached data nor write to its /kaggle/working."""
+    os.environ.pop("KAGGLE_KERNEL_RUN_TYPE", None)
+    os.environ["KAGGLE_ROOT"] = str(Path(tempfile.gettempdir()) / "digits-tests-no-kaggle-here")
 
 
 @pytest.fixture(scope="session")

@@ -595,6 +595,18 @@ def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.Mo
     assert kaggle_api.credentials_source() == "KAGGLE_API_TOKEN"
 
 
+def test_a_notebooks_own_token_comes_first_and_is_scrubbed(home: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (home / "nb-token").write_text("KGAT_notebook_own_token_123\n")
+    monkeypatch.setenv("KAGGLE_API_V1_TOKEN", str(home / "nb-token"))
+    monkeypatch.setenv("KAGGLE_API_TOKEN", DUMMY_TOKEN)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert kaggle_api.credentials_source() == "KAGGLE_API_TOKEN"  # the client needs the proxy too
+    monkeypatch.setenv("KAGGLE_DATA_PROXY_URL", "http://proxy.invalid")
+    assert kaggle_api.credentials_source().startswith("KAGGLE_API_V1_TOKEN")
+    assert "KGAT_notebook_own_token_123" not in kaggle_api.scrub("token KGAT_notebook_own_token_123")
+
+
 def test_credentials_in_config_dir_xdg_and_mixed(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     xdg = write_kaggle_json(home / ".config" / "kaggle", username=DUMMY_USER, key=DUMMY_KEY)
     if sys.platform.startswith("linux"):
