@@ -70,7 +70,8 @@ def env(tmp_path: Path, fake: FakeKaggle) -> dict[str, str]:
     (config / "kaggle.json").write_text(json.dumps({"username": DUMMY_USER, "key": DUMMY_KEY}))
     (config / "kaggle.json").chmod(0o600)
     keep = {k: v for k, v in os.environ.items()
-            if not k.startswith("KAGGLE_") and not k.lower().endswith("_proxy")
+            if (not k.startswith("KAGGLE_") or k == "KAGGLE_ROOT")  # no /kaggle here (see conftest)
+            and not k.lower().endswith("_proxy")
             and k not in ("VERBOSE", "VERBOSE_OUTPUT", "XDG_CONFIG_HOME")}
     return {**keep, "HOME": str(config.parent), "KAGGLE_CONFIG_DIR": str(config),
             "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "PYTHONPATH": str(REPO),
