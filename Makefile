@@ -25,8 +25,8 @@ TORCH ?= torch==2.13.0
 # Settings are declared once, in pipeline/config.py; `make help` lists them from there.
 PIPELINE = $(PY) -m pipeline --make
 
-.PHONY: help setup notebook-setup submit download prepare folds train predict blend tune tune-status \
-	upload lb report runs forget test \
+.PHONY: help setup notebook-setup submit download prepare folds train predict distill blend tune \
+	tune-status upload lb report runs forget test \
 	test-fast lint bench bench-accuracy gpu-check clean
 
 help: ## list the targets and the options they take
@@ -75,6 +75,9 @@ train: setup ## train the run of these settings in runs/<id>/ (FOLD=k, RUN=<id>,
 predict: setup ## the run's test predictions -> submissions/submission.csv (TTA=n, RUN=<id>)
 	$(PIPELINE) predict $(ARGS)
 
+distill: setup ## a run that also learns from the test rows labelled by TEACHER=<run or blend> (the latest)
+	$(PIPELINE) distill $(ARGS)
+
 blend: setup ## blend completed runs on their out-of-fold predictions (RUNS="<id> <id>")
 	$(PIPELINE) blend $(ARGS)
 
@@ -108,8 +111,9 @@ test-fast: setup ## every test but the end-to-end runs (marked slow)
 bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" adds a full-size submit)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
 
-bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend (TRAIN=path/to/train.csv)
-	$(PY) benchmarks/accuracy.py $(if $(TRAIN),--train "$(TRAIN)") $(BENCH_ARGS)
+bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend (TRAIN=, TEST=, SCREEN=1)
+	$(PY) benchmarks/accuracy.py $(if $(TRAIN),--train "$(TRAIN)") $(if $(TEST),--test "$(TEST)") \
+		$(if $(filter 1,$(SCREEN)),--screen) $(BENCH_ARGS)
 
 gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv)
 	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)

@@ -1,14 +1,21 @@
 """Cross-validated accuracy of several recipes on the same data and folds, and of their blend.
 
-    python benchmarks/accuracy.py [--train PATH] [--folds 5] [--variants tutorial,default,gru]
-                                  [--blend] [--project DIR]
+    python benchmarks/accuracy.py [--train PATH] [--test PATH] [--folds 5]
+                                  [--variants tutorial,default,gru] [--blend] [--project DIR]
+                                  [--screen [--screen-epochs N]]
 
 Every variant is a run of the pipeline in one scratch project (prepare, folds, train, predict), so
 all share the same train.csv and the same folds, and --blend then blends them (`make blend`) with
 both averaging rules. The table shows each run's out-of-fold accuracy, error rate, minutes and error
-reduction against the tutorial's recipe. The test.csv it predicts is the first rows of train.csv
-without labels: it only times prediction, it never feeds back into any score. With --project DIR the
-project is kept, and a second call reuses every finished run (runs are cached by their settings).
+reduction against the tutorial's recipe. With --test PATH (the competition's test.csv) each run
+predicts it and its submission is kept in the project's submissions/ (to be scored elsewhere);
+without it the test.csv is the first rows of train.csv without labels: it only times prediction and
+never feeds back into any score. With --project DIR the project is kept, and a second call reuses
+every finished run (runs are cached by their settings).
+
+--screen trains only the first fold of each variant (optionally with a shorter schedule,
+--screen-epochs) and reports that fold's held-out accuracy: a cheap ranking of recipes on a 2-core
+machine before the finalists are confirmed on every fold (the default mode).
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.__main__ import main as pipeline
-from pipeline.artifacts import latest
-from pipeline.config import ROOT, Paths
+from pipeline.artifacts import latest, load_prepared, run_id
+from pipeline.config import ROOT, Paths, resolve
 
 DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "mnist-real" / "train.csv"
 VARIANTS = {
@@ -61,6 +68,19 @@ def record(paths: Paths) -> dict[str, object]:
     return json.loads((paths.runs / str(name) / "run.json").read_text())
 
 
+def screen_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: bool) -> dict[str, object]:
+    """Only fold 0 of the variant: its held-out accuracy and training time."""
+    options = [option(k, str(v)) for k, v in settings.items()]
+    cli(paths, quiet, "train", f"--folds={folds_n}", "--fold=0", *options)
+    given = {k: v for k, v in settings.items() if k != "preset"}
+    cfg = resolve(preset=settings.get("preset"), overrides={**given, "folds": folds_n})
+    name = run_id(cfg, load_prepared(paths).data_key)
+    fold = json.loads((paths.runs / name / "fold_0.json").read_text())
+    acc = float(fold["valid_acc"])
+    return {"oof_acc": acc, "error": 1 - acc, "minutes": float(fold["seconds"]) / 60,
+            "best_epoch": fold["best_epoch"], "run": name}
+
+
 def run_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: bool) -> dict[str, object]:
     options = [option(k, str(v)) for k, v in settings.items()]
     cli(paths, quiet, "predict", f"--folds={folds_n}", *options)
@@ -84,13 +104,15 @@ def option(key: str, value: str) -> str:
     return f"{flag}={value}"
 
 
-def stage_data(train_csv: Path, folder: Path, test_rows: int) -> Path:
+def stage_data(train_csv: Path, folder: Path, test_rows: int, test_csv: Path | None = None) -> Path:
     staging = folder / "staging"
     staging.mkdir(parents=True, exist_ok=True)
-    if not (staging / "train.csv").exists():
-        (staging / "train.csv").symlink_to(train_csv.resolve())
-    pd.read_csv(train_csv, nrows=test_rows).drop(columns="label").to_csv(staging / "test.csv",
-                                                                          index=False)
+    for name, source in (("train.csv", train_csv), ("test.csv", test_csv)):
+        if source is not None and not (staging / name).exists():
+            (staging / name).symlink_to(source.resolve())
+    if test_csv is None:
+        pd.read_csv(train_csv, nrows=test_rows).drop(columns="label").to_csv(staging / "test.csv",
+                                                                              index=False)
     return staging
 
 
@@ -98,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=Path, default=DEFAULT_TRAIN,
                         help=f"a labelled train.csv (default: {DEFAULT_TRAIN})")
+    parser.add_argument("--test", type=Path, help="the competition's test.csv: each run predicts it "
+                        "and keeps its submission (default: the first --test-rows of train.csv)")
+    parser.add_argument("--screen", action="store_true",
+                        help="train and score only the first fold of each variant (a quick ranking)")
+    parser.add_argument("--screen-epochs", type=int,
+                        help="with --screen: this many epochs for every variant (a shorter schedule)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--variants", default="tutorial,default,gru",
                         help="comma-separated: tutorial, default, gru, or name:key=value+key=value")
@@ -112,20 +140,34 @@ def main(argv: list[str] | None = None) -> int:
               "project; pass another labelled train.csv with TRAIN=path (make) or --train.",
               file=sys.stderr)
         return 2
-    print(f"bench-accuracy: {args.folds}-fold CV on {args.train}")
+    if args.test is not None and not args.test.is_file():
+        print(f"bench-accuracy: {args.test} not found (TEST= / --test: an unlabelled test.csv)",
+              file=sys.stderr)
+        return 2
+    if args.screen and args.blend:
+        print("bench-accuracy: --blend needs every fold; leave out --screen", file=sys.stderr)
+        return 2
+    mode = "screening: fold 0 of " if args.screen else ""
+    print(f"bench-accuracy: {mode}{args.folds}-fold CV on {args.train}")
     with tempfile.TemporaryDirectory(prefix="digits-bench-") as tmp:
         folder = args.project or Path(tmp)
         paths = Paths(folder / "work")
-        staging = stage_data(args.train, folder, args.test_rows)
+        staging = stage_data(args.train, folder, args.test_rows, args.test)
         cli(paths, True, "download", "--source", "dir", "--dir", str(staging))
         rows, names = [], []
         for text in args.variants.split(","):
             name, settings = parse_variant(text)
-            result = run_variant(paths, settings, args.folds, not args.verbose)
+            if args.screen:
+                if args.screen_epochs:
+                    settings["epochs"] = str(args.screen_epochs)
+                result = screen_variant(paths, settings, args.folds, not args.verbose)
+            else:
+                result = run_variant(paths, settings, args.folds, not args.verbose)
             names.append(str(result.pop("run")))
             rows.append({"variant": name, **result, "_base": text.partition(":")[0]})
             tta = f" (with TTA {result['oof_acc_tta']:.4f})" if "oof_acc_tta" in result else ""
-            print(f"  {name:<28} OOF accuracy {result['oof_acc']:.4f}{tta}  "
+            what = "fold 0 accuracy" if args.screen else "OOF accuracy"
+            print(f"  {name:<28} {what} {result['oof_acc']:.4f}{tta}  "
                   f"{result['minutes']:.2f} min  ({names[-1]})", flush=True)
         if args.blend:
             for mean in ("prob", "logprob"):

@@ -24,7 +24,8 @@ from pipeline.errors import PipelineError
 SOURCES = ("auto", "kaggle", "dir", "sample")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
-WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "blend", "forget", "tune")
+WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
+           "tune")
 
 
 # -- what each command does ------------------------------------------------------------------------
@@ -61,15 +62,16 @@ def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
 
 def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir, Prepared, Any, list]:
     """Data, folds and a trained run (each skipped when current)."""
-    from pipeline import folds, train
+    from pipeline import distill, folds, train
 
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
     run = run_dir(paths, run_id(cfg, data.data_key))
     fold = getattr(args, "fold", None)
+    pseudo = distill.pseudo_rows(paths, cfg, data) if cfg.teacher else None
     records = train.run(cfg, paths, run, data, fold_of, folds=None if fold is None else [fold],
-                        force=args.force and args.stage == "train")
+                        force=args.force and args.stage == "train", pseudo=pseudo)
     return cfg, run, data, fold_of, records
 
 
@@ -114,6 +116,16 @@ def _submit(args: argparse.Namespace, paths: Paths) -> None:
           f"(run {run.id})")
 
 
+def _distill(args: argparse.Namespace, paths: Paths) -> None:
+    if not args.teacher and not args.run:
+        args.teacher = latest(paths)
+        if args.teacher is None:
+            raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
+                                "blend first (`make submit`, `make blend`), or name one with TEACHER=")
+        print(f"distill: TEACHER={args.teacher} (the latest run or blend; TEACHER= picks another)")
+    _submit(args, paths)
+
+
 def _blend(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import blend, folds
 
@@ -121,10 +133,10 @@ def _blend(args: argparse.Namespace, paths: Paths) -> None:
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
-    if names is None and not blend.candidates(paths, data, cfg.folds, cfg.seed, None)[0]:
+    if names is None and not blend.candidates(paths, data, cfg.folds, cfg.fold_seed, None)[0]:
         print("blend: no completed run on these folds yet: making the run of these settings first")
         build_prediction(args, paths)
-    blend.run(paths, data, fold_of, cfg.folds, cfg.seed, names, mean=args.mean,
+    blend.run(paths, data, fold_of, cfg.folds, cfg.fold_seed, names, mean=args.mean,
               force=args.force)
 
 
@@ -296,6 +308,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
     stage("submit", _submit, "every stage in order, each skipped when current", config=True,
           force="download the CSVs again even if present")
+    stage("distill", _distill, "submit a run that also learns from the test rows, labelled by a "
+          "teacher run or blend (TEACHER=, the latest by default)", config=True).add_argument(
+        "--run", help="the distilled run to finish, by id; see `make runs`")
     add_blend_and_report_stages(stage)
     add_tune_stages(stage)
     p = stage("runs", _runs, "every run side by side", source=False)

@@ -76,6 +76,18 @@ def mark_current(record: Path, inputs: dict[str, Any], **facts: Any) -> dict[str
     return made
 
 
+@dataclass(frozen=True)
+class Pseudo:
+    """Distillation's extra training rows: test images with the teacher's (tempered) probabilities.
+
+    They are test rows only, never train rows: no fold's model learns anything about its own
+    held-out rows from them beyond what the teacher's test predictions carry."""
+
+    images: np.ndarray  # uint8 (M, 28, 28)
+    targets: np.ndarray  # float32 (M, 10), rows sum to 1
+    key: str  # the teacher's record key: a re-predicted teacher makes the folds stale
+
+
 # -- prepared pixel cache -------------------------------------------------------------------------
 
 @dataclass
@@ -128,7 +140,7 @@ def load_prepared(paths: Paths) -> Prepared:
 # -- folds ----------------------------------------------------------------------------------------
 
 def folds_inputs(data_key: str, cfg: Settings) -> dict[str, Any]:
-    return {"data": data_key, "folds": cfg.folds, "seed": cfg.seed}
+    return {"data": data_key, "folds": cfg.folds, "seed": cfg.fold_seed}
 
 
 def read_folds(paths: Paths) -> np.ndarray:
@@ -176,7 +188,8 @@ def run_id(cfg: Settings, data_key: str) -> str:
     """Readable and unique to what the models depend on: the learned settings and the data."""
     key = fingerprint({"settings": cfg.learned(), "data": data_key})
     view = "-cols" if cfg.view == "cols" else ""
-    return f"{cfg.model}{view}-h{cfg.hidden}-e{cfg.epochs}-{key[:6]}"
+    distilled = "-kd" if cfg.teacher else ""
+    return f"{cfg.model}{view}-h{cfg.hidden}-e{cfg.epochs}{distilled}-{key[:6]}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Per-sample random affine augmentation, done on the training device in one batched call."""
+"""Per-sample random augmentation, done on the training device in a few batched calls: an affine
+move (rotation, zoom, shift) and, optionally, an elastic distortion (Simard et al., 2003: a random
+displacement field smoothed by a Gaussian), both applied by one bilinear resampling."""
 
 from __future__ import annotations
 
@@ -7,10 +9,34 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import Settings
+
+
+def gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
+    """A normalised 1-D Gaussian of standard deviation sigma (pixels), 3 sigma each side, at most
+    the image's size."""
+    radius = min(27, max(1, math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def elastic_field(batch: int, height: int, width: int, alpha: float, sigma: float,
+                  generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 2) displacements in pixels: uniform noise in [-1, 1] per pixel and axis, smoothed
+    by a Gaussian of std sigma, times alpha (Simard's alpha=34, sigma=4 is a strong setting)."""
+    noise = torch.rand(batch * 2, 1, height, width, generator=generator, device=device) * 2 - 1
+    kernel = gaussian_kernel(sigma, device)
+    pad = len(kernel) // 2
+    smooth = F.conv2d(noise, kernel.view(1, 1, -1, 1), padding=(pad, 0))
+    smooth = F.conv2d(smooth, kernel.view(1, 1, 1, -1), padding=(0, pad))
+    return (smooth * alpha).view(batch, 2, height, width).permute(0, 2, 3, 1)
+
 
 def random_affine(images: torch.Tensor, generator: torch.Generator, rotate: float, scale: float,
-                  shift: float) -> torch.Tensor:
-    """Rotate (degrees), zoom (relative) and shift (pixels) each image of (B, 28, 28) at random.
+                  shift: float, elastic: float = 0.0, elastic_sigma: float = 4.0) -> torch.Tensor:
+    """Rotate (degrees), zoom (relative) and shift (pixels) each image of (B, 28, 28) at random, and
+    with elastic > 0 also distort it elastically (strength elastic, smoothness elastic_sigma).
 
     Values keep their range (bilinear interpolation, zeros outside); shape and dtype are kept.
     """
@@ -28,6 +54,15 @@ def random_affine(images: torch.Tensor, generator: torch.Generator, rotate: floa
     base = torch.stack([xs.repeat(height), ys.repeat_interleave(width), torch.ones_like(xs).repeat(height)])
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = (theta.reshape(-1, 3) @ base).view(batch, 2, height, width).permute(0, 2, 3, 1)
+    if elastic > 0:
+        field = elastic_field(batch, height, width, elastic, elastic_sigma, generator, images.device)
+        grid = grid + field * torch.tensor([2 / width, 2 / height], device=images.device)
     out = F.grid_sample(images.unsqueeze(1).float(), grid, mode="bilinear",
                         padding_mode="zeros", align_corners=False)
     return out.squeeze(1).to(images.dtype)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, cfg: Settings) -> torch.Tensor:
+    """The run's augmentation (its affine and elastic settings) of a batch of images."""
+    return random_affine(images, generator, cfg.rotate, cfg.scale, cfg.shift, cfg.elastic,
+                         cfg.elastic_sigma)

@@ -85,7 +85,12 @@ def honest_accuracy(probs: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, 
     return correct / len(labels)
 
 
-def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
+def fold_seed_of(record: dict[str, Any]) -> Any:
+    """The seed that drew a record's folds (records from before FOLD_SEED kept it as seed)."""
+    return record.get("fold_seed", record.get("seed"))
+
+
+def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
                names: list[str] | None) -> tuple[list[tuple[RunDir, dict[str, Any]]], list[str]]:
     """The runs to blend, and the reasons others were left out."""
     chosen, skipped = [], []
@@ -101,11 +106,11 @@ def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
             problem = "a blend itself"
         elif record.get("data") != data.data_key:
             problem = "made from other data than input/*.csv now hold"
-        elif (record.get("folds"), record.get("seed")) != (folds, seed):
-            problem = f"on other folds ({record.get('folds')} folds, seed {record.get('seed')})"
+        elif (record.get("folds"), fold_seed_of(record)) != (folds, fold_seed):
+            problem = f"on other folds ({record.get('folds')} folds, FOLD_SEED {fold_seed_of(record)})"
         if problem and names:
             raise PipelineError(f"RUNS: {run.id} cannot be blended: {problem}; the runs must share "
-                                f"the current data and folds ({folds} folds, seed {seed})")
+                                f"the current data and folds ({folds} folds, FOLD_SEED {fold_seed})")
         if problem:
             if record is None or record.get("kind") != "blend":
                 skipped.append(f"{run.id}: {problem}")
@@ -114,16 +119,17 @@ def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
     return chosen, skipped
 
 
-def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, seed: int,
+def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed: int,
         names: list[str] | None = None, mean: str = "logprob", force: bool = False) -> dict[str, Any]:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
     submission; returns the blend's record."""
-    chosen, skipped = candidates(paths, data, folds, seed, names)
+    chosen, skipped = candidates(paths, data, folds, fold_seed, names)
     for line in skipped:
         print(f"blend: skipped {line}")
     if not chosen:
         raise PipelineError(f"blend: no completed run on the current data and folds ({folds} folds, "
-                            f"seed {seed}); `make submit FOLDS={folds} SEED={seed}` makes one")
+                            f"FOLD_SEED {fold_seed}); `make submit FOLDS={folds} "
+                            f"FOLD_SEED={fold_seed}` makes one")
     members = {run.id: record["key"] for run, record in chosen}
     inputs = {"members": members, "mean": mean, "data": data.data_key}
     out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")
@@ -184,7 +190,7 @@ def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]
             "oof_acc": float((blended_oof.argmax(1) == labels).mean()), "oof_acc_honest": honest,
             "oof_loss": _loss(blended_oof, labels), "fold_min": min(per_fold),
             "fold_max": max(per_fold), "data": data.data_key, "folds": int(fold_of.max()) + 1,
-            "seed": chosen[0][1].get("seed"), "device": "", "config": {},
+            "fold_seed": fold_seed_of(chosen[0][1]), "device": "", "config": {},
             "seconds": sum(r.get("seconds", 0) for _, r in chosen) + time.perf_counter() - started,
             "source": data_source(paths), "finished": time.time()}
 

@@ -104,8 +104,10 @@ class Settings:
     # -- cross-validation -----------------------------------------------------------------------
     folds: int = setting(5, "stratified folds; one model per fold, averaged for the submission",
                          low=2, high=100)
-    seed: int = setting(42, "fixes folds, initialisation, shuffling and augmentation", low=0,
-                        high=2**32 - 1)
+    fold_seed: int = setting(42, "fixes the fold assignment (input/folds.csv); runs that share it "
+                             "can be blended", low=0, high=2**32 - 1)
+    seed: int = setting(42, "fixes initialisation, shuffling and augmentation: runs of one recipe "
+                        "with other seeds blend on the same folds", low=0, high=2**32 - 1)
     # -- optimisation ---------------------------------------------------------------------------
     epochs: int = setting(30, "passes over the training rows of a fold", low=1, high=10_000)
     batch: int = setting(128, "training batch size; any size works, the last short batch included",
@@ -127,6 +129,17 @@ class Settings:
     rotate: float = setting(10.0, "augmentation: largest rotation in degrees", low=0, high=180)
     scale: float = setting(0.1, "augmentation: largest relative zoom in or out", low=0, below=1)
     shift: float = setting(2.0, "augmentation: largest shift in pixels", low=0, high=28)
+    elastic: float = setting(0.0, "augmentation: elastic distortion strength (Simard's alpha, in "
+                             "pixels; 0 = off)", low=0, high=200)
+    elastic_sigma: float = setting(4.0, "augmentation: smoothness of the elastic distortion (Gaussian "
+                                   "std in pixels)", low=0.5, high=14)
+    # -- distillation (make distill) ------------------------------------------------------------
+    teacher: str = setting("", "a run or blend whose averaged test probabilities become extra "
+                           "training rows (its id; empty = off)")
+    distill_temperature: float = setting(1.0, "distillation: softens (>1) or sharpens (<1) the "
+                                         "teacher's probabilities", low=0.05, high=20)
+    distill_threshold: float = setting(0.0, "distillation: keep only test rows whose teacher "
+                                       "confidence is at least this", low=0, high=1)
     amp: bool = setting(False, "CUDA autocast: bfloat16, the cuDNN recurrent layer float16; "
                         "ignored elsewhere")
     # -- prediction and hardware (where and how fast; not part of the run id) --------------------
@@ -179,6 +192,8 @@ def allowed(f: Field[Any]) -> str:
         return "one of " + ", ".join(meta["choices"])
     if isinstance(f.default, bool):
         return "1 or 0 (true or false)"
+    if isinstance(f.default, str):
+        return "a name"
     kind = "a whole number" if isinstance(f.default, int) else "a number"
     if meta["below"] is not None:
         return f"{kind} from {meta['low']:g} up to (not including) {meta['below']:g}"

@@ -46,13 +46,14 @@ def run(cfg: Settings, paths: Paths, data: Prepared) -> np.ndarray:
 
     why = stale(paths.folds_json, inputs, [paths.folds_csv], check)
     if not why:
-        print(f"folds: skipped: {cfg.folds} folds (seed {cfg.seed}) of the same data")
+        print(f"folds: skipped: {cfg.folds} folds (FOLD_SEED {cfg.fold_seed}) of the same data")
         return found[0]
     print(f"folds: reruns: {why}")
-    fold_of = assign(data.train_y.astype(np.int64), cfg.folds, cfg.seed)
+    fold_of = assign(data.train_y.astype(np.int64), cfg.folds, cfg.fold_seed)
     frame = pd.DataFrame({"row": np.arange(len(fold_of)), "label": data.train_y, "fold": fold_of})
     write_csv(paths.folds_csv, frame)
-    mark_current(paths.folds_json, inputs, folds=cfg.folds, seed=cfg.seed)
+    mark_current(paths.folds_json, inputs, folds=cfg.folds, seed=cfg.fold_seed)
     sizes = np.bincount(fold_of)
-    print(f"folds: {cfg.folds} stratified folds of {sizes.min()}-{sizes.max()} rows (seed {cfg.seed})")
+    print(f"folds: {cfg.folds} stratified folds of {sizes.min()}-{sizes.max()} rows "
+          f"(FOLD_SEED {cfg.fold_seed})")
     return fold_of

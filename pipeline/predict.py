@@ -119,7 +119,7 @@ def _predict(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: 
             "tta": cfg.tta}, "oof_acc": oof_acc, "oof_loss": log_loss(oof, labels),
             "oof_acc_tta": tta_correct / len(labels) if cfg.tta else None, "tta": cfg.tta,
             "fold_min": min(valid), "fold_max": max(valid), "data": data.data_key,
-            "folds": cfg.folds, "seed": cfg.seed, "device": folds[0]["device"],
+            "folds": cfg.folds, "fold_seed": cfg.fold_seed, "seed": cfg.seed, "device": folds[0]["device"],
             "train_seconds": sum(f["seconds"] for f in folds), "seconds": sum(
                 f["seconds"] for f in folds) + seconds, "source": data_source(paths),
             "finished": time.time()}

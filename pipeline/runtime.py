@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.augment import random_affine
+from pipeline.augment import augment
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
@@ -66,7 +66,7 @@ def predict_log_proba(model: nn.Module, images: torch.Tensor, cfg: Settings,
                 continue
             probs = model(batch).float().softmax(1)
             for _ in range(tta):
-                moved = random_affine(batch, generator, cfg.rotate, cfg.scale, cfg.shift)
+                moved = augment(batch, generator, cfg)
                 probs += model(moved).float().softmax(1)
         chunks.append((probs / (tta + 1)).log())
     return torch.cat(chunks)

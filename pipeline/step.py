@@ -144,7 +144,8 @@ class TrainStep:
         if self.cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
         self.loss_sum += loss.detach() * len(y)
-        self.correct += (logits.detach().argmax(1) == y).sum()
+        # y: class indices, or class probabilities (distillation's soft targets).
+        self.correct += (logits.detach().argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Warm up, capture and check on the first full batch; on any failure, carry on eagerly."""

@@ -29,6 +29,7 @@ from pipeline import checkpoint
 from pipeline.artifacts import (
     LOG_COLUMNS,
     Prepared,
+    Pseudo,
     RunDir,
     load_prepared,
     mark_current,
@@ -36,7 +37,7 @@ from pipeline.artifacts import (
     stale,
     write_probabilities,
 )
-from pipeline.augment import random_affine
+from pipeline.augment import augment
 from pipeline.config import Paths, Settings, fingerprint
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_csv, write_json
@@ -87,8 +88,7 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
     if cfg.augment:
         # On a CPU, chunks small enough to stay in cache; on a GPU, one call for the whole epoch.
         chunk = 2048 if x.device.type == "cpu" else len(x)
-        x = torch.cat([random_affine(x[i:i + chunk], generator, cfg.rotate, cfg.scale, cfg.shift)
-                       for i in range(0, len(x), chunk)])
+        x = torch.cat([augment(x[i:i + chunk], generator, cfg) for i in range(0, len(x), chunk)])
     return x, labels[order]
 
 
@@ -139,26 +139,50 @@ class Progress:
             self.bar.close()
 
 
-def fold_inputs(run: RunDir, fold: int) -> dict[str, Any]:
-    """What a fold's model is made from: its run (settings and data, by the run id) and its fold."""
-    return {"run": run.id, "fold": fold}
+def fold_inputs(run: RunDir, fold: int, pseudo: Pseudo | None = None) -> dict[str, Any]:
+    """What a fold's model is made from: its run (settings and data, by the run id), its fold and,
+    when distilled, the teacher's predictions."""
+    inputs: dict[str, Any] = {"run": run.id, "fold": fold}
+    if pseudo is not None:
+        inputs["teacher"] = pseudo.key
+    return inputs
+
+
+def training_set(data: Prepared, fold_of: np.ndarray, fold: int, pseudo: Pseudo | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, training targets, training rows, held-out rows) of a fold, on the device.
+
+    The targets are class indices, or with pseudo rows class probabilities (one-hot for labelled
+    rows), and the images then hold the test images after the train images. The held-out rows are
+    train rows of the fold only; the training rows never include one of them."""
+    images = torch.from_numpy(data.train_x).to(device)
+    targets = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
+    train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
+    valid_rows = torch.from_numpy(np.flatnonzero(fold_of == fold)).to(device)
+    if pseudo is not None and len(pseudo.images):
+        n = len(data.train_x)
+        images = torch.cat([images, torch.from_numpy(pseudo.images).to(device)])
+        targets = torch.cat([F.one_hot(targets, 10).float(),
+                             torch.from_numpy(pseudo.targets.astype(np.float32)).to(device)])
+        train_rows = torch.cat([train_rows, torch.arange(n, n + len(pseudo.images), device=device)])
+    return images, targets, train_rows, valid_rows
 
 
 def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: np.ndarray,
                device: torch.device, bar_position: int | None = None,
-               on_epoch: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+               on_epoch: Callable[[int, int, float], None] | None = None,
+               pseudo: Pseudo | None = None) -> dict[str, Any]:
     """Train one fold (resuming its saved state if there is one); returns its record.
 
     on_epoch(fold, epoch, valid_acc) is called after each epoch is saved (tuning reports there, and
     may stop the fold by raising)."""
-    key = fingerprint(fold_inputs(run, fold))
+    key = fingerprint(fold_inputs(run, fold, pseudo))
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = build_model(cfg).to(device)
-    train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
-    valid_rows = torch.from_numpy(np.flatnonzero(fold_of == fold)).to(device)
     # The whole data set lives on the device as uint8; batches are indexed there.
-    images = torch.from_numpy(data.train_x).to(device)
-    labels = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
+    images, targets, train_rows, valid_rows = training_set(data, fold_of, fold, pseudo, device)
+    valid_x = images[valid_rows]
+    valid_y = torch.from_numpy(data.train_y.astype(np.int64)).to(device)[valid_rows]
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, len(train_rows)))
     step = TrainStep(model, optimizer, scheduler, cfg, device,
@@ -180,9 +204,9 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            train_loss, train_acc = train_epoch(step, images, labels, train_rows, cfg, generator)
+            train_loss, train_acc = train_epoch(step, images, targets, train_rows, cfg, generator)
             train_seconds = time.perf_counter() - started
-            valid_loss, valid_acc, _ = evaluate(model, images[valid_rows], labels[valid_rows], cfg)
+            valid_loss, valid_acc, _ = evaluate(model, valid_x, valid_y, cfg)
             _check_finite(fold, epoch, train_loss, valid_loss)
             seconds = time.perf_counter() - started
             elapsed += seconds
@@ -201,8 +225,8 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
                 on_epoch(fold, epoch, valid_acc)
     finally:
         progress.close()
-    return _finish(cfg, run, fold, model, best, best_weights, elapsed, device,
-                   images[valid_rows], labels[valid_rows], valid_rows)
+    return _finish(cfg, run, fold, model, best, best_weights, elapsed, device, valid_x, valid_y,
+                   valid_rows, pseudo)
 
 
 def _check_finite(fold: int, epoch: int, train_loss: float, valid_loss: float) -> None:
@@ -215,7 +239,8 @@ def _check_finite(fold: int, epoch: int, train_loss: float, valid_loss: float) -
 
 def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best: dict[str, Any],
             best_weights: dict[str, torch.Tensor], elapsed: float, device: torch.device,
-            valid_x: torch.Tensor, valid_y: torch.Tensor, valid_rows: torch.Tensor) -> dict[str, Any]:
+            valid_x: torch.Tensor, valid_y: torch.Tensor, valid_rows: torch.Tensor,
+            pseudo: Pseudo | None) -> dict[str, Any]:
     """The best epoch's weights become the finished model; its out-of-fold predictions go beside it."""
     model.load_state_dict(best_weights)
     _, _, log_probs = evaluate(model, valid_x, valid_y, cfg)
@@ -225,16 +250,17 @@ def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best:
     record = {"fold": fold, "best_epoch": best["epoch"], "valid_loss": best["valid_loss"],
               "valid_acc": best["valid_acc"], "seconds": round(elapsed, 2),
               "device": describe(device), "trained_at": time.time()}
-    mark_current(run.fold_record(fold), fold_inputs(run, fold), **record)
+    mark_current(run.fold_record(fold), fold_inputs(run, fold, pseudo), **record)
     run.state(fold).unlink(missing_ok=True)
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
           f"valid_loss {best['valid_loss']:.4f}, {elapsed:.1f}s")
     return record
 
 
-def fold_stale(run: RunDir, fold: int) -> str:
+def fold_stale(run: RunDir, fold: int, pseudo: Pseudo | None = None) -> str:
     """'' when the fold's finished model, its out-of-fold predictions and record are current."""
-    return stale(run.fold_record(fold), fold_inputs(run, fold), [run.model(fold), run.oof_fold(fold)],
+    return stale(run.fold_record(fold), fold_inputs(run, fold, pseudo),
+                 [run.model(fold), run.oof_fold(fold)],
                  check=lambda: checkpoint.model_from(run.model(fold)))
 
 
@@ -246,9 +272,11 @@ def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
 
 def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
         folds: list[int] | None = None, force: bool = False,
-        on_epoch: Callable[[int, int, float], None] | None = None) -> list[dict[str, Any]]:
+        on_epoch: Callable[[int, int, float], None] | None = None,
+        pseudo: Pseudo | None = None) -> list[dict[str, Any]]:
     """Train every fold of the run, or only those given, skipping the current ones (force: retrain
-    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn)."""
+    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn).
+    pseudo: distillation's extra rows (the run's TEACHER's test predictions)."""
     n_folds = cfg.folds
     for fold in folds or []:
         if not 0 <= fold < n_folds:
@@ -256,15 +284,18 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
                                 f"{n_folds - 1}")
     folds = list(range(n_folds)) if folds is None else folds
     device = resolve_device(cfg.device)  # before anything is written: a wrong DEVICE changes nothing
+    if cfg.teacher and pseudo is None:
+        raise PipelineError(f"TEACHER={cfg.teacher}: a distilled run trains on its teacher's test "
+                            "predictions; `make distill TEACHER=...` (or `make submit`) gives them")
     check_settings(cfg, fold_of)
     todo = []
     for k in folds:
-        why = "FORCE=1" if force else fold_stale(run_dir, k)
+        why = "FORCE=1" if force else fold_stale(run_dir, k, pseudo)
         print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
         if why:
             todo.append(k)
     if todo:
-        _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch)
+        _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch, pseudo)
     if not run_dir.config.is_file():  # written once the run's models exist, never before
         write_json(run_dir.config, asdict(cfg))
     return [read_fold_record(run_dir, k) for k in folds]
@@ -279,7 +310,7 @@ def read_fold_record(run: RunDir, fold: int) -> dict[str, Any]:
 
 def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
                  todo: list[int], device: torch.device,
-                 on_epoch: Callable[[int, int, float], None] | None) -> None:
+                 on_epoch: Callable[[int, int, float], None] | None, pseudo: Pseudo | None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
@@ -289,15 +320,15 @@ def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, f
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = min(cfg.jobs or (len(todo) if device.type == "cuda" else 1), len(todo))
     if jobs > 1 and on_epoch is None:
-        _run_parallel(cfg, paths, run_dir, todo, device, jobs, graphs)
+        _run_parallel(cfg, paths, run_dir, todo, device, jobs, graphs, pseudo)
         return
     print(f"train: {run_dir.id}: folds {todo} on {describe(device)}{graphs}")
     for k in todo:
-        train_fold(cfg, run_dir, k, data, fold_of, device, on_epoch=on_epoch)
+        train_fold(cfg, run_dir, k, data, fold_of, device, on_epoch=on_epoch, pseudo=pseudo)
 
 
 def _run_parallel(cfg: Settings, paths: Paths, run_dir: RunDir, todo: list[int], device: torch.device,
-                  jobs: int, graphs: str) -> None:
+                  jobs: int, graphs: str, pseudo: Pseudo | None) -> None:
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
@@ -306,16 +337,16 @@ def _run_parallel(cfg: Settings, paths: Paths, run_dir: RunDir, todo: list[int],
           + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         tasks = [pool.submit(_fold_worker, asdict(cfg), str(paths.root), run_dir.id, k,
-                             f"cuda:{i % gpus}" if gpus > 1 else str(device), threads, i)
+                             f"cuda:{i % gpus}" if gpus > 1 else str(device), threads, i, pseudo)
                  for i, k in enumerate(todo)]
         for task in tasks:
             task.result()
 
 
 def _fold_worker(cfg_fields: dict[str, Any], root: str, run_id: str, fold: int, device: str,
-                 threads: int, position: int) -> dict[str, Any]:
+                 threads: int, position: int, pseudo: Pseudo | None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
     paths = Paths(Path(root))
     return train_fold(Settings(**cfg_fields), RunDir(paths.runs / run_id), fold, load_prepared(paths),
-                      read_folds(paths), torch.device(device), position)
+                      read_folds(paths), torch.device(device), position, pseudo=pseudo)

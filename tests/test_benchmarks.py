@@ -44,6 +44,27 @@ def test_accuracy_benchmark_runs_tiny(sample_run: Path, tmp_path: Path) -> None:
     assert (blends["in_sample"] >= blends["oof_acc"] - 0.02).all()
 
 
+def test_accuracy_benchmark_screens_one_fold_and_predicts_a_given_test(sample_run: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "screen.csv"
+    project = tmp_path / "kept"
+    bench("benchmarks/accuracy.py", "--train", str(sample_run / "input" / "train.csv"), "--folds", "3",
+          "--screen", "--screen-epochs", "1", "--variants", "default:hidden=8,default:hidden=8+elastic=20",
+          "--project", str(project), "--out", str(out))
+    table = pd.read_csv(out)
+    assert list(table["best_epoch"]) == [1, 1] and table["oof_acc"].between(0, 1).all()
+    runs = [p for p in (project / "work" / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 2 and all(sorted(q.name for q in r.glob("fold_*.pt")) == ["fold_0.pt"]
+                                  for r in runs)
+    confirm = tmp_path / "confirm"
+    bench("benchmarks/accuracy.py", "--train", str(sample_run / "input" / "train.csv"), "--folds", "2",
+          "--test", str(sample_run / "input" / "test.csv"), "--variants", "default:epochs=1+hidden=8",
+          "--project", str(confirm))
+    kept = list((confirm / "work" / "submissions").glob("*-rnn-cv*.csv"))
+    test_rows = len(pd.read_csv(sample_run / "input" / "test.csv"))
+    assert len(kept) == 1 and len(pd.read_csv(kept[0])) == test_rows
+
+
 def test_accuracy_benchmark_says_when_its_data_is_missing(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--train",
                              str(tmp_path / "nope.csv")], cwd=REPO, capture_output=True, text=True)

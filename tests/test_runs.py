@@ -117,7 +117,7 @@ def test_blend_refuses_runs_on_other_folds(project: Path) -> None:
     run_cli(project, "submit", "--folds", "3", "--epochs", "1", "--hidden", "16")
     other = the_run(project, "rnn-h16")
     everything = run_cli(project, "blend", "--folds", "2")
-    assert f"blend: skipped {other.id}: on other folds (3 folds, seed 42)" in everything.stdout
+    assert f"blend: skipped {other.id}: on other folds (3 folds, FOLD_SEED 42)" in everything.stdout
     named = run_cli(project, "blend", "--folds", "2", "--runs", f"{other.id} "
                     f"{the_run(project, 'rnn-cols').id}", check=False)
     assert named.returncode == 1 and f"{other.id} cannot be blended: on other folds" in named.stderr

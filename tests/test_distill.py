@@ -1,0 +1,180 @@
+"""Distillation (make distill), separate fold and init seeds, and the elastic distortion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SAMPLE, TINY, run_cli, the_run
+
+from pipeline import distill
+from pipeline.__main__ import main
+from pipeline.artifacts import (
+    PIXELS,
+    Pseudo,
+    RunDir,
+    completed,
+    latest,
+    load_prepared,
+    write_probabilities,
+)
+from pipeline.augment import elastic_field, random_affine
+from pipeline.config import Paths, resolve
+
+# A student that can memorise 200 noise images: wide enough, no augmentation, no smoothing.
+MEMORISE = ("--folds", "2", "--epochs", "40", "--hidden", "96", "--batch", "25", "--lr", "0.005",
+            "--no-augment", "--label-smoothing", "0", "--weight-decay", "0")
+
+
+def noise_project(root: Path, rows: int = 200, test_rows: int = 100) -> None:
+    """Random pixels with random (balanced) labels: nothing to learn that generalises, so an honest
+    out-of-fold estimate is chance (about 0.1), whatever the student memorises."""
+    rng = np.random.default_rng(0)
+    source = root / "csv"
+    source.mkdir(parents=True)
+    labels = np.tile(np.arange(10), rows // 10)
+    rng.shuffle(labels)
+    train = pd.DataFrame(rng.integers(0, 256, (rows, 784)), columns=PIXELS)
+    train.insert(0, "label", labels)
+    train.to_csv(source / "train.csv", index=False)
+    pd.DataFrame(rng.integers(0, 256, (test_rows, 784)), columns=PIXELS).to_csv(source / "test.csv",
+                                                                                 index=False)
+    assert main(["--root", str(root), "download", "--source", "dir", "--dir", str(source)]) == 0
+
+
+def oof_accuracy(root: Path) -> float:
+    name = latest(Paths(root))
+    return float(json.loads((root / "runs" / str(name) / "run.json").read_text())["oof_acc"])
+
+
+@pytest.mark.slow
+def test_the_distilled_estimate_stays_honest_where_a_leak_would_show(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teacher whose out-of-fold file holds every train row's true label (what a design that
+    trains on the teacher's OOF probabilities would copy into each fold's held-out rows): the
+    distilled student, trained on the teacher's test rows only, stays at chance on noise; the same
+    student fed those OOF rows (the leaking design) scores far higher."""
+    root = tmp_path / "p"
+    noise_project(root)
+    assert main(["--root", str(root), "submit", "--folds", "2", "--epochs", "1", "--hidden", "8"]) == 0
+    paths = Paths(root)
+    teacher = str(latest(paths))
+    labels = load_prepared(paths).train_y.astype(np.int64)
+    write_probabilities(paths.runs / teacher / "oof.csv", np.eye(10)[labels],
+                        {"row": np.arange(len(labels)), "label": labels})
+
+    assert main(["--root", str(root), "distill", "--teacher", teacher, *MEMORISE]) == 0
+    honest = oof_accuracy(root)
+
+    honest_rows = distill.pseudo_rows
+
+    def leaking(paths: Paths, cfg, data) -> Pseudo:
+        test = honest_rows(paths, cfg, data)
+        oof = pd.read_csv(paths.runs / cfg.teacher / "oof.csv")
+        probs = oof[[f"p{c}" for c in range(10)]].to_numpy(np.float32)
+        return Pseudo(np.concatenate([test.images, data.train_x]),
+                      np.concatenate([test.targets, probs]), test.key + "-leak")
+
+    monkeypatch.setattr(distill, "pseudo_rows", leaking)
+    assert main(["--root", str(root), "distill", "--teacher", teacher, *MEMORISE, "--seed", "1"]) == 0
+    leaked = oof_accuracy(root)
+    assert honest < 0.25, honest
+    assert leaked > honest + 0.3, (honest, leaked)
+
+
+def test_pseudo_rows_are_the_teachers_test_rows_tempered_and_thresholded(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    noise_project(root, rows=40, test_rows=30)
+    assert main(["--root", str(root), "submit", "--folds", "2", "--epochs", "1", "--hidden", "8"]) == 0
+    paths = Paths(root)
+    teacher = str(latest(paths))
+    data = load_prepared(paths)
+    probs = np.full((30, 10), 0.02)
+    probs[:, 0] = 0.82
+    probs[::3] = 0.1  # every third row: no confidence at all
+    write_probabilities(paths.runs / teacher / "test.csv", probs, {"ImageId": np.arange(1, 31)})
+    cfg = resolve(overrides={"teacher": teacher, "distill_threshold": 0.5, "distill_temperature": 2.0})
+    rows = distill.pseudo_rows(paths, cfg, data)
+    keep = np.arange(30) % 3 != 0
+    assert np.array_equal(rows.images, data.test_x[keep])
+    assert rows.key == completed(RunDir(paths.runs / teacher))["key"]
+    soft = np.sqrt(probs[keep])
+    np.testing.assert_allclose(rows.targets, soft / soft.sum(1, keepdims=True), rtol=1e-5)
+    assert rows.targets[:, 0].max() < 0.82  # T = 2 softens
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--teacher", "nope"), "TEACHER=nope: no completed run or blend"),
+    (("--teacher", "../x"), "not a run name"),
+])
+def test_a_missing_teacher_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    args: tuple[str, ...], words: str) -> None:
+    code = main(["--root", str(tmp_path), "distill", *SAMPLE, *TINY, *args])
+    err = capsys.readouterr().err
+    assert code == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any(p.name.endswith("-kd") or "-kd-" in p.name
+                                                       for p in (tmp_path / "runs").iterdir())
+
+
+def test_distill_without_any_run_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--root", str(tmp_path), "distill", *SAMPLE, *TINY])
+    assert code == 1 and "make a run or a blend first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_make_distill_is_a_run_like_any_other(tmp_path: Path) -> None:
+    """The latest run teaches by default; the student is kept, current on a rerun, resumable by
+    RUN=, listed, and blends with its teacher on the same folds."""
+    run_cli(tmp_path, "submit", *SAMPLE, *TINY)
+    teacher = the_run(tmp_path).id
+    first = run_cli(tmp_path, "distill", *TINY)
+    assert f"distill: TEACHER={teacher} (the latest run or blend" in first.stdout
+    student = the_run(tmp_path, "rnn-h32-e2-kd-")
+    assert json.loads(student.config.read_text())["teacher"] == teacher
+    again = run_cli(tmp_path, "distill", "--teacher", teacher, *TINY)
+    assert "train: fold 0 skipped: its model is current" in again.stdout
+    assert "skipped" in run_cli(tmp_path, "train", "--run", student.id).stdout
+    assert student.id in run_cli(tmp_path, "runs").stdout
+    blended = run_cli(tmp_path, "blend", "--folds", "2", "--runs", f"{teacher} {student.id}")
+    assert "honest" in blended.stdout
+
+
+@pytest.mark.slow
+def test_seeds_of_one_recipe_share_folds_and_blend(tmp_path: Path) -> None:
+    run_cli(tmp_path, "submit", *SAMPLE, *TINY)
+    folds_before = (tmp_path / "input" / "folds.csv").read_bytes()
+    run_cli(tmp_path, "submit", *TINY, "--seed", "7")
+    assert (tmp_path / "input" / "folds.csv").read_bytes() == folds_before
+    out = run_cli(tmp_path, "blend", "--folds", "2").stdout
+    assert "blend: skipped" not in out and "blend: OOF accuracy" in out
+    run_cli(tmp_path, "folds", *TINY, "--fold-seed", "3")
+    assert (tmp_path / "input" / "folds.csv").read_bytes() != folds_before
+
+
+def test_elastic_field_is_smooth_and_scaled() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weak = elastic_field(64, 28, 28, alpha=1.0, sigma=4.0, generator=gen, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    strong = elastic_field(64, 28, 28, alpha=30.0, sigma=4.0, generator=gen, device=torch.device("cpu"))
+    assert weak.shape == (64, 28, 28, 2)
+    torch.testing.assert_close(strong, weak * 30)
+    rough = torch.rand(64, 28, 28, 2) * 2 - 1
+    # Neighbouring displacements move together (smoothed), unlike raw noise.
+    step = lambda f: (f[:, 1:] - f[:, :-1]).abs().mean() / f.abs().mean()  # noqa: E731
+    assert step(weak) < 0.3 < step(rough)
+
+
+def test_elastic_distortion_moves_pixels_but_keeps_range_and_is_seeded() -> None:
+    images = torch.zeros(8, 28, 28)
+    images[:, 8:20, 12:16] = 255.0
+    moved = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
+    again = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
+    assert torch.equal(moved, again)
+    assert moved.min() >= 0 and moved.max() <= 255 + 1e-3
+    assert (moved - images).abs().mean() > 5
+    still = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 0.0, 4.0)
+    torch.testing.assert_close(still, images)
