@@ -8,7 +8,15 @@ export MESSAGE
 
 PYTHON ?= python3
 VENV ?= .venv
+# Inside a Kaggle notebook (Kaggle sets KAGGLE_KERNEL_RUN_TYPE; /kaggle/input exists; KAGGLE_ROOT
+# moves /kaggle, for tests) the notebook's own Python and its PyTorch run everything: no virtual
+# environment, and set-up only checks what is there (installing what is missing when online).
+ifneq ($(KAGGLE_KERNEL_RUN_TYPE)$(wildcard $(or $(KAGGLE_ROOT),/kaggle)/input),)
+PY := $(PYTHON)
+SETUP ?= notebook-setup
+else
 PY := $(VENV)/bin/python
+endif
 # The PyTorch release the project is tested with; on Linux, PyPI's build includes CUDA.
 TORCH ?= torch==2.13.0
 
@@ -17,8 +25,8 @@ TORCH ?= torch==2.13.0
 # Settings are declared once, in pipeline/config.py; `make help` lists them from there.
 PIPELINE = $(PY) -m pipeline --make
 
-.PHONY: help setup submit download prepare folds train predict distill blend tune tune-status upload report \
-	runs forget test \
+.PHONY: help setup notebook-setup submit download prepare folds train predict distill blend tune \
+	tune-status upload lb report runs forget test \
 	test-fast lint bench bench-accuracy gpu-check clean
 
 help: ## list the targets and the options they take
@@ -33,7 +41,7 @@ help: ## list the targets and the options they take
 	@echo "  TRIALS=n WORKERS=n STUDY=name STORAGE=url SPACE=file TUNE_FOLDS=k PRUNER=median|wilcoxon|none (tune)"
 	@echo "  FOLD=k (train)  FORCE=1  SORT=acc|time FORMAT=table|csv (runs)  NOWAIT=1 (never wait for"
 	@echo "  another command)  PRESET=tutorial  CONFIG=file.toml  SOURCE=auto|kaggle|dir|sample DIR=path"
-	@echo "  TIMEOUT=s  MESSAGE=\"...\"  ARGS=\"--any --stage-option\" (.venv/bin/python -m pipeline <stage> --help)"
+	@echo "  TIMEOUT=s  MESSAGE=\"...\" WAIT=s (upload)  ARGS=\"--any --stage-option\" (.venv/bin/python -m pipeline <stage> --help)"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +52,10 @@ $(VENV)/.installed: pyproject.toml
 # SETUP= (empty) skips the virtual environment, e.g. `make submit SETUP= PY=python3` on a machine
 # whose Python already has the dependencies.
 SETUP ?= $(VENV)/.installed
-setup: $(SETUP) ## create .venv and install the project (done on first use of any target)
+setup: $(SETUP) ## create .venv and install the project (in a Kaggle notebook: check its Python)
+
+notebook-setup:
+	@$(PY) -m pipeline.notebook
 
 submit: setup ## every stage: download -> prepare -> folds -> train -> predict (each skipped if current)
 	$(PIPELINE) submit $(ARGS)
@@ -76,8 +87,11 @@ tune: setup ## search settings with Optuna (TRIALS, WORKERS, STUDY, STORAGE=url,
 tune-status: setup ## a study's trials so far and the best five (STUDY, STORAGE)
 	@$(PIPELINE) tune-status $(ARGS)
 
-upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...")
+upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...") and wait for its score (WAIT=s)
 	$(PIPELINE) upload $(ARGS)
+
+lb: setup ## the competition's submissions: date, status, public score, the run that made each
+	@$(PIPELINE) lb $(ARGS)
 
 report: setup ## draw a run into reports/index.html (RUN=<id>; the latest by default)
 	$(PIPELINE) report $(ARGS)

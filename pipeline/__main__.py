@@ -171,6 +171,9 @@ def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import tune
 
     print(tune.status(paths, args.study, args.storage))
+    journal = paths.runs / "tune" / args.study / "journal.log"
+    if not args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
+        print(f"in a browser: optuna-dashboard {journal}")
 
 
 def _runs(args: argparse.Namespace, paths: Paths) -> None:
@@ -191,7 +194,13 @@ def _forget(args: argparse.Namespace, paths: Paths) -> None:
 def _upload(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import upload
 
-    upload.run(paths, message=args.message, timeout=args.timeout)
+    upload.run(paths, message=args.message, timeout=args.timeout, wait=args.wait)
+
+
+def _lb(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline import upload
+
+    upload.leaderboard(paths, timeout=args.timeout, fmt=args.format)
 
 
 # -- the parser -----------------------------------------------------------------------------------
@@ -315,6 +324,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="the submission's description on Kaggle (default: $MESSAGE)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for Kaggle before giving up (default: 300)")
+    p.add_argument("--wait", type=float, default=120.0,
+                   help="seconds to wait for Kaggle to score the submission, 0 to not wait "
+                   "(default: 120; `make lb` shows a score that comes later)")
+    p = stage("lb", _lb, "the competition's submissions: date, description, status, public score "
+              "and the run that made each", source=False)
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for Kaggle before giving up (default: 300)")
+    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
     return parser, stages
 
 

@@ -1,8 +1,9 @@
 """The download stage: put train.csv and test.csv into input/ from one of several sources.
 
 Sources: ``kaggle`` (the official client), ``dir PATH`` (files you downloaded by hand), ``sample``
-(the built-in offline sample) and ``auto``: files already in input/, else Kaggle when credentials
-exist, else the sample. Existing files are kept unless ``force`` is set; new files land atomically.
+(the built-in offline sample) and ``auto``: files already in input/, else (inside a Kaggle notebook)
+the competition's attached files, else Kaggle when credentials exist, else the sample. Existing
+files are kept unless ``force`` is set; new files land atomically.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import sample
+from pipeline import notebook, sample
 from pipeline.artifacts import SAMPLE_BANNER, data_source
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
@@ -26,10 +27,17 @@ def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: 
     """Fetch the competition files; returns the source used."""
     if source not in SOURCES:
         raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")
-    if source == "dir":
-        _check_dir(src_dir)
     present = [p for p in (paths.train_csv, paths.test_csv) if p.exists()]
     record = read_json(paths.source_json) or {}
+    attached = notebook.competition_input() if source == "auto" else None
+    if attached and (len(present) < 2 or force or record.get("source") == "sample"):
+        # Inside a Kaggle notebook the competition's files are attached: copy them (the input
+        # folder is read-only and is only ever read), replacing the built-in sample if it is there.
+        print(f"download: source auto -> the competition's files attached to this Kaggle notebook "
+              f"({attached})")
+        source, src_dir, force = "dir", attached, force or len(present) == 2
+    if source == "dir":
+        _check_dir(src_dir)
     other = record.get("source") not in (None, source) or (
         source == "dir" and record.get("dir") not in (None, str(src_dir)))
     if len(present) == 2 and not force and source != "auto" and other:

@@ -33,6 +33,8 @@ MAX_UNPACKED_BYTES = 1 << 30
 # Read by the client at import; either makes it print the Authorization header.
 NOISY_ENV = ("VERBOSE", "VERBOSE_OUTPUT")
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+# `make lb` lists at most this many of the account's submissions (newest first).
+LIST_SIZE = 100
 
 
 # --- where the client finds credentials (mirrors KaggleApi.authenticate, without importing it) --------
@@ -59,9 +61,20 @@ def _nonempty_file(path: Path) -> bool:
         return False
 
 
+def notebook_token() -> Path | None:
+    """In a Kaggle notebook, the file of the token Kaggle gives the notebook itself, which the client
+    tries first (kagglesdk's get_access_token_from_env), when it is there."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") is None or os.environ.get("KAGGLE_DATA_PROXY_URL") is None:
+        return None
+    path = os.environ.get("KAGGLE_API_V1_TOKEN")
+    return Path(path) if path and _nonempty_file(Path(path)) else None
+
+
 def credentials_source() -> str | None:
     """Where the client would find credentials, in its own order (None when nowhere)."""
     home = Path.home() / ".kaggle"
+    if notebook_token():
+        return "KAGGLE_API_V1_TOKEN (the notebook's own token)"
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     for token in (home / "access_token", home / "access_token.txt"):
@@ -89,7 +102,8 @@ def _secret_values() -> list[str]:
     values = [os.environ.get("KAGGLE_KEY", ""), str(config.get("key", ""))]
     token = os.environ.get("KAGGLE_API_TOKEN", "")
     values.append(token)
-    for path in (Path(token) if token else None, home / "access_token", home / "access_token.txt"):
+    for path in (Path(token) if token else None, home / "access_token", home / "access_token.txt",
+                 notebook_token()):
         if path is not None and _nonempty_file(path):
             values.append(path.read_text(encoding="utf-8").strip())
     values += [str(v) for v in _read_json_file(home / "credentials.json").values() if isinstance(v, str)]
@@ -129,6 +143,30 @@ def submit(competition: str, csv_path: Path, message: str, workdir: Path, timeou
     result = _run_client(["submit", competition, str(csv_path), message], workdir, timeout)
     _raise_if_failed(result, competition)
     return int(result.get("ref") or 0), str(result.get("message") or "")
+
+
+def submissions(competition: str, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+    """The competition's submissions of this account, newest first (see _submission_record)."""
+    result = _run_client(["submissions", competition], workdir, timeout)
+    _raise_if_failed(result, competition)
+    return [s for s in result.get("submissions", []) if isinstance(s, dict)]
+
+
+def wait_for_score(competition: str, ref: int, wait: float, workdir: Path,
+                   timeout: float) -> dict[str, Any]:
+    """Poll the submission list until submission ref is scored or fails, or wait seconds pass.
+
+    Returns its record (status "pending" when time ran out; "found": False when the list never
+    showed it). The child polls in one process; each answer it gets counts as progress, so a list
+    call that hangs still ends after timeout seconds of silence.
+    """
+    beats = workdir / "polls"
+    beats.mkdir()
+    interval = min(10.0, max(0.5, wait / 20))
+    result = _run_client(["wait", competition, str(ref), repr(wait), repr(interval), str(beats / "beat")],
+                         workdir, timeout, progress_dir=beats)
+    _raise_if_failed(result, competition)
+    return dict(result.get("submission") or {"ref": ref, "status": "pending", "found": False})
 
 
 def _warn_if_readable() -> None:
@@ -314,6 +352,47 @@ def _child_submit(competition: str, csv_path: str, message: str) -> dict[str, An
     return {"ref": response.ref or 0, "message": response.message or ""}
 
 
+def _child_submissions(competition: str) -> dict[str, Any]:
+    api = _authenticated_api()
+    listed = api.competition_submissions(competition, page_size=LIST_SIZE) or []
+    return {"submissions": [_submission_record(s) for s in listed if s is not None]}
+
+
+def _child_wait(competition: str, ref: str, wait: str, interval: str, beat: str) -> dict[str, Any]:
+    api = _authenticated_api()
+    deadline = time.monotonic() + float(wait)
+    record: dict[str, Any] = {"ref": int(ref), "status": "pending", "found": False}
+    while True:
+        # The newest submissions come first: the one just made is on the first page.
+        for submission in api.competition_submissions(competition) or []:
+            if submission is not None and int(submission.ref or 0) == int(ref):
+                record = {**_submission_record(submission), "found": True}
+        with open(beat, "a", encoding="utf-8") as handle:  # progress, for the parent's timeout
+            handle.write(".")
+        if record["status"] != "pending" or time.monotonic() + float(interval) > deadline:
+            return {"submission": record}
+        time.sleep(float(interval))
+
+
+def _submission_record(submission: Any) -> dict[str, Any]:
+    """An ApiSubmission as plain data: ref, date, description, status (pending, complete or error),
+    public_score and private_score (floats or None), error (Kaggle's error description) and file_name."""
+    status = getattr(submission.status, "name", str(submission.status or "PENDING"))
+    return {"ref": int(submission.ref or 0),
+            "date": submission.date.isoformat(timespec="seconds") if submission.date else "",
+            "description": submission.description or "", "status": status.lower(),
+            "public_score": _score(submission.public_score),
+            "private_score": _score(submission.private_score),
+            "error": submission.error_description or "", "file_name": submission.file_name or ""}
+
+
+def _score(text: Any) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _authenticated_api() -> Any:
     import kaggle  # authenticates at import, swallowing any failure
 
@@ -337,7 +416,9 @@ def _describe(exc: BaseException) -> dict[str, Any]:
     return {"error": "other", "detail": f"{type(exc).__name__}: {exc}"}
 
 
-CHILD_OPS: dict[str, Callable[..., dict[str, Any]]] = {"download": _child_download, "submit": _child_submit}
+CHILD_OPS: dict[str, Callable[..., dict[str, Any]]] = {
+    "download": _child_download, "submit": _child_submit, "submissions": _child_submissions,
+    "wait": _child_wait}
 
 
 def _child_main(argv: list[str]) -> None:

@@ -8,6 +8,12 @@ The file is append-only. An entry is one line written with a single write, then 
 fsynced, so an interrupted run leaves at worst one torn last line. The reader skips lines it cannot
 parse, and the writer starts on a fresh line when the file does not end with one, so a torn line
 never swallows the next entry.
+
+Three kinds of entry share the file: a run's (no `kind`: written by predict and blend), an upload's
+(`kind: upload`: Kaggle's reference, the run that made the file, status pending) and a score's
+(`kind: score`: a later status of that reference, with the public score). An upload is recorded as
+soon as Kaggle takes it, before any score is asked for, so a score that never comes loses nothing;
+the latest entry of a reference is its state.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import RunDir, set_latest
+from pipeline import notebook
+from pipeline.artifacts import RunDir, latest, set_latest
 from pipeline.config import Paths, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.io import write_csv, write_json
@@ -97,9 +104,85 @@ def read(paths: Paths) -> tuple[list[dict[str, Any]], int]:
 
 def find(paths: Paths, submission: str) -> dict[str, Any] | None:
     """The recorded run that wrote the kept submission of that file name (the latest if several)."""
-    entries, _ = read(paths)
-    matches = [e for e in entries if e.get("submission") == submission]
+    matches = [e for e in run_entries(paths) if e.get("submission") == submission]
     return matches[-1] if matches else None
+
+
+def run_entries(paths: Paths) -> list[dict[str, Any]]:
+    """The entries of runs (predict and blend), oldest first; uploads and scores left out."""
+    return [e for e in read(paths)[0] if "kind" not in e]
+
+
+def made_by(paths: Paths) -> tuple[str | None, str | None]:
+    """The run (or blend) that made submissions/submission.csv as it is now, and its kept copy's
+    name: the newest recorded run whose kept copy holds the same bytes; else runs/latest when its
+    own submission does (then no kept copy is known); else (None, None)."""
+    try:
+        current = paths.submission_csv.read_bytes()
+    except OSError:
+        return None, None
+    for entry in reversed(run_entries(paths)):
+        kept = paths.submissions / str(entry.get("submission", ""))
+        try:
+            same = kept.is_file() and kept.stat().st_size == len(current) and kept.read_bytes() == current
+        except OSError:
+            same = False
+        if same and entry.get("run"):
+            return str(entry["run"]), kept.name
+    name = latest(paths)
+    if name:
+        try:
+            if (paths.runs / name / "submission.csv").read_bytes() == current:
+                return name, None
+        except OSError:
+            pass
+    return None, None
+
+
+def add_upload(paths: Paths, ref: int, run: str | None, kept: str | None, message: str) -> None:
+    """Record a submission Kaggle took (status pending until a score entry says otherwise)."""
+    add(paths, {"kind": "upload", "ref": ref, "run": run, "kept": kept, "message": message,
+                "status": "pending"})
+
+
+def add_score(paths: Paths, ref: int, run: str | None, status: str, public_score: float | None,
+              error: str = "") -> None:
+    """Record what Kaggle says of an uploaded submission now: complete (with its public score),
+    error (with Kaggle's reason) or pending."""
+    add(paths, {"kind": "score", "ref": ref, "run": run, "status": status,
+                "public_score": public_score, "error": error or None})
+
+
+def uploads(paths: Paths) -> dict[int, dict[str, Any]]:
+    """Every recorded upload by Kaggle reference, in upload order, merged with its latest score:
+    ref, run, kept, message, time (of the upload), status, public_score, error, scored (time)."""
+    found: dict[int, dict[str, Any]] = {}
+    for entry in read(paths)[0]:
+        try:
+            ref = int(entry.get("ref") or 0)
+        except (TypeError, ValueError):
+            continue
+        if entry.get("kind") == "upload" and ref:
+            found[ref] = {"public_score": None, "error": None, **entry}
+        elif entry.get("kind") == "score" and ref in found:
+            found[ref].update(status=entry.get("status"), public_score=entry.get("public_score"),
+                              error=entry.get("error"), scored=entry.get("time"))
+    return found
+
+
+def leaderboard_by_run(paths: Paths) -> dict[str, dict[str, Any]]:
+    """Each run's latest upload (as in uploads), by run id."""
+    return {str(u["run"]): u for u in uploads(paths).values() if u.get("run")}
+
+
+def score_text(upload: dict[str, Any] | None) -> str:
+    """An upload's public score as Kaggle shows it (0.97100), else its status; '' for none."""
+    if not upload:
+        return ""
+    score = upload.get("public_score")
+    if upload.get("status") == "complete" and isinstance(score, (int, float)):
+        return f"{score:.5f}"
+    return str(upload.get("status") or "")
 
 
 def format_seconds(seconds: Any) -> str:
@@ -119,9 +202,15 @@ def publish(paths: Paths, run: RunDir, record: dict[str, Any], expected_rows: in
     """Make the run's submission the current one (submissions/submission.csv) after checking it
     against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl."""
     frame = validate_file(run.submission, expected_rows)
-    if not paths.submission_csv.is_file() or \
-            paths.submission_csv.read_bytes() != run.submission.read_bytes():
-        write_csv(paths.submission_csv, frame)
+    outputs = [paths.submission_csv]
+    working = notebook.working()  # in a Kaggle notebook, also where its output and "Submit" look
+    if working is not None and working.resolve() != paths.submissions.resolve():
+        outputs.append(working / "submission.csv")
+    for output in outputs:
+        if not output.is_file() or output.read_bytes() != run.submission.read_bytes():
+            write_csv(output, frame)
+            if output != paths.submission_csv:
+                print(f"submission: also written to {output} (the notebook's output)")
     kept = paths.submissions / str(record.get("kept", ""))
     if new or not record.get("kept") or not kept.is_file():
         acc = record.get("oof_acc_honest", record["oof_acc"])

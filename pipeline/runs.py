@@ -13,9 +13,9 @@ from pipeline.artifacts import all_runs, completed, latest, run_dir
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
-from pipeline.ledger import format_seconds
+from pipeline.ledger import format_seconds, leaderboard_by_run, score_text
 
-COLUMNS = ("run", "model", "changed settings", "OOF acc", "log loss", "fold spread", "time",
+COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")
 SORTS = ("acc", "time")
 FORMATS = ("table", "csv")
@@ -32,12 +32,13 @@ def size_text(size: int) -> str:
 def rows(paths: Paths, sort: str = "acc") -> list[dict[str, Any]]:
     """One dict per run folder, with the table's columns."""
     out = []
+    board = leaderboard_by_run(paths)  # the public score of each run's latest upload
     for run in all_runs(paths):
         record = completed(run)
         config = read_json(run.config) or {}
         if record is None:
             out.append({"run": run.id, "model": config.get("model", ""), "changed settings":
-                        describe_changes(config) if config else "", "OOF acc": "", "log loss": "",
+                        describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
                         "fold spread": "", "time": "", "device": "", "source": "",
                         "size": size_text(run.size()), "finished": "(not complete)", "_acc": -1.0,
                         "_time": 0.0})
@@ -54,7 +55,8 @@ def rows(paths: Paths, sort: str = "acc") -> list[dict[str, Any]]:
             key_acc = record["oof_acc"]
         finished = datetime.fromtimestamp(record.get("finished", 0)).strftime("%Y-%m-%d %H:%M")
         out.append({"run": run.id, "model": record.get("model", ""), "changed settings": changed,
-                    "OOF acc": acc, "log loss": f"{record.get('oof_loss', float('nan')):.4f}",
+                    "OOF acc": acc, "LB": score_text(board.get(run.id)),
+                    "log loss": f"{record.get('oof_loss', float('nan')):.4f}",
                     "fold spread": f"{record['fold_min']:.4f}-{record['fold_max']:.4f}",
                     "time": format_seconds(record.get("seconds")), "device": record.get("device", ""),
                     "source": record.get("source", ""), "size": size_text(run.size()),

@@ -1,14 +1,22 @@
-"""The upload stage: send submissions/submission.csv to the competition with the official client.
+"""The upload stage, and the leaderboard: send submissions/submission.csv to the competition with
+the official client, wait for its public score, and list the account's submissions (`make lb`).
 
 Nothing is sent unless the file is a valid, full-size submission made from the competition's data:
-a submission of the built-in sample would only waste one of the day's submissions.
+a submission of the built-in sample would only waste one of the day's submissions. What Kaggle
+takes is recorded in submissions/runs.jsonl at once, against the run or blend that made the file;
+its score is recorded when it comes (here, or later by `make lb`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from pipeline import ledger
 from pipeline.artifacts import data_source, latest
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
@@ -16,15 +24,21 @@ from pipeline.io import read_json
 from pipeline.submission import COMPETITION_TEST_ROWS, validate_file
 
 SUBMISSIONS_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/submissions"
+MAX_WAIT = 3600.0
+LB_COLUMNS = ("date", "description", "status", "public score", "ref", "from")
 
 
-def run(paths: Paths, message: str, timeout: float = 300.0) -> int:
-    """Validate and submit; returns Kaggle's submission reference."""
+def run(paths: Paths, message: str, timeout: float = 300.0, wait: float = 120.0) -> int:
+    """Validate and submit, record the upload, then wait up to wait seconds for its public score;
+    returns Kaggle's submission reference."""
     message = (message or "").strip()
     if not message:
         raise PipelineError('upload: the submission needs a description: make upload MESSAGE="what changed"')
+    if not 0 <= wait <= MAX_WAIT:
+        raise PipelineError(f"WAIT={wait:g}: must be 0 to {MAX_WAIT:g} seconds")
     _refuse_sample(paths)
     validate_file(paths.submission_csv, COMPETITION_TEST_ROWS)
+    run_id, kept = ledger.made_by(paths)
     from pipeline import kaggle_api
 
     with tempfile.TemporaryDirectory(prefix="digits-upload-") as workdir:
@@ -32,10 +46,86 @@ def run(paths: Paths, message: str, timeout: float = 300.0) -> int:
     if not ref:
         raise PipelineError(f"Kaggle did not take the submission: {answer or 'no reason given'}. "
                             f"Nothing was submitted; check {SUBMISSIONS_URL} and retry later")
-    print(f"upload: submitted {paths.submission_csv} to '{COMPETITION}': reference {ref}"
+    ledger.add_upload(paths, ref, run_id, kept, message)
+    made = f" (made by {run_id})" if run_id else ""
+    print(f"upload: submitted {paths.submission_csv}{made} to '{COMPETITION}': reference {ref}"
           + (f" ({answer})" if answer else ""))
-    print(f"upload: the score appears at {SUBMISSIONS_URL}")
+    if wait > 0:
+        _await_score(paths, ref, run_id, wait, timeout)
+    else:
+        print("upload: not waiting for the score (WAIT=0); `make lb` shows it once Kaggle has it")
     return ref
+
+
+def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeout: float) -> None:
+    """Poll for the score; a failure to get one is a warning, never a lost upload record."""
+    from pipeline import kaggle_api
+
+    print(f"upload: waiting up to {wait:g} s for Kaggle to score it (WAIT=<seconds> to change)")
+    try:
+        with tempfile.TemporaryDirectory(prefix="digits-score-") as workdir:
+            got = kaggle_api.wait_for_score(COMPETITION, ref, wait, Path(workdir), timeout)
+    except PipelineError as exc:
+        print(f"warning: the upload is recorded (reference {ref}), but its score could not be "
+              f"fetched: {exc}. `make lb` fetches it later", file=sys.stderr)
+        return
+    status = str(got.get("status") or "pending")
+    if status == "pending":
+        print(f"upload: not scored within WAIT={wait:g} s; it stays recorded as pending. "
+              f"`make lb` shows the score once Kaggle has it (or see {SUBMISSIONS_URL})")
+        return
+    ledger.add_score(paths, ref, run_id, status, got.get("public_score"), str(got.get("error") or ""))
+    if status == "error":
+        raise PipelineError(f"Kaggle took submission {ref} but could not score it: "
+                            f"{got.get('error') or 'no reason given'} (recorded in "
+                            f"{ledger.runs_path(paths).relative_to(paths.root)})")
+    print(f"upload: public score {ledger.score_text({**got, 'status': status})}"
+          + (f" ({run_id})" if run_id else ""))
+
+
+def leaderboard(paths: Paths, timeout: float = 300.0, fmt: str = "table") -> str:
+    """Print the account's submissions with where each came from; records scores that arrived
+    for uploads still pending in the record. Returns the text printed."""
+    if fmt not in ("table", "csv"):
+        raise PipelineError(f"FORMAT={fmt!r}: must be one of table, csv")
+    from pipeline import kaggle_api
+
+    with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:
+        listed = kaggle_api.submissions(COMPETITION, Path(workdir), timeout)
+    known = ledger.uploads(paths)
+    rows = []
+    for sub in listed:
+        ref = int(sub.get("ref") or 0)
+        mine = known.get(ref)
+        status = str(sub.get("status") or "")
+        if mine and status != mine.get("status") and status in ("complete", "error"):
+            ledger.add_score(paths, ref, mine.get("run"), status, sub.get("public_score"),
+                             str(sub.get("error") or ""))
+        why = f": {sub['error']}" if status == "error" and sub.get("error") else ""
+        rows.append({"date": str(sub.get("date", "")).replace("T", " ")[:16],
+                     "description": sub.get("description", ""), "status": status + why,
+                     "public score": ledger.score_text(sub) if status == "complete" else "", "ref": str(ref),
+                     "from": (mine.get("run") or "(unknown run)") if mine else "-"})
+    text = _format(rows, fmt)
+    sys.stdout.write(text + "\n")
+    return text
+
+
+def _format(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=LB_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    if not rows:
+        return f"no submissions to '{COMPETITION}' yet; `make upload MESSAGE=\"...\"` makes one"
+    cells = [LB_COLUMNS] + [tuple(str(r[c]) for c in LB_COLUMNS) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(LB_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\n{len(rows)} submission(s) to '{COMPETITION}' (newest first); " \
+        "from: the run or blend that made it, - when it was not uploaded from this project"
 
 
 def _refuse_sample(paths: Paths) -> None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,13 @@ def run_cli(root: Path, *args: str, check: bool = True, env: dict[str, str] | No
         raise AssertionError(f"pipeline {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests are never inside a Kaggle notebook unless one is simulated: run in a real notebook,
+    they must not take its attached data nor write to its /kaggle/working."""
+    os.environ.pop("KAGGLE_KERNEL_RUN_TYPE", None)
+    os.environ["KAGGLE_ROOT"] = str(Path(tempfile.gettempdir()) / "digits-tests-no-kaggle-here")
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +67,20 @@ def files(root: Path) -> dict[str, int]:
     """Every file of a project with its modification time (the lock file left out)."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
             if p.is_file() and not p.name.startswith(".lock")}
+
+
+# What a working copy holds besides the project's own files: none of it reaches a fresh clone.
+LOCAL = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "reports",
+         "bench-results", "input", "runs", "submissions"}
+
+
+def fresh_clone(target: Path) -> Path:
+    """A copy of the project as a fresh clone has it: no .venv, no data, no runs."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in LOCAL or n.endswith((".pyc", ".egg-info"))}
+
+    shutil.copytree(REPO, target, ignore=ignore)
+    return target
 
 
 # Property-based searches: bounded for `make test`; HYPOTHESIS_PROFILE=deep searches longer.

@@ -4,6 +4,12 @@ The client is aimed here with KAGGLE_API_ENVIRONMENT=LOCALHOST (endpoint http://
 HTTP_PROXY=http://127.0.0.1:PORT, so its requests arrive in absolute form (``POST http://localhost/...``).
 It speaks the protocol seen from kaggle 2.2.5 (see shared/KAGGLE.md); each behaviour a test needs
 (errors, a hang, a stalled body) is an attribute set before the client runs.
+
+The submission list (ListSubmissions) shows every submission made to it, newest first, after the
+ones in ``listed``. A new submission's status follows ``score_script``: the n-th list call after it
+was made shows the n-th state of the script (the last state repeats), e.g. ``["pending",
+"complete"]``: pending once, then complete with ``public_score``. ``"error"`` shows
+``error_description``; a script of only ``"pending"`` is never scored.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import io
 import json
 import threading
 import zipfile
+from datetime import UTC, datetime
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -47,6 +54,14 @@ class FakeKaggle:
         self.auth_headers: list[str] = []
         self.uploaded: bytes | None = None
         self.submit_request: dict[str, Any] | None = None
+        self.score_script = ["pending", "complete"]  # what successive list calls show (see above)
+        self.public_score = "0.97100"
+        self.error_description = "Submission CSV Not Found"
+        self.hang_list = False  # never answer ListSubmissions (uploads still work)
+        self.list_error: tuple[int, str] | None = None  # answer ListSubmissions (only) with this
+        self.listed: list[dict[str, Any]] = []  # older submissions, as the API sends them
+        self.made: list[dict[str, Any]] = []  # submissions made here, oldest first
+        self.list_calls = 0
         self._release = threading.Event()  # set at shutdown to free hanging handlers
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -68,6 +83,19 @@ class FakeKaggle:
 
     def wait_released(self) -> None:
         self._release.wait(timeout=60)
+
+
+def _listed(fake: FakeKaggle, made: dict[str, Any]) -> dict[str, Any]:
+    """A submission made here as the list shows it now; each call moves it one step on the script."""
+    state = fake.score_script[min(made["listed"], len(fake.score_script) - 1)]
+    made["listed"] += 1
+    shown = {"ref": made["ref"], "date": made["date"], "description": made["description"],
+             "fileName": "submission.csv", "status": state.upper(), "submittedBy": "fake-user"}
+    if state == "complete":
+        shown["publicScore"] = fake.public_score
+    if state == "error":
+        shown["errorDescription"] = fake.error_description
+    return shown
 
 
 def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
@@ -92,7 +120,22 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
                 self._json(200, {"token": "blob-token-1", "createUrl": "http://localhost" + UPLOAD_PATH})
             elif path == API + "CreateSubmission":
                 fake.submit_request = body
+                if fake.submission.get("ref"):
+                    fake.made.append({"ref": fake.submission["ref"], "listed": 0,
+                                      "description": body.get("submissionDescription", ""),
+                                      "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")})
                 self._json(200, fake.submission)
+            elif path == API + "ListSubmissions":
+                fake.list_calls += 1
+                if fake.hang_list:
+                    fake.wait_released()
+                    return
+                if fake.list_error:
+                    code, message = fake.list_error
+                    self._json(code, {"code": code, "message": message})
+                    return
+                self._json(200, {"submissions": [_listed(fake, m) for m in reversed(fake.made)]
+                                 + fake.listed, "nextPageToken": ""})
             else:
                 self._json(404, {"code": 404, "message": f"no such method {path}"})
 

@@ -9,8 +9,11 @@ NO_PROXY. Nothing can reach the network beyond 127.0.0.1, and no real key can be
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -21,9 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fresh_clone
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
-from pipeline import download, kaggle_api
+from pipeline import download, kaggle_api, ledger
+from pipeline.artifacts import latest
+from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.submission import COMPETITION_TEST_ROWS
 
@@ -64,7 +70,8 @@ def env(tmp_path: Path, fake: FakeKaggle) -> dict[str, str]:
     (config / "kaggle.json").write_text(json.dumps({"username": DUMMY_USER, "key": DUMMY_KEY}))
     (config / "kaggle.json").chmod(0o600)
     keep = {k: v for k, v in os.environ.items()
-            if not k.startswith("KAGGLE_") and not k.lower().endswith("_proxy")
+            if (not k.startswith("KAGGLE_") or k == "KAGGLE_ROOT")  # no /kaggle here (see conftest)
+            and not k.lower().endswith("_proxy")
             and k not in ("VERBOSE", "VERBOSE_OUTPUT", "XDG_CONFIG_HOME")}
     return {**keep, "HOME": str(config.parent), "KAGGLE_CONFIG_DIR": str(config),
             "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "PYTHONPATH": str(REPO),
@@ -337,8 +344,8 @@ def submission(root: Path) -> Path:
 
 
 def upload(root: Path, env: dict[str, str], message: str = "5-fold RNN",
-           timeout: float = 30) -> subprocess.CompletedProcess:
-    return cli(root, env, "upload", "--message", message, "--timeout", str(timeout))
+           timeout: float = 30, wait: float = 20) -> subprocess.CompletedProcess:
+    return cli(root, env, "upload", "--message", message, "--timeout", str(timeout), "--wait", str(wait))
 
 
 def test_upload_sends_the_file_and_prints_the_reference(root: Path, env: dict[str, str], fake: FakeKaggle,
@@ -410,6 +417,144 @@ def test_upload_refuses_an_invalid_submission(root: Path, env: dict[str, str], f
     assert fake.requests == []
 
 
+# --- the score comes back: the submission list ------------------------------------------------------
+
+FULL_SIZE = "ImageId,Label\n" + "".join(f"{i},{i % 10}\n" for i in range(1, COMPETITION_TEST_ROWS + 1))
+OLDER = {"ref": 1111, "date": "2026-11-02T09:30:00.000Z", "description": "made elsewhere",
+         "status": "COMPLETE", "publicScore": "0.95000"}
+
+
+@pytest.fixture
+def made_here(run_copy: Path) -> tuple[Path, str]:
+    """The finished sample run, as if made from the competition's data: its submission (current,
+    kept and in its folder) full-size, its records saying source kaggle. Returns (root, run id)."""
+    run_id = latest(Paths(run_copy))
+    assert run_id
+    record = json.loads((run_copy / "runs" / run_id / "run.json").read_text())
+    for path in (run_copy / "submissions" / "submission.csv", run_copy / "submissions" / record["kept"],
+                 run_copy / "runs" / run_id / "submission.csv"):
+        path.write_text(FULL_SIZE)
+    (run_copy / "runs" / run_id / "run.json").write_text(json.dumps({**record, "source": "kaggle"}))
+    (run_copy / "input" / "source.json").write_text('{"source": "kaggle"}\n')
+    return run_copy, run_id
+
+
+def test_upload_waits_for_the_score_and_runs_show_it_beside_oof(made_here: tuple[Path, str],
+                                                                env: dict[str, str],
+                                                                fake: FakeKaggle) -> None:
+    root, run_id = made_here
+    result = upload(root, env, "tiny rnn")
+    assert result.returncode == 0, result.stderr
+    assert f"made by {run_id}" in result.stdout and "public score 0.97100" in result.stdout
+    assert fake.list_calls >= 2  # pending at first, then scored
+    found = ledger.uploads(Paths(root))[4242]
+    assert (found["run"], found["status"], found["public_score"]) == (run_id, "complete", 0.971)
+    assert found["message"] == "tiny rnn" and found["kept"].endswith(".csv")
+    table = cli(root, env, "runs", "--format", "csv")
+    assert table.returncode == 0, table.stderr
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO(table.stdout))}
+    assert rows[run_id]["LB"] == "0.97100"
+    assert "0.97100" in cli(root, env, "runs").stdout
+    assert_no_secret(result)
+
+
+def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path, str], tmp_path: Path,
+                                                          env: dict[str, str], fake: FakeKaggle) -> None:
+    """The README's lines through make, in a fresh clone holding the finished run."""
+    root, run_id = made_here
+    clone = fresh_clone(tmp_path / "clone")
+    for folder in ("input", "runs", "submissions"):
+        shutil.copytree(root / folder, clone / folder)
+    env = {k: v for k, v in env.items() if not k.startswith(("MAKE", "MFLAGS"))}
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", *args, "SETUP=", f"PY={sys.executable}"],
+                              cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+
+    sent = make("upload", 'MESSAGE=gru blend, "quoted"', "WAIT=20")
+    assert sent.returncode == 0, sent.stderr
+    assert "public score 0.97100" in sent.stdout
+    assert fake.submit_request is not None
+    assert fake.submit_request["submissionDescription"] == 'gru blend, "quoted"'
+    board = make("lb")
+    assert board.returncode == 0, board.stderr
+    assert board.stdout.splitlines()[0].split() == ["date", "description", "status", "public", "score",
+                                                    "ref", "from"]
+    assert run_id in board.stdout and "0.97100" in board.stdout
+    listed = make("runs", "FORMAT=csv")
+    assert listed.returncode == 0, listed.stderr
+    assert {r["run"]: r["LB"] for r in csv.DictReader(io.StringIO(listed.stdout))}[run_id] == "0.97100"
+    assert_no_secret(sent)
+
+
+def test_a_scoring_error_is_reported_and_recorded(root: Path, env: dict[str, str], fake: FakeKaggle,
+                                                  submission: Path) -> None:
+    fake.score_script = ["pending", "error"]
+    assert_fails(upload(root, env), "could not score it", "Submission CSV Not Found")
+    found = ledger.uploads(Paths(root))[4242]
+    assert found["status"] == "error" and found["error"] == "Submission CSV Not Found"
+
+
+def test_never_scored_within_wait_stays_pending_until_lb(root: Path, env: dict[str, str], fake: FakeKaggle,
+                                                         submission: Path) -> None:
+    fake.score_script = ["pending"]
+    fake.listed = [OLDER]
+    started = time.monotonic()
+    result = upload(root, env, "first try", wait=1.5)
+    assert result.returncode == 0, result.stderr
+    assert "not scored within WAIT=1.5 s" in result.stdout and "make lb" in result.stdout
+    assert time.monotonic() - started < 20
+    assert ledger.uploads(Paths(root))[4242]["status"] == "pending"
+    fake.score_script = ["complete"]  # Kaggle scores it later
+    listed = cli(root, env, "lb")
+    assert listed.returncode == 0, listed.stderr
+    ours, older = [line for line in listed.stdout.splitlines() if "complete" in line]
+    assert "first try" in ours and "0.97100" in ours and "4242" in ours and "(unknown run)" in ours
+    assert "made elsewhere" in older and "0.95000" in older and older.rstrip().endswith("-")
+    assert ledger.uploads(Paths(root))[4242]["public_score"] == 0.971  # recorded by `make lb`
+    lines = ledger.runs_path(Paths(root)).read_text().count("\n")
+    assert cli(root, env, "lb", "--format", "csv").returncode == 0
+    assert ledger.runs_path(Paths(root)).read_text().count("\n") == lines  # nothing new to record
+
+
+def test_a_score_that_fails_to_arrive_never_loses_the_upload(root: Path, env: dict[str, str],
+                                                             fake: FakeKaggle, submission: Path) -> None:
+    fake.list_error = (500, "Internal error")
+    result = upload(root, env)
+    assert result.returncode == 0, result.stderr
+    assert "the upload is recorded (reference 4242)" in result.stderr and "make lb" in result.stderr
+    assert "HTTP 500" in result.stderr
+    found = ledger.uploads(Paths(root))[4242]
+    assert found["status"] == "pending" and found["message"] == "5-fold RNN"
+
+
+def test_wait_zero_does_not_ask_for_the_score(root: Path, env: dict[str, str], fake: FakeKaggle,
+                                              submission: Path) -> None:
+    result = upload(root, env, wait=0)
+    assert result.returncode == 0, result.stderr
+    assert "WAIT=0" in result.stdout and fake.list_calls == 0
+    assert 4242 in ledger.uploads(Paths(root))
+
+
+def test_a_wait_out_of_range_is_refused_before_anything_is_sent(root: Path, env: dict[str, str],
+                                                                fake: FakeKaggle, submission: Path) -> None:
+    assert_fails(upload(root, env, wait=-1), "WAIT=-1", "3600")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("setup", "phrases"), [
+    (_http(401, "Unauthenticated"), ["HTTP 401", "https://www.kaggle.com/settings"]),
+    (_no_network, ["cannot reach Kaggle"]),
+    (_no_credentials, ["no Kaggle credentials"]),
+], ids=["http-401", "no-network", "no-credentials"])
+def test_lb_failure_is_reported(setup: Callable[[FakeKaggle, dict[str, str]], None], phrases: list[str],
+                                root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
+    setup(fake, env)
+    result = cli(root, env, "lb", "--timeout", "30")
+    assert_fails(result, *phrases)
+    assert result.stdout == ""
+
+
 # --- in-process: credential lookup, scrubbing, the auto choice --------------------------------------
 
 @pytest.fixture
@@ -449,6 +594,18 @@ def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.Mo
     assert kaggle_api.credentials_source() == str(home / ".kaggle" / "access_token")
     monkeypatch.setenv("KAGGLE_API_TOKEN", "token")
     assert kaggle_api.credentials_source() == "KAGGLE_API_TOKEN"
+
+
+def test_a_notebooks_own_token_comes_first_and_is_scrubbed(home: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (home / "nb-token").write_text("KGAT_notebook_own_token_123\n")
+    monkeypatch.setenv("KAGGLE_API_V1_TOKEN", str(home / "nb-token"))
+    monkeypatch.setenv("KAGGLE_API_TOKEN", DUMMY_TOKEN)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert kaggle_api.credentials_source() == "KAGGLE_API_TOKEN"  # the client needs the proxy too
+    monkeypatch.setenv("KAGGLE_DATA_PROXY_URL", "http://proxy.invalid")
+    assert kaggle_api.credentials_source().startswith("KAGGLE_API_V1_TOKEN")
+    assert "KGAT_notebook_own_token_123" not in kaggle_api.scrub("token KGAT_notebook_own_token_123")
 
 
 def test_credentials_in_config_dir_xdg_and_mixed(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

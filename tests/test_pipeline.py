@@ -143,7 +143,7 @@ def test_make_help_lists_the_stages_and_every_setting() -> None:
     result = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True,
                             text=True, check=True)
     for target in ("submit", "download", "prepare", "folds", "train", "predict", "blend", "test",
-                   "test-fast", "upload", "report", "runs", "forget", "bench"):
+                   "test-fast", "upload", "lb", "report", "runs", "forget", "bench"):
         assert f"  {target} " in result.stdout, target
     for f in fields(Settings):
         assert f"  {f.name.upper()} " in result.stdout, f.name

@@ -88,6 +88,23 @@ def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) ->
     assert "wrote" in page.stdout and (project / "reports" / "study-rnn" / "history.png").is_file()
 
 
+def test_the_journal_opens_as_optuna_dashboard_opens_it(project: Path) -> None:
+    """optuna-dashboard takes a journal by its path: a plain file, opened with Optuna's own
+    JournalFileBackend and its default lock (what `optuna-dashboard <file>` does on Linux)."""
+    tune(project, "--trials", "2")
+    told = run_cli(project, "tune-status").stdout
+    journal = Path(told.split("optuna-dashboard ", 1)[1].strip())
+    assert journal == project / "runs" / "tune" / "rnn" / "journal.log" and journal.is_file()
+    assert not Path(f"{journal}.lock").exists()  # no lock left behind for the dashboard to wait on
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["rnn"]
+    trials = optuna.load_study(study_name="rnn", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.user_attrs["run"] and 0 < t.value <= 1 for t in trials)
+
+
 def test_two_workers_share_the_study(project: Path) -> None:
     tune(project, "--trials", "4", "--workers", "2", "--tune-folds", "1")
     trials = study(project).get_trials()
