@@ -25,7 +25,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Prepared, check_name, run_dir, run_id
+from pipeline.artifacts import Prepared, check_name, run_dir, run_id, studies_dir
 from pipeline.config import Paths, Settings, coerce, validate
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text, write_json
@@ -84,8 +84,19 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 # -- storage and study ----------------------------------------------------------------------------
 
-def hide_password(url: str) -> str:
-    return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url)
+def hide_password(url: str, text: str | None = None) -> str:
+    """text (the url itself by default) with no part of the url's password: everything between the
+    user's ':' and the last '@' is the password, since a password may hold '@' itself."""
+    found = re.search(r"//[^:/@]*:(.*)@", url)
+    text = url if text is None else text
+    if not found or not found.group(1):
+        return text
+    from urllib.parse import unquote
+
+    text = text.replace(f":{found.group(1)}@", ":***@")
+    for secret in {found.group(1), unquote(found.group(1))}:  # a driver may print it decoded
+        text = text.replace(secret, "***")
+    return text
 
 
 def storage(paths: Paths, study: str, url: str | None) -> Any:
@@ -94,7 +105,7 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
     if not url:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        folder = paths.runs / "tune" / study
+        folder = studies_dir(paths) / study
         folder.mkdir(parents=True, exist_ok=True)
         log = str(folder / "journal.log")
         return optuna.storages.JournalStorage(JournalFileBackend(log, JournalFileOpenLock(log)))
@@ -111,7 +122,7 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"STORAGE={hide_password(url)}: cannot use this database "
-                                f"({hide_password(first)})") from None
+                                f"({hide_password(url, first)})") from None
     raise AssertionError("unreachable")
 
 
@@ -297,7 +308,7 @@ def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: floa
 
     counts = {s.name.lower(): len(made.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
-    folder = paths.runs / "tune" / study
+    folder = studies_dir(paths) / study
     folder.mkdir(parents=True, exist_ok=True)
     if not counts["complete"]:
         print(f"tune: no complete trial yet ({counts}); nothing to write")
@@ -341,8 +352,8 @@ def load(paths: Paths, study: str, url: str | None) -> Any:
 
     check_name(study, "STUDY")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
-    if not url and not (paths.runs / "tune" / study / "journal.log").is_file():
-        raise PipelineError(f"STUDY={study}: no such study in {paths.runs / 'tune'}")
+    if not url and not (studies_dir(paths) / study / "journal.log").is_file():
+        raise PipelineError(f"STUDY={study}: no such study in {studies_dir(paths)}")
     try:
         made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
     except KeyError:

@@ -1,0 +1,104 @@
+"""Hardening, round 3 (issue 21): studies that continue and recover as the README says, and run
+folders that fail in words. Fast: fake run folders and fake stages, no training."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline import runs, tune
+from pipeline.__main__ import build_parser, main
+from pipeline.artifacts import all_runs
+from pipeline.config import Paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_run(root: Path, name: str, acc: float = 0.9, **record: Any) -> Path:
+    """A complete run folder as predict leaves it, with made-up numbers."""
+    folder = root / "runs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {"complete": True, "kind": "run", "model": "rnn", "config": {"hidden": 32},
+            "oof_acc": acc, "oof_loss": 0.3, "fold_min": acc - 0.01, "fold_max": acc + 0.01,
+            "seconds": 3.0, "device": "cpu", "source": "sample", "finished": 1.7e9, "folds": 2,
+            "seed": 42, "data": "d", "key": "k", **record}
+    (folder / "run.json").write_text(json.dumps(made))
+    (folder / "config.json").write_text(json.dumps({"hidden": 32}))
+    for name_ in ("oof.csv", "test.csv", "submission.csv"):
+        (folder / name_).write_text("x\n")
+    return folder
+
+
+# -- item 11: the README's MEAN default ---------------------------------------------------------
+
+def test_the_readme_calls_only_the_real_mean_the_default() -> None:
+    _, stages = build_parser()
+    default = stages["blend"].parse_args([]).mean
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    claimed = re.findall(r"`MEAN=(\w+)` \(the default\)", text)
+    assert claimed and set(claimed) == {default}
+
+
+# -- item 6: passwords ---------------------------------------------------------------------------
+
+SECRET = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=4, max_size=20)
+PLAIN = st.from_regex(r"[a-z][a-z0-9]{2,8}", fullmatch=True)
+
+
+@given(user=PLAIN, password=SECRET, host=PLAIN, db=PLAIN)
+def test_no_part_of_a_password_is_ever_shown(user: str, password: str, host: str, db: str) -> None:
+    url = f"postgresql://{user}:{password}@{host}.example:5432/{db}"
+    assert tune.hide_password(url) == f"postgresql://{user}:***@{host}.example:5432/{db}"
+    said = tune.hide_password(url, f"could not connect to {url} (password {password!r} rejected)")
+    assert password not in said and "***" in said
+
+
+def test_a_password_with_an_at_sign_is_hidden_whole() -> None:
+    url = "postgresql://user:p@ss@127.0.0.1:1/db"
+    assert tune.hide_password(url) == "postgresql://user:***@127.0.0.1:1/db"
+    assert tune.hide_password("postgresql://tune@host/db") == "postgresql://tune@host/db"
+
+
+# -- item 7: runs/tune is not a run --------------------------------------------------------------
+
+def test_forget_refuses_the_studies_and_runs_never_lists_them(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "runs" / "tune" / "rnn" / "journal.log"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("{}\n")
+    fake_run(tmp_path, "rnn-h32-e2-aaaaaa")
+    paths = Paths(tmp_path)
+    assert [r.id for r in all_runs(paths)] == ["rnn-h32-e2-aaaaaa"]
+    assert [r["run"] for r in runs.rows(paths)] == ["rnn-h32-e2-aaaaaa"]
+    assert main(["--root", str(tmp_path), "forget", "--run", "tune"]) == 1
+    err = capsys.readouterr().err
+    assert "holds the tuning studies, not a run" in err and "Traceback" not in err
+    assert journal.is_file()
+
+
+# -- item 8: a report never trains ---------------------------------------------------------------
+
+@pytest.mark.parametrize("latest", [None, "garbage/\n", "rnn-h32-e2-gone00"])
+def test_report_without_a_usable_latest_names_the_runs_and_trains_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], latest: str | None) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-aaaaaa")
+    fake_run(tmp_path, "gru-h32-e2-bbbbbb")
+    if latest is not None:
+        (tmp_path / "runs" / "latest").write_text(latest)
+    assert main(["--root", str(tmp_path), "report"]) == 1
+    err = capsys.readouterr().err
+    assert "make report RUN=<id>" in err and "rnn-h32-e2-aaaaaa" in err and "gru-h32-e2-bbbbbb" in err
+    assert "RUN=rnn-h32-e2-gone00:" not in err  # never a RUN= the user did not give
+    assert not (tmp_path / "input").exists() and not (tmp_path / "reports").exists()
+
+
+def test_report_with_no_run_at_all_says_how_to_make_one(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--root", str(tmp_path), "report"]) == 1
+    assert "make submit" in capsys.readouterr().err and not (tmp_path / "input").exists()
