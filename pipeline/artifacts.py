@@ -38,6 +38,7 @@ LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "l
 CACHE_VERSION = 2
 # Run and study names: what a folder name may safely be (no separators, no leading dot).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STUDIES = "tune"  # runs/tune/ holds the tuning studies; no run has this name
 
 
 # -- the one freshness rule -----------------------------------------------------------------------
@@ -245,11 +246,16 @@ def run_dir(paths: Paths, name: str) -> RunDir:
     return RunDir(paths.runs / check_name(name))
 
 
+def studies_dir(paths: Paths) -> Path:
+    """runs/tune/: the tuning studies (make tune), one folder each; not a run."""
+    return paths.runs / STUDIES
+
+
 def all_runs(paths: Paths) -> list[RunDir]:
     if not paths.runs.is_dir():
         return []
-    return sorted((RunDir(p) for p in paths.runs.iterdir() if p.is_dir() and NAME.fullmatch(p.name)),
-                  key=lambda r: r.id)
+    return sorted((RunDir(p) for p in paths.runs.iterdir()
+                   if p.is_dir() and NAME.fullmatch(p.name) and p.name != STUDIES), key=lambda r: r.id)
 
 
 def completed(run: RunDir) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import (
+    STUDIES,
     Prepared,
     RunDir,
     all_runs,
@@ -93,7 +94,9 @@ def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
     for run in pool:
         record = completed(run)
         problem = ""
-        if names and not run.path.is_dir():
+        if names and run.id == STUDIES:
+            problem = "the tuning studies' folder, not a run"
+        elif names and not run.path.is_dir():
             problem = "no such run"
         elif record is None:
             problem = "not complete (still training, or never predicted)"

@@ -9,7 +9,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from pipeline.artifacts import all_runs, completed, latest, run_dir
+from pipeline.artifacts import STUDIES, all_runs, completed, latest, run_dir
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -95,6 +95,11 @@ def run(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
 
 def forget(paths: Paths, name: str) -> int:
     """Delete one run's folder, and nothing else; returns the bytes freed."""
+    if name == STUDIES:
+        raise PipelineError(f"RUN={name}: {paths.runs / STUDIES} holds the tuning studies, not a run, "
+                            "so forget leaves it alone; `make tune-status STUDY=<name>` shows a study, "
+                            f"and deleting its folder {paths.runs / STUDIES}/<name>/ removes it "
+                            "(its trials' runs stay)")
     run = run_dir(paths, name)
     if run.path.is_symlink() or not run.path.is_dir() or run.path.resolve().parent != paths.runs.resolve():
         raise PipelineError(f"RUN={name}: no such run in {paths.runs}; `make runs` lists them")
