@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from pipeline import runs, tune
 from pipeline.__main__ import build_parser, main
 from pipeline.artifacts import all_runs
-from pipeline.config import Paths
+from pipeline.config import Paths, Settings, resolve, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,3 +103,98 @@ def test_report_with_no_run_at_all_says_how_to_make_one(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--root", str(tmp_path), "report"]) == 1
     assert "make submit" in capsys.readouterr().err and not (tmp_path / "input").exists()
+
+
+# -- item 10: wrong types in SPACE= and CONFIG= --------------------------------------------------
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf") if abs(value) == float(
+            "inf") else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+SCALARS = st.one_of(st.integers(-10, 300), st.floats(allow_nan=True), st.booleans(),
+                    st.sampled_from(["rnn", "gru", "8", "1e-3", "", "true"]))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(
+    st.sampled_from(["a", "low"]), SCALARS, max_size=2))
+SPACE_NAMES = ["hidden", "lr", "model", "augment", "dropout", "label_smoothing", "folds", "seed",
+               "device", "epochs"]
+
+
+@given(name=st.sampled_from(SPACE_NAMES), entry=st.dictionaries(
+    st.sampled_from(["choices", "low", "high", "log", "step"]), VALUES, max_size=4))
+def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
+        tmp_path_factory: pytest.TempPathFactory, name: str, entry: dict[str, Any]) -> None:
+    import optuna
+
+    from pipeline.errors import PipelineError
+
+    path = tmp_path_factory.mktemp("space") / "space.toml"
+    path.write_text(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items()))
+    try:
+        space = tune.load_space(path)
+    except PipelineError as exc:
+        assert str(path) in str(exc) and f"[{name}]" in str(exc)
+        return
+    assert name not in ("folds", "seed", "device")  # fold settings and non-learned ones: refused
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for _ in range(3):
+        params = tune.suggest(optuna.create_study().ask(), space)
+        cfg = validate(replace(Settings(), **params))
+        assert isinstance(getattr(cfg, name), type(getattr(Settings(), name)))
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[hidden]\nchoices = 5\n", "choices must be a list"),
+    ("[hidden]\nchoices = [8, 16]\nlog = true\n", "log = true is for a low/high range"),
+    ('[lr]\nlow = "0.001"\nhigh = 0.01\n', "low must be a number"),
+    ('[model]\nchoices = "rnn"\n', "choices must be a list"),
+    ("[folds]\nchoices = [2, 3]\n", "decides which rows each fold holds"),
+    ("[seed]\nlow = 1\nhigh = 9\n", "decides which rows each fold holds"),
+])
+def test_the_reported_space_mistakes_name_file_key_and_what_is_expected(
+        tmp_path: Path, text: str, words: str) -> None:
+    from pipeline.errors import PipelineError
+
+    path = tmp_path / "space.toml"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=re.escape(words)) as caught:
+        tune.load_space(path)
+    assert str(path) in str(caught.value)
+
+
+CONFIG_NAMES = ["preset", "hidden", "lr", "model", "augment", "device", "view", "seed"]
+
+
+@given(values=st.dictionaries(st.sampled_from(CONFIG_NAMES), VALUES, min_size=1, max_size=3))
+def test_any_config_file_gives_typed_settings_or_names_the_file(
+        tmp_path_factory: pytest.TempPathFactory, values: dict[str, Any]) -> None:
+    from pipeline.errors import PipelineError
+
+    path = tmp_path_factory.mktemp("config") / "settings.json"
+    path.write_text(json.dumps(values))
+    try:
+        cfg = resolve(file=path)
+    except PipelineError as exc:
+        assert str(path) in str(exc)
+        return
+    for f in fields(Settings):
+        assert type(getattr(cfg, f.name)) is type(f.default), f.name
+
+
+def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
+    from pipeline.errors import PipelineError
+
+    path = tmp_path / "c.toml"
+    path.write_text('preset = ["tuned"]\n')
+    with pytest.raises(PipelineError, match=r"c\.toml: preset must be one of default, tutorial, tuned"):
+        resolve(file=path)
