@@ -268,6 +268,41 @@ def completed(run: RunDir) -> dict[str, Any] | None:
     return record
 
 
+def check_probabilities(run: RunDir, n_train: int, n_test: int) -> None:
+    """A run's oof.csv must hold every train row once, in order, and test.csv every test row, all
+    finite; else a PipelineError saying how to remake them (a truncated file is damaged too)."""
+    fix = f"`make predict RUN={run.id} FORCE=1` remakes it" if not run.id.startswith("blend-") else \
+        "`make blend FORCE=1` with its runs remakes it"
+    for path, index, n in ((run.oof, "row", n_train), (run.test, "ImageId", n_test)):
+        ids, probs = read_probabilities(path, index)
+        first = 0 if index == "row" else 1
+        if len(ids) != n or not np.array_equal(ids, np.arange(first, n + first)):
+            raise PipelineError(f"{path}: {len(ids)} rows, not the {n} rows of the data in order "
+                                f"(truncated or damaged); {fix}")
+        if not np.isfinite(probs).all():
+            raise PipelineError(f"{path}: holds values that are not numbers; {fix}")
+
+
+def check_cv(path: Path, n_folds: int | None = None) -> Any:
+    """cv.csv as a table: a row per fold 0..k-1 (k = n_folds when given), then the row `all`, with
+    numeric valid_loss and valid_acc; else a PipelineError saying how to remake it."""
+    import pandas as pd
+
+    fix = f"`make predict RUN={path.parent.name} FORCE=1` remakes it"
+    try:
+        cv = pd.read_csv(path, dtype={"fold": str})
+        folds = list(cv["fold"])
+        numbers = cv[["valid_loss", "valid_acc"]].to_numpy(dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a readable cross-validation table ({exc}); {fix}") from exc
+    k = len(folds) - 1 if n_folds is None else n_folds
+    if folds != [str(f) for f in range(k)] + ["all"] or not np.isfinite(numbers).all():
+        raise PipelineError(f"{path}: expected a row for each of folds 0 to {k - 1}, then `all`, "
+                            f"with numbers; found folds {', '.join(map(str, folds)) or 'none'} "
+                            f"(truncated or damaged); {fix}")
+    return cv
+
+
 def set_latest(paths: Paths, name: str) -> None:
     if latest(paths) != name:
         atomic_write_text(paths.runs / "latest", name + "\n")

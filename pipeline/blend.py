@@ -24,6 +24,7 @@ from pipeline.artifacts import (
     Prepared,
     RunDir,
     all_runs,
+    check_probabilities,
     completed,
     data_source,
     mark_current,
@@ -106,6 +107,11 @@ def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
             problem = "made from other data than input/*.csv now hold"
         elif (record.get("folds"), record.get("seed")) != (folds, seed):
             problem = f"on other folds ({record.get('folds')} folds, seed {record.get('seed')})"
+        else:
+            try:
+                check_probabilities(run, len(data.train_y), len(data.test_x))
+            except PipelineError as exc:
+                problem = f"damaged: {exc}"
         if problem and names:
             raise PipelineError(f"RUNS: {run.id} cannot be blended: {problem}; the runs must share "
                                 f"the current data and folds ({folds} folds, seed {seed})")

@@ -22,6 +22,8 @@ from pipeline.artifacts import (
     SAMPLE_BANNER,
     Prepared,
     RunDir,
+    check_cv,
+    check_probabilities,
     data_source,
     mark_current,
     read_probabilities,
@@ -57,8 +59,12 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
     inputs = {"folds": [f["trained_at"] for f in folds], "tta": cfg.tta, "amp": cfg.amp,
               "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None}
     outputs = [run.oof, run.test, run.cv, run.submission]
-    why = "FORCE=1" if force else stale(run.record, inputs, outputs,
-                                        check=lambda: validate_file(run.submission, len(data.test_x)))
+    def check() -> None:
+        validate_file(run.submission, len(data.test_x))
+        check_probabilities(run, len(data.train_y), len(data.test_x))
+        check_cv(run.cv, cfg.folds)
+
+    why = "FORCE=1" if force else stale(run.record, inputs, outputs, check=check)
     if why:
         print(f"predict: {run.id} reruns: {why}")
         record = mark_current(run.record, inputs, **_predict(cfg, paths, run, data, fold_of, folds))

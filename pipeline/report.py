@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import PROB_COLUMNS, RunDir, completed, load_prepared
+from pipeline.artifacts import PROB_COLUMNS, RunDir, check_cv, completed, load_prepared
 from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_write_text, read_json
@@ -81,7 +81,10 @@ def load_run(paths: Paths, run: RunDir) -> Run:
     if record.get("data") != data.data_key:
         raise PipelineError(f"RUN={run.id} was made from other data than input/*.csv now hold, so "
                             "its mistakes cannot be drawn from them")
-    cv = _read_csv(run.cv, "the cross-validation table", dtype={"fold": str, "best_epoch": "Int64"})
+    if not run.cv.is_file():
+        _read_csv(run.cv, "the cross-validation table")  # names the missing file
+    n_folds = record.get("folds") if record.get("kind") != "blend" else None
+    cv = check_cv(run.cv, n_folds if isinstance(n_folds, int) else None)
     folds = [int(f) for f in cv["fold"] if f != "all"]
     histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
                  if record.get("kind") != "blend"}
@@ -173,7 +176,8 @@ def plot_learning_curves(run: Run, path: Path) -> str:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    best = {int(f): e for f, e in zip(run.cv["fold"], run.cv["best_epoch"], strict=True) if f != "all"}
+    epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
+    best = {int(f): e for f, e in zip(run.cv["fold"], epochs, strict=True) if f != "all"}
     height = 2.4 * len(run.folds) + 0.4
     fig, axes = plt.subplots(len(run.folds), 2, figsize=(10, height), squeeze=False)
     for (ax_loss, ax_acc), k in zip(axes, run.folds, strict=True):
@@ -359,6 +363,15 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 def run(paths: Paths, run_dir: RunDir) -> Path:
     """Write reports/index.html and its figures for a run; returns the page's path."""
     started = time.perf_counter()
+    try:
+        return _draw(paths, run_dir, started)
+    except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
+        raise PipelineError(f"RUN={run_dir.id}: a file of the run is damaged ({type(exc).__name__}: "
+                            f"{exc}); `make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
+                            f"`make train RUN={run_dir.id} FORCE=1` its models") from exc
+
+
+def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
     data = load_run(paths, run_dir)
     out = paths.reports
     matrix = oof_confusion(data)

@@ -198,3 +198,92 @@ def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
     path.write_text('preset = ["tuned"]\n')
     with pytest.raises(PipelineError, match=r"c\.toml: preset must be one of default, tutorial, tuned"):
         resolve(file=path)
+
+
+# -- item 9: damaged records are named and skipped, never a traceback -----------------------------
+
+RECORD_FIELDS = ["complete", "kind", "config", "oof_acc", "oof_loss", "fold_min", "fold_max",
+                 "seconds", "finished", "oof_acc_tta", "weights", "oof_acc_honest"]
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(),
+                              st.text(max_size=4)),
+                    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+                        st.text(max_size=3), inner, max_size=2), max_leaves=4)
+
+
+@given(drop=st.sets(st.sampled_from(RECORD_FIELDS)), change=st.dictionaries(
+    st.sampled_from(RECORD_FIELDS), JSON, max_size=3), config=JSON, blend=st.booleans())
+def test_one_damaged_run_is_named_and_never_hides_the_others(
+        tmp_path_factory: pytest.TempPathFactory, drop: set[str], change: dict[str, Any],
+        config: Any, blend: bool) -> None:
+    root = tmp_path_factory.mktemp("runs")
+    fake_run(root, "rnn-h32-e2-good00", acc=0.5)
+    bad = fake_run(root, "rnn-h32-e2-bad000", acc=0.7,
+                   **({"kind": "blend", "weights": {"a": 1}, "oof_acc_honest": 0.6} if blend else {}))
+    record = json.loads((bad / "run.json").read_text())
+    record = {k: v for k, v in record.items() if k not in drop} | change
+    (bad / "run.json").write_text(json.dumps(record))
+    (bad / "config.json").write_text(json.dumps(config))
+    found = {r["run"]: r for r in runs.rows(Paths(root))}
+    assert found["rnn-h32-e2-good00"]["OOF acc"] == "0.5000"
+    assert "rnn-h32-e2-bad000" in found
+    text = runs.table(Paths(root))
+    assert "rnn-h32-e2-good00" in text and "rnn-h32-e2-bad000" in text
+
+
+def test_make_runs_names_the_damaged_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    bad = fake_run(tmp_path, "rnn-h32-e2-bad000")
+    record = json.loads((bad / "run.json").read_text())
+    del record["fold_min"]
+    (bad / "run.json").write_text(json.dumps(record))
+    (tmp_path / "runs" / "rnn-h32-e2-good00" / "config.json").write_text("[1, 2]")
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    out, err = capsys.readouterr()
+    assert "rnn-h32-e2-bad000: damaged record (missing 'fold_min')" in err
+    assert "rnn-h32-e2-good00: damaged record (config.json is not a table of settings)" in err
+    assert "(damaged record)" in out and "2 run(s)" in out
+
+
+def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
+    from pipeline.artifacts import check_cv
+    from pipeline.errors import PipelineError
+
+    path = tmp_path / "rnn-x" / "cv.csv"
+    path.parent.mkdir()
+    good = "fold,best_epoch,valid_loss,valid_acc\n0,1,0.3,0.9\n1,2,0.3,0.9\nall,,0.3,0.9\n"
+    path.write_text(good)
+    assert len(check_cv(path, 2)) == 3
+    for damaged in (good[:60], good.replace("0.9\n1", "x\n1"), "\x00\x01", "a,b\n1,2\n",
+                    good.replace("all", "2")):
+        path.write_text(damaged)
+        with pytest.raises(PipelineError, match=r"cv\.csv: .*make predict RUN=rnn-x FORCE=1"):
+            check_cv(path, 2)
+
+
+@pytest.mark.slow
+def test_truncated_predictions_are_rebuilt_and_never_blended(run_copy: Path) -> None:
+    from conftest import SAMPLE, TINY, run_cli, the_run
+
+    run = the_run(run_copy)
+    run.oof.write_text("".join(run.oof.read_text().splitlines(keepends=True)[:40]))
+    refused = run_cli(run_copy, "blend", "--runs", run.id, *SAMPLE, *TINY, check=False)
+    assert refused.returncode == 1 and f"make predict RUN={run.id} FORCE=1" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    again = run_cli(run_copy, "predict", *SAMPLE, *TINY)
+    assert f"predict: {run.id} reruns: damaged" in again.stdout
+    assert len(run.oof.read_text().splitlines()) == 1498  # the header and every sample row
+    run_cli(run_copy, "blend", *SAMPLE, *TINY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: str) -> None:
+    from conftest import run_cli, the_run
+
+    run = the_run(run_copy)
+    text = run.cv.read_text()
+    run.cv.write_text("fold,valid\nx,\x01\n" if damage == "garbage" else text.splitlines()[0] + "\n"
+                      + text.splitlines()[1] + "\n")
+    result = run_cli(run_copy, "report", "--run", run.id, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cv.csv" in result.stderr and f"make predict RUN={run.id} FORCE=1" in result.stderr
