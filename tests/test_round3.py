@@ -287,3 +287,110 @@ def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: st
     result = run_cli(run_copy, "report", "--run", run.id, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cv.csv" in result.stderr and f"make predict RUN={run.id} FORCE=1" in result.stderr
+
+
+# -- items 1, 2, 4, 5: studies that continue, recover and refuse as the README says ------------
+
+class FakeStages:
+    """train.run and predict.run stand-ins: a score from the settings, no training. interrupt_at:
+    the call (counted from 0, one per fold) that raises KeyboardInterrupt, as a Ctrl-C would."""
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        self.runs: list[str] = []
+        self.interrupt_at = interrupt_at
+
+    def train(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
+              folds: list[int], on_epoch: Any = None) -> list[dict[str, Any]]:
+        if len(self.runs) == self.interrupt_at:
+            self.runs.append(run.id)
+            raise KeyboardInterrupt
+        self.runs.append(run.id)
+        return [{"fold": f, "valid_acc": 1 - abs(cfg.lr - 3e-3)} for f in folds]
+
+    def predict(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
+                records: list[dict[str, Any]], publish: bool = True) -> dict[str, Any]:
+        return {"oof_acc": records[0]["valid_acc"]}
+
+
+def tiny_data() -> tuple[Any, Any]:
+    import numpy as np
+
+    from pipeline.artifacts import Prepared
+
+    labels = np.arange(20, dtype=np.uint8) % 10
+    return (Prepared(np.zeros((20, 28, 28), np.uint8), labels, np.zeros((4, 28, 28), np.uint8), "d"),
+            np.arange(20) % 2)
+
+
+def study_of(root: Path, **options: Any) -> Any:
+    """Run a study of the fake stages in root; returns (the summary, the stages)."""
+    root.mkdir(parents=True, exist_ok=True)
+    space = root / "space.toml"
+    if not space.exists():
+        space.write_text("[lr]\nlow = 1e-4\nhigh = 1e-2\nlog = true\n")
+    data, fold_of = tiny_data()
+    stages = options.pop("stages", FakeStages())
+    base = options.pop("base", replace(Settings(), folds=2, epochs=2))
+    summary = tune.run(Paths(root), base, data, fold_of, (stages.train, stages.predict),
+                       study="s", space_path=space, **{"trials": 3, **options})
+    return summary, stages
+
+
+def trials_of(root: Path) -> list[Any]:
+    return tune.load(Paths(root), "s", None).get_trials(deepcopy=False)
+
+
+def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: Path) -> None:
+    study_of(tmp_path / "a")
+    _, later = study_of(tmp_path / "a", trials=6)
+    lrs = [t.params["lr"] for t in trials_of(tmp_path / "a")]
+    assert len(lrs) == 6 and not set(lrs[3:]) & set(lrs[:3])
+    assert len(set(later.runs)) == 3 and not set(later.runs) & {t.user_attrs["run"] for t in
+                                                           trials_of(tmp_path / "a")[:3]}
+    study_of(tmp_path / "b")
+    study_of(tmp_path / "b", trials=6)
+    assert [t.params["lr"] for t in trials_of(tmp_path / "b")] == lrs  # the same seed, the same draws
+
+
+def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    study_of(tmp_path, trials=1)
+    made = tune.load(Paths(tmp_path), "s", None)
+    killed = made.ask()  # as a SIGKILLed worker leaves it: running, never told
+    killed.suggest_float("lr", 1e-4, 1e-2, log=True)
+    killed.set_user_attr("run", "rnn-h128-e2-killed")
+    assert tune.requeue_stopped(made, journal=True) == 1
+    assert "1 waiting" in tune.status(Paths(tmp_path), "s", None)
+    assert tune.requeue_stopped(made, journal=True) == 0  # queued once, however often asked
+    _, stages = study_of(tmp_path, trials=2)
+    from pipeline.artifacts import run_id
+
+    killed_run = run_id(replace(Settings(), folds=2, epochs=2, lr=killed.params["lr"]), "d")
+    assert stages.runs[0] == killed_run  # the killed trial's run is the one trained (resumed) next
+    trials = trials_of(tmp_path)
+    assert trials[2].params == killed.params and trials[2].user_attrs["retry_of"] == killed.number
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "queued again" in capsys.readouterr().out
+
+
+def test_an_interrupted_study_writes_its_summary_and_resumes_the_trial(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        study_of(tmp_path, trials=3, stages=FakeStages(interrupt_at=2))  # trial 1, fold 0
+    assert (tmp_path / "runs" / "tune" / "s" / "best.toml").is_file()  # trial 0 completed
+    stopped = trials_of(tmp_path)[1]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["outcome"] == "interrupted"
+    _, again = study_of(tmp_path, trials=3)
+    assert again.runs[0] == stopped.user_attrs["run"]  # the interrupted run is trained first
+    assert [t.state.name for t in trials_of(tmp_path)].count("COMPLETE") == 3
+
+
+@pytest.mark.parametrize("other", [{"tune_folds": 0}, {"pruner": "none"}, {"tune_folds": 2}])
+def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) -> None:
+    from pipeline.errors import PipelineError
+
+    study_of(tmp_path, trials=1, tune_folds=1)
+    with pytest.raises(PipelineError, match=r"STUDY=s scores its trials with TUNE_FOLDS=1, "
+                                            r"PRUNER=median; this command asks"):
+        study_of(tmp_path, trials=2, **other)
+    study_of(tmp_path, trials=2, tune_folds=1)  # the same scoring continues
+    assert len(trials_of(tmp_path)) == 2
