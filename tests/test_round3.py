@@ -394,3 +394,32 @@ def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) 
         study_of(tmp_path, trials=2, **other)
     study_of(tmp_path, trials=2, tune_folds=1)  # the same scoring continues
     assert len(trials_of(tmp_path)) == 2
+
+
+@pytest.mark.slow
+def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SAMPLE, run_cli
+
+    run_cli(tmp_path, "folds", *SAMPLE, "--folds", "2")
+    (tmp_path / "space.toml").write_text("[lr]\nlow = 1e-3\nhigh = 1e-2\n")
+    command = [sys.executable, "-m", "pipeline", "--root", str(tmp_path), "tune", "--trials", "6",
+               "--workers", "2", "--tune-folds", "1", "--space", str(tmp_path / "space.toml"),
+               "--folds", "2", "--epochs", "60", "--hidden", "16"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list((tmp_path / "runs").glob("*/fold_0.state.pt"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the tune process alone, not its workers
+    _, err = proc.communicate(timeout=90)  # the workers stop too, not after every trial
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    made = tune.load(Paths(tmp_path), "rnn", None)
+    states = [t.state.name for t in made.get_trials(deepcopy=False)]
+    assert "RUNNING" not in states and states.count("FAIL") == 2, states
+    assert all(t.user_attrs.get("outcome") == "interrupted" for t in made.get_trials()
+               if t.state.name == "FAIL")
