@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Paths, Settings, fingerprint
+from pipeline.config import FOLD_SETTINGS, Paths, Settings, fingerprint
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_write_text, read_json, write_csv, write_json
 
@@ -129,7 +129,8 @@ def load_prepared(paths: Paths) -> Prepared:
 # -- folds ----------------------------------------------------------------------------------------
 
 def folds_inputs(data_key: str, cfg: Settings) -> dict[str, Any]:
-    return {"data": data_key, "folds": cfg.folds, "seed": cfg.seed}
+    """What folds.csv is made from: the data and the fold settings (each also in every run's id)."""
+    return {"data": data_key, **{name: getattr(cfg, name) for name in FOLD_SETTINGS}}
 
 
 def read_folds(paths: Paths) -> np.ndarray:

@@ -30,9 +30,11 @@ from pipeline.artifacts import (
     LOG_COLUMNS,
     Prepared,
     RunDir,
+    digest,
     load_prepared,
     mark_current,
     read_folds,
+    read_probabilities,
     stale,
     write_probabilities,
 )
@@ -151,7 +153,8 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
 
     on_epoch(fold, epoch, valid_acc) is called after each epoch is saved (tuning reports there, and
     may stop the fold by raising)."""
-    key = fingerprint(fold_inputs(run, fold))
+    # A saved state resumes only on the rows it was trained on.
+    key = fingerprint({**fold_inputs(run, fold), "held out": digest({"rows": fold_of == fold})})
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = build_model(cfg).to(device)
     train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
@@ -232,14 +235,29 @@ def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best:
     return record
 
 
-def fold_stale(run: RunDir, fold: int) -> str:
-    """'' when the fold's finished model, its out-of-fold predictions and record are current."""
+def fold_stale(run: RunDir, fold: int, fold_of: np.ndarray) -> str:
+    """'' when the fold's finished model, its out-of-fold predictions and record are current, and
+    the model held out exactly the rows the folds give this fold now (a model trained on other
+    folds is never current)."""
+
+    def check() -> None:
+        checkpoint.model_from(run.model(fold))
+        rows, _ = read_probabilities(run.oof_fold(fold), "row")
+        if not np.array_equal(np.sort(rows.astype(np.int64)), np.flatnonzero(fold_of == fold)):
+            raise PipelineError(f"{run.oof_fold(fold).name}: trained on other folds than "
+                                f"{len(np.unique(fold_of))} folds of input/folds.csv give")
+
     return stale(run.fold_record(fold), fold_inputs(run, fold), [run.model(fold), run.oof_fold(fold)],
-                 check=lambda: checkpoint.model_from(run.model(fold)))
+                 check=check)
 
 
 def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
     """Stop before training, in one sentence, when the settings cannot train on these folds."""
+    found = sorted(int(f) for f in np.unique(fold_of))
+    if found != list(range(cfg.folds)):
+        raise PipelineError(f"FOLDS={cfg.folds}, but the folds given hold {len(found)} "
+                            f"({', '.join(map(str, found[:10]))}); `make folds FOLDS={cfg.folds}` "
+                            "writes them (a run trains only on the folds of its own settings)")
     smallest = int(len(fold_of) - np.bincount(fold_of).max())
     steps_per_epoch(cfg, smallest)
 
@@ -259,7 +277,7 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
     check_settings(cfg, fold_of)
     todo = []
     for k in folds:
-        why = "FORCE=1" if force else fold_stale(run_dir, k)
+        why = "FORCE=1" if force else fold_stale(run_dir, k, fold_of)
         print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
         if why:
             todo.append(k)

@@ -423,3 +423,35 @@ def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None
     assert "RUNNING" not in states and states.count("FAIL") == 2, states
     assert all(t.user_attrs.get("outcome") == "interrupted" for t in made.get_trials()
                if t.state.name == "FAIL")
+
+
+# -- item 3: a run is trained on the folds of its own settings ----------------------------------
+
+def test_the_fold_settings_are_in_every_run_id_and_in_the_folds_record() -> None:
+    from pipeline.artifacts import folds_inputs, run_id
+    from pipeline.config import FOLD_SETTINGS
+
+    base = Settings()
+    for name in FOLD_SETTINGS:
+        assert Settings.__dataclass_fields__[name].metadata["learns"], name
+        other = replace(base, **{name: getattr(base, name) + 1})
+        assert run_id(other, "d") != run_id(base, "d")
+        assert folds_inputs("d", other) != folds_inputs("d", base)
+    assert set(folds_inputs("d", base)) == {"data", *FOLD_SETTINGS}
+
+
+@pytest.mark.slow
+def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None:
+    from conftest import the_run
+
+    from pipeline import folds, train
+    from pipeline.artifacts import load_prepared, read_folds
+    from pipeline.errors import PipelineError
+
+    paths, run = Paths(run_copy), the_run(run_copy)
+    labels = load_prepared(paths).train_y.astype("int64")
+    assert train.fold_stale(run, 0, read_folds(paths)) == ""
+    other = folds.assign(labels, 2, 7)  # seed 7's folds, not the run's seed 42
+    assert "trained on other folds" in train.fold_stale(run, 0, other)
+    with pytest.raises(PipelineError, match=r"FOLDS=3, but the folds given hold 2"):
+        train.check_settings(replace(Settings(), folds=3), read_folds(paths))
