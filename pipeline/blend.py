@@ -60,7 +60,9 @@ def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
 def select(probs: np.ndarray, labels: np.ndarray, mean: str = "prob") -> np.ndarray:
     """How many times each run is picked by greedy forward selection with replacement."""
     counts = np.zeros(len(probs))
-    losses = [_loss(p, labels) for p in probs]
+    # Each run as a blend of itself (renormalised as every blend is), so that picking it again
+    # never looks like a gain: a one-run blend is that run once.
+    losses = [_loss(combine(probs[m:m + 1], np.ones(1), mean), labels) for m in range(len(probs))]
     counts[int(np.argmin(losses))] = 1
     current = min(losses)
     for _ in range(MAX_STEPS):
