@@ -63,6 +63,11 @@ def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir,
     """Data, folds and a trained run (each skipped when current)."""
     from pipeline import folds, train
 
+    if getattr(args, "run", None) and run_dir(paths, args.run).blend.is_file():
+        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
+                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
+                            f"`make report RUN={args.run}` draws it")
+
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
