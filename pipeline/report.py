@@ -315,8 +315,9 @@ def _summary(run: Run, paths: Paths) -> str:
              ("model", str(record.get("model", "?"))), ("train rows", str(len(run.train_y))),
              ("data source", run.source), ("device", str(record.get("device", ""))),
              ("time", format_seconds(record.get("seconds")))]
-    if record.get("kind") == "blend":
-        facts.insert(2, ("honest OOF accuracy", f"{record['oof_acc_honest']:.4f}"))
+    if record.get("kind") == "blend":  # the honest figure first, as make runs shows it
+        facts[1] = ("OOF accuracy", f"{record['oof_acc_honest']:.4f} honest (selection refitted "
+                    f"without each fold; in-sample {acc:.4f})")
         facts.append(("members", ", ".join(f"{k} x{v}" for k, v in record["weights"].items())))
     if kept:
         facts.append(("submission", f"submissions/{kept}"))
@@ -389,7 +390,9 @@ def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
     atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
     for warning in data.warnings:
         print(f"report: warning: {warning}")
+    accuracy = f"{np.trace(matrix) / matrix.sum():.4f}"
+    if data.ensemble.get("kind") == "blend":
+        accuracy = f"{data.ensemble['oof_acc_honest']:.4f} honest, {accuracy} in-sample"
     print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
-          f"{time.perf_counter() - started:.1f}s "
-          f"(OOF accuracy {np.trace(matrix) / matrix.sum():.4f})")
+          f"{time.perf_counter() - started:.1f}s (OOF accuracy {accuracy})")
     return page
