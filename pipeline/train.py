@@ -120,7 +120,8 @@ class Progress:
     def __init__(self, fold: int, epochs: int, start: int, position: int | None = None) -> None:
         self.fold, self.epochs = fold, epochs
         self.bar = None
-        if sys.stderr.isatty():
+        # Bars of folds trained at once (position given) would overwrite each other: plain lines.
+        if sys.stderr.isatty() and position is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=epochs, initial=start, desc=f"fold {fold}", unit="epoch",
@@ -131,10 +132,12 @@ class Progress:
             self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid_acc=f"{row['valid_acc']:.4f}")
             self.bar.update(1)
         else:
-            print(f"fold {self.fold} epoch {row['epoch']:>3}/{self.epochs}  "
-                  f"train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}  "
-                  f"valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_acc']:.4f}  "
-                  f"{row['seconds']:.1f}s  {row['samples_per_s']:.0f} samples/s", flush=True)
+            # One write per line, so lines of folds trained at once never run into each other.
+            sys.stdout.write(f"fold {self.fold} epoch {row['epoch']:>3}/{self.epochs}  "
+                             f"train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}  "
+                             f"valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_acc']:.4f}  "
+                             f"{row['seconds']:.1f}s  {row['samples_per_s']:.0f} samples/s\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.bar is not None:
