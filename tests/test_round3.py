@@ -455,3 +455,61 @@ def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None
     assert "trained on other folds" in train.fold_stale(run, 0, other)
     with pytest.raises(PipelineError, match=r"FOLDS=3, but the folds given hold 2"):
         train.check_settings(replace(Settings(), folds=3), read_folds(paths))
+
+
+# -- item 12: blends shown as they are, and fold lines that never mix ----------------------------
+
+def test_a_one_run_blend_is_that_run_once() -> None:
+    import numpy as np
+
+    from pipeline import blend
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200)
+    logits = rng.normal(size=(200, 10))
+    logits[np.arange(200), labels] += 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs = np.round(probs * 0.999, 6)  # as read back from a CSV: rows need not sum to 1
+    for mean in blend.MEANS:
+        assert blend.select(probs[None], labels, mean).tolist() == [1.0]
+
+
+def test_train_of_a_blend_says_it_is_a_blend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = fake_run(tmp_path, "blend-abc123", kind="blend", weights={"rnn-a": 1})
+    (folder / "blend.json").write_text('{"weights": {"rnn-a": 1}}')
+    (folder / "config.json").unlink()
+    for stage in ("train", "predict"):
+        assert main(["--root", str(tmp_path), stage, "--run", "blend-abc123"]) == 1
+        err = capsys.readouterr().err
+        assert "RUN=blend-abc123 is a blend of other runs" in err and "no such run" not in err
+    assert not (tmp_path / "input").exists()
+
+
+def test_a_blend_report_headlines_the_honest_accuracy() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from pipeline import report
+
+    cv = pd.DataFrame({"fold": ["0", "1", "all"], "valid_acc": [0.9, 0.9, 0.95]})
+    run = SimpleNamespace(cv=cv, name="blend-x", train_y=np.zeros(4), source="sample", ensemble={
+        "kind": "blend", "oof_acc_honest": 0.91, "weights": {"a": 1, "b": 2}, "model": "blend"})
+    text = report._summary(run, Paths())
+    assert "<b>OOF accuracy:</b> 0.9100 honest" in text and "in-sample 0.9500" in text
+
+
+def test_folds_trained_at_once_write_whole_lines_never_bars(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from pipeline import train
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = train.Progress(1, 3, 0, position=1)
+    assert progress.bar is None
+    progress.update({"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "valid_loss": 0.4,
+                     "valid_acc": 0.85, "seconds": 1.0, "samples_per_s": 100.0})
+    out = capsys.readouterr().out
+    assert out.startswith("fold 1 epoch   1/3") and out.endswith("samples/s\n") and out.count("\n") == 1
