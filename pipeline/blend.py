@@ -105,6 +105,9 @@ def candidates(paths: Paths, data: Prepared, folds: int, seed: int,
             problem = "not complete (still training, or never predicted)"
         elif record.get("kind") == "blend":
             problem = "a blend itself"
+        elif not isinstance(record.get("key"), str):
+            problem = (f"damaged: its run.json has no key; `make predict RUN={run.id} FORCE=1` "
+                       "remakes it")
         elif record.get("data") != data.data_key:
             problem = "made from other data than input/*.csv now hold"
         elif (record.get("folds"), record.get("seed")) != (folds, seed):
@@ -196,7 +199,8 @@ def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]
             "oof_loss": _loss(blended_oof, labels), "fold_min": min(per_fold),
             "fold_max": max(per_fold), "data": data.data_key, "folds": int(fold_of.max()) + 1,
             "seed": chosen[0][1].get("seed"), "device": "", "config": {},
-            "seconds": sum(r.get("seconds", 0) for _, r in chosen) + time.perf_counter() - started,
+            "seconds": sum(r["seconds"] for _, r in chosen if isinstance(r.get("seconds"), int | float))
+            + time.perf_counter() - started,
             "source": data_source(paths), "finished": time.time()}
 
 

@@ -37,6 +37,8 @@ from pipeline.ledger import publish as make_current
 from pipeline.runtime import describe, predict_log_proba, resolve_device
 from pipeline.submission import validate_file, validate_frame
 
+RECORD_NUMBERS = ("oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished")
+
 
 def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
     """The ensemble: the mean of the folds' class probabilities."""
@@ -60,6 +62,10 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
               "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None}
     outputs = [run.oof, run.test, run.cv, run.submission]
     def check() -> None:
+        made = read_json(run.record)
+        missing = [k for k in RECORD_NUMBERS if not isinstance(made.get(k), int | float)]
+        if missing:
+            raise PipelineError(f"{run.record.name} lacks {', '.join(missing)}")
         validate_file(run.submission, len(data.test_x))
         check_probabilities(run, len(data.train_y), len(data.test_x))
         check_cv(run.cv, cfg.folds)
