@@ -513,3 +513,70 @@ def test_folds_trained_at_once_write_whole_lines_never_bars(monkeypatch: pytest.
                      "valid_acc": 0.85, "seconds": 1.0, "samples_per_s": 100.0})
     out = capsys.readouterr().out
     assert out.startswith("fold 1 epoch   1/3") and out.endswith("samples/s\n") and out.count("\n") == 1
+
+
+BLEND_FIELDS = [*RECORD_FIELDS, "key", "data", "folds", "seed"]
+
+
+@given(drop=st.sets(st.sampled_from(BLEND_FIELDS)),
+       change=st.dictionaries(st.sampled_from(BLEND_FIELDS), JSON, max_size=3))
+def test_blend_skips_a_damaged_run_in_words_and_keeps_the_good_one(
+        tmp_path_factory: pytest.TempPathFactory, drop: set[str], change: dict[str, Any]) -> None:
+    import numpy as np
+
+    from pipeline import blend
+    from pipeline.artifacts import RunDir, write_probabilities
+    from pipeline.errors import PipelineError
+
+    root = tmp_path_factory.mktemp("blend")
+    data, _ = tiny_data()
+    for name in ("rnn-h32-e2-good00", "rnn-h32-e2-bad000"):
+        run = RunDir(fake_run(root, name))
+        write_probabilities(run.oof, np.full((20, 10), 0.1), {"row": np.arange(20)})
+        write_probabilities(run.test, np.full((4, 10), 0.1), {"ImageId": np.arange(1, 5)})
+    bad = root / "runs" / "rnn-h32-e2-bad000" / "run.json"
+    record = {k: v for k, v in json.loads(bad.read_text()).items() if k not in drop} | change
+    bad.write_text(json.dumps(record))
+    chosen, skipped = blend.candidates(Paths(root), data, 2, 42, None)
+    assert "rnn-h32-e2-good00" in [run.id for run, _ in chosen]
+    if "rnn-h32-e2-bad000" not in [run.id for run, _ in chosen]:
+        assert any(line.startswith("rnn-h32-e2-bad000: ") for line in skipped) or \
+            record.get("kind") == "blend"
+        with pytest.raises(PipelineError, match="rnn-h32-e2-bad000 cannot be blended"):
+            blend.candidates(Paths(root), data, 2, 42, ["rnn-h32-e2-bad000"])
+
+
+@pytest.mark.slow
+def test_a_run_json_missing_a_field_is_rebuilt_by_predict(run_copy: Path) -> None:
+    from conftest import SAMPLE, TINY, run_cli, the_run
+
+    run = the_run(run_copy)
+    record = json.loads(run.record.read_text())
+    del record["fold_min"]
+    run.record.write_text(json.dumps(record))
+    again = run_cli(run_copy, "submit", *SAMPLE, *TINY)
+    assert f"predict: {run.id} reruns: damaged (run.json lacks fold_min)" in again.stdout
+    assert "fold_min" in json.loads(run.record.read_text())
+
+
+def test_a_second_worker_waits_for_the_run_another_trial_trains(tmp_path: Path) -> None:
+    import threading
+
+    from filelock import FileLock
+
+    from pipeline.artifacts import run_id
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "space.toml").write_text("[lr]\nchoices = [0.002]\n")
+    same = run_id(replace(Settings(), folds=2, epochs=2, lr=0.002), "d")
+    held = FileLock(tmp_path / "runs" / f".train-{same}.lock")
+    held.acquire()
+    stages = FakeStages()
+    worker = threading.Thread(target=study_of, args=(tmp_path,), kwargs={"trials": 1,
+                                                                         "stages": stages})
+    worker.start()
+    worker.join(timeout=2)
+    assert worker.is_alive() and stages.runs == []  # waiting, not training the same folder
+    held.release()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and set(stages.runs) == {same}
