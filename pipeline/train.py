@@ -149,6 +149,12 @@ def fold_inputs(run: RunDir, fold: int) -> dict[str, Any]:
     return {"run": run.id, "fold": fold}
 
 
+def state_key(run: RunDir, fold: int, fold_of: np.ndarray) -> str:
+    """The key of a fold's resumable state: its run and fold, and the rows it holds out, so a saved
+    state resumes only on the rows it was trained on."""
+    return fingerprint({**fold_inputs(run, fold), "held out": digest({"rows": fold_of == fold})})
+
+
 def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: np.ndarray,
                device: torch.device, bar_position: int | None = None,
                on_epoch: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
@@ -156,8 +162,7 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
 
     on_epoch(fold, epoch, valid_acc) is called after each epoch is saved (tuning reports there, and
     may stop the fold by raising)."""
-    # A saved state resumes only on the rows it was trained on.
-    key = fingerprint({**fold_inputs(run, fold), "held out": digest({"rows": fold_of == fold})})
+    key = state_key(run, fold, fold_of)
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = build_model(cfg).to(device)
     train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
