@@ -216,6 +216,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if path.suffix not in (".toml", ".json"):
         raise PipelineError(f"{path}: a config file is TOML (.toml) or JSON (.json), "
                             f"not {path.suffix or 'a file without an extension'}")

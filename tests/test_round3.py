@@ -580,3 +580,15 @@ def test_a_second_worker_waits_for_the_run_another_trial_trains(tmp_path: Path) 
     held.release()
     worker.join(timeout=30)
     assert not worker.is_alive() and set(stages.runs) == {same}
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_config_or_space_file_that_is_not_text_is_named(tmp_path: Path, suffix: str) -> None:
+    from pipeline.errors import PipelineError
+
+    path = tmp_path / f"binary{suffix}"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(PipelineError, match=re.escape(str(path))):
+        resolve(file=path)
+    with pytest.raises(PipelineError, match=re.escape(str(path))):
+        tune.load_space(path)
