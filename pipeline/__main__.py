@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Prepared, RunDir, check_name, latest, run_dir, run_id
+from pipeline.artifacts import Prepared, RunDir, all_runs, check_name, completed, latest, run_dir, run_id
 from pipeline.config import PRESETS, ROOT, Paths, Settings, resolve
 from pipeline.errors import PipelineError
 
@@ -63,6 +63,11 @@ def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
 def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir, Prepared, Any, list]:
     """Data, folds and a trained run (each skipped when current)."""
     from pipeline import distill, folds, train
+
+    if getattr(args, "run", None) and run_dir(paths, args.run).blend.is_file():
+        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
+                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
+                            f"`make report RUN={args.run}` draws it")
 
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
@@ -149,10 +154,16 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
         tune.report(paths, args.study, args.storage)
         return
     name = args.run or latest(paths)
-    if name is None:
-        print("report: no run yet: making the default run first")
-        with _locked(paths, args):
-            name = build_prediction(args, paths)[0].id
+    if not args.run and (name is None or completed(run_dir(paths, name)) is None):
+        # A report only reads: it never trains, so it says which runs there are instead.
+        why = ("runs/latest is missing or unreadable" if name is None else
+               f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)")
+        done = [r.id for r in all_runs(paths) if completed(r)]
+        if not done:
+            raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
+                                "`make submit` makes one")
+        raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
+                            f"{', '.join(done)}")
     report.run(paths, run_dir(paths, name))
 
 

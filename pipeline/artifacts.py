@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Paths, Settings, fingerprint
+from pipeline.config import FOLD_SETTINGS, Paths, Settings, fingerprint
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_write_text, read_json, write_csv, write_json
 
@@ -38,6 +38,7 @@ LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "l
 CACHE_VERSION = 2
 # Run and study names: what a folder name may safely be (no separators, no leading dot).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STUDIES = "tune"  # runs/tune/ holds the tuning studies; no run has this name
 
 
 # -- the one freshness rule -----------------------------------------------------------------------
@@ -140,7 +141,8 @@ def load_prepared(paths: Paths) -> Prepared:
 # -- folds ----------------------------------------------------------------------------------------
 
 def folds_inputs(data_key: str, cfg: Settings) -> dict[str, Any]:
-    return {"data": data_key, "folds": cfg.folds, "seed": cfg.fold_seed}
+    """What folds.csv is made from: the data and the fold settings (each also in every run's id)."""
+    return {"data": data_key, **{name: getattr(cfg, name) for name in FOLD_SETTINGS}}
 
 
 def read_folds(paths: Paths) -> np.ndarray:
@@ -258,11 +260,16 @@ def run_dir(paths: Paths, name: str) -> RunDir:
     return RunDir(paths.runs / check_name(name))
 
 
+def studies_dir(paths: Paths) -> Path:
+    """runs/tune/: the tuning studies (make tune), one folder each; not a run."""
+    return paths.runs / STUDIES
+
+
 def all_runs(paths: Paths) -> list[RunDir]:
     if not paths.runs.is_dir():
         return []
-    return sorted((RunDir(p) for p in paths.runs.iterdir() if p.is_dir() and NAME.fullmatch(p.name)),
-                  key=lambda r: r.id)
+    return sorted((RunDir(p) for p in paths.runs.iterdir()
+                   if p.is_dir() and NAME.fullmatch(p.name) and p.name != STUDIES), key=lambda r: r.id)
 
 
 def completed(run: RunDir) -> dict[str, Any] | None:
@@ -273,6 +280,41 @@ def completed(run: RunDir) -> dict[str, Any] | None:
     if not all(p.is_file() for p in (run.oof, run.test, run.submission)):
         return None
     return record
+
+
+def check_probabilities(run: RunDir, n_train: int, n_test: int) -> None:
+    """A run's oof.csv must hold every train row once, in order, and test.csv every test row, all
+    finite; else a PipelineError saying how to remake them (a truncated file is damaged too)."""
+    fix = f"`make predict RUN={run.id} FORCE=1` remakes it" if not run.id.startswith("blend-") else \
+        "`make blend FORCE=1` with its runs remakes it"
+    for path, index, n in ((run.oof, "row", n_train), (run.test, "ImageId", n_test)):
+        ids, probs = read_probabilities(path, index)
+        first = 0 if index == "row" else 1
+        if len(ids) != n or not np.array_equal(ids, np.arange(first, n + first)):
+            raise PipelineError(f"{path}: {len(ids)} rows, not the {n} rows of the data in order "
+                                f"(truncated or damaged); {fix}")
+        if not np.isfinite(probs).all():
+            raise PipelineError(f"{path}: holds values that are not numbers; {fix}")
+
+
+def check_cv(path: Path, n_folds: int | None = None) -> Any:
+    """cv.csv as a table: a row per fold 0..k-1 (k = n_folds when given), then the row `all`, with
+    numeric valid_loss and valid_acc; else a PipelineError saying how to remake it."""
+    import pandas as pd
+
+    fix = f"`make predict RUN={path.parent.name} FORCE=1` remakes it"
+    try:
+        cv = pd.read_csv(path, dtype={"fold": str})
+        folds = list(cv["fold"])
+        numbers = cv[["valid_loss", "valid_acc"]].to_numpy(dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a readable cross-validation table ({exc}); {fix}") from exc
+    k = len(folds) - 1 if n_folds is None else n_folds
+    if folds != [str(f) for f in range(k)] + ["all"] or not np.isfinite(numbers).all():
+        raise PipelineError(f"{path}: expected a row for each of folds 0 to {k - 1}, then `all`, "
+                            f"with numbers; found folds {', '.join(map(str, folds)) or 'none'} "
+                            f"(truncated or damaged); {fix}")
+    return cv
 
 
 def set_latest(paths: Paths, name: str) -> None:

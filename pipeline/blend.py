@@ -20,9 +20,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import (
+    STUDIES,
     Prepared,
     RunDir,
     all_runs,
+    check_probabilities,
     completed,
     data_source,
     mark_current,
@@ -58,7 +60,9 @@ def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
 def select(probs: np.ndarray, labels: np.ndarray, mean: str = "prob") -> np.ndarray:
     """How many times each run is picked by greedy forward selection with replacement."""
     counts = np.zeros(len(probs))
-    losses = [_loss(p, labels) for p in probs]
+    # Each run as a blend of itself (renormalised as every blend is), so that picking it again
+    # never looks like a gain: a one-run blend is that run once.
+    losses = [_loss(combine(probs[m:m + 1], np.ones(1), mean), labels) for m in range(len(probs))]
     counts[int(np.argmin(losses))] = 1
     current = min(losses)
     for _ in range(MAX_STEPS):
@@ -98,16 +102,26 @@ def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
     for run in pool:
         record = completed(run)
         problem = ""
-        if names and not run.path.is_dir():
+        if names and run.id == STUDIES:
+            problem = "the tuning studies' folder, not a run"
+        elif names and not run.path.is_dir():
             problem = "no such run"
         elif record is None:
             problem = "not complete (still training, or never predicted)"
         elif record.get("kind") == "blend":
             problem = "a blend itself"
+        elif not isinstance(record.get("key"), str):
+            problem = (f"damaged: its run.json has no key; `make predict RUN={run.id} FORCE=1` "
+                       "remakes it")
         elif record.get("data") != data.data_key:
             problem = "made from other data than input/*.csv now hold"
         elif (record.get("folds"), fold_seed_of(record)) != (folds, fold_seed):
             problem = f"on other folds ({record.get('folds')} folds, FOLD_SEED {fold_seed_of(record)})"
+        else:
+            try:
+                check_probabilities(run, len(data.train_y), len(data.test_x))
+            except PipelineError as exc:
+                problem = f"damaged: {exc}"
         if problem and names:
             raise PipelineError(f"RUNS: {run.id} cannot be blended: {problem}; the runs must share "
                                 f"the current data and folds ({folds} folds, FOLD_SEED {fold_seed})")
@@ -191,7 +205,8 @@ def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]
             "oof_loss": _loss(blended_oof, labels), "fold_min": min(per_fold),
             "fold_max": max(per_fold), "data": data.data_key, "folds": int(fold_of.max()) + 1,
             "fold_seed": fold_seed_of(chosen[0][1]), "device": "", "config": {},
-            "seconds": sum(r.get("seconds", 0) for _, r in chosen) + time.perf_counter() - started,
+            "seconds": sum(r["seconds"] for _, r in chosen if isinstance(r.get("seconds"), int | float))
+            + time.perf_counter() - started,
             "source": data_source(paths), "finished": time.time()}
 
 

@@ -163,6 +163,10 @@ class Settings:
 
 TrainConfig = Settings  # the name the rest of the code has long used
 
+# The settings that decide which rows each fold holds (folds.csv): part of every run's id, and never
+# searched inside one study, whose trials must all be scored on the same folds.
+FOLD_SETTINGS = ("folds", "fold_seed")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The recipe of the tutorial this project grew from, for comparison on your own data.
@@ -229,6 +233,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if path.suffix not in (".toml", ".json"):
         raise PipelineError(f"{path}: a config file is TOML (.toml) or JSON (.json), "
                             f"not {path.suffix or 'a file without an extension'}")
@@ -246,10 +252,14 @@ def resolve(preset: str | None = None, file: Path | None = None,
     """Defaults, then the preset, then the config file, then command-line overrides."""
     known = {f.name: f for f in fields(Settings)}
     file_values = load_config_file(file) if file else {}
-    preset = preset or file_values.pop("preset", None) or "default"
-    file_values.pop("preset", None)
+    from_file = file_values.pop("preset", None)
+    if from_file is not None and not isinstance(from_file, str):
+        raise PipelineError(f"{file}: preset must be one of {', '.join(PRESETS)} (a string), "
+                            f"got {from_file!r}")
+    preset = preset or from_file or "default"
     if preset not in PRESETS:
-        raise PipelineError(f"config: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise PipelineError(f"{file if from_file and preset == from_file else 'config'}: unknown "
+                            f"preset {preset!r}; choose from {', '.join(PRESETS)}")
     layers = [(f"preset {preset}", PRESETS[preset])]
     if file:
         layers.append((str(file), file_values))
@@ -275,6 +285,9 @@ def coerce(f: Field[Any], value: Any, origin: str) -> Any:
             return True
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
+    elif kind is str:
+        if isinstance(value, str):
+            return value
     elif not isinstance(value, bool):
         try:
             if kind is int and isinstance(value, float) and not value.is_integer():

@@ -22,6 +22,8 @@ from pipeline.artifacts import (
     SAMPLE_BANNER,
     Prepared,
     RunDir,
+    check_cv,
+    check_probabilities,
     data_source,
     mark_current,
     read_probabilities,
@@ -34,6 +36,8 @@ from pipeline.io import read_json, write_csv
 from pipeline.ledger import publish as make_current
 from pipeline.runtime import describe, predict_log_proba, resolve_device
 from pipeline.submission import validate_file, validate_frame
+
+RECORD_NUMBERS = ("oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished")
 
 
 def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
@@ -57,8 +61,16 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
     inputs = {"folds": [f["trained_at"] for f in folds], "tta": cfg.tta, "amp": cfg.amp,
               "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None}
     outputs = [run.oof, run.test, run.cv, run.submission]
-    why = "FORCE=1" if force else stale(run.record, inputs, outputs,
-                                        check=lambda: validate_file(run.submission, len(data.test_x)))
+    def check() -> None:
+        made = read_json(run.record)
+        missing = [k for k in RECORD_NUMBERS if not isinstance(made.get(k), int | float)]
+        if missing:
+            raise PipelineError(f"{run.record.name} lacks {', '.join(missing)}")
+        validate_file(run.submission, len(data.test_x))
+        check_probabilities(run, len(data.train_y), len(data.test_x))
+        check_cv(run.cv, cfg.folds)
+
+    why = "FORCE=1" if force else stale(run.record, inputs, outputs, check=check)
     if why:
         print(f"predict: {run.id} reruns: {why}")
         record = mark_current(run.record, inputs, **_predict(cfg, paths, run, data, fold_of, folds))

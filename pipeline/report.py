@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import PROB_COLUMNS, RunDir, completed, load_prepared
+from pipeline.artifacts import PROB_COLUMNS, RunDir, check_cv, completed, load_prepared
 from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_write_text, read_json
@@ -81,7 +81,10 @@ def load_run(paths: Paths, run: RunDir) -> Run:
     if record.get("data") != data.data_key:
         raise PipelineError(f"RUN={run.id} was made from other data than input/*.csv now hold, so "
                             "its mistakes cannot be drawn from them")
-    cv = _read_csv(run.cv, "the cross-validation table", dtype={"fold": str, "best_epoch": "Int64"})
+    if not run.cv.is_file():
+        _read_csv(run.cv, "the cross-validation table")  # names the missing file
+    n_folds = record.get("folds") if record.get("kind") != "blend" else None
+    cv = check_cv(run.cv, n_folds if isinstance(n_folds, int) else None)
     folds = [int(f) for f in cv["fold"] if f != "all"]
     histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
                  if record.get("kind") != "blend"}
@@ -173,7 +176,8 @@ def plot_learning_curves(run: Run, path: Path) -> str:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    best = {int(f): e for f, e in zip(run.cv["fold"], run.cv["best_epoch"], strict=True) if f != "all"}
+    epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
+    best = {int(f): e for f, e in zip(run.cv["fold"], epochs, strict=True) if f != "all"}
     height = 2.4 * len(run.folds) + 0.4
     fig, axes = plt.subplots(len(run.folds), 2, figsize=(10, height), squeeze=False)
     for (ax_loss, ax_acc), k in zip(axes, run.folds, strict=True):
@@ -311,8 +315,9 @@ def _summary(run: Run, paths: Paths) -> str:
              ("model", str(record.get("model", "?"))), ("train rows", str(len(run.train_y))),
              ("data source", run.source), ("device", str(record.get("device", ""))),
              ("time", format_seconds(record.get("seconds")))]
-    if record.get("kind") == "blend":
-        facts.insert(2, ("honest OOF accuracy", f"{record['oof_acc_honest']:.4f}"))
+    if record.get("kind") == "blend":  # the honest figure first, as make runs shows it
+        facts[1] = ("OOF accuracy", f"{record['oof_acc_honest']:.4f} honest (selection refitted "
+                    f"without each fold; in-sample {acc:.4f})")
         facts.append(("members", ", ".join(f"{k} x{v}" for k, v in record["weights"].items())))
     if kept:
         facts.append(("submission", f"submissions/{kept}"))
@@ -359,6 +364,15 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 def run(paths: Paths, run_dir: RunDir) -> Path:
     """Write reports/index.html and its figures for a run; returns the page's path."""
     started = time.perf_counter()
+    try:
+        return _draw(paths, run_dir, started)
+    except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
+        raise PipelineError(f"RUN={run_dir.id}: a file of the run is damaged ({type(exc).__name__}: "
+                            f"{exc}); `make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
+                            f"`make train RUN={run_dir.id} FORCE=1` its models") from exc
+
+
+def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
     data = load_run(paths, run_dir)
     out = paths.reports
     matrix = oof_confusion(data)
@@ -376,7 +390,9 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
     atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
     for warning in data.warnings:
         print(f"report: warning: {warning}")
+    accuracy = f"{np.trace(matrix) / matrix.sum():.4f}"
+    if data.ensemble.get("kind") == "blend":
+        accuracy = f"{data.ensemble['oof_acc_honest']:.4f} honest, {accuracy} in-sample"
     print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
-          f"{time.perf_counter() - started:.1f}s "
-          f"(OOF accuracy {np.trace(matrix) / matrix.sum():.4f})")
+          f"{time.perf_counter() - started:.1f}s (OOF accuracy {accuracy})")
     return page

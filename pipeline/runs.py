@@ -9,7 +9,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from pipeline.artifacts import all_runs, completed, latest, run_dir
+from pipeline.artifacts import STUDIES, RunDir, all_runs, completed, latest, run_dir
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -34,35 +34,49 @@ def rows(paths: Paths, sort: str = "acc") -> list[dict[str, Any]]:
     out = []
     board = leaderboard_by_run(paths)  # the public score of each run's latest upload
     for run in all_runs(paths):
-        record = completed(run)
-        config = read_json(run.config) or {}
-        if record is None:
-            out.append({"run": run.id, "model": config.get("model", ""), "changed settings":
-                        describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
-                        "fold spread": "", "time": "", "device": "", "source": "",
-                        "size": size_text(run.size()), "finished": "(not complete)", "_acc": -1.0,
-                        "_time": 0.0})
-            continue
-        if record.get("kind") == "blend":
-            changed = "blend: " + " ".join(f"{k} x{v}" for k, v in record["weights"].items())
-            acc = f"{record['oof_acc_honest']:.4f} (in-sample {record['oof_acc']:.4f})"
-            key_acc = record["oof_acc_honest"]
-        else:
-            changed = describe_changes(record.get("config", {})) or "(defaults)"
-            acc = f"{record['oof_acc']:.4f}"
-            if record.get("oof_acc_tta") is not None:
-                acc += f" ({record['oof_acc_tta']:.4f} with TTA={record.get('tta')})"
-            key_acc = record["oof_acc"]
-        finished = datetime.fromtimestamp(record.get("finished", 0)).strftime("%Y-%m-%d %H:%M")
-        out.append({"run": run.id, "model": record.get("model", ""), "changed settings": changed,
-                    "OOF acc": acc, "LB": score_text(board.get(run.id)),
-                    "log loss": f"{record.get('oof_loss', float('nan')):.4f}",
-                    "fold spread": f"{record['fold_min']:.4f}-{record['fold_max']:.4f}",
-                    "time": format_seconds(record.get("seconds")), "device": record.get("device", ""),
-                    "source": record.get("source", ""), "size": size_text(run.size()),
-                    "finished": finished, "_acc": key_acc, "_time": record.get("finished", 0)})
+        try:
+            out.append(_row(run, board))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # One damaged folder is named, and the others are still shown.
+            problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            print(f"runs: {run.id}: damaged record ({problem}); `make predict RUN={run.id} FORCE=1` "
+                  f"remakes it, `make forget RUN={run.id}` deletes it", file=sys.stderr)
+            out.append({**dict.fromkeys(COLUMNS, ""), "run": run.id, "size": size_text(run.size()),
+                        "finished": "(damaged record)", "_acc": -2.0, "_time": 0.0})
     out.sort(key=lambda r: r["_acc" if sort == "acc" else "_time"], reverse=True)
     return out
+
+
+def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
+    """The table's row of one run folder; KeyError, TypeError or ValueError when its record is damaged."""
+    record = completed(run)
+    config = read_json(run.config) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{run.config.name} is not a table of settings")
+    if record is None:
+        return {"run": run.id, "model": config.get("model", ""), "changed settings":
+                describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
+                "fold spread": "", "time": "", "device": "", "source": "",
+                "size": size_text(run.size()), "finished": "(not complete)", "_acc": -1.0,
+                "_time": 0.0}
+    if record.get("kind") == "blend":
+        changed = "blend: " + " ".join(f"{k} x{v}" for k, v in record["weights"].items())
+        acc = f"{record['oof_acc_honest']:.4f} (in-sample {record['oof_acc']:.4f})"
+        key_acc = float(record["oof_acc_honest"])
+    else:
+        changed = describe_changes(record.get("config", {})) or "(defaults)"
+        acc = f"{record['oof_acc']:.4f}"
+        if record.get("oof_acc_tta") is not None:
+            acc += f" ({record['oof_acc_tta']:.4f} with TTA={record.get('tta')})"
+        key_acc = float(record["oof_acc"])
+    finished = datetime.fromtimestamp(record.get("finished", 0)).strftime("%Y-%m-%d %H:%M")
+    return {"run": run.id, "model": record.get("model", ""), "changed settings": changed,
+            "OOF acc": acc, "LB": score_text(board.get(run.id)),
+            "log loss": f"{record.get('oof_loss', float('nan')):.4f}",
+            "fold spread": f"{record['fold_min']:.4f}-{record['fold_max']:.4f}",
+            "time": format_seconds(record.get("seconds")), "device": record.get("device", ""),
+            "source": record.get("source", ""), "size": size_text(run.size()),
+            "finished": finished, "_acc": key_acc, "_time": float(record.get("finished", 0))}
 
 
 def table(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
@@ -97,6 +111,11 @@ def run(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
 
 def forget(paths: Paths, name: str) -> int:
     """Delete one run's folder, and nothing else; returns the bytes freed."""
+    if name == STUDIES:
+        raise PipelineError(f"RUN={name}: {paths.runs / STUDIES} holds the tuning studies, not a run, "
+                            "so forget leaves it alone; `make tune-status STUDY=<name>` shows a study, "
+                            f"and deleting its folder {paths.runs / STUDIES}/<name>/ removes it "
+                            "(its trials' runs stay)")
     run = run_dir(paths, name)
     if run.path.is_symlink() or not run.path.is_dir() or run.path.resolve().parent != paths.runs.resolve():
         raise PipelineError(f"RUN={name}: no such run in {paths.runs}; `make runs` lists them")

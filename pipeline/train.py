@@ -31,9 +31,11 @@ from pipeline.artifacts import (
     Prepared,
     Pseudo,
     RunDir,
+    digest,
     load_prepared,
     mark_current,
     read_folds,
+    read_probabilities,
     stale,
     write_probabilities,
 )
@@ -118,7 +120,8 @@ class Progress:
     def __init__(self, fold: int, epochs: int, start: int, position: int | None = None) -> None:
         self.fold, self.epochs = fold, epochs
         self.bar = None
-        if sys.stderr.isatty():
+        # Bars of folds trained at once (position given) would overwrite each other: plain lines.
+        if sys.stderr.isatty() and position is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=epochs, initial=start, desc=f"fold {fold}", unit="epoch",
@@ -129,10 +132,12 @@ class Progress:
             self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid_acc=f"{row['valid_acc']:.4f}")
             self.bar.update(1)
         else:
-            print(f"fold {self.fold} epoch {row['epoch']:>3}/{self.epochs}  "
-                  f"train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}  "
-                  f"valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_acc']:.4f}  "
-                  f"{row['seconds']:.1f}s  {row['samples_per_s']:.0f} samples/s", flush=True)
+            # One write per line, so lines of folds trained at once never run into each other.
+            sys.stdout.write(f"fold {self.fold} epoch {row['epoch']:>3}/{self.epochs}  "
+                             f"train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}  "
+                             f"valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_acc']:.4f}  "
+                             f"{row['seconds']:.1f}s  {row['samples_per_s']:.0f} samples/s\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -168,6 +173,12 @@ def training_set(data: Prepared, fold_of: np.ndarray, fold: int, pseudo: Pseudo 
     return images, targets, train_rows, valid_rows
 
 
+def state_key(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | None = None) -> str:
+    """The key of a fold's resumable state: its run and fold, and the rows it holds out, so a saved
+    state resumes only on the rows it was trained on."""
+    return fingerprint({**fold_inputs(run, fold, pseudo), "held out": digest({"rows": fold_of == fold})})
+
+
 def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: np.ndarray,
                device: torch.device, bar_position: int | None = None,
                on_epoch: Callable[[int, int, float], None] | None = None,
@@ -176,7 +187,7 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
 
     on_epoch(fold, epoch, valid_acc) is called after each epoch is saved (tuning reports there, and
     may stop the fold by raising)."""
-    key = fingerprint(fold_inputs(run, fold, pseudo))
+    key = state_key(run, fold, fold_of, pseudo)
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = build_model(cfg).to(device)
     # The whole data set lives on the device as uint8; batches are indexed there.
@@ -257,15 +268,29 @@ def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best:
     return record
 
 
-def fold_stale(run: RunDir, fold: int, pseudo: Pseudo | None = None) -> str:
-    """'' when the fold's finished model, its out-of-fold predictions and record are current."""
+def fold_stale(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | None = None) -> str:
+    """'' when the fold's finished model, its out-of-fold predictions and record are current, and
+    the model held out exactly the rows the folds give this fold now (a model trained on other
+    folds is never current)."""
+
+    def check() -> None:
+        checkpoint.model_from(run.model(fold))
+        rows, _ = read_probabilities(run.oof_fold(fold), "row")
+        if not np.array_equal(np.sort(rows.astype(np.int64)), np.flatnonzero(fold_of == fold)):
+            raise PipelineError(f"{run.oof_fold(fold).name}: trained on other folds than "
+                                f"{len(np.unique(fold_of))} folds of input/folds.csv give")
+
     return stale(run.fold_record(fold), fold_inputs(run, fold, pseudo),
-                 [run.model(fold), run.oof_fold(fold)],
-                 check=lambda: checkpoint.model_from(run.model(fold)))
+                 [run.model(fold), run.oof_fold(fold)], check=check)
 
 
 def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
     """Stop before training, in one sentence, when the settings cannot train on these folds."""
+    found = sorted(int(f) for f in np.unique(fold_of))
+    if found != list(range(cfg.folds)):
+        raise PipelineError(f"FOLDS={cfg.folds}, but the folds given hold {len(found)} "
+                            f"({', '.join(map(str, found[:10]))}); `make folds FOLDS={cfg.folds}` "
+                            "writes them (a run trains only on the folds of its own settings)")
     smallest = int(len(fold_of) - np.bincount(fold_of).max())
     steps_per_epoch(cfg, smallest)
 
@@ -290,7 +315,7 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
     check_settings(cfg, fold_of)
     todo = []
     for k in folds:
-        why = "FORCE=1" if force else fold_stale(run_dir, k, pseudo)
+        why = "FORCE=1" if force else fold_stale(run_dir, k, fold_of, pseudo)
         print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
         if why:
             todo.append(k)

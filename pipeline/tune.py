@@ -13,6 +13,7 @@ shared by several machines, where a heartbeat marks the trial of a lost worker f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,8 +26,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Prepared, check_name, run_dir, run_id
-from pipeline.config import Paths, Settings, coerce, validate
+from pipeline.artifacts import Prepared, check_name, run_dir, run_id, studies_dir
+from pipeline.config import FOLD_SETTINGS, Paths, Settings, allowed, coerce, validate
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text, write_json
 
@@ -38,34 +39,70 @@ PRUNERS = ("median", "wilcoxon", "none")
 # -- the search space -----------------------------------------------------------------------------
 
 def load_space(path: Path) -> dict[str, dict[str, Any]]:
-    """The space file, checked: every key a setting that changes learning, every range non-empty
-    and inside the setting's own range."""
+    """The space file, checked: every key a setting that changes learning (and not one that moves
+    the folds), every entry of the right types, every range non-empty and inside the setting's own
+    range. Choices come back as values of the setting's type."""
     try:
         space = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PipelineError(f"SPACE={path}: cannot read it ({exc.strerror})") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"SPACE={path}: not valid TOML: {exc}") from exc
     known = {f.name: f for f in fields(Settings) if f.metadata["learns"]}
     if not space:
         raise PipelineError(f"SPACE={path}: no parameters to search")
-    for name, entry in space.items():
-        where = f"{path}: [{name}]"
-        if name not in known:
-            raise PipelineError(f"{where}: unknown parameter; known: {', '.join(known)}")
-        if not isinstance(entry, dict) or ("choices" in entry) == ("low" in entry or "high" in entry):
-            raise PipelineError(f"{where}: give either choices = [...] or low = ... and high = ...")
-        values = entry.get("choices") or [entry.get("low"), entry.get("high")]
-        if not entry.get("choices") and ("choices" in entry or None in values):
-            raise PipelineError(f"{where}: an empty range (choices is empty, or low or high is missing)")
-        if "low" in entry and not entry["low"] < entry["high"]:
-            raise PipelineError(f"{where}: an empty range: low = {entry['low']} is not below "
-                                f"high = {entry['high']}")
-        if entry.get("log") and entry["low"] <= 0:
-            raise PipelineError(f"{where}: a log scale needs low > 0")
+    return {name: _space_entry(f"{path}: [{name}]", name, entry, known) for name, entry in space.items()}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _space_entry(where: str, name: str, entry: Any, known: dict[str, Any]) -> dict[str, Any]:
+    if name in FOLD_SETTINGS:
+        raise PipelineError(f"{where}: {name} decides which rows each fold holds, and every trial "
+                            "is scored on the base's folds; search it as studies of their own "
+                            f"(make tune {name.upper()}=... STUDY=...), not inside one")
+    if name not in known:
+        raise PipelineError(f"{where}: unknown parameter; known: "
+                            f"{', '.join(k for k in known if k not in FOLD_SETTINGS)}")
+    field = known[name]
+    if not isinstance(entry, dict) or ("choices" in entry) == ("low" in entry or "high" in entry):
+        raise PipelineError(f"{where}: give either choices = [...] or low = ... and high = ...")
+    extra = sorted(set(entry) - {"choices", "low", "high", "log"})
+    if extra:
+        raise PipelineError(f"{where}: unknown key(s) {', '.join(extra)}; a parameter takes "
+                            "choices = [...], or low, high and log = true|false")
+    if "log" in entry and not isinstance(entry["log"], bool):
+        raise PipelineError(f"{where}: log must be true or false, got {entry['log']!r}")
+    if "choices" in entry:
+        choices = entry["choices"]
+        if entry.get("log"):
+            raise PipelineError(f"{where}: log = true is for a low/high range, not for choices")
+        if not isinstance(choices, list):
+            raise PipelineError(f"{where}: choices must be a list, e.g. choices = [{field.default!r}], "
+                                f"got {choices!r}")
+        if not choices:
+            raise PipelineError(f"{where}: an empty range (choices is empty)")
+        values = [coerce(field, value, where) for value in choices]
         for value in values:
-            validate(replace(Settings(), **{name: coerce(known[name], value, where)}), where)
-    return space
+            validate(replace(Settings(), **{name: value}), where)
+        return {**entry, "choices": values}
+    if "low" not in entry or "high" not in entry:
+        raise PipelineError(f"{where}: an empty range (low or high is missing)")
+    if isinstance(field.default, bool | str):
+        raise PipelineError(f"{where}: {name} has no range; give choices = [...] "
+                            f"({allowed(field)})")
+    for key in ("low", "high"):
+        if not _number(entry[key]) or entry[key] != entry[key]:
+            raise PipelineError(f"{where}: {key} must be a number, got {entry[key]!r}")
+        validate(replace(Settings(), **{name: coerce(field, entry[key], f"{where} {key}")}), where)
+    if not entry["low"] < entry["high"]:
+        raise PipelineError(f"{where}: an empty range: low = {entry['low']} is not below "
+                            f"high = {entry['high']}")
+    if entry.get("log") and entry["low"] <= 0:
+        raise PipelineError(f"{where}: a log scale needs low > 0")
+    return entry
 
 
 def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -84,8 +121,19 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 # -- storage and study ----------------------------------------------------------------------------
 
-def hide_password(url: str) -> str:
-    return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", url)
+def hide_password(url: str, text: str | None = None) -> str:
+    """text (the url itself by default) with no part of the url's password: everything between the
+    user's ':' and the last '@' is the password, since a password may hold '@' itself."""
+    found = re.search(r"//[^:/@]*:(.*)@", url)
+    text = url if text is None else text
+    if not found or not found.group(1):
+        return text
+    from urllib.parse import unquote
+
+    text = text.replace(f":{found.group(1)}@", ":***@")
+    for secret in {found.group(1), unquote(found.group(1))}:  # a driver may print it decoded
+        text = text.replace(secret, "***")
+    return text
 
 
 def storage(paths: Paths, study: str, url: str | None) -> Any:
@@ -94,7 +142,7 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
     if not url:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        folder = paths.runs / "tune" / study
+        folder = studies_dir(paths) / study
         folder.mkdir(parents=True, exist_ok=True)
         log = str(folder / "journal.log")
         return optuna.storages.JournalStorage(JournalFileBackend(log, JournalFileOpenLock(log)))
@@ -111,12 +159,30 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"STORAGE={hide_password(url)}: cannot use this database "
-                                f"({hide_password(first)})") from None
+                                f"({hide_password(url, first)})") from None
     raise AssertionError("unreachable")
 
 
+def scoring(base: Settings, tune_folds: int, pruner: str) -> dict[str, Any]:
+    """How a study's trials are scored: on their first k folds (k = all of them when TUNE_FOLDS=0)
+    and which pruner stops them. Trials scored otherwise cannot be ranked against each other."""
+    return {"scored on folds": min(tune_folds or base.folds, base.folds), "pruner": pruner}
+
+
+def _words(scored: dict[str, Any], base: Settings) -> str:
+    k = scored.get("scored on folds")
+    folds = "all folds" if k == base.folds else f"TUNE_FOLDS={k}"
+    return f"{folds}, PRUNER={scored.get('pruner')}"
+
+
 def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
-               pruner: str, base: Settings, seed: int | None = None) -> Any:
+               pruner: str, base: Settings, seed: int | None = None,
+               tune_folds: int = 0) -> Any:
+    """The study, made or continued; refused when it was made with another space, base or scoring.
+
+    seed: the sampler's, mixed with the number of trials the study already has, so a continued
+    study draws new settings rather than those of its first session again (and stays reproducible).
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
@@ -125,32 +191,60 @@ def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
                "wilcoxon": optuna.pruners.WilcoxonPruner(p_threshold=0.1),
                "none": optuna.pruners.NopPruner()}
     made = optuna.create_study(storage=storage(paths, study, url), study_name=study,
-                               direction="maximize", load_if_exists=True, pruner=pruners[pruner],
-                               sampler=optuna.samplers.TPESampler(n_startup_trials=8, seed=seed))
+                               direction="maximize", load_if_exists=True, pruner=pruners[pruner])
+    have = len(made.get_trials(deepcopy=False))
+    made.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=8, seed=None if seed is None else (seed * 1_000_003 + have) % 2**32)
     described = json.dumps({"space": space, "base": base.learned()}, sort_keys=True, default=str)
+    scored = scoring(base, tune_folds, pruner)
     recorded = made.user_attrs.get("space")
     if recorded is None:
         made.set_user_attr("space", described)
     elif recorded != described:
-        raise PipelineError(f"STUDY={study} was made with another search space or other base "
-                            "settings; name a new study (STUDY=...) for this one")
+        was = json.loads(recorded)
+        what = "search space" if was.get("space") != json.loads(described)["space"] else "base settings"
+        raise PipelineError(f"STUDY={study} was made with another {what}; name a new study "
+                            "(STUDY=...) for this one")
+    before = made.user_attrs.get("scoring")
+    if before is None:
+        made.set_user_attr("scoring", scored)
+    elif before != scored:
+        raise PipelineError(f"STUDY={study} scores its trials with {_words(before, base)}; this "
+                            f"command asks {_words(scored, base)}, and trials scored differently "
+                            "cannot be ranked together: give the same, or name a new study (STUDY=...)")
     return made
 
 
-def fail_stale(made: Any) -> int:
-    """Trials left running by a killed worker of a journal study: failed, and tried again.
+def requeue_stopped(made: Any, journal: bool) -> int:
+    """Trials a stopped worker left behind are tried again, their settings queued (so their run
+    resumes where it stopped): with the embedded journal, trials left running by a killed process
+    (marked failed first); with any storage, trials a Ctrl-C interrupted. Each is queued once.
 
     Only called under the project lock, when no other command of this project can be running one.
     """
     from optuna.trial import TrialState
 
-    stale = made.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        made._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        made.enqueue_trial(trial.params, skip_if_exists=True)
-        print(f"tune: trial {trial.number} was left running by a stopped worker: marked failed, "
-              "its settings queued again")
-    return len(stale)
+    trials = made.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    waiting = [t.system_attrs.get("fixed_params") for t in trials if t.state == TrialState.WAITING]
+    queued = 0
+    for trial in trials:
+        left_running = journal and trial.state == TrialState.RUNNING
+        interrupted = trial.state == TrialState.FAIL and trial.user_attrs.get("outcome") == "interrupted"
+        if left_running:
+            made._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if not (left_running or interrupted) or trial.number in retried:
+            continue
+        how = "was left running by a stopped worker: marked failed" if left_running else \
+            "was interrupted"
+        if trial.params in waiting:  # already queued by hand or by an earlier retry
+            print(f"tune: trial {trial.number} {how}; its settings are already queued")
+            continue
+        made.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        waiting.append(trial.params)
+        queued += 1
+        print(f"tune: trial {trial.number} {how}, its settings queued again (its run resumes)")
+    return queued
 
 
 # -- one trial ------------------------------------------------------------------------------------
@@ -172,14 +266,34 @@ class Objective:
         except PipelineError as exc:  # the trial fails (Optuna goes on); its line says why
             trial.set_user_attr("outcome", f"failed: {exc}")
             raise
+        except KeyboardInterrupt:  # failed by Optuna; the next `make tune` queues it again
+            trial.set_user_attr("outcome", "interrupted")
+            raise
 
     def _score(self, trial: Any) -> float:
-        import optuna
+        from filelock import FileLock, Timeout
 
-        train_run, predict_run = self.stages
         cfg = validate(replace(self.base, **suggest(trial, self.space)), f"trial {trial.number}")
         run = run_dir(self.paths, run_id(cfg, self.data.data_key))
         trial.set_user_attr("run", run.id)
+        # Two workers that drew the same settings share one run folder: one trains, the other
+        # waits and then finds the run current.
+        lock = FileLock(self.paths.runs / f".train-{run.id}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"tune: trial {trial.number}: its run {run.id} is being trained by another "
+                  "trial; waiting for it", flush=True)
+            lock.acquire()
+        try:
+            return self._train(trial, cfg, run)
+        finally:
+            lock.release()
+
+    def _train(self, trial: Any, cfg: Settings, run: Any) -> float:
+        import optuna
+
+        train_run, predict_run = self.stages
         folds = list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
 
         def on_epoch(fold: int, epoch: int, valid_acc: float) -> None:
@@ -234,9 +348,8 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stag
     # One worker on its own storage is reproducible (SEED); workers sharing a study must not all
     # draw the same settings, so they draw unseeded.
     made = open_study(paths, study, url, space, pruner, base,
-                      seed=base.seed if workers == 1 and not url else None)
-    if not url:
-        fail_stale(made)
+                      seed=base.seed if workers == 1 and not url else None, tune_folds=tune_folds)
+    requeue_stopped(made, journal=not url)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     have = len(made.get_trials(deepcopy=False, states=finished))
     started = time.perf_counter()
@@ -252,17 +365,42 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stag
         shares = [(trials - have) // workers + (i < (trials - have) % workers) for i in range(workers)]
         args = (str(paths.root), asdict(base), space, study, url, trials, tune_folds, pruner, workers,
                 stages)
-        if workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            from multiprocessing import get_context
-
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for done in [pool.submit(_worker, *args, share) for share in shares if share]:
-                    done.result()
-        else:
-            _optimize(made, paths, base, space, data, fold_of, trials, tune_folds, pruner, shares[0],
-                      stages)
+        try:
+            if workers > 1:
+                _run_workers(args, shares)
+            else:
+                _optimize(made, paths, base, space, data, fold_of, trials, tune_folds, pruner,
+                          shares[0], stages)
+        except KeyboardInterrupt:
+            # Stopped: the trials that completed still make best.toml and the summary.
+            summarize(paths, made, study, base, time.perf_counter() - started, optuna)
+            raise
     return summarize(paths, made, study, base, time.perf_counter() - started, optuna)
+
+
+def _run_workers(args: tuple[Any, ...], shares: list[int]) -> None:
+    """WORKERS=n trial processes. A Ctrl-C (or a SIGINT to this process alone) reaches every worker:
+    each marks its trial interrupted and stops; then this one stops too."""
+    import signal
+    from concurrent.futures import ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(len(shares), mp_context=get_context("spawn"),
+                             initializer=signal.signal,
+                             initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        futures = [pool.submit(_worker, *args, share) for share in shares if share]
+        try:
+            for done in futures:
+                done.result()
+        except KeyboardInterrupt:
+            for process in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGINT)
+            wait(futures)
+            raise
+        for done in futures:  # a worker stopped by a Ctrl-C of the terminal: stop here too
+            if isinstance(done.exception(), KeyboardInterrupt):
+                raise KeyboardInterrupt
 
 
 def _optimize(made: Any, paths: Paths, base: Settings, space: dict[str, Any], data: Prepared,
@@ -279,16 +417,23 @@ def _optimize(made: Any, paths: Paths, base: Settings, space: dict[str, Any], da
 def _worker(root: str, base_fields: dict[str, Any], space: dict[str, Any], study: str,
             url: str | None, trials: int, tune_folds: int, pruner: str, workers: int,
             stages: Stages, share: int) -> None:
-    """One trial process of WORKERS=n: its share of the cores, the same study."""
+    """One trial process of WORKERS=n: its share of the cores, the same study. SIGINT stops it only
+    while it works (idle, it ignores SIGINT, so a Ctrl-C never leaves a traceback of an idle one)."""
+    import signal
+
     import torch
 
     from pipeline.artifacts import load_prepared, read_folds
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    paths, base = Paths(Path(root)), Settings(**base_fields)
-    made = open_study(paths, study, url, space, pruner, base)
-    _optimize(made, paths, base, space, load_prepared(paths), read_folds(paths), trials, tune_folds,
-              pruner, share, stages)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        paths, base = Paths(Path(root)), Settings(**base_fields)
+        made = open_study(paths, study, url, space, pruner, base, tune_folds=tune_folds)
+        _optimize(made, paths, base, space, load_prepared(paths), read_folds(paths), trials,
+                  tune_folds, pruner, share, stages)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: float,
@@ -297,7 +442,7 @@ def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: floa
 
     counts = {s.name.lower(): len(made.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
-    folder = paths.runs / "tune" / study
+    folder = studies_dir(paths) / study
     folder.mkdir(parents=True, exist_ok=True)
     if not counts["complete"]:
         print(f"tune: no complete trial yet ({counts}); nothing to write")
@@ -341,8 +486,8 @@ def load(paths: Paths, study: str, url: str | None) -> Any:
 
     check_name(study, "STUDY")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
-    if not url and not (paths.runs / "tune" / study / "journal.log").is_file():
-        raise PipelineError(f"STUDY={study}: no such study in {paths.runs / 'tune'}")
+    if not url and not (studies_dir(paths) / study / "journal.log").is_file():
+        raise PipelineError(f"STUDY={study}: no such study in {studies_dir(paths)}")
     try:
         made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
     except KeyError:

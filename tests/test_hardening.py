@@ -219,8 +219,7 @@ def test_disk_full_during_training_loses_nothing_and_the_rerun_resumes(
 
 
 def _key(run: Path) -> str:
-    from pipeline.artifacts import RunDir
-    from pipeline.config import fingerprint
-    from pipeline.train import fold_inputs
+    from pipeline.artifacts import RunDir, read_folds
+    from pipeline.train import state_key
 
-    return fingerprint(fold_inputs(RunDir(run), 0))
+    return state_key(RunDir(run), 0, read_folds(Paths(run.parent.parent)))
