@@ -137,6 +137,8 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
         names: list[str] | None = None, mean: str = "logprob", force: bool = False) -> dict[str, Any]:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
     submission; returns the blend's record."""
+    if mean not in MEANS:
+        raise PipelineError(f"MEAN={mean!r}: must be one of {', '.join(MEANS)}")
     chosen, skipped = candidates(paths, data, folds, fold_seed, names)
     for line in skipped:
         print(f"blend: skipped {line}")

@@ -187,10 +187,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def setting_fields() -> tuple[Field[Any], ...]:
-    return fields(Settings)
-
-
 def allowed(f: Field[Any]) -> str:
     """A field's allowed values in words, as messages and help show them."""
     meta = f.metadata

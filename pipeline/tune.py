@@ -33,7 +33,6 @@ from pipeline.io import atomic_write_text, write_json
 
 Stages = tuple[Callable[..., Any], Callable[..., Any]]  # train.run, predict.run
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
-PRUNERS = ("median", "wilcoxon", "none")
 
 
 # -- the search space -----------------------------------------------------------------------------
