@@ -7,8 +7,8 @@
 #    the defaults and at batch 1024;
 # 3. full-size `submit` on synthetic data at the defaults and without CUDA graphs (folds at once);
 # 4. with a real train.csv: 5-fold accuracy on cuda, folds in parallel, with and without graphs;
-# 5. with FULL_TRAIN= (and FULL_TEST=) the competition-sized files: the default and PRESET=gpu, their
-#    submissions kept under OUTDIR/full/work/submissions.
+# 5. with FULL_TRAIN= (and FULL_TEST=) the competition-sized files: the default and the candidates
+#    for a GPU recipe, their submissions kept under OUTDIR/full/work/submissions.
 # Uses .venv when it has a CUDA build of torch, else the machine's python3. Where that python3 lacks
 # PyTorch or another dependency, WHEELS=folder installs them from wheels brought along (offline):
 #     WHEELS=wheels bash benchmarks/gpu_check.sh OUTDIR
@@ -78,10 +78,14 @@ if [ -n "$real_train" ] && [ -f "$real_train" ]; then
 fi
 if [ -n "${FULL_TRAIN:-}" ] && [ -f "$FULL_TRAIN" ]; then
   # FULL_TRAIN / FULL_TEST: the competition-sized train.csv and test.csv (42,000 + 28,000 rows).
-  step "full-size accuracy on cuda: the default, then PRESET=gpu (5 folds at once, real test kept)"
+  # The candidates for a GPU recipe: wider, deeper and longer vanilla RNNs, which a CPU cannot afford
+  # at this size. One project keeps them all, so they blend (`make blend` there) on the same folds.
+  step "full-size accuracy on cuda, 5 folds at once, real test kept: the default and GPU candidates"
   test_arg=${FULL_TEST:+--test "$FULL_TEST"}
-  for variant in "default:device=$device" "gpu:preset=gpu+device=$device"; do
-    timeout 240 $py benchmarks/accuracy.py --train "$FULL_TRAIN" $test_arg --variants "$variant" \
+  for variant in "default:device=$device" "wide:device=$device+hidden=512+epochs=60" \
+      "deep:device=$device+layers=2+hidden=256+epochs=60" \
+      "elastic:device=$device+layers=2+hidden=256+epochs=60+elastic=20"; do
+    timeout 150 $py benchmarks/accuracy.py --train "$FULL_TRAIN" $test_arg --variants "$variant" \
       --project "$out/full" 2>&1 | tail -2 | tee -a "$summary"
   done
 fi
