@@ -13,6 +13,7 @@
 # PyTorch or another dependency, WHEELS=folder installs them from wheels brought along (offline):
 #     WHEELS=wheels bash benchmarks/gpu_check.sh OUTDIR
 # Each step has its own time limit (together under 10 minutes); a whole run takes about 6 minutes.
+# FULL_TRAIN adds up to 10 more: give it a call of its own (the other steps are quick to repeat).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR [train.csv]}
 real_train=${2:-}
