@@ -185,13 +185,15 @@ def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
 def test_folds_and_runs_follow_the_data_and_seed(run_copy: Path) -> None:
     paths = Paths(run_copy)
     other_seed = run_cli(run_copy, "train", *TINY, "--seed", "7")
-    assert "folds: reruns: seed changed" in other_seed.stdout
-    assert len({r.id for r in map(RunDir, paths.runs.iterdir()) if r.path.is_dir()}) == 2
+    assert "folds: skipped" in other_seed.stdout  # SEED seeds the models, not the folds
+    other_folds = run_cli(run_copy, "train", *TINY, "--fold-seed", "7")
+    assert "folds: reruns: fold_seed changed" in other_folds.stdout
+    assert len({r.id for r in map(RunDir, paths.runs.iterdir()) if r.path.is_dir()}) == 3
     lines = paths.train_csv.read_text().splitlines()
     paths.train_csv.write_text("\n".join(lines[:-20]) + "\n")  # the data changes under the folds
     result = run_cli(run_copy, "train", *TINY)
     assert "prepare: reruns: train.csv changed" in result.stdout
-    assert "folds: reruns: data, seed changed" in result.stdout  # seed 7 -> 42 too
+    assert "folds: reruns: data, fold_seed changed" in result.stdout  # fold seed 7 -> 42 too
     assert len(pd.read_csv(paths.folds_csv)) == len(lines) - 21
 
 
