@@ -18,6 +18,8 @@ the latest entry of a reference is its state.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import time
@@ -235,3 +237,18 @@ def _unique(target: Path) -> Path:
         n += 1
         target = base.with_name(f"{base.stem}-{n}.csv")
     return target
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> str:
+    """Rows as CSV (fmt "csv") or as an aligned text table with a rule under the header."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    cells = [columns] + [tuple(str(r[c]) for c in columns) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import shutil
 import sys
 from datetime import datetime
@@ -13,7 +11,7 @@ from pipeline.artifacts import STUDIES, RunDir, all_runs, completed, latest, run
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
-from pipeline.ledger import format_seconds, leaderboard_by_run, score_text
+from pipeline.ledger import format_seconds, format_table, leaderboard_by_run, score_text
 
 COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")
@@ -82,19 +80,11 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
 def table(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
     found = rows(paths, sort)
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(found)
-        return buffer.getvalue().rstrip("\n")
+        return format_table(found, COLUMNS, fmt)
     if not found:
         return f"no runs yet in {paths.runs}; `make submit` makes one"
-    cells = [COLUMNS] + [tuple(str(r[c]) for c in COLUMNS) for r in found]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     last = latest(paths)
-    return "\n".join(lines) + f"\n{len(found)} run(s) in {paths.runs}" + (
+    return format_table(found, COLUMNS, fmt) + f"\n{len(found)} run(s) in {paths.runs}" + (
         f"; latest: {last}" if last else "")
 
 

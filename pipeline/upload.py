@@ -9,8 +9,6 @@ its score is recorded when it comes (here, or later by `make lb`).
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 import tempfile
 from pathlib import Path
@@ -113,19 +111,12 @@ def leaderboard(paths: Paths, timeout: float = 300.0, fmt: str = "table") -> str
 
 def _format(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=LB_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue().rstrip("\n")
+        return ledger.format_table(rows, LB_COLUMNS, fmt)
     if not rows:
         return f"no submissions to '{COMPETITION}' yet; `make upload MESSAGE=\"...\"` makes one"
-    cells = [LB_COLUMNS] + [tuple(str(r[c]) for c in LB_COLUMNS) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(LB_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + f"\n{len(rows)} submission(s) to '{COMPETITION}' (newest first); " \
-        "from: the run or blend that made it, - when it was not uploaded from this project"
+    return ledger.format_table(rows, LB_COLUMNS, fmt) + (
+        f"\n{len(rows)} submission(s) to '{COMPETITION}' (newest first); "
+        "from: the run or blend that made it, - when it was not uploaded from this project")
 
 
 def _refuse_sample(paths: Paths) -> None:
