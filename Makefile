@@ -66,7 +66,7 @@ download: setup ## put train.csv/test.csv in input/ (SOURCE=auto|kaggle|dir|samp
 prepare: setup ## validate the CSVs and cache them as uint8 arrays in input/prepared/
 	$(PIPELINE) prepare $(ARGS)
 
-folds: setup ## write the stratified folds to input/folds.csv (FOLDS, SEED)
+folds: setup ## write the stratified folds to input/folds.csv (FOLDS, FOLD_SEED)
 	$(PIPELINE) folds $(ARGS)
 
 train: setup ## train the run of these settings in runs/<id>/ (FOLD=k, RUN=<id>, FORCE=1); resumes
@@ -115,7 +115,7 @@ bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend
 	$(PY) benchmarks/accuracy.py $(if $(TRAIN),--train "$(TRAIN)") $(if $(TEST),--test "$(TEST)") \
 		$(if $(filter 1,$(SCREEN)),--screen) $(BENCH_ARGS)
 
-gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv)
+gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv, FULL_TRAIN=, FULL_TEST=)
 	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)
 
 lint: setup ## ruff, and vulture for dead code (benchmarks/vulture_allow.py lists what only looks unused)
