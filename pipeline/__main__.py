@@ -249,6 +249,50 @@ def add_source(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for Kaggle before giving up (default: 300)")
 
 
+def add_run_stages(stage: Any) -> None:
+    """The stages that make a run: download -> prepare -> folds -> train -> predict, and their chains."""
+    stage("download", _download, "put train.csv and test.csv into input/",
+          force="fetch again even if the files exist")
+    stage("prepare", _prepare, "validate the CSVs and cache them as uint8 arrays",
+          force="rebuild the cache even if current")
+    stage("folds", _folds, "write the stratified folds (input/folds.csv)", config=True)
+    p = stage("train", _train, "train the run of these settings (runs/<id>/); resumes", config=True,
+              force="retrain even the folds that are current (an interrupted retrain resumes)")
+    p.add_argument("--fold", type=int, help="train only this fold (0-based)")
+    p.add_argument("--run", help="the run to train (its settings), by id; see `make runs`")
+    p = stage("predict", _predict, "the run's test predictions and submission (trains what is "
+              "missing)", config=True, force="predict again even if current")
+    p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
+    stage("submit", _submit, "every stage in order, each skipped when current", config=True,
+          force="download the CSVs again even if present")
+    stage("distill", _distill, "submit a run that also learns from the test rows, labelled by a "
+          "teacher run or blend (TEACHER=, the latest by default)", config=True).add_argument(
+        "--run", help="the distilled run to finish, by id; see `make runs`")
+
+
+def add_listing_and_kaggle_stages(stage: Any) -> None:
+    """The stages that list or delete runs, and those that talk to the competition."""
+    p = stage("runs", _runs, "every run side by side", source=False)
+    p.add_argument("--sort", default="acc", choices=("acc", "time"),
+                   help="best OOF accuracy first (acc) or newest first (time)")
+    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
+    stage("forget", _forget, "delete one run's folder", source=False).add_argument(
+        "--run", help="the run to delete, by id (required)")
+    p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
+    p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
+                   help="the submission's description on Kaggle (default: $MESSAGE)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for Kaggle before giving up (default: 300)")
+    p.add_argument("--wait", type=float, default=120.0,
+                   help="seconds to wait for Kaggle to score the submission, 0 to not wait "
+                   "(default: 120; `make lb` shows a score that comes later)")
+    p = stage("lb", _lb, "the competition's submissions: date, description, status, public score "
+              "and the run that made each", source=False)
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for Kaggle before giving up (default: 300)")
+    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
+
+
 def add_blend_and_report_stages(stage: Any) -> None:
     p = stage("blend", _blend, "blend completed runs on their out-of-fold predictions", config=True,
               force="blend again even if current")
@@ -305,44 +349,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         stages[name] = p
         return p
 
-    stage("download", _download, "put train.csv and test.csv into input/",
-          force="fetch again even if the files exist")
-    stage("prepare", _prepare, "validate the CSVs and cache them as uint8 arrays",
-          force="rebuild the cache even if current")
-    stage("folds", _folds, "write the stratified folds (input/folds.csv)", config=True)
-    p = stage("train", _train, "train the run of these settings (runs/<id>/); resumes", config=True,
-              force="retrain even the folds that are current (an interrupted retrain resumes)")
-    p.add_argument("--fold", type=int, help="train only this fold (0-based)")
-    p.add_argument("--run", help="the run to train (its settings), by id; see `make runs`")
-    p = stage("predict", _predict, "the run's test predictions and submission (trains what is "
-              "missing)", config=True, force="predict again even if current")
-    p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
-    stage("submit", _submit, "every stage in order, each skipped when current", config=True,
-          force="download the CSVs again even if present")
-    stage("distill", _distill, "submit a run that also learns from the test rows, labelled by a "
-          "teacher run or blend (TEACHER=, the latest by default)", config=True).add_argument(
-        "--run", help="the distilled run to finish, by id; see `make runs`")
+    add_run_stages(stage)
     add_blend_and_report_stages(stage)
     add_tune_stages(stage)
-    p = stage("runs", _runs, "every run side by side", source=False)
-    p.add_argument("--sort", default="acc", choices=("acc", "time"),
-                   help="best OOF accuracy first (acc) or newest first (time)")
-    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
-    stage("forget", _forget, "delete one run's folder", source=False).add_argument(
-        "--run", help="the run to delete, by id (required)")
-    p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
-    p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
-                   help="the submission's description on Kaggle (default: $MESSAGE)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds to wait for Kaggle before giving up (default: 300)")
-    p.add_argument("--wait", type=float, default=120.0,
-                   help="seconds to wait for Kaggle to score the submission, 0 to not wait "
-                   "(default: 120; `make lb` shows a score that comes later)")
-    p = stage("lb", _lb, "the competition's submissions: date, description, status, public score "
-              "and the run that made each", source=False)
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds to wait for Kaggle before giving up (default: 300)")
-    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
+    add_listing_and_kaggle_stages(stage)
     return parser, stages
 
 
