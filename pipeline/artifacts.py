@@ -282,11 +282,13 @@ def completed(run: RunDir) -> dict[str, Any] | None:
     return record
 
 
-def check_probabilities(run: RunDir, n_train: int, n_test: int) -> None:
-    """A run's oof.csv must hold every train row once, in order, and test.csv every test row, all
-    finite; else a PipelineError saying how to remake them (a truncated file is damaged too)."""
+def check_probabilities(run: RunDir, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run's out-of-fold and test probabilities, (n_train, 10) and (n_test, 10). oof.csv must hold
+    every train row once, in order, and test.csv every test row, all finite; else a PipelineError
+    saying how to remake them (a truncated file is damaged too)."""
     fix = f"`make predict RUN={run.id} FORCE=1` remakes it" if not run.id.startswith("blend-") else \
         "`make blend FORCE=1` with its runs remakes it"
+    found = []
     for path, index, n in ((run.oof, "row", n_train), (run.test, "ImageId", n_test)):
         ids, probs = read_probabilities(path, index)
         first = 0 if index == "row" else 1
@@ -295,6 +297,8 @@ def check_probabilities(run: RunDir, n_train: int, n_test: int) -> None:
                                 f"(truncated or damaged); {fix}")
         if not np.isfinite(probs).all():
             raise PipelineError(f"{path}: holds values that are not numbers; {fix}")
+        found.append(probs)
+    return found[0], found[1]
 
 
 def check_cv(path: Path, n_folds: int | None = None) -> Any:

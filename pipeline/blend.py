@@ -14,7 +14,7 @@ cover the same rows, each row predicted by models that never saw it.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,6 @@ from pipeline.artifacts import (
     completed,
     data_source,
     mark_current,
-    read_probabilities,
     run_dir,
     stale,
     write_probabilities,
@@ -89,19 +88,29 @@ def honest_accuracy(probs: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, 
     return correct / len(labels)
 
 
+class Member(NamedTuple):
+    """A run that may be blended: its folder, its record and its (checked) probabilities."""
+
+    run: RunDir
+    record: dict[str, Any]
+    oof: np.ndarray
+    test: np.ndarray
+
+
 def fold_seed_of(record: dict[str, Any]) -> Any:
     """The seed that drew a record's folds (records from before FOLD_SEED kept it as seed)."""
     return record.get("fold_seed", record.get("seed"))
 
 
 def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
-               names: list[str] | None) -> tuple[list[tuple[RunDir, dict[str, Any]]], list[str]]:
+               names: list[str] | None) -> tuple[list[Member], list[str]]:
     """The runs to blend, and the reasons others were left out."""
-    chosen, skipped = [], []
+    chosen: list[Member] = []
+    skipped: list[str] = []
     pool = [run_dir(paths, n) for n in names] if names else all_runs(paths)
     for run in pool:
         record = completed(run)
-        problem = ""
+        problem, probs = "", None
         if names and run.id == STUDIES:
             problem = "the tuning studies' folder, not a run"
         elif names and not run.path.is_dir():
@@ -119,7 +128,7 @@ def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
             problem = f"on other folds ({record.get('folds')} folds, FOLD_SEED {fold_seed_of(record)})"
         else:
             try:
-                check_probabilities(run, len(data.train_y), len(data.test_x))
+                probs = check_probabilities(run, len(data.train_y), len(data.test_x))
             except PipelineError as exc:
                 problem = f"damaged: {exc}"
         if problem and names:
@@ -129,7 +138,8 @@ def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
             if record is None or record.get("kind") != "blend":
                 skipped.append(f"{run.id}: {problem}")
             continue
-        chosen.append((run, record))
+        assert record is not None and probs is not None
+        chosen.append(Member(run, record, *probs))
     return chosen, skipped
 
 
@@ -146,7 +156,7 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
         raise PipelineError(f"blend: no completed run on the current data and folds ({folds} folds, "
                             f"FOLD_SEED {fold_seed}); `make submit FOLDS={folds} "
                             f"FOLD_SEED={fold_seed}` makes one")
-    members = {run.id: record["key"] for run, record in chosen}
+    members = {m.run.id: m.record["key"] for m in chosen}
     inputs = {"members": members, "mean": mean, "data": data.data_key}
     out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")
     why = "FORCE=1" if force else stale(out.record, inputs, [out.oof, out.test, out.submission],
@@ -166,20 +176,10 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
     return record
 
 
-def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]], data: Prepared,
-           fold_of: np.ndarray, mean: str) -> dict[str, Any]:
+def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold_of: np.ndarray,
+           mean: str) -> dict[str, Any]:
     labels = data.train_y.astype(np.int64)
-    oofs, tests = [], []
-    for run, _ in chosen:
-        rows, oof = read_probabilities(run.oof, "row")
-        if len(rows) != len(labels) or not np.array_equal(rows, np.arange(len(labels))):
-            raise PipelineError(f"{run.oof}: does not cover the {len(labels)} train rows in order")
-        ids, test = read_probabilities(run.test, "ImageId")
-        if len(ids) != len(data.test_x):
-            raise PipelineError(f"{run.test}: {len(ids)} rows, but test.csv has {len(data.test_x)}")
-        oofs.append(oof)
-        tests.append(test)
-    oofs_a, tests_a = np.stack(oofs), np.stack(tests)
+    oofs_a, tests_a = np.stack([m.oof for m in chosen]), np.stack([m.test for m in chosen])
     started = time.perf_counter()
     counts = select(oofs_a, labels, mean)
     honest = honest_accuracy(oofs_a, labels, fold_of, mean)
@@ -191,9 +191,9 @@ def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]
     write_probabilities(out.oof, blended_oof, {"row": np.arange(len(labels)), "label": labels})
     write_probabilities(out.test, blended_test, {"ImageId": frame["ImageId"].to_numpy()})
     write_csv(out.submission, frame)
-    weights = {run.id: int(c) for (run, _), c in zip(chosen, counts, strict=True) if c}
+    weights = {m.run.id: int(c) for m, c in zip(chosen, counts, strict=True) if c}
     write_json(out.blend, {"weights": weights, "mean": mean,
-                           "considered": [run.id for run, _ in chosen]})
+                           "considered": [m.run.id for m in chosen]})
     per_fold = [float((blended_oof[fold_of == f].argmax(1) == labels[fold_of == f]).mean())
                 for f in np.unique(fold_of)]
     cv = [{"fold": str(f), "valid_loss": _loss(blended_oof[fold_of == f], labels[fold_of == f]),
@@ -206,8 +206,9 @@ def _blend(paths: Paths, out: RunDir, chosen: list[tuple[RunDir, dict[str, Any]]
             "oof_acc": float((blended_oof.argmax(1) == labels).mean()), "oof_acc_honest": honest,
             "oof_loss": _loss(blended_oof, labels), "fold_min": min(per_fold),
             "fold_max": max(per_fold), "data": data.data_key, "folds": int(fold_of.max()) + 1,
-            "fold_seed": fold_seed_of(chosen[0][1]), "device": "", "config": {},
-            "seconds": sum(r["seconds"] for _, r in chosen if isinstance(r.get("seconds"), int | float))
+            "fold_seed": fold_seed_of(chosen[0].record), "device": "", "config": {},
+            "seconds": sum(m.record["seconds"] for m in chosen
+                           if isinstance(m.record.get("seconds"), int | float))
             + time.perf_counter() - started,
             "source": data_source(paths), "finished": time.time()}
 

@@ -538,8 +538,8 @@ def test_blend_skips_a_damaged_run_in_words_and_keeps_the_good_one(
     record = {k: v for k, v in json.loads(bad.read_text()).items() if k not in drop} | change
     bad.write_text(json.dumps(record))
     chosen, skipped = blend.candidates(Paths(root), data, 2, 42, None)
-    assert "rnn-h32-e2-good00" in [run.id for run, _ in chosen]
-    if "rnn-h32-e2-bad000" not in [run.id for run, _ in chosen]:
+    assert "rnn-h32-e2-good00" in [m.run.id for m in chosen]
+    if "rnn-h32-e2-bad000" not in [m.run.id for m in chosen]:
         assert any(line.startswith("rnn-h32-e2-bad000: ") for line in skipped) or \
             record.get("kind") == "blend"
         with pytest.raises(PipelineError, match="rnn-h32-e2-bad000 cannot be blended"):
