@@ -17,7 +17,17 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Prepared, RunDir, all_runs, check_name, completed, latest, run_dir, run_id
+from pipeline.artifacts import (
+    Prepared,
+    RunDir,
+    all_runs,
+    check_name,
+    completed,
+    latest,
+    run_dir,
+    run_id,
+    studies_dir,
+)
 from pipeline.config import PRESETS, ROOT, Paths, Settings, resolve
 from pipeline.errors import PipelineError
 
@@ -182,7 +192,7 @@ def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline import tune
 
     print(tune.status(paths, args.study, args.storage))
-    journal = paths.runs / "tune" / args.study / "journal.log"
+    journal = studies_dir(paths) / args.study / "journal.log"
     if not args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
         print(f"in a browser: optuna-dashboard {journal}")
 

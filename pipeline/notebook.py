@@ -19,7 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-COMPETITION = "digit-recognizer"
+from pipeline.config import COMPETITION  # standard library only, as this module
+
 MIN_KAGGLE = "1.7"  # the client built on kagglesdk (pyproject.toml asks for the same)
 # import name -> pip name, for what `make submit` needs.
 REQUIRED = {"torch": "torch", "numpy": "numpy", "pandas": "pandas", "sklearn": "scikit-learn",
