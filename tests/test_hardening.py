@@ -72,8 +72,12 @@ OPTIONS = st.fixed_dictionaries({
     "--rotate": st.floats(0, 180),
     "--scale": st.floats(0, 0.99),
     "--shift": st.floats(0, 28),
+    "--elastic": st.floats(0, 200),
+    "--elastic-sigma": st.floats(0.5, 14),
+    "--fold-seed": st.integers(0, 2**32 - 1),
+    "--seed": st.integers(0, 2**32 - 1),
     "--tta": st.integers(0, 2),
-}, optional={"--drop-last": st.just(None), "--bidirectional": st.just(None),
+}, optional={"--drop-last": st.just(None), "--no-bidirectional": st.just(None),
              "--no-augment": st.just(None), "--no-normalize": st.just(None)})
 
 
