@@ -55,7 +55,7 @@ SETUP ?= $(VENV)/.installed
 setup: $(SETUP) ## create .venv and install the project (in a Kaggle notebook: check its Python)
 
 notebook-setup:
-	@$(PY) -m pipeline.notebook
+	@$(PY) -m pipeline.kaggle.notebook
 
 submit: setup ## every stage: download -> prepare -> folds -> train -> predict (each skipped if current)
 	$(PIPELINE) submit $(ARGS)

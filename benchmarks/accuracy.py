@@ -33,9 +33,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.__main__ import main as pipeline
-from pipeline.artifacts import latest, load_prepared, run_id
+from pipeline.cli import main as pipeline
 from pipeline.config import ROOT, Paths, resolve
+from pipeline.store.artifacts import latest, load_prepared, run_id
 
 DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "mnist-real" / "train.csv"
 VARIANTS = {

@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.speed import sync, synthetic
-from pipeline import train
 from pipeline.config import TrainConfig, resolve
-from pipeline.models import build_model
-from pipeline.runtime import describe, resolve_device
-from pipeline.step import TrainStep
+from pipeline.engine.models import build_model
+from pipeline.engine.runtime import describe, resolve_device
+from pipeline.engine.step import TrainStep
+from pipeline.stages import train
 
 VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+amp": {"amp": True},
             "gru+amp": {"model": "gru", "amp": True}, "lstm+amp": {"model": "lstm", "amp": True}}

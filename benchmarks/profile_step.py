@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.speed import N_TRAIN, pipeline_loop, sync, synthetic
 from pipeline.config import resolve
-from pipeline.runtime import resolve_device
+from pipeline.engine.runtime import resolve_device
 
 
 def main() -> int:

@@ -34,12 +34,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import prepare, train
-from pipeline.artifacts import load_prepared
 from pipeline.config import ROOT, Paths, TrainConfig, resolve
-from pipeline.models import build_model
-from pipeline.runtime import describe, predict_log_proba, resolve_device
-from pipeline.step import TrainStep
+from pipeline.engine.models import build_model
+from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
+from pipeline.engine.step import TrainStep
+from pipeline.stages import prepare, train
+from pipeline.store.artifacts import load_prepared
 
 N_TRAIN, N_TEST = 42_000, 28_000
 RAW = "raw bound: nn.RNN step, resident tensors"

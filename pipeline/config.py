@@ -30,6 +30,9 @@ class Paths:
     """Where every stage reads and writes, relative to one root."""
 
     root: Path = ROOT
+    # Another folder the current submission.csv is copied to: a Kaggle notebook's /kaggle/working,
+    # where its output and "Submit" look (the command line sets it in a notebook).
+    also_submit: Path | None = None
 
     @property
     def input(self) -> Path:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from pipeline.artifacts import RunDir, all_runs
 from pipeline.config import Paths
+from pipeline.store.artifacts import RunDir, all_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")

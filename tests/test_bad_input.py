@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import prepare
-from pipeline.__main__ import main
-from pipeline.artifacts import RunDir, all_runs, load_prepared
+from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
+from pipeline.stages import prepare
+from pipeline.store.artifacts import RunDir, all_runs, load_prepared
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 20, 10
@@ -653,8 +653,8 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
 
     import torch
 
-    from pipeline.checkpoint import config_of
-    from pipeline.models import build_model
+    from pipeline.engine.checkpoint import config_of
+    from pipeline.engine.models import build_model
 
     path = the_run(run_dir).model(1)
     payload = torch.load(path, map_location="cpu", weights_only=True)

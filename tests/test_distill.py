@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import SAMPLE, TINY, run_cli, the_run
 
-from pipeline import distill
-from pipeline.__main__ import main
-from pipeline.artifacts import (
+from pipeline.cli import main
+from pipeline.config import Paths, resolve
+from pipeline.engine.augment import elastic_field, random_affine
+from pipeline.stages import distill
+from pipeline.store.artifacts import (
     PIXELS,
     Pseudo,
     RunDir,
@@ -22,8 +24,6 @@ from pipeline.artifacts import (
     load_prepared,
     write_probabilities,
 )
-from pipeline.augment import elastic_field, random_affine
-from pipeline.config import Paths, resolve
 
 # A student that can memorise 200 noise images: wide enough, no augmentation, no smoothing.
 MEMORISE = ("--folds", "2", "--epochs", "40", "--hidden", "96", "--batch", "25", "--lr", "0.005",

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import checkpoint
-from pipeline.__main__ import main
-from pipeline.artifacts import PIXELS, load_prepared
+from pipeline.cli import main
 from pipeline.config import Paths
-from pipeline.submission import validate_file
+from pipeline.engine import checkpoint
+from pipeline.store.artifacts import PIXELS, load_prepared
+from pipeline.store.submission import validate_file
 
 HEADER_TRAIN = "label," + ",".join(PIXELS)
 HEADER_TEST = ",".join(PIXELS)
@@ -223,7 +223,7 @@ def test_disk_full_during_training_loses_nothing_and_the_rerun_resumes(
 
 
 def _key(run: Path) -> str:
-    from pipeline.artifacts import RunDir, read_folds
-    from pipeline.train import state_key
+    from pipeline.stages.train import state_key
+    from pipeline.store.artifacts import RunDir, read_folds
 
     return state_key(RunDir(run), 0, read_folds(Paths(run.parent.parent)))

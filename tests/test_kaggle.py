@@ -27,11 +27,13 @@ import pytest
 from conftest import fresh_clone
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
-from pipeline import download, kaggle_api, ledger
-from pipeline.artifacts import latest
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.submission import COMPETITION_TEST_ROWS
+from pipeline.kaggle import api as kaggle_api
+from pipeline.stages import download
+from pipeline.store import ledger
+from pipeline.store.artifacts import latest
+from pipeline.store.submission import COMPETITION_TEST_ROWS
 
 REPO = Path(__file__).resolve().parent.parent
 DUMMY_USER = "fake-user"
@@ -149,8 +151,8 @@ def corrupted(data: bytes) -> bytes:
 
 def test_importing_every_pipeline_module_leaves_kaggle_and_optuna_out() -> None:
     code = ("import importlib, pkgutil, sys, pipeline\n"
-            "for m in pkgutil.iter_modules(pipeline.__path__):\n"
-            "    importlib.import_module('pipeline.' + m.name)\n"
+            "for m in pkgutil.walk_packages(pipeline.__path__, 'pipeline.'):\n"
+            "    if m.name != 'pipeline.__main__': importlib.import_module(m.name)\n"
             "print(sorted(k for k in sys.modules if k.startswith(('kaggle', 'optuna', 'psycopg'))))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})

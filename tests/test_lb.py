@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import ledger
 from pipeline.config import Paths
+from pipeline.store import ledger
 
 
 def test_an_uploads_state_is_its_latest_score(tmp_path: Path) -> None:

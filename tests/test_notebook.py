@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import fresh_clone
 
-from pipeline import download, notebook, sample
 from pipeline.config import Paths
+from pipeline.kaggle import notebook
+from pipeline.stages import download
+from pipeline.store import sample
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +161,7 @@ def test_makefile_uses_the_notebooks_python_inside_a_notebook(tmp_path: Path) ->
     outside = make_dry_run(env, "submit")
     assert ".venv/bin/python -m pipeline --make submit" in outside
     inside = make_dry_run({**env, "KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, "submit")
-    assert "python3 -m pipeline.notebook" in inside and "python3 -m pipeline --make submit" in inside
+    assert "python3 -m pipeline.kaggle.notebook" in inside and "python3 -m pipeline --make submit" in inside
     assert ".venv" not in inside and "pip install" not in inside
     (tmp_path / "input").mkdir()  # /kaggle/input alone is enough
     assert ".venv" not in make_dry_run(env, "submit")

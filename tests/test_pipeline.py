@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import REPO, TINY, files, run_cli, the_run
 
-from pipeline.artifacts import LOG_COLUMNS, PROB_COLUMNS, RunDir, latest
 from pipeline.config import Paths
-from pipeline.submission import validate_file
+from pipeline.store.artifacts import LOG_COLUMNS, PROB_COLUMNS, RunDir, latest
+from pipeline.store.submission import validate_file
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def test_make_help_lists_the_stages_and_every_setting() -> None:
 
 
 def test_make_passes_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.__main__ import parse
+    from pipeline.cli import parse
 
     dry = subprocess.run(["make", "-n", "--no-print-directory", "train", "EPOCHS=5", "SETUP="],
                          cwd=REPO, capture_output=True, text=True, check=True)
@@ -236,9 +236,9 @@ def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> Non
 
 
 def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
-    from pipeline import checkpoint
-    from pipeline.artifacts import load_prepared
-    from pipeline.runtime import predict_log_proba
+    from pipeline.engine import checkpoint
+    from pipeline.engine.runtime import predict_log_proba
+    from pipeline.store.artifacts import load_prepared
 
     result = run_cli(run_copy, "predict", "--tta", "2", *TINY)
     run = the_run(run_copy)

@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE, TINY, run_cli, the_run
 
-from pipeline import checkpoint, download
-from pipeline.artifacts import RunDir, load_prepared, run_id
 from pipeline.config import Paths, resolve
+from pipeline.engine import checkpoint
 from pipeline.errors import PipelineError
-from pipeline.io import replace_together, staged_files
+from pipeline.stages import download
+from pipeline.store.artifacts import RunDir, load_prepared, run_id
+from pipeline.store.io import replace_together, staged_files
 
 OUTPUTS = ("runs", "submissions")
 

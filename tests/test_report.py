@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from conftest import the_run
 
-from pipeline import ledger, report
-from pipeline.artifacts import RunDir
 from pipeline.config import Paths, TrainConfig, changed_settings
 from pipeline.errors import PipelineError
+from pipeline.stages import report
+from pipeline.store import ledger
+from pipeline.store.artifacts import RunDir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

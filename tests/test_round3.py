@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import runs, tune
-from pipeline.__main__ import build_parser, main
-from pipeline.artifacts import all_runs
+from pipeline.cli import build_parser, main
 from pipeline.config import Paths, Settings, resolve, validate
+from pipeline.stages import runs, tune
+from pipeline.store.artifacts import all_runs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -245,8 +245,8 @@ def test_make_runs_names_the_damaged_folder(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
-    from pipeline.artifacts import check_cv
     from pipeline.errors import PipelineError
+    from pipeline.store.artifacts import check_cv
 
     path = tmp_path / "rnn-x" / "cv.csv"
     path.parent.mkdir()
@@ -315,7 +315,7 @@ class FakeStages:
 def tiny_data() -> tuple[Any, Any]:
     import numpy as np
 
-    from pipeline.artifacts import Prepared
+    from pipeline.store.artifacts import Prepared
 
     labels = np.arange(20, dtype=np.uint8) % 10
     return (Prepared(np.zeros((20, 28, 28), np.uint8), labels, np.zeros((4, 28, 28), np.uint8), "d"),
@@ -363,7 +363,7 @@ def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
     assert "1 waiting" in tune.status(Paths(tmp_path), "s", None)
     assert tune.requeue_stopped(made, journal=True) == 0  # queued once, however often asked
     _, stages = study_of(tmp_path, trials=2)
-    from pipeline.artifacts import run_id
+    from pipeline.store.artifacts import run_id
 
     killed_run = run_id(replace(Settings(), folds=2, epochs=2, lr=killed.params["lr"]), "d")
     assert stages.runs[0] == killed_run  # the killed trial's run is the one trained (resumed) next
@@ -428,8 +428,8 @@ def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None
 # -- item 3: a run is trained on the folds of its own settings ----------------------------------
 
 def test_the_fold_settings_are_in_every_run_id_and_in_the_folds_record() -> None:
-    from pipeline.artifacts import folds_inputs, run_id
     from pipeline.config import FOLD_SETTINGS
+    from pipeline.store.artifacts import folds_inputs, run_id
 
     base = Settings()
     for name in FOLD_SETTINGS:
@@ -444,9 +444,9 @@ def test_the_fold_settings_are_in_every_run_id_and_in_the_folds_record() -> None
 def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None:
     from conftest import the_run
 
-    from pipeline import folds, train
-    from pipeline.artifacts import load_prepared, read_folds
     from pipeline.errors import PipelineError
+    from pipeline.stages import folds, train
+    from pipeline.store.artifacts import load_prepared, read_folds
 
     paths, run = Paths(run_copy), the_run(run_copy)
     labels = load_prepared(paths).train_y.astype("int64")
@@ -462,7 +462,7 @@ def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None
 def test_a_one_run_blend_is_that_run_once() -> None:
     import numpy as np
 
-    from pipeline import blend
+    from pipeline.stages import blend
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 200)
@@ -491,7 +491,7 @@ def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     import numpy as np
     import pandas as pd
 
-    from pipeline import report
+    from pipeline.stages import report
 
     cv = pd.DataFrame({"fold": ["0", "1", "all"], "valid_acc": [0.9, 0.9, 0.95]})
     run = SimpleNamespace(cv=cv, name="blend-x", train_y=np.zeros(4), source="sample", ensemble={
@@ -504,7 +504,7 @@ def test_folds_trained_at_once_write_whole_lines_never_bars(monkeypatch: pytest.
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     import sys
 
-    from pipeline import train
+    from pipeline.stages import train
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     progress = train.Progress(1, 3, 0, position=1)
@@ -524,9 +524,9 @@ def test_blend_skips_a_damaged_run_in_words_and_keeps_the_good_one(
         tmp_path_factory: pytest.TempPathFactory, drop: set[str], change: dict[str, Any]) -> None:
     import numpy as np
 
-    from pipeline import blend
-    from pipeline.artifacts import RunDir, write_probabilities
     from pipeline.errors import PipelineError
+    from pipeline.stages import blend
+    from pipeline.store.artifacts import RunDir, write_probabilities
 
     root = tmp_path_factory.mktemp("blend")
     data, _ = tiny_data()
@@ -564,7 +564,7 @@ def test_a_second_worker_waits_for_the_run_another_trial_trains(tmp_path: Path) 
 
     from filelock import FileLock
 
-    from pipeline.artifacts import run_id
+    from pipeline.store.artifacts import run_id
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "space.toml").write_text("[lr]\nchoices = [0.002]\n")

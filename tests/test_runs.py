@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from conftest import REPO, SAMPLE, TINY, run_cli, the_run
 
-from pipeline import blend
-from pipeline.artifacts import check_name, latest
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
+from pipeline.stages import blend
+from pipeline.store.artifacts import check_name, latest
 
 # -- blend on synthetic probabilities, where the right answer is known -----------------------------
 
@@ -148,7 +148,7 @@ def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
-    from pipeline.lock import project_lock
+    from pipeline.store.lock import project_lock
 
     paths = Paths(tmp_path)
     with project_lock(paths, "make submit"):
@@ -169,7 +169,7 @@ def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
 def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
-        "from pipeline.lock import project_lock\n"
+        "from pipeline.store.lock import project_lock\n"
         f"with project_lock(Paths(Path({str(tmp_path)!r})), 'make train'):\n"
         "    print('held', flush=True); time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -229,7 +229,7 @@ def test_one_class_gets_a_warning(tmp_path: Path) -> None:
     assert "WARNING: train.csv has no rows of digit(s) 0, 1, 2, 4, 5, 6, 7, 8, 9" in result.stdout
     rare = run_cli(tmp_path, "folds", "--folds", "20", check=False)
     assert rare.returncode == 1 and "use fewer folds" in rare.stderr
-    from pipeline.folds import assign
+    from pipeline.stages.folds import assign
 
     with pytest.raises(PipelineError) as error:
         assign(np.array([3] * 12 + [5]), 2, 0)

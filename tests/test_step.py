@@ -17,11 +17,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline import step as step_module
-from pipeline import train
 from pipeline.config import TrainConfig
-from pipeline.models import build_model
-from pipeline.step import WARMUP_STEPS, TrainStep, graph_wanted
+from pipeline.engine import step as step_module
+from pipeline.engine.models import build_model
+from pipeline.engine.step import WARMUP_STEPS, TrainStep, graph_wanted
+from pipeline.stages import train
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)

@@ -17,8 +17,8 @@ import optuna
 import pytest
 from conftest import REPO, SAMPLE, run_cli
 
-from pipeline.artifacts import all_runs, completed
 from pipeline.config import Paths
+from pipeline.store.artifacts import all_runs, completed
 
 pytestmark = pytest.mark.slow
 

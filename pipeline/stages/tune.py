@@ -26,10 +26,10 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Prepared, check_name, run_dir, run_id, studies_dir
 from pipeline.config import FOLD_SETTINGS, Paths, Settings, allowed, coerce, validate
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_text, write_json
+from pipeline.store.artifacts import Prepared, check_name, run_dir, run_id, studies_dir
+from pipeline.store.io import atomic_write_text, write_json
 
 Stages = tuple[Callable[..., Any], Callable[..., Any]]  # train.run, predict.run
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
@@ -422,7 +422,7 @@ def _worker(root: str, base_fields: dict[str, Any], space: dict[str, Any], study
 
     import torch
 
-    from pipeline.artifacts import load_prepared, read_folds
+    from pipeline.store.artifacts import load_prepared, read_folds
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

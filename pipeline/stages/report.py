@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import PROB_COLUMNS, RunDir, check_cv, completed, load_prepared
 from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, atomic_write_text, read_json
-from pipeline.ledger import format_seconds
 from pipeline.page import CSS
 from pipeline.page import pyplot as _pyplot
+from pipeline.store.artifacts import PROB_COLUMNS, RunDir, check_cv, completed, load_prepared
+from pipeline.store.io import atomic_path, atomic_write_text, read_json
+from pipeline.store.ledger import format_seconds
 
 CLASSES = 10
 MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read

@@ -27,12 +27,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import notebook
-from pipeline.artifacts import RunDir, latest, set_latest
 from pipeline.config import Paths, changed_settings
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv, write_json
-from pipeline.submission import validate_file
+from pipeline.store.artifacts import RunDir, latest, set_latest
+from pipeline.store.io import write_csv, write_json
+from pipeline.store.submission import validate_file
 
 
 def runs_path(paths: Paths) -> Path:
@@ -205,9 +204,8 @@ def publish(paths: Paths, run: RunDir, record: dict[str, Any], expected_rows: in
     against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl."""
     frame = validate_file(run.submission, expected_rows)
     outputs = [paths.submission_csv]
-    working = notebook.working()  # in a Kaggle notebook, also where its output and "Submit" look
-    if working is not None and working.resolve() != paths.submissions.resolve():
-        outputs.append(working / "submission.csv")
+    if paths.also_submit is not None and paths.also_submit.resolve() != paths.submissions.resolve():
+        outputs.append(paths.also_submit / "submission.csv")
     for output in outputs:
         if not output.is_file() or output.read_bytes() != run.submission.read_bytes():
             write_csv(output, frame)

@@ -16,8 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import checkpoint
-from pipeline.artifacts import (
+from pipeline.config import Paths, Settings
+from pipeline.engine import checkpoint
+from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
+from pipeline.errors import PipelineError
+from pipeline.store.artifacts import (
     PROB_COLUMNS,
     SAMPLE_BANNER,
     Prepared,
@@ -30,12 +33,9 @@ from pipeline.artifacts import (
     stale,
     write_probabilities,
 )
-from pipeline.config import Paths, Settings
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_csv
-from pipeline.ledger import publish as make_current
-from pipeline.runtime import describe, predict_log_proba, resolve_device
-from pipeline.submission import validate_file, validate_frame
+from pipeline.store.io import read_json, write_csv
+from pipeline.store.ledger import publish as make_current
+from pipeline.store.submission import validate_file, validate_frame
 
 RECORD_NUMBERS = ("oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished")
 

@@ -25,8 +25,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint
-from pipeline.artifacts import (
+from pipeline.config import Paths, Settings, fingerprint
+from pipeline.engine import checkpoint
+from pipeline.engine.augment import augment
+from pipeline.engine.models import build_model
+from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
+from pipeline.engine.step import TrainStep, graph_wanted
+from pipeline.errors import PipelineError
+from pipeline.store.artifacts import (
     LOG_COLUMNS,
     Prepared,
     Pseudo,
@@ -39,13 +45,7 @@ from pipeline.artifacts import (
     stale,
     write_probabilities,
 )
-from pipeline.augment import augment
-from pipeline.config import Paths, Settings, fingerprint
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_csv, write_json
-from pipeline.models import build_model
-from pipeline.runtime import describe, predict_log_proba, resolve_device
-from pipeline.step import TrainStep, graph_wanted
+from pipeline.store.io import read_json, write_csv, write_json
 
 
 def make_optimizer(cfg: Settings, model: torch.nn.Module) -> torch.optim.Optimizer:

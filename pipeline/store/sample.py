@@ -34,7 +34,7 @@ def write(train_csv: Path, test_csv: Path) -> tuple[int, int]:
     """Write the sample as train.csv and test.csv (both or neither); returns their row counts."""
     import pandas as pd
 
-    from pipeline.io import replace_together, staged_files, write_csv
+    from pipeline.store.io import replace_together, staged_files, write_csv
 
     pixels, labels = make_images()
     order = np.random.default_rng(SAMPLE_SEED).permutation(len(labels))

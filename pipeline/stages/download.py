@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import notebook, sample
-from pipeline.artifacts import SAMPLE_BANNER, data_source
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, replace_together, staged_files, write_json
+from pipeline.kaggle import notebook
+from pipeline.store import sample
+from pipeline.store.artifacts import SAMPLE_BANNER, data_source
+from pipeline.store.io import read_json, replace_together, staged_files, write_json
 
 SOURCES = ("auto", "kaggle", "dir", "sample")
 
@@ -78,7 +79,7 @@ def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: 
 
 
 def _choose_source() -> tuple[str, str]:
-    from pipeline import kaggle_api
+    from pipeline.kaggle import api as kaggle_api
 
     found = kaggle_api.credentials_source()
     if found:
@@ -119,7 +120,7 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
 
 
 def _download_kaggle(paths: Paths, timeout: float) -> None:
-    from pipeline import kaggle_api
+    from pipeline.kaggle import api as kaggle_api
 
     created = not paths.input.exists()
     try:

@@ -3,7 +3,7 @@
 Importing the client has side effects (it authenticates, may make a network call that never times
 out, creates its config folder and prints help on stdout) and, with VERBOSE set, it prints the
 Authorization header. So the pipeline never imports it: each call runs ``python -m
-pipeline.kaggle_api <op>`` in a subprocess that the parent can kill after its own timeout, whose
+pipeline.kaggle.api <op>`` in a subprocess that the parent can kill after its own timeout, whose
 output is captured and scrubbed, and whose outcome comes back as a small JSON file.
 """
 
@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pipeline.errors import PipelineError
-from pipeline.io import read_json
+from pipeline.store.io import read_json
 
 TOKEN_URL = "https://www.kaggle.com/settings"
 # The real files unpack to ~125 MB; anything near this is not the competition's archive.
 MAX_UNPACKED_BYTES = 1 << 30
 # Read by the client at import; either makes it print the Authorization header.
 NOISY_ENV = ("VERBOSE", "VERBOSE_OUTPUT")
-PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding pipeline/
 # `make lb` lists at most this many of the account's submissions (newest first).
 LIST_SIZE = 100
 
@@ -190,7 +190,7 @@ def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Pa
     if not timeout > 0:
         raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
     result_file = workdir / "client-result.json"
-    command = [sys.executable, "-m", "pipeline.kaggle_api", args[0], str(result_file), *args[1:]]
+    command = [sys.executable, "-m", "pipeline.kaggle.api", args[0], str(result_file), *args[1:]]
     proc = subprocess.Popen(command, cwd=workdir, env=_client_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: list[bytes] = []

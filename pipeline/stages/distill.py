@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.artifacts import Prepared, Pseudo, completed, read_probabilities, run_dir
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
+from pipeline.store.artifacts import Prepared, Pseudo, completed, read_probabilities, run_dir
 
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import PIXELS, Prepared, load_prepared, save_prepared, stale
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
+from pipeline.store.artifacts import PIXELS, Prepared, load_prepared, save_prepared, stale
 
 _DIGITS_AND_SEPARATORS = b"0123456789,\r\n"
 _PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths strip it the same way

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
-from pipeline.runtime import autocast
+from pipeline.engine.runtime import autocast
 
 WARMUP_STEPS = 3  # eager passes on the capture stream before capture (cuDNN plans, workspaces)
 

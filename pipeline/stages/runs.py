@@ -7,11 +7,11 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from pipeline.artifacts import STUDIES, RunDir, all_runs, completed, latest, run_dir
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
-from pipeline.io import read_json
-from pipeline.ledger import format_seconds, format_table, leaderboard_by_run, score_text
+from pipeline.store.artifacts import STUDIES, RunDir, all_runs, completed, latest, run_dir
+from pipeline.store.io import read_json
+from pipeline.store.ledger import format_seconds, format_table, leaderboard_by_run, score_text
 
 COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")

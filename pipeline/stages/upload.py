@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import ledger
-from pipeline.artifacts import data_source, latest
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
-from pipeline.io import read_json
-from pipeline.submission import COMPETITION_TEST_ROWS, validate_file
+from pipeline.store import ledger
+from pipeline.store.artifacts import data_source, latest
+from pipeline.store.io import read_json
+from pipeline.store.submission import COMPETITION_TEST_ROWS, validate_file
 
 SUBMISSIONS_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/submissions"
 MAX_WAIT = 3600.0
@@ -37,7 +37,7 @@ def run(paths: Paths, message: str, timeout: float = 300.0, wait: float = 120.0)
     _refuse_sample(paths)
     validate_file(paths.submission_csv, COMPETITION_TEST_ROWS)
     run_id, kept = ledger.made_by(paths)
-    from pipeline import kaggle_api
+    from pipeline.kaggle import api as kaggle_api
 
     with tempfile.TemporaryDirectory(prefix="digits-upload-") as workdir:
         ref, answer = kaggle_api.submit(COMPETITION, paths.submission_csv, message, Path(workdir), timeout)
@@ -57,7 +57,7 @@ def run(paths: Paths, message: str, timeout: float = 300.0, wait: float = 120.0)
 
 def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeout: float) -> None:
     """Poll for the score; a failure to get one is a warning, never a lost upload record."""
-    from pipeline import kaggle_api
+    from pipeline.kaggle import api as kaggle_api
 
     print(f"upload: waiting up to {wait:g} s for Kaggle to score it (WAIT=<seconds> to change)")
     try:
@@ -86,7 +86,7 @@ def leaderboard(paths: Paths, timeout: float = 300.0, fmt: str = "table") -> str
     for uploads still pending in the record. Returns the text printed."""
     if fmt not in ("table", "csv"):
         raise PipelineError(f"FORMAT={fmt!r}: must be one of table, csv")
-    from pipeline import kaggle_api
+    from pipeline.kaggle import api as kaggle_api
 
     with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:
         listed = kaggle_api.submissions(COMPETITION, Path(workdir), timeout)

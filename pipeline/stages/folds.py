@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import Prepared, folds_inputs, mark_current, read_folds, stale
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv
+from pipeline.store.artifacts import Prepared, folds_inputs, mark_current, read_folds, stale
+from pipeline.store.io import write_csv
 
 
 def assign(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:

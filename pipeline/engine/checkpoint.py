@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from pipeline.config import Settings, resolve
+from pipeline.engine.models import build_model
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path
-from pipeline.models import build_model
+from pipeline.store.io import atomic_path
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.config import FOLD_SETTINGS, Paths, Settings, fingerprint
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, atomic_write_text, read_json, write_csv, write_json
+from pipeline.store.io import atomic_path, atomic_write_text, read_json, write_csv, write_json
 
 CLASSES = 10
 PIXELS = [f"pixel{k}" for k in range(784)]

@@ -4,7 +4,7 @@ and the set-up check that stands in for the virtual environment there.
 Kaggle sets KAGGLE_KERNEL_RUN_TYPE in a notebook and mounts attached data read-only under
 /kaggle/input/; what a notebook writes to /kaggle/working/ is its output (and what "Submit to
 competition" takes). KAGGLE_ROOT moves that tree elsewhere, for tests. Standard library only:
-`make` runs the check (`python -m pipeline.notebook`) before anything is known to be installed.
+`make` runs the check (`python -m pipeline.kaggle.notebook`) before anything is known to be installed.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.augment import augment
 from pipeline.config import Settings
+from pipeline.engine.augment import augment
 from pipeline.errors import PipelineError
 
 

@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import (
+from pipeline.config import Paths, fingerprint
+from pipeline.errors import PipelineError
+from pipeline.store.artifacts import (
     STUDIES,
     Prepared,
     RunDir,
@@ -32,11 +34,9 @@ from pipeline.artifacts import (
     stale,
     write_probabilities,
 )
-from pipeline.config import Paths, fingerprint
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_csv, write_json
-from pipeline.ledger import publish
-from pipeline.submission import validate_file
+from pipeline.store.io import read_json, write_csv, write_json
+from pipeline.store.ledger import publish
+from pipeline.store.submission import validate_file
 
 MEANS = ("prob", "logprob")
 MAX_STEPS = 100  # picks in all; a blend of a few runs settles long before

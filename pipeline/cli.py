@@ -1,0 +1,428 @@
+"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage.
+
+Every stage builds what it needs upstream, skipping what is current, as Make users expect:
+download -> prepare -> folds -> train -> predict, then blend. The orchestration lives here; the
+stage modules only share lower layers (config, artifacts, checkpoint, io, runtime, models, step).
+With ``--make`` (what the Makefile passes), each option also reads the environment variable of its
+upper-case name, so ``make train EPOCHS=5`` is ``--epochs 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PRESETS, ROOT, Paths, Settings, resolve
+from pipeline.errors import PipelineError
+from pipeline.kaggle import notebook
+from pipeline.store.artifacts import (
+    Prepared,
+    RunDir,
+    all_runs,
+    check_name,
+    completed,
+    latest,
+    run_dir,
+    run_id,
+    studies_dir,
+)
+
+SOURCES = ("auto", "kaggle", "dir", "sample")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
+WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
+           "tune")
+
+
+# -- what each command does ------------------------------------------------------------------------
+
+def settings(args: argparse.Namespace, paths: Paths, data: Prepared) -> Settings:
+    """The settings of the command line, or of the run RUN= names (then only settings that do not
+    change what a model learns may be given beside it)."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
+    if not getattr(args, "run", None):
+        return resolve(preset=args.preset, file=args.config, overrides=given)
+    run = run_dir(paths, args.run)
+    if not run.config.is_file():
+        raise PipelineError(f"RUN={args.run}: no such run in {paths.runs}; `make runs` lists them")
+    learned = sorted(k for k in given if Settings.__dataclass_fields__[k].metadata["learns"])
+    if learned or args.preset or args.config:
+        shown = ", ".join(k.upper() for k in learned) or "PRESET/CONFIG"
+        raise PipelineError(f"RUN={args.run} fixes what its models learn, so {shown} cannot be given "
+                            "with it; leave RUN= out to train those settings as a run of their own")
+    cfg = resolve(file=run.config, overrides=given)
+    if run_id(cfg, data.data_key) != run.id:
+        raise PipelineError(f"RUN={args.run} was made from other data than input/*.csv now hold; "
+                            f"`make train CONFIG={run.config.relative_to(paths.root)}` trains its "
+                            "settings on this data")
+    return cfg
+
+
+def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
+    from pipeline.stages import download, prepare
+
+    download.run(paths, source=args.source, src_dir=args.dir, timeout=args.timeout,
+                 force=args.force and args.stage in ("download", "submit"))
+    return prepare.run(paths, force=args.force and args.stage == "prepare")
+
+
+def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir, Prepared, Any, list]:
+    """Data, folds and a trained run (each skipped when current)."""
+    from pipeline.stages import distill, folds, train
+
+    if getattr(args, "run", None) and run_dir(paths, args.run).blend.is_file():
+        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
+                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
+                            f"`make report RUN={args.run}` draws it")
+
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    run = run_dir(paths, run_id(cfg, data.data_key))
+    fold = getattr(args, "fold", None)
+    pseudo = distill.pseudo_rows(paths, cfg, data) if cfg.teacher else None
+    records = train.run(cfg, paths, run, data, fold_of, folds=None if fold is None else [fold],
+                        force=args.force and args.stage == "train", pseudo=pseudo)
+    return cfg, run, data, fold_of, records
+
+
+def build_prediction(args: argparse.Namespace, paths: Paths) -> tuple[RunDir, dict[str, Any]]:
+    from pipeline.stages import predict
+
+    cfg, run, data, fold_of, records = build_run(args, paths)
+    return run, predict.run(cfg, paths, run, data, fold_of, records,
+                            force=args.force and args.stage == "predict")
+
+
+def _download(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import download
+
+    download.run(paths, source=args.source, src_dir=args.dir, force=args.force, timeout=args.timeout)
+
+
+def _prepare(args: argparse.Namespace, paths: Paths) -> None:
+    build_data(args, paths)
+
+
+def _folds(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import folds
+
+    data = build_data(args, paths)
+    folds.run(settings(args, paths, data), paths, data)
+
+
+def _train(args: argparse.Namespace, paths: Paths) -> None:
+    _, run, *_ = build_run(args, paths)
+    print(f"train: done: {run.path.relative_to(paths.root)}")
+
+
+def _predict(args: argparse.Namespace, paths: Paths) -> None:
+    build_prediction(args, paths)
+
+
+def _submit(args: argparse.Namespace, paths: Paths) -> None:
+    started = time.perf_counter()
+    run, _ = build_prediction(args, paths)
+    print(f"submit: done in {time.perf_counter() - started:.1f}s -> {paths.submission_csv} "
+          f"(run {run.id})")
+
+
+def _distill(args: argparse.Namespace, paths: Paths) -> None:
+    if not args.teacher and not args.run:
+        args.teacher = latest(paths)
+        if args.teacher is None:
+            raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
+                                "blend first (`make submit`, `make blend`), or name one with TEACHER=")
+        print(f"distill: TEACHER={args.teacher} (the latest run or blend; TEACHER= picks another)")
+    _submit(args, paths)
+
+
+def _blend(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import blend, folds
+
+    names = [check_name(n, "RUNS") for n in (args.runs or "").split()] or None
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    if names is None and not blend.candidates(paths, data, cfg.folds, cfg.fold_seed, None)[0]:
+        print("blend: no completed run on these folds yet: making the run of these settings first")
+        build_prediction(args, paths)
+    blend.run(paths, data, fold_of, cfg.folds, cfg.fold_seed, names, mean=args.mean,
+              force=args.force)
+
+
+def _report(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import report
+
+    if args.study:
+        from pipeline.stages import tune
+
+        tune.report(paths, args.study, args.storage)
+        return
+    name = args.run or latest(paths)
+    if not args.run and (name is None or completed(run_dir(paths, name)) is None):
+        # A report only reads: it never trains, so it says which runs there are instead.
+        why = ("runs/latest is missing or unreadable" if name is None else
+               f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)")
+        done = [r.id for r in all_runs(paths) if completed(r)]
+        if not done:
+            raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
+                                "`make submit` makes one")
+        raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
+                            f"{', '.join(done)}")
+    report.run(paths, run_dir(paths, name))
+
+
+def _tune(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import folds, predict, train, tune
+
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    tune.run(paths, cfg, data, fold_of, (train.run, predict.run), study=args.study,
+             trials=args.trials, workers=args.workers, url=args.storage, space_path=args.space,
+             tune_folds=args.tune_folds, pruner=args.pruner)
+
+
+def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import tune
+
+    print(tune.status(paths, args.study, args.storage))
+    journal = studies_dir(paths) / args.study / "journal.log"
+    if not args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
+        print(f"in a browser: optuna-dashboard {journal}")
+
+
+def _runs(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import runs
+
+    runs.run(paths, sort=args.sort, fmt=args.format)
+
+
+def _forget(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import runs
+
+    if not args.run:
+        raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
+                            "lists them)")
+    runs.forget(paths, args.run)
+
+
+def _upload(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import upload
+
+    upload.run(paths, message=args.message, timeout=args.timeout, wait=args.wait)
+
+
+def _lb(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import upload
+
+    upload.leaderboard(paths, timeout=args.timeout, fmt=args.format)
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (defaults < --preset < --config < options)")
+    group.add_argument("--config", type=Path, help="TOML or JSON file of settings "
+                       "(a run's runs/<id>/config.json works)")
+    group.add_argument("--preset", choices=tuple(PRESETS),
+                       help="a named recipe; 'tutorial' reproduces the tutorial's settings")
+    for field in fields(Settings):
+        default, meta = field.default, field.metadata
+        flag = "--" + field.name.replace("_", "-")
+        text = f"{meta['help']} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        else:
+            group.add_argument(flag, dest=field.name, type=type(default), default=None,
+                               choices=meta["choices"], help=text)
+
+
+def add_study_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", default="rnn", help="the study's name (default: rnn)")
+    parser.add_argument("--storage", help="an Optuna database URL shared by several machines, e.g. "
+                        "postgresql://user:pass@host/db (default: a journal in runs/tune/<study>/)")
+
+
+def add_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="auto", choices=SOURCES,
+                        help="where the CSVs come from when input/ has none (default: auto)")
+    parser.add_argument("--dir", type=Path, help="folder holding train.csv and test.csv "
+                        "(with --source dir)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for Kaggle before giving up (default: 300)")
+
+
+def add_run_stages(stage: Any) -> None:
+    """The stages that make a run: download -> prepare -> folds -> train -> predict, and their chains."""
+    stage("download", _download, "put train.csv and test.csv into input/",
+          force="fetch again even if the files exist")
+    stage("prepare", _prepare, "validate the CSVs and cache them as uint8 arrays",
+          force="rebuild the cache even if current")
+    stage("folds", _folds, "write the stratified folds (input/folds.csv)", config=True)
+    p = stage("train", _train, "train the run of these settings (runs/<id>/); resumes", config=True,
+              force="retrain even the folds that are current (an interrupted retrain resumes)")
+    p.add_argument("--fold", type=int, help="train only this fold (0-based)")
+    p.add_argument("--run", help="the run to train (its settings), by id; see `make runs`")
+    p = stage("predict", _predict, "the run's test predictions and submission (trains what is "
+              "missing)", config=True, force="predict again even if current")
+    p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
+    stage("submit", _submit, "every stage in order, each skipped when current", config=True,
+          force="download the CSVs again even if present")
+    stage("distill", _distill, "submit a run that also learns from the test rows, labelled by a "
+          "teacher run or blend (TEACHER=, the latest by default)", config=True).add_argument(
+        "--run", help="the distilled run to finish, by id; see `make runs`")
+
+
+def add_listing_and_kaggle_stages(stage: Any) -> None:
+    """The stages that list or delete runs, and those that talk to the competition."""
+    p = stage("runs", _runs, "every run side by side", source=False)
+    p.add_argument("--sort", default="acc", choices=("acc", "time"),
+                   help="best OOF accuracy first (acc) or newest first (time)")
+    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
+    stage("forget", _forget, "delete one run's folder", source=False).add_argument(
+        "--run", help="the run to delete, by id (required)")
+    p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
+    p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
+                   help="the submission's description on Kaggle (default: $MESSAGE)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for Kaggle before giving up (default: 300)")
+    p.add_argument("--wait", type=float, default=120.0,
+                   help="seconds to wait for Kaggle to score the submission, 0 to not wait "
+                   "(default: 120; `make lb` shows a score that comes later)")
+    p = stage("lb", _lb, "the competition's submissions: date, description, status, public score "
+              "and the run that made each", source=False)
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for Kaggle before giving up (default: 300)")
+    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
+
+
+def add_blend_and_report_stages(stage: Any) -> None:
+    p = stage("blend", _blend, "blend completed runs on their out-of-fold predictions", config=True,
+              force="blend again even if current")
+    p.add_argument("--runs", help="the runs to blend, by id, separated by spaces (default: every "
+                   "completed run on the current data and folds)")
+    p.add_argument("--mean", default="logprob", choices=("prob", "logprob"),
+                   help="average log-probabilities (logprob, the default: it blended better out of "
+                   "fold) or probabilities")
+    p = stage("report", _report, "draw a run (or a study) into reports/ (the latest run by default)",
+              config=True)
+    p.add_argument("--run", help="the run to draw, by id (default: the latest)")
+    p.add_argument("--study", help="draw this tuning study instead of a run")
+    p.add_argument("--storage", help="the study's database URL (default: runs/tune/<study>/)")
+
+
+def add_tune_stages(stage: Any) -> None:
+    p = stage("tune", _tune, "search settings with Optuna; every trial is a run", config=True)
+    add_study_options(p)
+    p.add_argument("--trials", type=int, default=20, help="run until the study has this many "
+                   "finished trials (default: 20)")
+    p.add_argument("--workers", type=int, default=1, help="trial processes on this machine")
+    p.add_argument("--space", type=Path, help="the search space (default: tune.toml)")
+    p.add_argument("--tune-folds", type=int, default=0,
+                   help="score trials on their first k folds only (0: all folds; default)")
+    p.add_argument("--pruner", default="median", choices=("median", "wilcoxon", "none"),
+                   help="how hopeless trials are stopped (default: median)")
+    add_study_options(stage("tune-status", _tune_status, "a study's trials so far and the best five",
+                            source=False))
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="python -m pipeline",
+                                     description="Kaggle Digit Recognizer with recurrent networks.")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="project folder holding input/, runs/, submissions/ (default: this repo)")
+    parser.add_argument("--make", action="store_true",
+                        help="also read each option from the environment variable of its upper-case "
+                        "name (as `make` passes them)")
+    parser.add_argument("--nowait", action="store_true",
+                        help="when another command holds the project, stop at once instead of waiting")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
+    stages: dict[str, argparse.ArgumentParser] = {}
+
+    def stage(name: str, handler: Any, text: str, source: bool = True,
+              force: str | None = None, config: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=handler, force=False)
+        if source:
+            add_source(p)
+        if force:
+            p.add_argument("--force", action="store_true", help=force)
+        if config:
+            add_settings(p)
+        stages[name] = p
+        return p
+
+    add_run_stages(stage)
+    add_blend_and_report_stages(stage)
+    add_tune_stages(stage)
+    add_listing_and_kaggle_stages(stage)
+    return parser, stages
+
+
+def from_environment(parser: argparse.ArgumentParser, env: dict[str, str]) -> list[str]:
+    """The options of a stage that the environment sets, as command-line words."""
+    words: list[str] = []
+    for action in parser._actions:
+        flag = next((s for s in action.option_strings if s.startswith("--")), None)
+        value = env.get(action.dest.upper(), "").strip()
+        if flag is None or action.dest in ("help", "root") or value == "":
+            continue
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            if value.lower() not in TRUE + FALSE:
+                raise PipelineError(f"{action.dest.upper()}={value!r}: must be 1 or 0")
+            if value.lower() in TRUE:
+                words.append(flag)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                words.append("--no-" + flag[2:])
+        else:
+            words += [flag, value]
+    return words
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser, stages = build_parser()
+    args = parser.parse_args(argv)
+    if args.make:
+        at = argv.index(args.stage)
+        extra = from_environment(stages[args.stage], dict(os.environ))
+        nowait = args.nowait or os.environ.get("NOWAIT", "").strip().lower() in TRUE
+        args = parser.parse_args([*argv[:at + 1], *extra, *argv[at + 1:]])
+        args.nowait = nowait
+    return args
+
+
+def _locked(paths: Paths, args: argparse.Namespace) -> Any:
+    from pipeline.store.lock import project_lock
+
+    return project_lock(paths, f"make {args.stage}", nowait=args.nowait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse(argv)
+        paths = Paths(args.root.resolve(), also_submit=notebook.working())
+        if args.stage in WRITERS:
+            with _locked(paths, args):
+                args.handler(args, paths)
+        else:
+            args.handler(args, paths)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
