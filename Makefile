@@ -22,7 +22,8 @@ TORCH ?= torch==2.13.0
 
 # Options reach the stage CLIs as environment variables (make exports command-line variables):
 # `--make` makes each option read the variable of its upper-case name, e.g. `make train EPOCHS=5`.
-# Settings are declared once, in pipeline/config.py; `make help` lists them from there.
+# Settings are declared once, in pipeline/config.py, the other options in pipeline/options.py;
+# `make help`, the command line and the README's option tables all come from there.
 PIPELINE = $(PY) -m pipeline --make
 
 .PHONY: help setup notebook-setup submit download prepare folds train predict distill blend tune \
@@ -34,14 +35,7 @@ help: ## list the targets and the options they take
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
-	@echo "settings (part of a run's id unless marked; e.g. make submit MODEL=gru EPOCHS=40):"
-	@$(PYTHON) -m pipeline.config
-	@echo
-	@echo "other options: RUN=<id> (train, predict, report, forget)  RUNS=\"<id> <id>\" MEAN=prob|logprob (blend)"
-	@echo "  TRIALS=n WORKERS=n STUDY=name STORAGE=url SPACE=file TUNE_FOLDS=k PRUNER=median|wilcoxon|none (tune)"
-	@echo "  FOLD=k (train)  FORCE=1  SORT=acc|time FORMAT=table|csv (runs)  NOWAIT=1 (never wait for"
-	@echo "  another command)  PRESET=tutorial  CONFIG=file.toml  SOURCE=auto|kaggle|dir|sample DIR=path"
-	@echo "  TIMEOUT=s  MESSAGE=\"...\" WAIT=s (upload)  ARGS=\"--any --stage-option\" (.venv/bin/python -m pipeline <stage> --help)"
+	@$(PYTHON) -m pipeline.options
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -34,8 +34,10 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import main as pipeline
-from pipeline.config import ROOT, Paths, resolve
-from pipeline.store.artifacts import latest, load_prepared, run_id
+from pipeline.config import ROOT, TRUE, Paths, resolve
+from pipeline.store import ensemble
+from pipeline.store.artifacts import latest, load_prepared, run_dir, run_id
+from pipeline.store.ensemble import RunRecord
 
 DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "mnist-real" / "train.csv"
 VARIANTS = {
@@ -63,9 +65,8 @@ def cli(paths: Paths, quiet: bool, *args: str) -> None:
         raise SystemExit(f"bench-accuracy: `{' '.join(args)}` failed:\n{out.getvalue()[-2000:]}")
 
 
-def record(paths: Paths) -> dict[str, object]:
-    name = latest(paths)
-    return json.loads((paths.runs / str(name) / "run.json").read_text())
+def record(paths: Paths) -> RunRecord:
+    return ensemble.read(run_dir(paths, str(latest(paths))))
 
 
 def screen_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: bool) -> dict[str, object]:
@@ -85,12 +86,11 @@ def run_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: boo
     options = [option(k, str(v)) for k, v in settings.items()]
     cli(paths, quiet, "predict", f"--folds={folds_n}", *options)
     made = record(paths)
-    oof = float(made["oof_acc"])
     # The run's own training and prediction time: a run kept from an earlier call is not retrained.
-    result: dict[str, object] = {"oof_acc": oof, "error": 1 - oof,
-                                 "minutes": float(made["seconds"]) / 60, "run": latest(paths)}
-    if made.get("oof_acc_tta") is not None:  # a TTA=n variant: the held-out accuracy with TTA too
-        result["oof_acc_tta"] = made["oof_acc_tta"]
+    result: dict[str, object] = {"oof_acc": made.oof_acc, "error": 1 - made.oof_acc,
+                                 "minutes": made.seconds / 60, "run": latest(paths)}
+    if made.oof_acc_tta is not None:  # a TTA=n variant: the held-out accuracy with TTA too
+        result["oof_acc_tta"] = made.oof_acc_tta
     return result
 
 
@@ -100,7 +100,7 @@ BOOLEAN = {"bidirectional", "augment", "normalize", "orthogonal_init", "drop_las
 def option(key: str, value: str) -> str:
     flag = "--" + key.replace("_", "-")
     if key in BOOLEAN:
-        return flag if value.lower() in ("1", "true", "yes", "on") else "--no-" + flag[2:]
+        return flag if value.lower() in TRUE else "--no-" + flag[2:]
     return f"{flag}={value}"
 
 
@@ -175,13 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                 cli(paths, not args.verbose, "blend", f"--folds={args.folds}", "--mean", mean,
                     "--runs", " ".join(dict.fromkeys(names)))
                 made = record(paths)
-                honest = float(made["oof_acc_honest"])
+                honest = made.accuracy
                 rows.append({"variant": f"blend ({mean})", "oof_acc": honest, "error": 1 - honest,
                              "minutes": (time.perf_counter() - started) / 60,
-                             "in_sample": made["oof_acc"], "weights": json.dumps(made["weights"]),
+                             "in_sample": made.oof_acc, "weights": json.dumps(made.weights),
                              "_base": "blend"})
                 print(f"  blend ({mean}): honest OOF accuracy {honest:.4f}, in-sample "
-                      f"{made['oof_acc']:.4f}, weights {made['weights']}", flush=True)
+                      f"{made.oof_acc:.4f}, weights {made.weights}", flush=True)
     table = pd.DataFrame(rows)
     base = table.loc[table.pop("_base") == "tutorial", "error"]
     if len(base):

@@ -14,26 +14,24 @@ import os
 import sys
 import time
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import PRESETS, ROOT, Paths, Settings, resolve
+from pipeline.config import FALSE, TRUE, Paths, Settings, resolve
 from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
+from pipeline.options import EVERY, OPTIONS, SETTINGS_STAGES, Option, for_stage
 from pipeline.store.artifacts import (
     Prepared,
     RunDir,
     all_runs,
     check_name,
-    completed,
     latest,
     run_dir,
     run_id,
     studies_dir,
 )
+from pipeline.store.ensemble import completed
 
-SOURCES = ("auto", "kaggle", "dir", "sample")
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
            "tune")
@@ -160,9 +158,7 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline.stages import report
 
     if args.study:
-        from pipeline.stages import tune
-
-        tune.report(paths, args.study, args.storage)
+        report.draw_study(paths, args.study, args.storage)
         return
     name = args.run or latest(paths)
     if not args.run and (name is None or completed(run_dir(paths, name)) is None):
@@ -180,19 +176,20 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
 
 def _tune(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline.stages import folds, predict, train, tune
+    from pipeline.tuning.trial import Stages
 
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
-    tune.run(paths, cfg, data, fold_of, (train.run, predict.run), study=args.study,
+    tune.run(paths, cfg, data, fold_of, Stages(train.run, predict.run), study=args.study,
              trials=args.trials, workers=args.workers, url=args.storage, space_path=args.space,
              tune_folds=args.tune_folds, pruner=args.pruner)
 
 
 def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline.stages import tune
+    from pipeline.tuning.study import status
 
-    print(tune.status(paths, args.study, args.storage))
+    print(status(paths, args.study, args.storage))
     journal = studies_dir(paths) / args.study / "journal.log"
     if not args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
         print(f"in a browser: optuna-dashboard {journal}")
@@ -227,12 +224,8 @@ def _lb(args: argparse.Namespace, paths: Paths) -> None:
 
 # -- the parser -----------------------------------------------------------------------------------
 
-def add_settings(parser: argparse.ArgumentParser) -> None:
+def add_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("settings (defaults < --preset < --config < options)")
-    group.add_argument("--config", type=Path, help="TOML or JSON file of settings "
-                       "(a run's runs/<id>/config.json works)")
-    group.add_argument("--preset", choices=tuple(PRESETS),
-                       help="a named recipe; 'tutorial' reproduces the tutorial's settings")
     for field in fields(Settings):
         default, meta = field.default, field.metadata
         flag = "--" + field.name.replace("_", "-")
@@ -243,128 +236,64 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(flag, dest=field.name, type=type(default), default=None,
                                choices=meta["choices"], help=text)
+    return group
 
 
-def add_study_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--study", default="rnn", help="the study's name (default: rnn)")
-    parser.add_argument("--storage", help="an Optuna database URL shared by several machines, e.g. "
-                        "postgresql://user:pass@host/db (default: a journal in runs/tune/<study>/)")
+def add_option(parser: Any, option: Option, stage: str) -> None:
+    """An option as pipeline/options.py declares it, with the stage's own words if it has some."""
+    text = option.stages.get(stage) or option.help
+    default = option.default_in(stage)
+    if option.flag:
+        parser.add_argument(option.flag_name, action="store_true", help=text)
+        return
+    shown = f" (default: {default})" if default not in (None, "") and "default" not in text else ""
+    parser.add_argument(option.flag_name, dest=option.name, type=option.type, default=default,
+                        choices=option.choices, help=text + shown)
 
 
-def add_source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", default="auto", choices=SOURCES,
-                        help="where the CSVs come from when input/ has none (default: auto)")
-    parser.add_argument("--dir", type=Path, help="folder holding train.csv and test.csv "
-                        "(with --source dir)")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds to wait for Kaggle before giving up (default: 300)")
-
-
-def add_run_stages(stage: Any) -> None:
-    """The stages that make a run: download -> prepare -> folds -> train -> predict, and their chains."""
-    stage("download", _download, "put train.csv and test.csv into input/",
-          force="fetch again even if the files exist")
-    stage("prepare", _prepare, "validate the CSVs and cache them as uint8 arrays",
-          force="rebuild the cache even if current")
-    stage("folds", _folds, "write the stratified folds (input/folds.csv)", config=True)
-    p = stage("train", _train, "train the run of these settings (runs/<id>/); resumes", config=True,
-              force="retrain even the folds that are current (an interrupted retrain resumes)")
-    p.add_argument("--fold", type=int, help="train only this fold (0-based)")
-    p.add_argument("--run", help="the run to train (its settings), by id; see `make runs`")
-    p = stage("predict", _predict, "the run's test predictions and submission (trains what is "
-              "missing)", config=True, force="predict again even if current")
-    p.add_argument("--run", help="the run to predict with, by id; see `make runs`")
-    stage("submit", _submit, "every stage in order, each skipped when current", config=True,
-          force="download the CSVs again even if present")
-    stage("distill", _distill, "submit a run that also learns from the test rows, labelled by a "
-          "teacher run or blend (TEACHER=, the latest by default)", config=True).add_argument(
-        "--run", help="the distilled run to finish, by id; see `make runs`")
-
-
-def add_listing_and_kaggle_stages(stage: Any) -> None:
-    """The stages that list or delete runs, and those that talk to the competition."""
-    p = stage("runs", _runs, "every run side by side", source=False)
-    p.add_argument("--sort", default="acc", choices=("acc", "time"),
-                   help="best OOF accuracy first (acc) or newest first (time)")
-    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
-    stage("forget", _forget, "delete one run's folder", source=False).add_argument(
-        "--run", help="the run to delete, by id (required)")
-    p = stage("upload", _upload, "send submissions/submission.csv to the competition", source=False)
-    p.add_argument("--message", default=os.environ.get("MESSAGE", ""),
-                   help="the submission's description on Kaggle (default: $MESSAGE)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds to wait for Kaggle before giving up (default: 300)")
-    p.add_argument("--wait", type=float, default=120.0,
-                   help="seconds to wait for Kaggle to score the submission, 0 to not wait "
-                   "(default: 120; `make lb` shows a score that comes later)")
-    p = stage("lb", _lb, "the competition's submissions: date, description, status, public score "
-              "and the run that made each", source=False)
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds to wait for Kaggle before giving up (default: 300)")
-    p.add_argument("--format", default="table", choices=("table", "csv"), help="table or csv")
-
-
-def add_blend_and_report_stages(stage: Any) -> None:
-    p = stage("blend", _blend, "blend completed runs on their out-of-fold predictions", config=True,
-              force="blend again even if current")
-    p.add_argument("--runs", help="the runs to blend, by id, separated by spaces (default: every "
-                   "completed run on the current data and folds)")
-    p.add_argument("--mean", default="logprob", choices=("prob", "logprob"),
-                   help="average log-probabilities (logprob, the default: it blended better out of "
-                   "fold) or probabilities")
-    p = stage("report", _report, "draw a run (or a study) into reports/ (the latest run by default)",
-              config=True)
-    p.add_argument("--run", help="the run to draw, by id (default: the latest)")
-    p.add_argument("--study", help="draw this tuning study instead of a run")
-    p.add_argument("--storage", help="the study's database URL (default: runs/tune/<study>/)")
-
-
-def add_tune_stages(stage: Any) -> None:
-    p = stage("tune", _tune, "search settings with Optuna; every trial is a run", config=True)
-    add_study_options(p)
-    p.add_argument("--trials", type=int, default=20, help="run until the study has this many "
-                   "finished trials (default: 20)")
-    p.add_argument("--workers", type=int, default=1, help="trial processes on this machine")
-    p.add_argument("--space", type=Path, help="the search space (default: tune.toml)")
-    p.add_argument("--tune-folds", type=int, default=0,
-                   help="score trials on their first k folds only (0: all folds; default)")
-    p.add_argument("--pruner", default="median", choices=("median", "wilcoxon", "none"),
-                   help="how hopeless trials are stopped (default: median)")
-    add_study_options(stage("tune-status", _tune_status, "a study's trials so far and the best five",
-                            source=False))
+# What each stage does, in the order `python -m pipeline --help` lists them.
+STAGES: dict[str, tuple[Any, str]] = {
+    "download": (_download, "put train.csv and test.csv into input/"),
+    "prepare": (_prepare, "validate the CSVs and cache them as uint8 arrays"),
+    "folds": (_folds, "write the stratified folds (input/folds.csv)"),
+    "train": (_train, "train the run of these settings (runs/<id>/); resumes"),
+    "predict": (_predict, "the run's test predictions and submission (trains what is missing)"),
+    "submit": (_submit, "every stage in order, each skipped when current"),
+    "distill": (_distill, "submit a run that also learns from the test rows, labelled by a teacher "
+                "run or blend (TEACHER=, the latest by default)"),
+    "blend": (_blend, "blend completed runs on their out-of-fold predictions"),
+    "report": (_report, "draw a run (or a study) into reports/ (the latest run by default)"),
+    "tune": (_tune, "search settings with Optuna; every trial is a run"),
+    "tune-status": (_tune_status, "a study's trials so far and the best five"),
+    "runs": (_runs, "every run side by side"),
+    "forget": (_forget, "delete one run's folder"),
+    "upload": (_upload, "send submissions/submission.csv to the competition"),
+    "lb": (_lb, "the competition's submissions: date, description, status, public score and the "
+           "run that made each"),
+}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="python -m pipeline",
                                      description="Kaggle Digit Recognizer with recurrent networks.")
-    parser.add_argument("--root", type=Path, default=ROOT,
-                        help="project folder holding input/, runs/, submissions/ (default: this repo)")
     parser.add_argument("--make", action="store_true",
                         help="also read each option from the environment variable of its upper-case "
                         "name (as `make` passes them)")
-    parser.add_argument("--nowait", action="store_true",
-                        help="when another command holds the project, stop at once instead of waiting")
+    for option in for_stage(EVERY):
+        add_option(parser, option, EVERY)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     stages: dict[str, argparse.ArgumentParser] = {}
-
-    def stage(name: str, handler: Any, text: str, source: bool = True,
-              force: str | None = None, config: bool = False) -> argparse.ArgumentParser:
+    for name, (handler, text) in STAGES.items():
         p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(handler=handler, force=False)
-        if source:
-            add_source(p)
-        if force:
-            p.add_argument("--force", action="store_true", help=force)
-        if config:
-            add_settings(p)
+        group = add_settings(p) if name in SETTINGS_STAGES else p
+        for option in for_stage(name):
+            add_option(group if option.name in ("config", "preset") else p, option, name)
         stages[name] = p
-        return p
-
-    add_run_stages(stage)
-    add_blend_and_report_stages(stage)
-    add_tune_stages(stage)
-    add_listing_and_kaggle_stages(stage)
     return parser, stages
+
+
+COMMAND_LINE_ONLY = {"help", *(o.name for o in OPTIONS if not o.make)}  # no make variable sets them
 
 
 def from_environment(parser: argparse.ArgumentParser, env: dict[str, str]) -> list[str]:
@@ -373,7 +302,7 @@ def from_environment(parser: argparse.ArgumentParser, env: dict[str, str]) -> li
     for action in parser._actions:
         flag = next((s for s in action.option_strings if s.startswith("--")), None)
         value = env.get(action.dest.upper(), "").strip()
-        if flag is None or action.dest in ("help", "root") or value == "":
+        if flag is None or action.dest in COMMAND_LINE_ONLY or value == "":
             continue
         if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
             if value.lower() not in TRUE + FALSE:

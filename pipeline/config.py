@@ -22,6 +22,8 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
+# The words a yes/no value takes from the environment or a file (NOWAIT=1, AUGMENT=off, ...).
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 COMPETITION = "digit-recognizer"
 
 
@@ -280,9 +282,9 @@ def coerce(f: Field[Any], value: Any, origin: str) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
+        if str(value).lower() in TRUE:
             return True
-        if str(value).lower() in ("0", "false", "no", "off"):
+        if str(value).lower() in FALSE:
             return False
     elif kind is str:
         if isinstance(value, str):
@@ -323,17 +325,3 @@ def describe_changes(config: dict[str, Any] | Settings) -> str:
     _, name, rest = best
     words = [f"preset={name}"] if name != "default" else []
     return " ".join(words + [f"{k}={v}" for k, v in rest.items()])
-
-
-def options_text() -> str:
-    """The options list of `make help`, one line per setting, from the declarations."""
-    lines = []
-    for f in fields(Settings):
-        default = f.default if not isinstance(f.default, bool) else int(f.default)
-        mark = "" if f.metadata["learns"] else "; not in the run id"
-        lines.append(f"  {f.name.upper():<16} {f.metadata['help']} (default {default}; {allowed(f)}{mark})")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # `make help` prints this without needing the virtual environment
-    print(options_text())

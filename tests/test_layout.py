@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "pipeline"
 # Each layer may import the layers after it, never one before it (cli wires the stages together).
-LAYERS = ["cli", "stages", "kaggle", "engine", "store", "page", "config", "errors"]
+LAYERS = ["cli", "stages", "tuning", "kaggle", "engine", "store", "page", "options", "config", "errors"]
 
 
 def layer_of(module: str) -> str:
@@ -21,8 +21,8 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
             if node.module == "pipeline":
                 found |= {f"pipeline.{alias.name}" for alias in node.names}
-            elif node.module.count(".") == 1 and layer_of(node.module) in ("stages", "engine", "store",
-                                                                           "kaggle"):
+            elif node.module.count(".") == 1 and layer_of(node.module) in ("stages", "tuning", "engine",
+                                                                           "store", "kaggle"):
                 found |= {f"{node.module}.{alias.name}" for alias in node.names}
             else:
                 found.add(node.module)

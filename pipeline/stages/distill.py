@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import Prepared, Pseudo, completed, read_probabilities, run_dir
+from pipeline.store import ensemble
+from pipeline.store.artifacts import Prepared, Pseudo, read_probabilities, run_dir
 
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -27,11 +28,11 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
 def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared) -> Pseudo:
     """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets."""
     teacher = run_dir(paths, cfg.teacher) if cfg.teacher else None
-    record = completed(teacher) if teacher is not None else None
+    record = ensemble.completed(teacher) if teacher is not None else None
     if teacher is None or record is None:
         raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "
                             f"{paths.runs}; `make runs` lists them")
-    if record.get("data") != data.data_key:
+    if record.data != data.data_key:
         raise PipelineError(f"TEACHER={cfg.teacher} was made from other data than input/*.csv now "
                             "hold; its test predictions are of other digits")
     ids, probs = read_probabilities(teacher.test, "ImageId")
@@ -41,8 +42,7 @@ def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared) -> Pseudo:
                             f"`make predict RUN={cfg.teacher} FORCE=1` remakes them")
     keep = probs.max(1) >= cfg.distill_threshold
     targets = temper(probs[keep] / probs[keep].sum(1, keepdims=True), cfg.distill_temperature)
-    accuracy = record.get("oof_acc_honest") or record.get("oof_acc")
-    print(f"distill: teacher {teacher.id} (OOF accuracy {accuracy:.4f}): {int(keep.sum())} of "
+    print(f"distill: teacher {teacher.id} (OOF accuracy {record.accuracy:.4f}): {int(keep.sum())} of "
           f"{len(keep)} test rows with confidence >= {cfg.distill_threshold:g}, temperature "
           f"{cfg.distill_temperature:g}")
-    return Pseudo(images=data.test_x[keep], targets=targets.astype(np.float32), key=str(record["key"]))
+    return Pseudo(images=data.test_x[keep], targets=targets.astype(np.float32), key=record.key)

@@ -16,11 +16,10 @@ from pathlib import Path
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
+from pipeline.options import SOURCES
 from pipeline.store import sample
 from pipeline.store.artifacts import SAMPLE_BANNER, data_source
 from pipeline.store.io import read_json, replace_together, staged_files, write_json
-
-SOURCES = ("auto", "kaggle", "dir", "sample")
 
 
 def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: bool = False,

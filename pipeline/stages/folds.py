@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import Prepared, folds_inputs, mark_current, read_folds, stale
+from pipeline.store.artifacts import Prepared, folds_inputs, mark_current, needs_rerun, read_folds
 from pipeline.store.io import write_csv
 
 
@@ -44,11 +44,9 @@ def run(cfg: Settings, paths: Paths, data: Prepared) -> np.ndarray:
                                 f"{len(data.train_y)} rows")
         found.append(fold_of)
 
-    why = stale(paths.folds_json, inputs, [paths.folds_csv], check)
-    if not why:
-        print(f"folds: skipped: {cfg.folds} folds (FOLD_SEED {cfg.fold_seed}) of the same data")
+    if not needs_rerun("folds:", paths.folds_json, inputs, [paths.folds_csv], check,
+                       current=f"{cfg.folds} folds (FOLD_SEED {cfg.fold_seed}) of the same data"):
         return found[0]
-    print(f"folds: reruns: {why}")
     fold_of = assign(data.train_y.astype(np.int64), cfg.folds, cfg.fold_seed)
     frame = pd.DataFrame({"row": np.arange(len(fold_of)), "label": data.train_y, "fold": fold_of})
     write_csv(paths.folds_csv, frame)

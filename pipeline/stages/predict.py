@@ -13,31 +13,26 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.config import Paths, Settings
 from pipeline.engine import checkpoint
 from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
 from pipeline.errors import PipelineError
+from pipeline.store import ensemble
 from pipeline.store.artifacts import (
     PROB_COLUMNS,
     SAMPLE_BANNER,
     Prepared,
     RunDir,
-    check_cv,
-    check_probabilities,
     data_source,
-    mark_current,
+    needs_rerun,
     read_probabilities,
-    stale,
     write_probabilities,
 )
-from pipeline.store.io import read_json, write_csv
+from pipeline.store.ensemble import RunRecord
 from pipeline.store.ledger import publish as make_current
-from pipeline.store.submission import validate_file, validate_frame
-
-RECORD_NUMBERS = ("oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished")
+from pipeline.store.submission import validate_file
 
 
 def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
@@ -47,49 +42,37 @@ def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
     return np.mean(np.stack(per_fold), axis=0)
 
 
-def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import log_loss as sk_log_loss
-
-    clipped = np.clip(probs, 1e-12, 1)
-    return float(sk_log_loss(labels, clipped / clipped.sum(1, keepdims=True), labels=list(range(10))))
-
-
 def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
-        folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> dict[str, Any]:
+        folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> RunRecord:
     """Predict with the run's finished folds unless current; publish its submission (unless not
     asked to: a tuning trial); returns the run's record. folds: the fold records train returned."""
     inputs = {"folds": [f["trained_at"] for f in folds], "tta": cfg.tta, "amp": cfg.amp,
               "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None}
-    outputs = [run.oof, run.test, run.cv, run.submission]
-    def check() -> None:
-        made = read_json(run.record)
-        missing = [k for k in RECORD_NUMBERS if not isinstance(made.get(k), int | float)]
-        if missing:
-            raise PipelineError(f"{run.record.name} lacks {', '.join(missing)}")
-        validate_file(run.submission, len(data.test_x))
-        check_probabilities(run, len(data.train_y), len(data.test_x))
-        check_cv(run.cv, cfg.folds)
 
-    why = "FORCE=1" if force else stale(run.record, inputs, outputs, check=check)
-    if why:
-        print(f"predict: {run.id} reruns: {why}")
-        record = mark_current(run.record, inputs, **_predict(cfg, paths, run, data, fold_of, folds))
-    else:
-        record = read_json(run.record)
-        print(f"predict: {run.id} skipped: its folds and TTA={cfg.tta} are unchanged")
+    def check() -> None:
+        ensemble.read(run)
+        validate_file(run.submission, len(data.test_x))
+        ensemble.check_probabilities(run, len(data.train_y), len(data.test_x))
+        ensemble.check_cv(run.cv, cfg.folds)
+
+    why = needs_rerun(f"predict: {run.id}", run.record, inputs, [run.oof, run.test, run.cv,
+                      run.submission], check=check, force=force,
+                      current=f"its folds and TTA={cfg.tta} are unchanged")
+    record = ensemble.finish(run, inputs, _predict(cfg, paths, run, data, fold_of, folds)) if why \
+        else ensemble.read(run)
     if not publish:
         return record
-    kept = make_current(paths, run, record, len(data.test_x), new=bool(why))
-    tta = f", with TTA={cfg.tta} {record['oof_acc_tta']:.4f}" if record.get("oof_acc_tta") else ""
-    print(f"predict: {run.id}: OOF accuracy {record['oof_acc']:.4f}{tta}; wrote {paths.submission_csv} "
-          f"(kept as {kept.relative_to(paths.root)})")
-    if record.get("source") == "sample":
+    record = make_current(paths, run, record, len(data.test_x), new=bool(why))
+    tta = f", with TTA={cfg.tta} {record.oof_acc_tta:.4f}" if record.oof_acc_tta is not None else ""
+    print(f"predict: {run.id}: OOF accuracy {record.oof_acc:.4f}{tta}; wrote {paths.submission_csv} "
+          f"(kept as submissions/{record.kept})")
+    if record.source == "sample":
         print(SAMPLE_BANNER)
     return record
 
 
 def _predict(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
-             folds: list[dict[str, Any]]) -> dict[str, Any]:
+             folds: list[dict[str, Any]]) -> RunRecord:
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     test_images = torch.from_numpy(data.test_x).to(device)
@@ -106,35 +89,25 @@ def _predict(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: 
             held_out = torch.from_numpy(data.train_x[rows]).to(device)
             guess = predict_log_proba(model, held_out, run_cfg, tta=cfg.tta, seed=cfg.seed).argmax(1)
             tta_correct += int((guess.cpu().numpy() == data.train_y[rows]).sum())
-    ensemble = average_probabilities(per_fold)
-    frame = pd.DataFrame({"ImageId": np.arange(1, len(ensemble) + 1),
-                          "Label": ensemble.argmax(1).astype(np.int64)})
-    validate_frame(frame, expected_rows=len(data.test_x), where="predict")
-    oof = gather_oof(run, len(folds), data.train_y)
+    test = average_probabilities(per_fold)
     labels = data.train_y.astype(np.int64)
-    oof_acc = float((oof.argmax(1) == labels).mean())
-    cv = cv_table(folds, oof, labels, fold_of)
-
-    ids = {"ImageId": frame["ImageId"].to_numpy()}
+    oof = gather_oof(run, len(folds), labels)
     for k, probs in enumerate(per_fold):
-        write_probabilities(run.test_fold(k), probs, ids)
-    write_probabilities(run.oof, oof, {"row": np.arange(len(labels)), "label": labels})
-    write_probabilities(run.test, ensemble, ids)
-    write_csv(run.cv, cv)
-    write_csv(run.submission, frame)
+        write_probabilities(run.test_fold(k), probs, {"ImageId": np.arange(1, len(probs) + 1)})
+    cv = ensemble.write(run, oof, test, labels, fold_of, fold_facts=folds)
     seconds = time.perf_counter() - started
     print(summary_table(cv, folds))
-    print(f"predict: {len(folds)} folds on {describe(device)}, {len(ensemble)} test images in "
+    print(f"predict: {len(folds)} folds on {describe(device)}, {len(test)} test images in "
           f"{seconds:.1f}s")
-    valid = [f["valid_acc"] for f in folds]
-    return {"complete": True, "kind": "run", "model": trained.model, "config": {**cfg.learned(),
-            "tta": cfg.tta}, "oof_acc": oof_acc, "oof_loss": log_loss(oof, labels),
-            "oof_acc_tta": tta_correct / len(labels) if cfg.tta else None, "tta": cfg.tta,
-            "fold_min": min(valid), "fold_max": max(valid), "data": data.data_key,
-            "folds": cfg.folds, "fold_seed": cfg.fold_seed, "seed": cfg.seed, "device": folds[0]["device"],
-            "train_seconds": sum(f["seconds"] for f in folds), "seconds": sum(
-                f["seconds"] for f in folds) + seconds, "source": data_source(paths),
-            "finished": time.time()}
+    train_seconds = sum(f["seconds"] for f in folds)
+    low, high = ensemble.fold_range(cv)
+    return RunRecord(
+        kind="run", model=trained.model, oof_acc=ensemble.accuracy(oof, labels),
+        oof_loss=ensemble.log_loss(oof, labels), fold_min=low, fold_max=high,
+        seconds=train_seconds + seconds, finished=time.time(), data=data.data_key, folds=cfg.folds,
+        fold_seed=cfg.fold_seed, source=data_source(paths), device=folds[0]["device"],
+        config={**cfg.learned(), "tta": cfg.tta}, seed=cfg.seed, tta=cfg.tta,
+        oof_acc_tta=tta_correct / len(labels) if cfg.tta else None, train_seconds=train_seconds)
 
 
 def gather_oof(run: RunDir, n_folds: int, train_y: np.ndarray) -> np.ndarray:
@@ -150,24 +123,10 @@ def gather_oof(run: RunDir, n_folds: int, train_y: np.ndarray) -> np.ndarray:
     return oof
 
 
-def cv_table(folds: list[dict[str, Any]], oof: np.ndarray, labels: np.ndarray,
-             fold_of: np.ndarray) -> pd.DataFrame:
-    """Per-fold best epoch, loss, accuracy and time, and the overall out-of-fold row."""
-    rows = [{"fold": str(f["fold"]), "best_epoch": f["best_epoch"], "valid_loss": f["valid_loss"],
-             "valid_acc": f["valid_acc"], "seconds": round(f["seconds"], 2),
-             "rows": int((fold_of == f["fold"]).sum())} for f in folds]
-    rows.append({"fold": "all", "best_epoch": "", "valid_loss": log_loss(oof, labels),
-                 "valid_acc": float((oof.argmax(1) == labels).mean()),
-                 "seconds": round(sum(f["seconds"] for f in folds), 2), "rows": len(labels)})
-    return pd.DataFrame(rows)
-
-
-def summary_table(cv: pd.DataFrame, folds: list[dict[str, Any]]) -> str:
+def summary_table(cv: Any, folds: list[dict[str, Any]]) -> str:
     """The run at a glance: per fold and overall accuracy, loss, time and device."""
     devices = [f["device"] for f in folds]
     table = cv.assign(device=[*devices, ", ".join(sorted(set(devices)))])
     table["valid_loss"] = table["valid_loss"].map("{:.4f}".format)
     table["valid_acc"] = table["valid_acc"].map("{:.4f}".format)
     return table.to_string(index=False)
-
-

@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import PIXELS, Prepared, load_prepared, save_prepared, stale
+from pipeline.store.artifacts import PIXELS, Prepared, load_prepared, needs_rerun, save_prepared
 
 _DIGITS_AND_SEPARATORS = b"0123456789,\r\n"
 _PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths strip it the same way
@@ -373,11 +373,9 @@ def run(paths: Paths, force: bool = False) -> Prepared:
     inputs = _inputs(paths)
     record = paths.prepared / "meta.json"
     data: list[Prepared] = []
-    why = "FORCE=1" if force else stale(record, inputs, check=lambda: data.append(load_prepared(paths)))
-    if not why:
-        print("prepare: skipped: train.csv and test.csv unchanged")
+    if not needs_rerun("prepare:", record, inputs, check=lambda: data.append(load_prepared(paths)),
+                       force=force, current="train.csv and test.csv unchanged"):
         return data[0]
-    print(f"prepare: reruns: {why}")
     _check_writable(paths.prepared)
     # pandas' parser releases the GIL, so the two files are read at once (faster on 2 cores);
     # train.csv's problem, if any, is the one reported. pandas is imported once, before the threads.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.page import CSS
 from pipeline.page import pyplot as _pyplot
-from pipeline.store.artifacts import PROB_COLUMNS, RunDir, check_cv, completed, load_prepared
+from pipeline.store import ensemble
+from pipeline.store.artifacts import PROB_COLUMNS, RunDir, load_prepared
+from pipeline.store.ensemble import RunRecord
 from pipeline.store.io import atomic_path, atomic_write_text, read_json
 from pipeline.store.ledger import format_seconds
 
@@ -41,12 +43,11 @@ class Run:
     oof: pd.DataFrame  # row, label, p0..p9 of every train row, sorted by row
     train_x: np.ndarray  # uint8 (N, 28, 28)
     train_y: np.ndarray  # uint8 (N,)
-    test_pred: np.ndarray | None  # predicted test labels, None when no test predictions exist
+    test_pred: np.ndarray  # predicted test labels (test.csv's most likely digits)
     test_from: str  # which files test_pred came from
     source: str  # where input/ came from: kaggle, dir, sample or unknown
-    ensemble: dict[str, Any]  # the run's run.json
+    record: RunRecord  # the run's run.json
     name: str = ""  # the run's id
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def folds(self) -> list[int]:
@@ -73,28 +74,27 @@ def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
 
 def load_run(paths: Paths, run: RunDir) -> Run:
     """Read a run's files; a clear PipelineError when it is missing or incomplete."""
-    record = completed(run)
+    record = ensemble.completed(run)
     if record is None:
         raise PipelineError(f"RUN={run.id}: no complete run of that name in {paths.runs} (`make runs` "
                             "lists them)")
     data = load_prepared(paths)
-    if record.get("data") != data.data_key:
+    if record.data != data.data_key:
         raise PipelineError(f"RUN={run.id} was made from other data than input/*.csv now hold, so "
                             "its mistakes cannot be drawn from them")
     if not run.cv.is_file():
         _read_csv(run.cv, "the cross-validation table")  # names the missing file
-    n_folds = record.get("folds") if record.get("kind") != "blend" else None
-    cv = check_cv(run.cv, n_folds if isinstance(n_folds, int) else None)
+    cv = ensemble.check_cv(run.cv, None if record.is_blend else record.folds)
     folds = [int(f) for f in cv["fold"] if f != "all"]
     histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
-                 if record.get("kind") != "blend"}
+                 if not record.is_blend}
     oof = _read_csv(run.oof, "out-of-fold predictions").sort_values("row", ignore_index=True)
     _check_oof(run, oof, data.train_y)
     test_pred = _read_csv(run.test, "test predictions")[PROB_COLUMNS].to_numpy().argmax(1)
-    config = record.get("config") or read_json(run.config) or {}
+    config = record.config or read_json(run.config) or {}
     return Run(cv=cv, config=config, histories=histories, oof=oof, train_x=data.train_x,
                train_y=data.train_y, test_pred=test_pred, test_from=f"runs/{run.id}/test.csv",
-               source=str(record.get("source", "unknown")), ensemble=record, name=run.id)
+               source=record.source, record=record, name=run.id)
 
 
 def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
@@ -142,14 +142,13 @@ def confident_mistakes(oof: pd.DataFrame, limit: int = MISTAKES) -> pd.DataFrame
     return wrong.sort_values(["confidence", "row"], ascending=[False, True]).head(limit)
 
 
-def class_balance(train_y: np.ndarray, test_pred: np.ndarray | None) -> pd.DataFrame:
+def class_balance(train_y: np.ndarray, test_pred: np.ndarray) -> pd.DataFrame:
     """The share of each class in the train labels and in the test predictions."""
-    train = np.bincount(np.asarray(train_y, np.int64), minlength=CLASSES) / max(len(train_y), 1)
-    frame = pd.DataFrame({"class": np.arange(CLASSES), "train": train})
-    if test_pred is not None:
-        frame["test predicted"] = (np.bincount(np.asarray(test_pred, np.int64), minlength=CLASSES)
-                                   / max(len(test_pred), 1))
-    return frame
+    def share(labels: np.ndarray) -> np.ndarray:
+        return np.bincount(np.asarray(labels, np.int64), minlength=CLASSES) / max(len(labels), 1)
+
+    return pd.DataFrame({"class": np.arange(CLASSES), "train": share(train_y),
+                         "test predicted": share(test_pred)})
 
 
 def changed_config(config: dict[str, Any]) -> dict[str, bool]:
@@ -309,31 +308,27 @@ def config_table(config: dict[str, Any]) -> str:
 def _summary(run: Run, paths: Paths) -> str:
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
-    record = run.ensemble
-    kept = record.get("kept", "")
+    record = run.record
     facts = [("run", run.name), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
-             ("model", str(record.get("model", "?"))), ("train rows", str(len(run.train_y))),
-             ("data source", run.source), ("device", str(record.get("device", ""))),
-             ("time", format_seconds(record.get("seconds")))]
-    if record.get("kind") == "blend":  # the honest figure first, as make runs shows it
-        facts[1] = ("OOF accuracy", f"{record['oof_acc_honest']:.4f} honest (selection refitted "
+             ("model", record.model), ("train rows", str(len(run.train_y))),
+             ("data source", run.source), ("device", record.device),
+             ("time", format_seconds(record.seconds))]
+    if record.is_blend:  # the honest figure first, as make runs shows it
+        facts[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
                     f"without each fold; in-sample {acc:.4f})")
-        facts.append(("members", ", ".join(f"{k} x{v}" for k, v in record["weights"].items())))
-    if kept:
-        facts.append(("submission", f"submissions/{kept}"))
+        facts.append(("members", record.members()))
+    if record.kept:
+        facts.append(("submission", f"submissions/{record.kept}"))
     items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in facts)
     return f"<ul>{items}</ul>"
 
 
 def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.DataFrame,
            mistakes: pd.DataFrame) -> str:
-    warnings = list(run.warnings)
-    if run.source == "sample":
-        warnings.insert(0, "This run used the built-in SAMPLE (scikit-learn's digits), not the "
-                        "competition data: its numbers say nothing about the leaderboard.")
-    warn = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in warnings)
-    balance_note = (f"Test predictions: {html.escape(run.test_from)}." if run.test_pred is not None
-                    else "No test predictions found; the chart shows the train labels only.")
+    warn = ("<p class=warn>This run used the built-in SAMPLE (scikit-learn's digits), not the "
+            "competition data: its numbers say nothing about the leaderboard.</p>"
+            if run.source == "sample" else "")
+    balance_note = f"Test predictions: {html.escape(run.test_from)}."
 
     def img(key: str, alt: str) -> str:
         return f'<img src="{html.escape(images[key])}" alt="{html.escape(alt)}">'
@@ -388,11 +383,47 @@ def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
     }
     page = out / "index.html"
     atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
-    for warning in data.warnings:
-        print(f"report: warning: {warning}")
     accuracy = f"{np.trace(matrix) / matrix.sum():.4f}"
-    if data.ensemble.get("kind") == "blend":
-        accuracy = f"{data.ensemble['oof_acc_honest']:.4f} honest, {accuracy} in-sample"
+    if data.record.is_blend:
+        accuracy = f"{data.record.accuracy:.4f} honest, {accuracy} in-sample"
     print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
           f"{time.perf_counter() - started:.1f}s (OOF accuracy {accuracy})")
     return page
+
+
+# -- a tuning study --------------------------------------------------------------------------------
+
+def draw_study(paths: Paths, study: str, url: str | None) -> Path:
+    """reports/study-<name>/index.html: the optimisation history and the parameter importances,
+    drawn by Optuna's own matplotlib plots."""
+    from optuna.visualization import matplotlib as plots
+
+    from pipeline.tuning.study import load, status
+
+    made = load(paths, study, url)
+    text = status(paths, study, url, made)
+    plt = _pyplot()
+    out = paths.reports / f"study-{study}"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, draw in (("history", plots.plot_optimization_history),
+                       ("importances", plots.plot_param_importances)):
+        try:
+            axes = draw(made)
+        except (ValueError, RuntimeError) as exc:  # importances need two complete trials and more
+            figures.append(f"<p>{name}: not drawn yet ({html.escape(str(exc))})</p>")
+            continue
+        axes.figure.set_size_inches(8, 4.5)
+        axes.figure.tight_layout()
+        axes.figure.savefig(out / f"{name}.png", dpi=100)
+        plt.close(axes.figure)
+        figures.append(f'<h2>{name}</h2><img src="{name}.png" alt="{name}">')
+    page = out / "index.html"
+    atomic_write_text(page, f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>digits: study {html.escape(study)}</title>
+<style>{CSS}</style></head><body><h1>Study {html.escape(study)}</h1>
+<pre>{html.escape(text)}</pre>{''.join(figures)}</body></html>
+""")
+    print(f"report: study {study}: wrote {page}")
+    return page
+

@@ -9,14 +9,14 @@ from typing import Any
 
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import STUDIES, RunDir, all_runs, completed, latest, run_dir
+from pipeline.options import FORMATS, SORTS
+from pipeline.store import ensemble
+from pipeline.store.artifacts import STUDIES, RunDir, all_runs, latest, run_dir
 from pipeline.store.io import read_json
 from pipeline.store.ledger import format_seconds, format_table, leaderboard_by_run, score_text
 
 COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")
-SORTS = ("acc", "time")
-FORMATS = ("table", "csv")
 
 
 def size_text(size: int) -> str:
@@ -34,10 +34,9 @@ def rows(paths: Paths, sort: str = "acc") -> list[dict[str, Any]]:
     for run in all_runs(paths):
         try:
             out.append(_row(run, board))
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        except PipelineError as exc:
             # One damaged folder is named, and the others are still shown.
-            problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-            print(f"runs: {run.id}: damaged record ({problem}); `make predict RUN={run.id} FORCE=1` "
+            print(f"runs: {run.id}: damaged record ({exc}); `make predict RUN={run.id} FORCE=1` "
                   f"remakes it, `make forget RUN={run.id}` deletes it", file=sys.stderr)
             out.append({**dict.fromkeys(COLUMNS, ""), "run": run.id, "size": size_text(run.size()),
                         "finished": "(damaged record)", "_acc": -2.0, "_time": 0.0})
@@ -46,35 +45,32 @@ def rows(paths: Paths, sort: str = "acc") -> list[dict[str, Any]]:
 
 
 def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
-    """The table's row of one run folder; KeyError, TypeError or ValueError when its record is damaged."""
-    record = completed(run)
+    """The table's row of one run folder; a PipelineError when its record is damaged."""
+    record = ensemble.completed(run)
     config = read_json(run.config) or {}
     if not isinstance(config, dict):
-        raise ValueError(f"{run.config.name} is not a table of settings")
+        raise PipelineError(f"{run.config.name} is not a table of settings")
     if record is None:
         return {"run": run.id, "model": config.get("model", ""), "changed settings":
                 describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
                 "fold spread": "", "time": "", "device": "", "source": "",
                 "size": size_text(run.size()), "finished": "(not complete)", "_acc": -1.0,
                 "_time": 0.0}
-    if record.get("kind") == "blend":
-        changed = "blend: " + " ".join(f"{k} x{v}" for k, v in record["weights"].items())
-        acc = f"{record['oof_acc_honest']:.4f} (in-sample {record['oof_acc']:.4f})"
-        key_acc = float(record["oof_acc_honest"])
+    if record.is_blend:
+        changed = "blend: " + record.members().replace(", ", " ")
+        acc = f"{record.accuracy:.4f} (in-sample {record.oof_acc:.4f})"
     else:
-        changed = describe_changes(record.get("config", {})) or "(defaults)"
-        acc = f"{record['oof_acc']:.4f}"
-        if record.get("oof_acc_tta") is not None:
-            acc += f" ({record['oof_acc_tta']:.4f} with TTA={record.get('tta')})"
-        key_acc = float(record["oof_acc"])
-    finished = datetime.fromtimestamp(record.get("finished", 0)).strftime("%Y-%m-%d %H:%M")
-    return {"run": run.id, "model": record.get("model", ""), "changed settings": changed,
-            "OOF acc": acc, "LB": score_text(board.get(run.id)),
-            "log loss": f"{record.get('oof_loss', float('nan')):.4f}",
-            "fold spread": f"{record['fold_min']:.4f}-{record['fold_max']:.4f}",
-            "time": format_seconds(record.get("seconds")), "device": record.get("device", ""),
-            "source": record.get("source", ""), "size": size_text(run.size()),
-            "finished": finished, "_acc": key_acc, "_time": float(record.get("finished", 0))}
+        changed = describe_changes(record.config) or "(defaults)"
+        acc = f"{record.oof_acc:.4f}"
+        if record.oof_acc_tta is not None:
+            acc += f" ({record.oof_acc_tta:.4f} with TTA={record.tta})"
+    finished = datetime.fromtimestamp(record.finished).strftime("%Y-%m-%d %H:%M")
+    return {"run": run.id, "model": record.model, "changed settings": changed,
+            "OOF acc": acc, "LB": score_text(board.get(run.id)), "log loss": f"{record.oof_loss:.4f}",
+            "fold spread": f"{record.fold_min:.4f}-{record.fold_max:.4f}",
+            "time": format_seconds(record.seconds), "device": record.device,
+            "source": record.source, "size": size_text(run.size()),
+            "finished": finished, "_acc": record.accuracy, "_time": record.finished}
 
 
 def table(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Paths, Settings, fingerprint
+from pipeline.config import Paths, Settings, fingerprint, resolve
 from pipeline.engine import checkpoint
 from pipeline.engine.augment import augment
 from pipeline.engine.models import build_model
@@ -40,9 +40,9 @@ from pipeline.store.artifacts import (
     digest,
     load_prepared,
     mark_current,
+    needs_rerun,
     read_folds,
     read_probabilities,
-    stale,
     write_probabilities,
 )
 from pipeline.store.io import read_json, write_csv, write_json
@@ -268,10 +268,11 @@ def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best:
     return record
 
 
-def fold_stale(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | None = None) -> str:
-    """'' when the fold's finished model, its out-of-fold predictions and record are current, and
-    the model held out exactly the rows the folds give this fold now (a model trained on other
-    folds is never current)."""
+def fold_stale(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | None = None,
+               force: bool = False) -> str:
+    """Why the fold must be trained (said in one line), '' when its finished model, its out-of-fold
+    predictions and record are current and the model held out exactly the rows the folds give this
+    fold now (a model trained on other folds is never current)."""
 
     def check() -> None:
         checkpoint.model_from(run.model(fold))
@@ -280,8 +281,9 @@ def fold_stale(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | Non
             raise PipelineError(f"{run.oof_fold(fold).name}: trained on other folds than "
                                 f"{len(np.unique(fold_of))} folds of input/folds.csv give")
 
-    return stale(run.fold_record(fold), fold_inputs(run, fold, pseudo),
-                 [run.model(fold), run.oof_fold(fold)], check=check)
+    return needs_rerun(f"train: fold {fold}", run.fold_record(fold), fold_inputs(run, fold, pseudo),
+                       [run.model(fold), run.oof_fold(fold)], check=check, force=force,
+                       current="its model is current")
 
 
 def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
@@ -315,9 +317,7 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
     check_settings(cfg, fold_of)
     todo = []
     for k in folds:
-        why = "FORCE=1" if force else fold_stale(run_dir, k, fold_of, pseudo)
-        print(f"train: fold {k} " + (f"reruns: {why}" if why else "skipped: its model is current"))
-        if why:
+        if fold_stale(run_dir, k, fold_of, pseudo, force=force):
             todo.append(k)
     if todo:
         _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch, pseudo)
@@ -373,5 +373,6 @@ def _fold_worker(cfg_fields: dict[str, Any], root: str, run_id: str, fold: int, 
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
     paths = Paths(Path(root))
-    return train_fold(Settings(**cfg_fields), RunDir(paths.runs / run_id), fold, load_prepared(paths),
+    # The settings come from another process: checked as the command line checks them.
+    return train_fold(resolve(overrides=cfg_fields), RunDir(paths.runs / run_id), fold, load_prepared(paths),
                       read_folds(paths), torch.device(device), position, pseudo=pseudo)

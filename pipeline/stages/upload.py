@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.store import ledger
-from pipeline.store.artifacts import data_source, latest
+from pipeline.store.artifacts import data_source, latest, run_dir
 from pipeline.store.io import read_json
 from pipeline.store.submission import COMPETITION_TEST_ROWS, validate_file
 
@@ -122,8 +122,9 @@ def _format(rows: list[dict[str, Any]], fmt: str) -> str:
 def _refuse_sample(paths: Paths) -> None:
     """The submission's data must not be the built-in sample, by either record of where it came from."""
     name = latest(paths)
-    made = read_json(paths.runs / name / "run.json") if name else None
     records = {str(paths.source_json): data_source(paths)}
+    # Read as plain JSON, not as a RunRecord: even a damaged record that says "sample" stops it.
+    made = read_json(run_dir(paths, name).record) if name else None
     if isinstance(made, dict):
         records[f"runs/{name}/run.json"] = str(made.get("source"))
     for where, source in records.items():

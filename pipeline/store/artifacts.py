@@ -3,7 +3,7 @@
 The rule: an output records the inputs it was made from (a small dict) in a JSON record; a stage
 reruns when the record is missing, its inputs differ from the current ones, an output file is
 missing, or an output fails its check (damaged). `stale()` answers with the reason in words, which
-the stage prints in one line. Prepare, folds, train, predict and blend all use it.
+needs_rerun() prints in one line. Prepare, folds, train, predict and blend all use it.
 
 Layout:
     input/prepared/{train_x,train_y,test_x}.npy + meta.json     the pixel cache (prepare)
@@ -67,6 +67,17 @@ def stale(record: Path, inputs: dict[str, Any], outputs: Iterable[Path] = (),
         except PipelineError as exc:
             return f"damaged ({exc})"
     return ""
+
+
+def needs_rerun(said: str, record: Path, inputs: dict[str, Any], outputs: Iterable[Path] = (),
+                check: Callable[[], None] | None = None, force: bool = False,
+                current: str = "current") -> str:
+    """The rule as every stage applies it: why the outputs must be made again ('' when they are
+    current: FORCE=1 is a reason too), said in one line, `<said> reruns: <why>` or
+    `<said> skipped: <current>`. The stage then makes them and marks them with mark_current."""
+    why = "FORCE=1" if force else stale(record, inputs, outputs, check=check)
+    print(f"{said} reruns: {why}" if why else f"{said} skipped: {current}")
+    return why
 
 
 def mark_current(record: Path, inputs: dict[str, Any], **facts: Any) -> dict[str, Any]:
@@ -270,55 +281,6 @@ def all_runs(paths: Paths) -> list[RunDir]:
         return []
     return sorted((RunDir(p) for p in paths.runs.iterdir()
                    if p.is_dir() and NAME.fullmatch(p.name) and p.name != STUDIES), key=lambda r: r.id)
-
-
-def completed(run: RunDir) -> dict[str, Any] | None:
-    """A run's record when its predictions are complete and all its files are there, else None."""
-    record = read_json(run.record)
-    if not isinstance(record, dict) or not record.get("complete"):
-        return None
-    if not all(p.is_file() for p in (run.oof, run.test, run.submission)):
-        return None
-    return record
-
-
-def check_probabilities(run: RunDir, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
-    """A run's out-of-fold and test probabilities, (n_train, 10) and (n_test, 10). oof.csv must hold
-    every train row once, in order, and test.csv every test row, all finite; else a PipelineError
-    saying how to remake them (a truncated file is damaged too)."""
-    fix = f"`make predict RUN={run.id} FORCE=1` remakes it" if not run.id.startswith("blend-") else \
-        "`make blend FORCE=1` with its runs remakes it"
-    found = []
-    for path, index, n in ((run.oof, "row", n_train), (run.test, "ImageId", n_test)):
-        ids, probs = read_probabilities(path, index)
-        first = 0 if index == "row" else 1
-        if len(ids) != n or not np.array_equal(ids, np.arange(first, n + first)):
-            raise PipelineError(f"{path}: {len(ids)} rows, not the {n} rows of the data in order "
-                                f"(truncated or damaged); {fix}")
-        if not np.isfinite(probs).all():
-            raise PipelineError(f"{path}: holds values that are not numbers; {fix}")
-        found.append(probs)
-    return found[0], found[1]
-
-
-def check_cv(path: Path, n_folds: int | None = None) -> Any:
-    """cv.csv as a table: a row per fold 0..k-1 (k = n_folds when given), then the row `all`, with
-    numeric valid_loss and valid_acc; else a PipelineError saying how to remake it."""
-    import pandas as pd
-
-    fix = f"`make predict RUN={path.parent.name} FORCE=1` remakes it"
-    try:
-        cv = pd.read_csv(path, dtype={"fold": str})
-        folds = list(cv["fold"])
-        numbers = cv[["valid_loss", "valid_acc"]].to_numpy(dtype=np.float64)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not a readable cross-validation table ({exc}); {fix}") from exc
-    k = len(folds) - 1 if n_folds is None else n_folds
-    if folds != [str(f) for f in range(k)] + ["all"] or not np.isfinite(numbers).all():
-        raise PipelineError(f"{path}: expected a row for each of folds 0 to {k - 1}, then `all`, "
-                            f"with numbers; found folds {', '.join(map(str, folds)) or 'none'} "
-                            f"(truncated or damaged); {fix}")
-    return cv
 
 
 def set_latest(paths: Paths, name: str) -> None:

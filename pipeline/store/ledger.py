@@ -23,14 +23,17 @@ import io
 import json
 import os
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Paths, changed_settings
 from pipeline.errors import PipelineError
+from pipeline.store import ensemble
 from pipeline.store.artifacts import RunDir, latest, set_latest
-from pipeline.store.io import write_csv, write_json
+from pipeline.store.ensemble import RunRecord
+from pipeline.store.io import write_csv
 from pipeline.store.submission import validate_file
 
 
@@ -101,12 +104,6 @@ def read(paths: Paths) -> tuple[list[dict[str, Any]], int]:
         else:
             skipped += 1
     return entries, skipped
-
-
-def find(paths: Paths, submission: str) -> dict[str, Any] | None:
-    """The recorded run that wrote the kept submission of that file name (the latest if several)."""
-    matches = [e for e in run_entries(paths) if e.get("submission") == submission]
-    return matches[-1] if matches else None
 
 
 def run_entries(paths: Paths) -> list[dict[str, Any]]:
@@ -198,10 +195,11 @@ def format_seconds(seconds: Any) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def publish(paths: Paths, run: RunDir, record: dict[str, Any], expected_rows: int,
-            new: bool) -> Path:
+def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
+            new: bool) -> RunRecord:
     """Make the run's submission the current one (submissions/submission.csv) after checking it
-    against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl."""
+    against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl.
+    Returns the record, naming its kept copy."""
     frame = validate_file(run.submission, expected_rows)
     outputs = [paths.submission_csv]
     if paths.also_submit is not None and paths.also_submit.resolve() != paths.submissions.resolve():
@@ -211,22 +209,19 @@ def publish(paths: Paths, run: RunDir, record: dict[str, Any], expected_rows: in
             write_csv(output, frame)
             if output != paths.submission_csv:
                 print(f"submission: also written to {output} (the notebook's output)")
-    kept = paths.submissions / str(record.get("kept", ""))
-    if new or not record.get("kept") or not kept.is_file():
-        acc = record.get("oof_acc_honest", record["oof_acc"])
-        mark = f"-tta{record['tta']}" if record.get("tta") else ""
-        kept = _unique(paths.submissions / f"{time.strftime('%Y%m%d-%H%M%S')}-{record['model']}"
-                       f"-cv{acc:.4f}{mark}.csv")
+    if new or not record.kept or not (paths.submissions / record.kept).is_file():
+        mark = f"-tta{record.tta}" if record.tta else ""
+        kept = _unique(paths.submissions / f"{time.strftime('%Y%m%d-%H%M%S')}-{record.model}"
+                       f"-cv{record.accuracy:.4f}{mark}.csv")
         write_csv(kept, frame)
-        record["kept"] = kept.name
-        write_json(run.record, record)
-        add(paths, {"run": run.id, "model": record["model"], "config": record.get("config", {}),
-                    "oof_acc": record["oof_acc"], "oof_acc_tta": record.get("oof_acc_tta"),
-                    "oof_acc_honest": record.get("oof_acc_honest"), "tta": record.get("tta", 0),
-                    "seconds": record.get("seconds"), "device": record.get("device", ""),
-                    "submission": kept.name, "source": record.get("source", "")})
+        record = ensemble.save(run, replace(record, kept=kept.name))
+        add(paths, {"run": run.id, "model": record.model, "config": record.config,
+                    "oof_acc": record.oof_acc, "oof_acc_tta": record.oof_acc_tta,
+                    "oof_acc_honest": record.oof_acc_honest, "tta": record.tta,
+                    "seconds": record.seconds, "device": record.device,
+                    "submission": kept.name, "source": record.source})
     set_latest(paths, run.id)
-    return kept
+    return record
 
 
 def _unique(target: Path) -> Path:

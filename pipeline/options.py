@@ -1,0 +1,222 @@
+"""The options that are not settings (RUN, RUNS, MEAN, STUDY, FORCE, SOURCE, ...), declared once.
+
+The command line's parser (pipeline/cli.py), `make help` and the README's option table all come
+from OPTIONS here and from the settings in pipeline/config.py; a test compares the README with
+markdown(). Standard library only: `make help` runs before the virtual environment exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PRESETS, ROOT, Settings, allowed
+
+SOURCES = ("auto", "kaggle", "dir", "sample")
+MEANS = ("prob", "logprob")
+PRUNERS = ("median", "wilcoxon", "none")
+SORTS = ("acc", "time")
+FORMATS = ("table", "csv")
+
+# The stages that build the data first (download -> prepare), and those that take settings.
+DATA_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend",
+               "report", "tune")
+SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune")
+EVERY = "every command"  # an option of the command line itself, before the stage
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its help, the stages that take it (each with its own words, or "" for the
+    help as it is), its default, type and allowed values. Its make variable is NAME.upper()."""
+
+    name: str
+    help: str
+    stages: dict[str, str]
+    default: Any = None
+    type: type = str
+    choices: tuple[str, ...] | None = None
+    flag: bool = False  # given or not: --force, FORCE=1
+    make: bool = True  # also a make variable (NAME=value); False: the command line's only
+    # A stage whose default differs (report: STUDY draws a study only when given).
+    stage_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def default_in(self, stage: str) -> Any:
+        return self.stage_defaults.get(stage, self.default)
+
+
+def _each(stages: tuple[str, ...]) -> dict[str, str]:
+    return dict.fromkeys(stages, "")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("source", "where the CSVs come from when input/ has none", _each(DATA_STAGES),
+           default="auto", choices=SOURCES),
+    Option("dir", "the folder holding train.csv and test.csv (with SOURCE=dir)", _each(DATA_STAGES),
+           type=Path),
+    Option("timeout", "seconds to wait for Kaggle before giving up",
+           _each((*DATA_STAGES, "upload", "lb")), default=300.0, type=float),
+    Option("force", "do it again even if current", {
+        "download": "fetch again even if the files exist",
+        "prepare": "rebuild the cache even if current",
+        "train": "retrain even the folds that are current (an interrupted retrain resumes)",
+        "predict": "predict again even if current",
+        "submit": "download the CSVs again even if present",
+        "blend": "blend again even if current"}, flag=True),
+    Option("config", "a TOML or JSON file of settings (a run's runs/<id>/config.json works)",
+           _each(SETTINGS_STAGES), type=Path),
+    Option("preset", "a named recipe: 'tutorial' reproduces the tutorial's settings, 'tuned' is the "
+           "best one-way vanilla RNN `make tune` found", _each(SETTINGS_STAGES), choices=tuple(PRESETS)),
+    Option("fold", "train only this fold (0-based)", {"train": ""}, type=int),
+    Option("run", "a run, by id (`make runs` lists them)", {
+        "train": "the run to train (its settings)",
+        "predict": "the run to predict with",
+        "distill": "the distilled run to finish",
+        "report": "the run to draw (default: the latest)",
+        "forget": "the run to delete (required)"}),
+    Option("runs", "the runs to blend, by id, separated by spaces (default: every completed run on "
+           "the current data and folds)", {"blend": ""}),
+    Option("mean", "average log-probabilities (logprob: it blended better out of fold) or "
+           "probabilities (prob)", {"blend": ""}, default="logprob", choices=MEANS),
+    Option("study", "the tuning study's name", {
+        "tune": "", "tune-status": "", "report": "draw this tuning study instead of a run"},
+           default="rnn", stage_defaults={"report": None}),
+    Option("storage", "an Optuna database URL shared by several machines, e.g. "
+           "postgresql://user:pass@host/db (default: a journal in runs/tune/<study>/)",
+           _each(("tune", "tune-status", "report"))),
+    Option("trials", "run until the study has this many finished trials", {"tune": ""}, default=20,
+           type=int),
+    Option("workers", "trial processes on this machine", {"tune": ""}, default=1, type=int),
+    Option("space", "the search space (default: tune.toml)", {"tune": ""}, type=Path),
+    Option("tune_folds", "score trials on their first k folds only (0: all folds)", {"tune": ""},
+           default=0, type=int),
+    Option("pruner", "how hopeless trials are stopped", {"tune": ""}, default="median",
+           choices=PRUNERS),
+    Option("sort", "best OOF accuracy first (acc) or newest first (time)", {"runs": ""},
+           default="acc", choices=SORTS),
+    Option("format", "a table, or csv for a spreadsheet", _each(("runs", "lb")), default="table",
+           choices=FORMATS),
+    Option("message", "the submission's description on Kaggle", {"upload": ""}, default=""),
+    Option("wait", "seconds to wait for Kaggle to score the submission, 0 to not wait (`make lb` "
+           "shows a score that comes later)", {"upload": ""}, default=120.0, type=float),
+    Option("nowait", "when another command holds the project, stop at once instead of waiting",
+           {EVERY: ""}, flag=True),
+    Option("root", "the project folder holding input/, runs/, submissions/ (default: this repository)",
+           {EVERY: ""}, default=ROOT, type=Path, make=False),
+)
+ARGS = "any other option of a stage, e.g. ARGS=\"--fold 2\" (python -m pipeline <stage> --help lists them)"
+
+# The README's option tables: which settings and options share a row (each exactly once).
+SETTING_ROWS = (("model", "view"), ("hidden", "layers"), ("bidirectional",), ("dropout", "orthogonal_init"),
+                ("folds", "fold_seed", "seed"), ("epochs", "batch", "drop_last"),
+                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing"),
+                ("normalize", "augment"), ("rotate", "scale", "shift"), ("elastic", "elastic_sigma"),
+                ("teacher", "distill_temperature", "distill_threshold"), ("tta", "eval_batch"),
+                ("device", "jobs"), ("cuda_graph", "amp"))
+OPTION_ROWS = (("preset", "config"), ("run", "fold"), ("force",), ("runs", "mean"), ("source", "dir"),
+               ("timeout", "message", "wait"), ("trials", "workers"), ("study", "storage", "space"),
+               ("tune_folds", "pruner"), ("sort", "format"), ("nowait",), ("root",))
+
+
+def for_stage(stage: str) -> list[Option]:
+    return [o for o in OPTIONS if stage in o.stages]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def _stages_text(option: Option) -> str:
+    if option.stages.keys() == {EVERY}:
+        return EVERY
+    names = list(option.stages)
+    if set(DATA_STAGES) <= set(names):
+        return "every stage that reads the data" + "".join(
+            f", {n}" for n in names if n not in DATA_STAGES)
+    if set(SETTINGS_STAGES) <= set(names):
+        return "every stage that takes settings"
+    return ", ".join(names)
+
+
+def help_text() -> str:
+    """`make help`'s list: the settings, then the other options, one line each."""
+    lines = ["settings (part of a run's id unless marked; e.g. make submit MODEL=gru EPOCHS=40):"]
+    for f in fields(Settings):
+        default = f.default if not isinstance(f.default, bool) else int(f.default)
+        mark = "" if f.metadata["learns"] else "; not in the run id"
+        lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; "
+                     f"{allowed(f)}{mark})")
+    lines += ["", "other options (make <target> NAME=value; a yes/no option takes 1 or 0):"]
+    for o in OPTIONS:
+        if not o.make:
+            continue
+        default = f"; default {_shown(o.default)}" if o.default not in (None, "", False) else ""
+        choices = f"; {'|'.join(o.choices)}" if o.choices else ""
+        lines.append(f"  {o.name.upper():<20} {o.help} ({_stages_text(o)}{default}{choices})")
+    lines.append(f"  {'ARGS':<20} {ARGS}")
+    return "\n".join(lines)
+
+
+def _shown_default(value: Any) -> str:
+    """A default as the README's tables quote it: names in backticks, numbers bare, on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        return f"`{value}`" if value else ""
+    if value is None or isinstance(value, Path):
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _make_name(name: str, default: Any, flag: bool = False) -> str:
+    if flag or default is False:
+        return f"`{name.upper()}=1`"
+    return f"`{name.upper()}=0`" if default is True else f"`{name.upper()}`"
+
+
+def _cli_flag(name: str, default: Any) -> str:
+    return f"`--{'no-' if default is True else ''}{name.replace('_', '-')}`"
+
+
+def _row(names: list[str], flags: list[str], defaults: list[str], text: str) -> str:
+    return f"| {', '.join(names)} | {', '.join(flags)} | {', '.join(defaults)} | {text.replace('|', '/')} |"
+
+
+def markdown(table: str) -> str:
+    """The README's table of the settings (table="settings") or of the other options ("options")."""
+    rows = ["| Make | CLI | default | what it does |", "|---|---|---|---|"]
+    if table == "settings":
+        declared = {f.name: f for f in fields(Settings)}
+        for group in SETTING_ROWS:
+            found = [declared[n] for n in group]
+            rows.append(_row([_make_name(f.name, f.default) for f in found],
+                             [_cli_flag(f.name, f.default) for f in found],
+                             [_shown_default(f.default) for f in found],
+                             "; ".join(f.metadata["help"] for f in found)))
+        return "\n".join(rows)
+    by_name = {o.name: o for o in OPTIONS}
+    for group in OPTION_ROWS:
+        found = [by_name[n] for n in group]
+        texts = [(f"`make {next(iter(o.stages))}`: " if len(o.stages) == 1 and EVERY not in o.stages
+                  else "") + o.help + (f" ({', '.join(o.choices)})" if o.choices else "") for o in found]
+        rows.append(_row([_make_name(o.name, o.default, o.flag) if o.make else "" for o in found],
+                         [f"`{o.flag_name}`" for o in found],
+                         [_shown_default(o.default) if not o.flag else "off" for o in found],
+                         "; ".join(texts)))
+    rows.append(_row(["`ARGS`"], [""], [""], ARGS))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `make help` prints this without needing the virtual environment
+    import sys
+
+    print(markdown(sys.argv[2]) if sys.argv[1:2] == ["--markdown"] else help_text())

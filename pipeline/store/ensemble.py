@@ -1,0 +1,244 @@
+"""An ensemble's files and its record: what predict writes for a run and blend for a blend.
+
+    oof.csv         every train row's probabilities, from models that never saw it (row, label, p0..p9)
+    test.csv        every test row's averaged probabilities (ImageId, p0..p9)
+    cv.csv          a row per fold (valid_loss, valid_acc, rows; a run adds best_epoch, seconds), then `all`
+    submission.csv  ImageId, Label: the test rows' most likely digit
+    run.json        the record (RunRecord), written last: the files above are then complete
+
+write() writes all of them; completed() and check() read them back. Every other module reads a
+run's record as a RunRecord, never as a dict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.store.artifacts import RunDir, mark_current, read_probabilities, write_probabilities
+from pipeline.store.io import read_json, write_csv, write_json
+from pipeline.store.submission import validate_frame
+
+KINDS = ("run", "blend")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json of a run (kind "run") or of a blend (kind "blend")."""
+
+    kind: str
+    model: str  # the cell (rnn, gru, lstm), or "blend"
+    oof_acc: float  # out-of-fold accuracy (a blend's weights were fitted on the same rows)
+    oof_loss: float
+    fold_min: float  # the lowest and highest per-fold accuracy
+    fold_max: float
+    seconds: float  # training and prediction (a blend: its members' too)
+    finished: float  # time.time() when written
+    data: str  # the prepared data's key
+    folds: int
+    fold_seed: int | None
+    source: str = "unknown"  # where input/ came from: kaggle, dir, sample or unknown
+    device: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # a run's learned settings (and tta)
+    seed: int | None = None
+    tta: int = 0
+    oof_acc_tta: float | None = None  # with TTA, the held-out accuracy of the same passes
+    train_seconds: float | None = None
+    oof_acc_honest: float | None = None  # a blend: each fold scored by weights fitted without it
+    weights: dict[str, int] = field(default_factory=dict)  # a blend: member id -> times picked
+    mean: str | None = None  # a blend: prob or logprob
+    kept: str = ""  # the kept copy of its submission in submissions/
+    key: str = ""  # the fingerprint of the inputs it was made from (the freshness rule)
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_blend(self) -> bool:
+        return self.kind == "blend"
+
+    @property
+    def accuracy(self) -> float:
+        """The figure to rank it by: a blend's honest accuracy, a run's OOF accuracy."""
+        return self.oof_acc_honest if self.is_blend and self.oof_acc_honest is not None else self.oof_acc
+
+    def members(self) -> str:
+        """A blend's members as `id xN` words."""
+        return ", ".join(f"{k} x{v}" for k, v in self.weights.items())
+
+
+NUMBERS = ("oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished")
+_OPTIONAL_NUMBERS = ("oof_acc_tta", "train_seconds", "oof_acc_honest")
+
+
+def parse(made: Any, where: Path) -> RunRecord:
+    """The record of a run.json's contents; a PipelineError naming the file and the field when it
+    is damaged. Keys it does not know are ignored (records of older and newer versions load)."""
+    if not isinstance(made, dict):
+        raise PipelineError(f"{where.name}: not a record")
+
+    def number(name: str) -> bool:
+        value = made.get(name)
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    bad = [k for k in NUMBERS if not number(k)]
+    bad += [k for k in _OPTIONAL_NUMBERS if made.get(k) is not None and not number(k)]
+    if made.get("kind", "run") not in KINDS:
+        bad.append("kind")
+    if not isinstance(made.get("key"), str) or not made["key"]:
+        bad.append("key")
+    for name, kind in (("config", dict), ("weights", dict), ("inputs", dict), ("model", str),
+                       ("data", str), ("kept", str)):
+        if name in made and not isinstance(made[name], kind):
+            bad.append(name)
+    if not isinstance(made.get("folds"), int) or isinstance(made.get("folds"), bool):
+        bad.append("folds")
+    if made.get("kind") == "blend" and not number("oof_acc_honest"):
+        bad.append("oof_acc_honest")
+    if bad:
+        raise PipelineError(f"{where.name}: missing or not valid: {', '.join(sorted(set(bad)))}")
+    known = {f.name for f in fields(RunRecord)}
+    values = {k: v for k, v in made.items() if k in known}
+    # Records from before FOLD_SEED kept the seed that drew the folds as seed.
+    values.setdefault("fold_seed", made.get("seed"))
+    values.setdefault("kind", "run")
+    values.setdefault("model", "blend" if values["kind"] == "blend" else "")
+    return RunRecord(**values)
+
+
+def read(run: RunDir) -> RunRecord:
+    """The run's record; a PipelineError when it is missing or damaged."""
+    return parse(read_json(run.record), run.record)
+
+
+def completed(run: RunDir) -> RunRecord | None:
+    """A run's record when its predictions are complete and all its files are there, else None;
+    a PipelineError when run.json says complete but is damaged."""
+    made = read_json(run.record)
+    if not isinstance(made, dict) or not made.get("complete"):
+        return None
+    if not all(p.is_file() for p in (run.oof, run.test, run.submission)):
+        return None
+    return parse(made, run.record)
+
+
+def save(run: RunDir, record: RunRecord) -> RunRecord:
+    """Write run.json (the record is complete: its files were written before)."""
+    write_json(run.record, {"complete": True, **asdict(record)})
+    return record
+
+
+def finish(run: RunDir, inputs: dict[str, Any], record: RunRecord) -> RunRecord:
+    """Write the record that makes the ensemble's files current (the freshness rule's mark)."""
+    facts = {k: v for k, v in asdict(record).items() if k not in ("key", "inputs")}
+    made = mark_current(run.record, inputs, complete=True, **facts)
+    return replace(record, key=made["key"], inputs=made["inputs"])
+
+
+# -- scores ---------------------------------------------------------------------------------------
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true class, rows renormalised and clipped to [eps,
+    1 - eps] as scikit-learn's log_loss does (a test checks they agree); written out because blend's
+    greedy search calls it thousands of times and this is a hundred times faster."""
+    eps = np.finfo(np.float64).eps
+    rows = probs.astype(np.float64, copy=False)
+    true = rows[np.arange(len(labels)), labels] / np.maximum(rows.sum(1), eps)
+    return float(-np.log(np.clip(true, eps, 1 - eps)).mean())
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean())
+
+
+def fold_range(cv: Any) -> tuple[float, float]:
+    """The lowest and highest per-fold accuracy of a cv.csv table."""
+    per_fold = cv.loc[cv["fold"] != "all", "valid_acc"]
+    return float(per_fold.min()), float(per_fold.max())
+
+
+# -- the ensemble's files -------------------------------------------------------------------------
+
+def write(out: RunDir, oof: np.ndarray, test: np.ndarray, labels: np.ndarray, fold_of: np.ndarray,
+          fold_facts: list[dict[str, Any]] | None = None) -> Any:
+    """oof.csv, test.csv, cv.csv and submission.csv of an ensemble; returns cv.csv's table.
+
+    fold_facts: a run's fold records (best_epoch, seconds), added to its cv.csv rows."""
+    labels = labels.astype(np.int64)
+    ids = np.arange(1, len(test) + 1)
+    frame = _submission(ids, test)
+    out.path.mkdir(parents=True, exist_ok=True)
+    write_probabilities(out.oof, oof, {"row": np.arange(len(labels)), "label": labels})
+    write_probabilities(out.test, test, {"ImageId": ids})
+    rows = []
+    for k in range(int(fold_of.max()) + 1):
+        held = fold_of == k
+        row = {"fold": str(k), "valid_loss": log_loss(oof[held], labels[held]),
+               "valid_acc": accuracy(oof[held], labels[held]), "rows": int(held.sum())}
+        if fold_facts is not None:
+            facts = fold_facts[k]
+            row = {"fold": str(k), "best_epoch": facts["best_epoch"], **row,
+                   "seconds": round(facts["seconds"], 2)}
+        rows.append(row)
+    total = {"fold": "all", "valid_loss": log_loss(oof, labels), "valid_acc": accuracy(oof, labels),
+             "rows": len(labels)}
+    if fold_facts is not None:
+        total = {"fold": "all", "best_epoch": "", **total,
+                 "seconds": round(sum(f["seconds"] for f in fold_facts), 2)}
+    import pandas as pd
+
+    cv = pd.DataFrame([*rows, total])
+    write_csv(out.cv, cv)
+    write_csv(out.submission, frame)
+    return cv
+
+
+def _submission(ids: np.ndarray, test: np.ndarray) -> Any:
+    import pandas as pd
+
+    frame = pd.DataFrame({"ImageId": ids, "Label": test.argmax(1).astype(np.int64)})
+    validate_frame(frame, expected_rows=len(test), where="ensemble")
+    return frame
+
+
+def check_probabilities(run: RunDir, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run's out-of-fold and test probabilities, (n_train, 10) and (n_test, 10). oof.csv must hold
+    every train row once, in order, and test.csv every test row, all finite; else a PipelineError
+    saying how to remake them (a truncated file is damaged too)."""
+    fix = f"`make predict RUN={run.id} FORCE=1` remakes it" if not run.id.startswith("blend-") else \
+        "`make blend FORCE=1` with its runs remakes it"
+    found = []
+    for path, index, n in ((run.oof, "row", n_train), (run.test, "ImageId", n_test)):
+        ids, probs = read_probabilities(path, index)
+        first = 0 if index == "row" else 1
+        if len(ids) != n or not np.array_equal(ids, np.arange(first, n + first)):
+            raise PipelineError(f"{path}: {len(ids)} rows, not the {n} rows of the data in order "
+                                f"(truncated or damaged); {fix}")
+        if not np.isfinite(probs).all():
+            raise PipelineError(f"{path}: holds values that are not numbers; {fix}")
+        found.append(probs)
+    return found[0], found[1]
+
+
+def check_cv(path: Path, n_folds: int | None = None) -> Any:
+    """cv.csv as a table: a row per fold 0..k-1 (k = n_folds when given), then the row `all`, with
+    numeric valid_loss and valid_acc; else a PipelineError saying how to remake it."""
+    import pandas as pd
+
+    fix = f"`make predict RUN={path.parent.name} FORCE=1` remakes it"
+    try:
+        cv = pd.read_csv(path, dtype={"fold": str})
+        folds = list(cv["fold"])
+        numbers = cv[["valid_loss", "valid_acc"]].to_numpy(dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a readable cross-validation table ({exc}); {fix}") from exc
+    k = len(folds) - 1 if n_folds is None else n_folds
+    if folds != [str(f) for f in range(k)] + ["all"] or not np.isfinite(numbers).all():
+        raise PipelineError(f"{path}: expected a row for each of folds 0 to {k - 1}, then `all`, "
+                            f"with numbers; found folds {', '.join(map(str, folds)) or 'none'} "
+                            f"(truncated or damaged); {fix}")
+    return cv
+

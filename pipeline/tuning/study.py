@@ -1,0 +1,193 @@
+"""A study: where it is stored (a journal in runs/tune/<study>/, or a database shared by several
+machines, with retries and heartbeats), how it is opened or continued, its stopped trials queued
+again, and its status.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from typing import Any
+
+from pipeline.config import Paths, Settings
+from pipeline.errors import PipelineError
+from pipeline.store.artifacts import check_name, studies_dir
+
+HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
+
+
+def hide_password(url: str, text: str | None = None) -> str:
+    """text (the url itself by default) with no part of the url's password: everything between the
+    user's ':' and the last '@' is the password, since a password may hold '@' itself."""
+    found = re.search(r"//[^:/@]*:(.*)@", url)
+    text = url if text is None else text
+    if not found or not found.group(1):
+        return text
+    from urllib.parse import unquote
+
+    text = text.replace(f":{found.group(1)}@", ":***@")
+    for secret in {found.group(1), unquote(found.group(1))}:  # a driver may print it decoded
+        text = text.replace(secret, "***")
+    return text
+
+
+def storage(paths: Paths, study: str, url: str | None) -> Any:
+    import optuna
+
+    if not url:
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        folder = studies_dir(paths) / study
+        folder.mkdir(parents=True, exist_ok=True)
+        log = str(folder / "journal.log")
+        return optuna.storages.JournalStorage(JournalFileBackend(log, JournalFileOpenLock(log)))
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S, heartbeat_stale_trial_callback=(
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)))
+        except Exception as exc:  # the driver's own errors (unreachable host, bad password...)
+            # Machines starting at once race to create Optuna's tables; the loser tries again.
+            if "UniqueViolation" in str(exc) and attempt < 2:
+                time.sleep(1 + attempt)
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipelineError(f"STORAGE={hide_password(url)}: cannot use this database "
+                                f"({hide_password(url, first)})") from None
+    raise AssertionError("unreachable")
+
+
+def scoring(base: Settings, tune_folds: int, pruner: str) -> dict[str, Any]:
+    """How a study's trials are scored: on their first k folds (k = all of them when TUNE_FOLDS=0)
+    and which pruner stops them. Trials scored otherwise cannot be ranked against each other."""
+    return {"scored on folds": min(tune_folds or base.folds, base.folds), "pruner": pruner}
+
+
+def _words(scored: dict[str, Any], base: Settings) -> str:
+    k = scored.get("scored on folds")
+    folds = "all folds" if k == base.folds else f"TUNE_FOLDS={k}"
+    return f"{folds}, PRUNER={scored.get('pruner')}"
+
+
+def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
+               pruner: str, base: Settings, seed: int | None = None,
+               tune_folds: int = 0) -> Any:
+    """The study, made or continued; refused when it was made with another space, base or scoring.
+
+    seed: the sampler's, mixed with the number of trials the study already has, so a continued
+    study draws new settings rather than those of its first session again (and stays reproducible).
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30),
+               "wilcoxon": optuna.pruners.WilcoxonPruner(p_threshold=0.1),
+               "none": optuna.pruners.NopPruner()}
+    made = optuna.create_study(storage=storage(paths, study, url), study_name=study,
+                               direction="maximize", load_if_exists=True, pruner=pruners[pruner])
+    have = len(made.get_trials(deepcopy=False))
+    made.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=8, seed=None if seed is None else (seed * 1_000_003 + have) % 2**32)
+    described = json.dumps({"space": space, "base": base.learned()}, sort_keys=True, default=str)
+    scored = scoring(base, tune_folds, pruner)
+    recorded = made.user_attrs.get("space")
+    if recorded is None:
+        made.set_user_attr("space", described)
+    elif recorded != described:
+        was = json.loads(recorded)
+        what = "search space" if was.get("space") != json.loads(described)["space"] else "base settings"
+        raise PipelineError(f"STUDY={study} was made with another {what}; name a new study "
+                            "(STUDY=...) for this one")
+    before = made.user_attrs.get("scoring")
+    if before is None:
+        made.set_user_attr("scoring", scored)
+    elif before != scored:
+        raise PipelineError(f"STUDY={study} scores its trials with {_words(before, base)}; this "
+                            f"command asks {_words(scored, base)}, and trials scored differently "
+                            "cannot be ranked together: give the same, or name a new study (STUDY=...)")
+    return made
+
+
+def requeue_stopped(made: Any, journal: bool) -> int:
+    """Trials a stopped worker left behind are tried again, their settings queued (so their run
+    resumes where it stopped): with the embedded journal, trials left running by a killed process
+    (marked failed first); with any storage, trials a Ctrl-C interrupted. Each is queued once.
+
+    Only called under the project lock, when no other command of this project can be running one.
+    """
+    from optuna.trial import TrialState
+
+    trials = made.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    waiting = [t.system_attrs.get("fixed_params") for t in trials if t.state == TrialState.WAITING]
+    queued = 0
+    for trial in trials:
+        left_running = journal and trial.state == TrialState.RUNNING
+        interrupted = trial.state == TrialState.FAIL and trial.user_attrs.get("outcome") == "interrupted"
+        if left_running:
+            made._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if not (left_running or interrupted) or trial.number in retried:
+            continue
+        how = "was left running by a stopped worker: marked failed" if left_running else \
+            "was interrupted"
+        if trial.params in waiting:  # already queued by hand or by an earlier retry
+            print(f"tune: trial {trial.number} {how}; its settings are already queued")
+            continue
+        made.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        waiting.append(trial.params)
+        queued += 1
+        print(f"tune: trial {trial.number} {how}, its settings queued again (its run resumes)")
+    return queued
+
+
+def load(paths: Paths, study: str, url: str | None) -> Any:
+    """An existing study, or a clear error."""
+    import optuna
+
+    check_name(study, "STUDY")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
+    if not url and not (studies_dir(paths) / study / "journal.log").is_file():
+        raise PipelineError(f"STUDY={study}: no such study in {studies_dir(paths)}")
+    try:
+        made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
+    except KeyError:
+        raise PipelineError(f"STUDY={study}: no such study in that storage") from None
+    return made
+
+
+def status(paths: Paths, study: str, url: str | None, made: Any = None) -> str:
+    """Trials so far by state, and the best five."""
+    from optuna.trial import TrialState
+
+    made = made or load(paths, study, url)
+    trials = made.get_trials(deepcopy=False)
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    lines = [f"study {study}: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in
+                                             (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                              TrialState.RUNNING, TrialState.WAITING))]
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:5]
+    for t in done:
+        lines.append(f"  trial {t.number:>3}  {t.value:.4f}  {t.user_attrs.get('run', '')}  "
+                     f"{params_text(t.params)}")
+    return "\n".join(lines)
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def progress(made: Any, trial: Any) -> None:
+    """One line per finished trial: number, settings, score or where it was pruned, time."""
+    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
+        if trial.datetime_complete and trial.datetime_start else float("nan")
+    settings = params_text(trial.params)
+    if trial.state.name == "COMPLETE":
+        outcome = f"{trial.value:.4f}"
+    else:  # a pruned trial's value is its last report, not a score: say where it stopped instead
+        outcome = str(trial.user_attrs.get("outcome", trial.state.name.lower()))
+    print(f"tune: trial {trial.number:>3}  {outcome:<22}  {seconds:6.1f}s  {settings}", flush=True)
+

@@ -1,0 +1,162 @@
+"""One trial: the settings it draws, the run it trains (and scores), and the worker processes that
+run trials.
+
+How a trial trains and scores is a typed contract (Stages: the train and predict stages' run
+functions), given by the command line, so no stage imports another. A worker process gets one
+frozen Job: everything it needs but the data, which it loads itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import Paths, Settings, resolve, validate
+from pipeline.errors import PipelineError
+from pipeline.store.artifacts import Prepared, RunDir, run_dir, run_id
+from pipeline.tuning.space import Space, suggest
+from pipeline.tuning.study import open_study, progress
+
+OnEpoch = Any  # Callable[[fold, epoch, valid_acc], None]; raising optuna.TrialPruned stops the fold
+
+
+class TrainRun(Protocol):
+    """The train stage: trains the run's given folds (reporting each epoch), returns their records."""
+
+    def __call__(self, cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared,
+                 fold_of: np.ndarray, folds: list[int] | None = None, force: bool = False,
+                 on_epoch: OnEpoch | None = None) -> list[dict[str, Any]]: ...
+
+
+class PredictRun(Protocol):
+    """The predict stage: the run's ensemble and its record (oof_acc: the trial's score)."""
+
+    def __call__(self, cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
+                 folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Stages:
+    train: TrainRun
+    predict: PredictRun
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a trial process needs to run its share of a study."""
+
+    root: Path
+    base: Settings
+    space: Space
+    study: str
+    url: str | None
+    trials: int  # the study's total of finished trials, where every worker stops
+    tune_folds: int
+    pruner: str
+    workers: int
+    stages: Stages
+
+    def folds(self, cfg: Settings) -> list[int]:
+        """The folds a trial trains and is scored on."""
+        return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
+
+
+class Objective:
+    """Train (and, with every fold, predict) the run of a trial's settings; return its score."""
+
+    def __init__(self, job: Job, paths: Paths, data: Prepared, fold_of: np.ndarray) -> None:
+        self.job, self.paths, self.data, self.fold_of = job, paths, data, fold_of
+
+    def __call__(self, trial: Any) -> float:
+        try:
+            return self._score(trial)
+        except PipelineError as exc:  # the trial fails (Optuna goes on); its line says why
+            trial.set_user_attr("outcome", f"failed: {exc}")
+            raise
+        except KeyboardInterrupt:  # failed by Optuna; the next `make tune` queues it again
+            trial.set_user_attr("outcome", "interrupted")
+            raise
+
+    def _score(self, trial: Any) -> float:
+        from filelock import FileLock, Timeout
+
+        cfg = validate(replace(self.job.base, **suggest(trial, self.job.space)), f"trial {trial.number}")
+        run = run_dir(self.paths, run_id(cfg, self.data.data_key))
+        trial.set_user_attr("run", run.id)
+        # Two workers that drew the same settings share one run folder: one trains, the other
+        # waits and then finds the run current.
+        lock = FileLock(self.paths.runs / f".train-{run.id}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"tune: trial {trial.number}: its run {run.id} is being trained by another "
+                  "trial; waiting for it", flush=True)
+            lock.acquire()
+        try:
+            return self._train(trial, cfg, run)
+        finally:
+            lock.release()
+
+    def _train(self, trial: Any, cfg: Settings, run: RunDir) -> float:
+        import optuna
+
+        stages, pruner, folds = self.job.stages, self.job.pruner, self.job.folds(cfg)
+
+        def on_epoch(fold: int, epoch: int, valid_acc: float) -> None:
+            if pruner == "wilcoxon":
+                return
+            trial.report(valid_acc, fold * 1000 + round(100 * epoch / cfg.epochs))
+            if trial.should_prune():
+                trial.set_user_attr("outcome", f"pruned at fold {fold} epoch {epoch}")
+                raise optuna.TrialPruned()
+
+        records = []
+        for fold in folds:  # fold by fold, so the Wilcoxon pruner can stop between them
+            records += stages.train(cfg, self.paths, run, self.data, self.fold_of, folds=[fold],
+                                    on_epoch=on_epoch)
+            if pruner == "wilcoxon":
+                trial.report(records[-1]["valid_acc"], fold)
+                if trial.should_prune():
+                    trial.set_user_attr("outcome", f"pruned after fold {fold}")
+                    raise optuna.TrialPruned()
+        if len(folds) == cfg.folds:
+            made = stages.predict(cfg, self.paths, run, self.data, self.fold_of, records, publish=False)
+            return float(made.oof_acc)
+        return sum(r["valid_acc"] for r in records) / len(records)
+
+
+def optimize(made: Any, job: Job, paths: Paths, data: Prepared, fold_of: np.ndarray,
+             share: int) -> None:
+    """Run up to `share` trials of the study here, stopping once it has job.trials finished ones."""
+    import optuna
+    from optuna.trial import TrialState
+
+    stop = optuna.study.MaxTrialsCallback(job.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    made.optimize(Objective(job, paths, data, fold_of), n_trials=share, callbacks=[stop, progress],
+                  catch=(PipelineError,))
+
+
+def worker(job: Job, share: int) -> None:
+    """One trial process of WORKERS=n: its share of the cores, the same study. SIGINT stops it only
+    while it works (idle, it ignores SIGINT, so a Ctrl-C never leaves a traceback of an idle one)."""
+    import signal
+
+    import torch
+
+    from pipeline.store.artifacts import load_prepared, read_folds
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
+        # The base settings come from another process: checked as the command line checks them.
+        job = replace(job, base=resolve(overrides=asdict(job.base)))
+        paths = Paths(job.root)
+        made = open_study(paths, job.study, job.url, job.space, job.pruner, job.base,
+                          tune_folds=job.tune_folds)
+        optimize(made, job, paths, load_prepared(paths), read_folds(paths), share)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

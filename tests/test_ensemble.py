@@ -1,0 +1,94 @@
+"""The ensemble's files and record (pipeline/store/ensemble.py): one writer for predict and blend,
+one reader for everyone, one log loss."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.metrics import log_loss as sklearn_log_loss
+
+from pipeline.errors import PipelineError
+from pipeline.store import ensemble
+from pipeline.store.artifacts import RunDir
+from pipeline.store.ensemble import RunRecord
+
+
+def record(**changes: object) -> RunRecord:
+    values = dict(kind="run", model="rnn", oof_acc=0.9, oof_loss=0.3, fold_min=0.89, fold_max=0.91,
+                  seconds=3.0, finished=1.7e9, data="d", folds=2, fold_seed=42, key="k")
+    return RunRecord(**{**values, **changes})
+
+
+@given(rows=st.integers(1, 40), seed=st.integers(0, 2**16), scale=st.floats(0.01, 100))
+def test_log_loss_is_scikit_learns(rows: int, seed: int, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(10), rows) * scale  # rows that do not sum to 1 are renormalised
+    labels = rng.integers(0, 10, rows)
+    probs[0, labels[0]] = 0.0  # a zero probability of the true class is clipped, not infinite
+    expected = sklearn_log_loss(labels, probs / probs.sum(1, keepdims=True), labels=list(range(10)))
+    assert ensemble.log_loss(probs, labels) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_the_writer_makes_files_the_readers_accept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(12) % 10
+    fold_of = np.arange(12) % 3
+    oof, test = rng.dirichlet(np.ones(10), 12), rng.dirichlet(np.ones(10), 7)
+    out = RunDir(tmp_path / "runs" / "r")
+    cv = ensemble.write(out, oof, test, labels, fold_of,
+                        fold_facts=[{"best_epoch": k + 1, "seconds": 1.5} for k in range(3)])
+    back_oof, back_test = ensemble.check_probabilities(out, 12, 7)
+    np.testing.assert_allclose(back_oof, oof, rtol=1e-5)
+    np.testing.assert_allclose(back_test, test, rtol=1e-5)
+    table = ensemble.check_cv(out.cv, 3)
+    assert list(table["fold"]) == ["0", "1", "2", "all"] and list(cv["best_epoch"][:3]) == [1, 2, 3]
+    for k in range(3):
+        held = fold_of == k
+        assert table["valid_acc"][k] == pytest.approx((oof[held].argmax(1) == labels[held]).mean())
+    assert table["valid_loss"].iloc[-1] == pytest.approx(ensemble.log_loss(oof, labels), rel=1e-6)
+    assert ensemble.fold_range(cv) == (cv["valid_acc"][:3].min(), cv["valid_acc"][:3].max())
+    submission = out.submission.read_text().splitlines()
+    assert submission[0] == "ImageId,Label" and len(submission) == 8
+    assert submission[1] == f"1,{test[0].argmax()}"
+
+
+def test_a_record_round_trips_and_ignores_keys_it_does_not_know(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    for path in (run.oof, run.test, run.submission):
+        path.write_text("x\n")
+    made = ensemble.finish(run, {"a": 1}, record(weights={}, config={"hidden": 8}))
+    assert made.key and made.inputs == {"a": 1}
+    assert ensemble.completed(run) == made
+    on_disk = json.loads(run.record.read_text())
+    run.record.write_text(json.dumps({**on_disk, "from_a_newer_version": [1]}))
+    assert ensemble.read(run) == made
+    del on_disk["fold_seed"]  # records from before FOLD_SEED: their seed drew the folds
+    run.record.write_text(json.dumps({**on_disk, "seed": 7}))
+    assert ensemble.read(run).fold_seed == 7
+
+
+def test_a_blend_ranks_by_its_honest_accuracy() -> None:
+    blend = record(kind="blend", model="blend", oof_acc=0.99, oof_acc_honest=0.95, weights={"a": 2, "b": 1})
+    assert blend.is_blend and blend.accuracy == 0.95 and blend.members() == "a x2, b x1"
+    assert record().accuracy == 0.9 and not record().is_blend
+
+
+@given(field=st.sampled_from(["oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished",
+                              "key", "folds", "kind", "config", "weights", "oof_acc_tta"]),
+       value=st.one_of(st.none(), st.text(max_size=3), st.just(float("nan")), st.booleans(),
+                       st.lists(st.integers(), max_size=2)))
+def test_a_damaged_record_names_its_file_and_field(field: str, value: object) -> None:
+    made = {"complete": True, **asdict(record())}
+    made[field] = value
+    if field == "oof_acc_tta" and value is None:
+        return  # an optional number may be absent
+    if field in ("config", "weights") and isinstance(value, dict):
+        return
+    with pytest.raises(PipelineError, match=rf"run\.json: missing or not valid: .*{field}"):
+        ensemble.parse(made, Path("runs/x/run.json"))
