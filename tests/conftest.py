@@ -1,13 +1,28 @@
-"""Shared fixtures: a project folder with one tiny finished run on the built-in sample."""
+"""Shared fixtures and helpers: a project folder with one tiny finished run on the built-in sample,
+the one way to run a command line (`run_cli`, `start_cli`, `run_make`), and the helpers several test
+files use (the_run, snapshot, files, free_port, fake_run, copy_project, fresh_clone)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
+from typing import Any
+
+# One torch thread in the test process and in every command it starts (they inherit it), so an
+# in-process run and a subprocess run of the same settings give the same bytes. Set before anything
+# imports torch; a test that is about threads passes its own OMP_NUM_THREADS to a subprocess.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 from hypothesis import settings
@@ -17,20 +32,70 @@ from pipeline.store.artifacts import RunDir, all_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")
+# Where the size of the run does not matter: the smallest run that still has two folds.
+SMALL = ("--folds", "2", "--epochs", "1", "--hidden", "8")
 # Fresh folders use the sample, never the real competition data, even where Kaggle credentials exist.
 SAMPLE = ("--source", "sample")
 
 
-def run_cli(root: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline --root ROOT ARGS...` in a subprocess, as a user would run it."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--root", str(root), *args],
-                            cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+def _command(root: Path | None, args: tuple[str, ...]) -> list[str]:
+    return [*(["--root", str(root)] if root is not None else []), *args]
+
+
+def run_cli(root: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            process: bool = False, cwd: Path = REPO, timeout: float = 300,
+            full_env: bool = False) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline --root ROOT ARGS...` as a user would run it; root None leaves --root out.
+
+    In this process (pipeline.cli.main, its output captured) unless the behaviour is about the
+    process: process=True, or env given, runs a real `python -m pipeline` with the environment
+    os.environ updated by env (or env alone with full_env=True). Either way the result is a
+    CompletedProcess; an exception that escapes main is a traceback on stderr and exit status 1,
+    as in a real process."""
+    argv = _command(root, args)
+    if process or env is not None:
+        environment = dict(env or {}) if full_env else {**os.environ, **(env or {})}
+        environment.setdefault("PYTHONUNBUFFERED", "1")
+        result = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, capture_output=True,
+                                text=True, env=environment, timeout=timeout)
+    else:
+        from pipeline.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse: --help, or an option it refuses
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+        result = subprocess.CompletedProcess(["pipeline", *argv], code, out.getvalue(), err.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
+
+
+def start_cli(root: Path | None, *args: str, env: dict[str, str] | None = None, output: bool = False,
+              sigint: bool = False) -> subprocess.Popen[str]:
+    """`python -m pipeline --root ROOT ARGS...` started in a process of its own, for the tests that
+    kill or interrupt it. output=True pipes its stdout and stderr (text); otherwise they are dropped.
+    sigint=True lets it see Ctrl-C as a terminal user's program does: a test runner started in the
+    background inherits SIGINT ignored."""
+    pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *_command(root, args)], cwd=REPO,
+                            stdout=pipe, stderr=pipe, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            if sigint else None)
+
+
+def run_make(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, check: bool = False,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`make --no-print-directory ARGS...` in cwd (the repository by default)."""
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=check)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,6 +103,12 @@ def pytest_configure(config: pytest.Config) -> None:
     they must not take its attached data nor write to its /kaggle/working."""
     os.environ.pop("KAGGLE_KERNEL_RUN_TYPE", None)
     os.environ["KAGGLE_ROOT"] = str(Path(tempfile.gettempdir()) / "digits-tests-no-kaggle-here")
+
+
+def copy_project(source: Path, target: Path, ignore: Any = None) -> Path:
+    """A private copy of a project folder that a test may change."""
+    shutil.copytree(source, target, ignore=ignore)
+    return target
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +122,7 @@ def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def run_copy(sample_run: Path, tmp_path: Path) -> Path:
     """A private copy of the finished run that a test may change."""
-    root = tmp_path / "run"
-    shutil.copytree(sample_run, root)
-    return root
+    return copy_project(sample_run, tmp_path / "run")
 
 
 def the_run(root: Path, prefix: str = "") -> RunDir:
@@ -69,6 +138,42 @@ def files(root: Path) -> dict[str, int]:
             if p.is_file() and not p.name.startswith(".lock")}
 
 
+def snapshot(folder: Path, *, skip: tuple[str, ...] = (), folders: bool = True,
+             modes: bool = False) -> dict[str, Any]:
+    """Every entry under folder, hidden ones included, by its relative path: a file's bytes and a
+    folder's None (folders=False leaves folders out); modes=True pairs each with its mode. Entries
+    named in skip are left out."""
+    found: dict[str, Any] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.name in skip or (not folders and not p.is_file()):
+            continue
+        data = p.read_bytes() if p.is_file() else None
+        found[str(p.relative_to(folder))] = (p.stat().st_mode, data) if modes else data
+    return found
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fake_run(root: Path, name: str, acc: float = 0.9, **record: Any) -> Path:
+    """A complete run folder as predict leaves it, with made-up numbers."""
+    folder = root / "runs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {"complete": True, "kind": "run", "model": "rnn", "config": {"hidden": 32},
+            "oof_acc": acc, "oof_loss": 0.3, "fold_min": acc - 0.01, "fold_max": acc + 0.01,
+            "seconds": 3.0, "device": "cpu", "source": "sample", "finished": 1.7e9, "folds": 2,
+            "seed": 42, "data": "d", "key": "k", **record}
+    (folder / "run.json").write_text(json.dumps(made))
+    (folder / "config.json").write_text(json.dumps({"hidden": 32}))
+    for name_ in ("oof.csv", "test.csv", "submission.csv"):
+        (folder / name_).write_text("x\n")
+    return folder
+
+
 # What a working copy holds besides the project's own files: none of it reaches a fresh clone.
 LOCAL = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "reports",
          "bench-results", "input", "runs", "submissions"}
@@ -79,8 +184,7 @@ def fresh_clone(target: Path) -> Path:
     def ignore(folder: str, names: list[str]) -> set[str]:
         return {n for n in names if n in LOCAL or n.endswith((".pyc", ".egg-info"))}
 
-    shutil.copytree(REPO, target, ignore=ignore)
-    return target
+    return copy_project(REPO, target, ignore=ignore)
 
 
 # Property-based searches: bounded for `make test`; HYPOTHESIS_PROFILE=deep searches longer.

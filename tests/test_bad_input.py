@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import codecs
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, copy_project, run_cli, snapshot, the_run
 
 from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import prepare
-from pipeline.store.artifacts import RunDir, all_runs, load_prepared
+from pipeline.store.artifacts import RunDir, load_prepared
 
-REPO = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 20, 10
 TRAIN_NAMES = ["label", *prepare.PIXELS]
 TEST_NAMES = list(prepare.PIXELS)
@@ -85,10 +83,8 @@ def write_inputs(root: Path, train: bytes = CLEAN_TRAIN, test: bytes = CLEAN_TES
     return paths
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root but the two CSVs (and the project's lock file), with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("train.csv", "test.csv", ".lock")}
+# What a bad CSV must leave as it was: every file but the two CSVs (and the project's lock file).
+OUTPUTS = {"skip": ("train.csv", "test.csv", ".lock"), "folders": False}
 
 
 @pytest.fixture
@@ -103,12 +99,6 @@ def project(tmp_path: Path) -> Paths:
     paths.submissions.mkdir()
     paths.submission_csv.write_text("ImageId,Label\n1,3\n")
     return paths
-
-
-def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_clear_error(err: str, *words: str) -> None:
@@ -276,30 +266,32 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
 def test_bad_file_is_named_precisely_and_changes_nothing(project: Paths, case: Bad,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    before = snapshot(project.root)
+    before = snapshot(project.root, **OUTPUTS)
     target = project.train_csv if case.file == "train" else project.test_csv
     target.write_bytes(case.build())
-    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code != 0
     words = [f"{case.file}.csv", f"line {case.line}", f"column {case.column}", *case.words]
     if case.name is not None:
         words.append(case.name)
     assert_one_clear_error(err, *words)
-    assert snapshot(project.root) == before
+    assert snapshot(project.root, **OUTPUTS) == before
     # and the cache written before still loads for whoever needs it
     assert load_prepared(project).train_x.shape == (N_TRAIN, 28, 28)
 
 
 def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
     """The two files are read at once; the message is still always about train.csv first."""
-    before = snapshot(project.root)
+    before = snapshot(project.root, **OUTPUTS)
     project.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
     project.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
-    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
     assert "test.csv" not in err
-    assert snapshot(project.root) == before
+    assert snapshot(project.root, **OUTPUTS) == before
 
 
 @pytest.mark.parametrize("case_id", ["non-numeric", "row-too-short", "label-in-test"])
@@ -307,15 +299,13 @@ def test_bad_file_through_a_real_process(tmp_path: Path, case_id: str) -> None:
     case = next(c for c in BAD if c.id == case_id)
     paths = write_inputs(tmp_path)
     prepare.run(paths)
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, **OUTPUTS)
     (paths.train_csv if case.file == "train" else paths.test_csv).write_bytes(case.build())
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--root", str(tmp_path), "prepare"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_cli(tmp_path, "prepare", check=False, env={"PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, f"{case.file}.csv", f"line {case.line}",
                            f"column {case.column}", *case.words)
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, **OUTPUTS) == before
 
 
 def test_bad_input_is_fast_to_diagnose(tmp_path: Path) -> None:
@@ -338,7 +328,8 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
     gone, other = ((paths.train_csv, paths.test_csv) if missing == "train"
                    else (paths.test_csv, paths.train_csv))
     gone.unlink()
-    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, str(gone), "not found", f"{other.name} is present",
                            "nothing is filled in", "make download FORCE=1")
@@ -348,7 +339,8 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
 def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`make prepare` on a fresh clone builds what it needs: the download (here, the sample)."""
-    code, out, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert "download: source auto -> sample" in out and "prepare: reruns: not made yet" in out
     assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
@@ -357,9 +349,7 @@ def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
 def test_missing_file_through_a_real_process(tmp_path: Path) -> None:
     paths = write_inputs(tmp_path)
     paths.test_csv.unlink()
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--root", str(tmp_path), "prepare"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_cli(tmp_path, "prepare", check=False, env={"PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, "test.csv", "train.csv is present")
 
@@ -368,7 +358,8 @@ def test_csv_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     paths = write_inputs(tmp_path)
     paths.train_csv.unlink()
     paths.train_csv.mkdir()
-    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, "train.csv", "folder")
 
@@ -515,11 +506,12 @@ def test_unwritable_cache_folder(project: Paths, capsys: pytest.CaptureFixture[s
     try:
         if os.access(project.prepared, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
-        before = snapshot(project.root)
-        code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+        before = snapshot(project.root, **OUTPUTS)
+        result = run_cli(project.root, "prepare", check=False)
+        code, _, err = result.returncode, result.stdout, result.stderr
         assert code == 1
         assert_one_clear_error(err, str(project.prepared), "cannot write")
-        assert snapshot(project.root) == before
+        assert snapshot(project.root, **OUTPUTS) == before
     finally:
         project.prepared.chmod(mode)
 
@@ -528,18 +520,20 @@ def test_unwritable_cache_folder_simulated(project: Paths, monkeypatch: pytest.M
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The same check where chmod cannot bite (root, some CI): the folder reports no write access."""
     project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
-    before = snapshot(project.root)
+    before = snapshot(project.root, **OUTPUTS)
     monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project.prepared)
-    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, f"{project.prepared}: cannot write here")
-    assert snapshot(project.root) == before
+    assert snapshot(project.root, **OUTPUTS) == before
 
 
 def test_cache_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = write_inputs(tmp_path)
     paths.prepared.write_bytes(b"not a folder")
-    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, str(paths.prepared), "is a file", "folder")
     assert paths.prepared.read_bytes() == b"not a folder"
@@ -580,12 +574,14 @@ def test_corrupt_cache_is_noticed_and_rebuilt(project: Paths, corruption: str,
         with pytest.raises(PipelineError, match=str(project.prepared)):
             load_prepared(project)
     # A later stage that needs the cache notices the damage and rebuilds it first.
-    code, out, err = in_process(capsys, "--root", str(project.root), "folds", "--folds", "2")
+    result = run_cli(project.root, "folds", "--folds", "2", check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     reason = "meta.json is missing or unreadable" if name == "meta.json" else "damaged"
     assert f"prepare: reruns: {reason}" in out
     assert load_prepared(project).data_key == key
-    code, out, _ = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, out, _ = result.returncode, result.stdout, result.stderr
     assert code == 0 and "prepare: skipped: train.csv and test.csv unchanged" in out
 
 
@@ -607,20 +603,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run_dir(trained: Path, tmp_path: Path) -> Paths:
-    import shutil
-
-    shutil.copytree(trained, tmp_path / "run")
-    return Paths(tmp_path / "run")
-
-
-def the_run(paths: Paths) -> RunDir:
-    (run,) = all_runs(paths)
-    return run
+    return Paths(copy_project(trained, tmp_path / "run"))
 
 
 def unchanged(before: dict[str, bytes], root: Path) -> bool:
     """Every file of `before` still holds the same bytes (new files may have appeared)."""
-    after = snapshot(root)
+    after = snapshot(root, **OUTPUTS)
     return all(after.get(name) == data for name, data in before.items())
 
 
@@ -635,10 +623,11 @@ CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
 def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A damaged model is named as the reason its fold retrains; the other fold is kept."""
-    run = the_run(run_dir)
+    run = the_run(run_dir.root)
     CHECKPOINT_DAMAGE[damage](run.model(0))
     fold1 = run.model(1).read_bytes()
-    code, out, err = in_process(capsys, "--root", str(run_dir.root), "predict", *TINY_CPU)
+    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
     assert "train: fold 1 skipped" in out
@@ -656,12 +645,13 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
     from pipeline.engine.checkpoint import config_of
     from pipeline.engine.models import build_model
 
-    path = the_run(run_dir).model(1)
+    path = the_run(run_dir.root).model(1)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     wrong = build_model(replace(config_of(path, payload), **other))
     payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
     torch.save(payload, path)
-    code, out, err = in_process(capsys, "--root", str(run_dir.root), "predict", *TINY_CPU)
+    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
     assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
@@ -669,8 +659,9 @@ def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object]
 
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])
 def test_fold_out_of_range(run_dir: Paths, fold: str, capsys: pytest.CaptureFixture[str]) -> None:
-    before = snapshot(run_dir.root)
-    code, _, err = in_process(capsys, "--root", str(run_dir.root), "train", "--fold", fold, *TINY_CPU)
+    before = snapshot(run_dir.root, **OUTPUTS)
+    result = run_cli(run_dir.root, "train", "--fold", fold, *TINY_CPU, check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, f"fold {fold}", "0 to 1")
-    assert snapshot(run_dir.root) == before
+    assert snapshot(run_dir.root, **OUTPUTS) == before

@@ -126,33 +126,33 @@ def test_distill_without_any_run_says_what_to_do(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.slow
-def test_make_distill_is_a_run_like_any_other(tmp_path: Path) -> None:
+def test_make_distill_is_a_run_like_any_other(run_copy: Path) -> None:
     """The latest run teaches by default; the student is kept, current on a rerun, resumable by
     RUN=, listed, and blends with its teacher on the same folds."""
-    run_cli(tmp_path, "submit", *SAMPLE, *TINY)
-    teacher = the_run(tmp_path).id
-    first = run_cli(tmp_path, "distill", *TINY)
+    # run_copy: a finished `submit` of TINY on the sample, the teacher
+    teacher = the_run(run_copy).id
+    first = run_cli(run_copy, "distill", *TINY)
     assert f"distill: TEACHER={teacher} (the latest run or blend" in first.stdout
-    student = the_run(tmp_path, "rnn-h32-e2-kd-")
+    student = the_run(run_copy, "rnn-h32-e2-kd-")
     assert json.loads(student.config.read_text())["teacher"] == teacher
-    again = run_cli(tmp_path, "distill", "--teacher", teacher, *TINY)
+    again = run_cli(run_copy, "distill", "--teacher", teacher, *TINY)
     assert "train: fold 0 skipped: its model is current" in again.stdout
-    assert "skipped" in run_cli(tmp_path, "train", "--run", student.id).stdout
-    assert student.id in run_cli(tmp_path, "runs").stdout
-    blended = run_cli(tmp_path, "blend", "--folds", "2", "--runs", f"{teacher} {student.id}")
+    assert "skipped" in run_cli(run_copy, "train", "--run", student.id).stdout
+    assert student.id in run_cli(run_copy, "runs").stdout
+    blended = run_cli(run_copy, "blend", "--folds", "2", "--runs", f"{teacher} {student.id}")
     assert "honest" in blended.stdout
 
 
 @pytest.mark.slow
-def test_seeds_of_one_recipe_share_folds_and_blend(tmp_path: Path) -> None:
-    run_cli(tmp_path, "submit", *SAMPLE, *TINY)
-    folds_before = (tmp_path / "input" / "folds.csv").read_bytes()
-    run_cli(tmp_path, "submit", *TINY, "--seed", "7")
-    assert (tmp_path / "input" / "folds.csv").read_bytes() == folds_before
-    out = run_cli(tmp_path, "blend", "--folds", "2").stdout
+def test_seeds_of_one_recipe_share_folds_and_blend(run_copy: Path) -> None:
+    # run_copy: a finished `submit` of TINY on the sample
+    folds_before = (run_copy / "input" / "folds.csv").read_bytes()
+    run_cli(run_copy, "submit", *TINY, "--seed", "7")
+    assert (run_copy / "input" / "folds.csv").read_bytes() == folds_before
+    out = run_cli(run_copy, "blend", "--folds", "2").stdout
     assert "blend: skipped" not in out and "blend: OOF accuracy" in out
-    run_cli(tmp_path, "folds", *TINY, "--fold-seed", "3")
-    assert (tmp_path / "input" / "folds.csv").read_bytes() != folds_before
+    run_cli(run_copy, "folds", *TINY, "--fold-seed", "3")
+    assert (run_copy / "input" / "folds.csv").read_bytes() != folds_before
 
 
 def test_elastic_field_is_smooth_and_scaled() -> None:

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fresh_clone
+from conftest import REPO, free_port, fresh_clone, run_cli, run_make, snapshot
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
 from pipeline.config import Paths
@@ -35,7 +34,6 @@ from pipeline.store import ledger
 from pipeline.store.artifacts import latest
 from pipeline.store.submission import COMPETITION_TEST_ROWS
 
-REPO = Path(__file__).resolve().parent.parent
 DUMMY_USER = "fake-user"
 DUMMY_KEY = "dummy-key-0123456789abcdef"
 DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"
@@ -86,20 +84,14 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "project"
 
 
-def cli(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", "--root", str(root), *args], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+# The client's environment is the whole environment of the command (see env), in a real process.
+CLIENT = {"full_env": True, "check": False, "timeout": 60}
 
 
 def download_kaggle(root: Path, env: dict[str, str], *extra: str,
                     timeout: float = 30) -> subprocess.CompletedProcess:
-    return cli(root, env, "download", "--source", "kaggle", "--timeout", str(timeout), *extra)
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every entry under folder, hidden ones included, with the bytes of each file."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(folder.rglob("*"))}
+    return run_cli(root, "download", "--source", "kaggle", "--timeout", str(timeout), *extra, env=env,
+                   **CLIENT)
 
 
 def put_old_files(root: Path) -> None:
@@ -122,12 +114,6 @@ def assert_fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
     for phrase in phrases:
         assert phrase in result.stderr
     assert_no_secret(result)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def with_sizes(data: bytes, size: int) -> bytes:
@@ -204,7 +190,7 @@ def test_download_keeps_existing_files_unless_forced(root: Path, env: dict[str, 
 
 
 def test_auto_picks_kaggle_when_credentials_exist(root: Path, env: dict[str, str]) -> None:
-    result = cli(root, env, "download", "--timeout", "5")
+    result = run_cli(root, "download", "--timeout", "5", env=env, **CLIENT)
     assert result.returncode == 0, result.stderr
     assert "source auto -> kaggle (Kaggle credentials found in" in result.stdout
     assert (root / "input" / "test.csv").read_bytes() == TEST
@@ -222,7 +208,7 @@ def _http(code: int, message: str) -> Callable[[FakeKaggle, dict[str, str]], Non
 
 def _no_network(fake: FakeKaggle, env: dict[str, str]) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env[name] = f"http://127.0.0.1:{closed_port()}"
+        env[name] = f"http://127.0.0.1:{free_port()}"
 
 
 def _serve(data: bytes) -> Callable[[FakeKaggle, dict[str, str]], None]:
@@ -347,7 +333,8 @@ def submission(root: Path) -> Path:
 
 def upload(root: Path, env: dict[str, str], message: str = "5-fold RNN",
            timeout: float = 30, wait: float = 20) -> subprocess.CompletedProcess:
-    return cli(root, env, "upload", "--message", message, "--timeout", str(timeout), "--wait", str(wait))
+    return run_cli(root, "upload", "--message", message, "--timeout", str(timeout), "--wait", str(wait),
+                   env=env, **CLIENT)
 
 
 def test_upload_sends_the_file_and_prints_the_reference(root: Path, env: dict[str, str], fake: FakeKaggle,
@@ -452,11 +439,11 @@ def test_upload_waits_for_the_score_and_runs_show_it_beside_oof(made_here: tuple
     found = ledger.uploads(Paths(root))[4242]
     assert (found["run"], found["status"], found["public_score"]) == (run_id, "complete", 0.971)
     assert found["message"] == "tiny rnn" and found["kept"].endswith(".csv")
-    table = cli(root, env, "runs", "--format", "csv")
+    table = run_cli(root, "runs", "--format", "csv", env=env, **CLIENT)
     assert table.returncode == 0, table.stderr
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(table.stdout))}
     assert rows[run_id]["LB"] == "0.97100"
-    assert "0.97100" in cli(root, env, "runs").stdout
+    assert "0.97100" in run_cli(root, "runs", env=env, **CLIENT).stdout
     assert_no_secret(result)
 
 
@@ -470,8 +457,7 @@ def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path,
     env = {k: v for k, v in env.items() if not k.startswith(("MAKE", "MFLAGS"))}
 
     def make(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "--no-print-directory", *args, "SETUP=", f"PY={sys.executable}"],
-                              cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+        return run_make(*args, "SETUP=", f"PY={sys.executable}", cwd=clone, env=env)
 
     sent = make("upload", 'MESSAGE=gru blend, "quoted"', "WAIT=20")
     assert sent.returncode == 0, sent.stderr
@@ -508,14 +494,14 @@ def test_never_scored_within_wait_stays_pending_until_lb(root: Path, env: dict[s
     assert time.monotonic() - started < 20
     assert ledger.uploads(Paths(root))[4242]["status"] == "pending"
     fake.score_script = ["complete"]  # Kaggle scores it later
-    listed = cli(root, env, "lb")
+    listed = run_cli(root, "lb", env=env, **CLIENT)
     assert listed.returncode == 0, listed.stderr
     ours, older = [line for line in listed.stdout.splitlines() if "complete" in line]
     assert "first try" in ours and "0.97100" in ours and "4242" in ours and "(unknown run)" in ours
     assert "made elsewhere" in older and "0.95000" in older and older.rstrip().endswith("-")
     assert ledger.uploads(Paths(root))[4242]["public_score"] == 0.971  # recorded by `make lb`
     lines = ledger.runs_path(Paths(root)).read_text().count("\n")
-    assert cli(root, env, "lb", "--format", "csv").returncode == 0
+    assert run_cli(root, "lb", "--format", "csv", env=env, **CLIENT).returncode == 0
     assert ledger.runs_path(Paths(root)).read_text().count("\n") == lines  # nothing new to record
 
 
@@ -552,7 +538,7 @@ def test_a_wait_out_of_range_is_refused_before_anything_is_sent(root: Path, env:
 def test_lb_failure_is_reported(setup: Callable[[FakeKaggle, dict[str, str]], None], phrases: list[str],
                                 root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
     setup(fake, env)
-    result = cli(root, env, "lb", "--timeout", "30")
+    result = run_cli(root, "lb", "--timeout", "30", env=env, **CLIENT)
     assert_fails(result, *phrases)
     assert result.stdout == ""
 

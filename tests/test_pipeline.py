@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, TINY, files, run_cli, the_run
+from conftest import REPO, TINY, files, run_cli, run_make, the_run
 
 from pipeline.config import Paths
 from pipeline.store.artifacts import LOG_COLUMNS, PROB_COLUMNS, RunDir, latest
@@ -140,23 +139,20 @@ def test_make_help_lists_the_stages_and_every_setting() -> None:
 
     from pipeline.config import Settings
 
-    result = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True,
-                            text=True, check=True)
+    result = run_make("help", check=True)
     for target in ("submit", "download", "prepare", "folds", "train", "predict", "blend", "test",
                    "test-fast", "upload", "lb", "report", "runs", "forget", "bench"):
         assert f"  {target} " in result.stdout, target
     for f in fields(Settings):
         assert f"  {f.name.upper()} " in result.stdout, f.name
-    plain = subprocess.run(["make", "--no-print-directory"], cwd=REPO, capture_output=True,
-                           text=True, check=True)
+    plain = run_make(check=True)
     assert plain.stdout == result.stdout
 
 
 def test_make_passes_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.cli import parse
 
-    dry = subprocess.run(["make", "-n", "--no-print-directory", "train", "EPOCHS=5", "SETUP="],
-                         cwd=REPO, capture_output=True, text=True, check=True)
+    dry = run_make("-n", "train", "EPOCHS=5", "SETUP=", check=True)
     assert "-m pipeline --make train" in dry.stdout
     for name, value in {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
                         "BIDIRECTIONAL": "1", "CUDA_GRAPH": "1", "AMP": "0", "NOWAIT": "1"}.items():

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, SAMPLE, TINY, run_cli, the_run
+from conftest import SAMPLE, TINY, copy_project, run_cli, start_cli, the_run
 
 from pipeline.config import Paths, resolve
 from pipeline.engine import checkpoint
@@ -23,12 +24,12 @@ from pipeline.stages import download
 from pipeline.store.artifacts import RunDir, load_prepared, run_id
 from pipeline.store.io import replace_together, staged_files
 
-OUTPUTS = ("runs", "submissions")
+TRAINED = ("runs", "submissions")
 
 
 def fresh_outputs(root: Path) -> Path:
     """Keep the prepared data and folds of a run, drop everything trained."""
-    for name in OUTPUTS:
+    for name in TRAINED:
         shutil.rmtree(root / name, ignore_errors=True)
     return root
 
@@ -60,31 +61,41 @@ def test_same_seed_gives_the_same_run(sample_run: Path, tmp_path: Path) -> None:
     assert Paths(again).submission_csv.read_bytes() == Paths(sample_run).submission_csv.read_bytes()
 
 
-@pytest.mark.slow
-def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, tmp_path: Path) -> None:
-    args = ("--folds", "2", "--epochs", "12", "--hidden", "32")
-    reference = tmp_path / "reference"
-    shutil.copytree(run_copy, reference)
-    run_cli(fresh_outputs(reference), "submit", *args)
+LONG = ("--folds", "2", "--epochs", "12", "--hidden", "32")  # long enough to be killed part way
 
-    killed = fresh_outputs(run_copy)
-    run = planned_run(killed, args)
-    log = run.log(0)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(killed), "train", *args],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+@pytest.fixture(scope="module")
+def long_run(sample_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's prepared data and folds with one uninterrupted, finished run of LONG."""
+    root = fresh_outputs(copy_project(sample_run, tmp_path_factory.mktemp("long") / "p"))
+    run_cli(root, "submit", *LONG)
+    return root
+
+
+def kill_when(proc: subprocess.Popen[str], ready: Callable[[], bool], poll: float) -> None:
+    """SIGKILL proc as soon as ready() holds (it must still be running then)."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 4:  # header + 3 epochs
-            break
-        time.sleep(0.01)
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, long_run: Path) -> None:
+    reference = long_run
+    killed = fresh_outputs(run_copy)
+    run = planned_run(killed, LONG)
+    log = run.log(0)
+    proc = start_cli(killed, "train", *LONG)
+    # header + 3 epochs
+    kill_when(proc, lambda: log.is_file() and len(log.read_text().splitlines()) >= 4, 0.01)
     assert run.state(0).is_file() and not run.model(0).exists()
     assert not Paths(killed).submission_csv.exists()
     assert not list(run.path.glob(".*"))  # no temporary file left behind
 
-    result = run_cli(killed, "submit", *args)
+    result = run_cli(killed, "submit", *LONG)
     assert "fold 0: resuming after epoch" in result.stdout
     same_models(killed, reference)
     same_logs(killed, reference)
@@ -101,29 +112,22 @@ def planned_run(root: Path, args: tuple[str, ...]) -> RunDir:
 
 
 @pytest.mark.slow
-def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(run_copy: Path) -> None:
+def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(long_run: Path,
+                                                                    tmp_path: Path) -> None:
     """FORCE=1 replaces a finished model only by a finished one, and its rerun resumes too."""
-    args = ("--folds", "2", "--epochs", "12", "--hidden", "32")
-    run_cli(run_copy, "submit", *args)
-    run = planned_run(run_copy, args)
-    finished, submission = run.model(0).read_bytes(), Paths(run_copy).submission_csv.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(run_copy), "train",
-                             "--fold", "0", "--force", *args],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not run.state(0).is_file():
-        time.sleep(0.005)
-    assert proc.poll() is None, "the retrain finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    root = copy_project(long_run, tmp_path / "p")
+    run = planned_run(root, LONG)
+    finished, submission = run.model(0).read_bytes(), Paths(root).submission_csv.read_bytes()
+    proc = start_cli(root, "train", "--fold", "0", "--force", *LONG)
+    kill_when(proc, lambda: run.state(0).is_file(), 0.005)
     assert run.model(0).read_bytes() == finished  # the finished model is still there, unchanged
-    predicted = run_cli(run_copy, "predict", *args)
+    predicted = run_cli(root, "predict", *LONG)
     assert "train: fold 0 skipped" in predicted.stdout
-    assert Paths(run_copy).submission_csv.read_bytes() == submission
-    again = run_cli(run_copy, "train", "--fold", "0", "--force", *args)
+    assert Paths(root).submission_csv.read_bytes() == submission
+    again = run_cli(root, "train", "--fold", "0", "--force", *LONG)
     assert "fold 0: resuming after epoch" in again.stdout
     after = torch.load(run.model(0), weights_only=True)["state_dict"]
-    before = torch.load(__import__("io").BytesIO(finished), weights_only=True)["state_dict"]
+    before = torch.load(io.BytesIO(finished), weights_only=True)["state_dict"]
     assert all(torch.equal(after[name], before[name]) for name in after)  # the same model again
 
 
@@ -131,11 +135,7 @@ def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(run_copy: Pa
 def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
     args = ("--folds", "2", "--epochs", "50", "--hidden", "32")
     log = planned_run(fresh_outputs(run_copy), args).log(0)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(run_copy), "train", *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # A test runner started in the background inherits SIGINT ignored;
-                            # the child must see Ctrl-C as a terminal user's program does.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_cli(run_copy, "train", *args, output=True, sigint=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not log.is_file():
         time.sleep(0.02)
@@ -162,16 +162,15 @@ def test_nan_loss_stops_the_fold_without_broken_outputs(run_copy: Path) -> None:
 
 
 @pytest.mark.slow
-def test_parallel_folds_equal_sequential_folds(run_copy: Path, tmp_path: Path) -> None:
-    sequential = tmp_path / "sequential"
-    shutil.copytree(run_copy, sequential)
-    run_cli(fresh_outputs(sequential), "train", *TINY, env={"OMP_NUM_THREADS": "1"})
-    # Two jobs split two threads: one each, as in the sequential run.
+def test_parallel_folds_equal_sequential_folds(sample_run: Path, run_copy: Path) -> None:
+    """The session's run trained its folds one after the other on one thread; two jobs split two
+    threads: one each, as in the sequential run. They say so (jobs on a CPU: threads per worker)."""
     result = run_cli(fresh_outputs(run_copy), "train", *TINY, "--jobs", "2",
                      env={"OMP_NUM_THREADS": "2"})
     assert "2 folds at a time" in result.stdout
-    same_models(run_copy, sequential)
-    same_logs(run_copy, sequential)
+    assert "2 folds at a time on cpu (1 threads) each" in result.stdout
+    same_models(run_copy, sample_run)
+    same_logs(run_copy, sample_run)
 
 
 @pytest.mark.slow

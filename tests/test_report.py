@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import the_run
+from conftest import copy_project, the_run
 
 from pipeline.config import Paths, TrainConfig, changed_settings
 from pipeline.errors import PipelineError
@@ -39,8 +39,7 @@ def draw(paths: Paths) -> Path:
 
 def copy_run(paths: Paths, target: Path) -> Paths:
     """A private copy of the tiny run, for tests that damage it."""
-    shutil.copytree(paths.root, target / "run", ignore=shutil.ignore_patterns("reports"))
-    return Paths(target / "run")
+    return Paths(copy_project(paths.root, target / "run", ignore=shutil.ignore_patterns("reports")))
 
 
 def png_size(path: Path) -> tuple[int, int]:

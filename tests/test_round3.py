@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fake_run
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,21 +20,6 @@ from pipeline.stages import runs, tune
 from pipeline.store.artifacts import all_runs
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fake_run(root: Path, name: str, acc: float = 0.9, **record: Any) -> Path:
-    """A complete run folder as predict leaves it, with made-up numbers."""
-    folder = root / "runs" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    made = {"complete": True, "kind": "run", "model": "rnn", "config": {"hidden": 32},
-            "oof_acc": acc, "oof_loss": 0.3, "fold_min": acc - 0.01, "fold_max": acc + 0.01,
-            "seconds": 3.0, "device": "cpu", "source": "sample", "finished": 1.7e9, "folds": 2,
-            "seed": 42, "data": "d", "key": "k", **record}
-    (folder / "run.json").write_text(json.dumps(made))
-    (folder / "config.json").write_text(json.dumps({"hidden": 32}))
-    for name_ in ("oof.csv", "test.csv", "submission.csv"):
-        (folder / name_).write_text("x\n")
-    return folder
 
 
 # -- item 11: the README's MEAN default ---------------------------------------------------------
@@ -399,19 +385,15 @@ def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) 
 @pytest.mark.slow
 def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None:
     import signal
-    import subprocess
-    import sys
     import time
 
-    from conftest import SAMPLE, run_cli
+    from conftest import SAMPLE, run_cli, start_cli
 
     run_cli(tmp_path, "folds", *SAMPLE, "--folds", "2")
     (tmp_path / "space.toml").write_text("[lr]\nlow = 1e-3\nhigh = 1e-2\n")
-    command = [sys.executable, "-m", "pipeline", "--root", str(tmp_path), "tune", "--trials", "6",
-               "--workers", "2", "--tune-folds", "1", "--space", str(tmp_path / "space.toml"),
-               "--folds", "2", "--epochs", "60", "--hidden", "16"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_cli(tmp_path, "tune", "--trials", "6", "--workers", "2", "--tune-folds", "1",
+                     "--space", str(tmp_path / "space.toml"), "--folds", "2", "--epochs", "60",
+                     "--hidden", "16", output=True, sigint=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(list((tmp_path / "runs").glob("*/fold_0.state.pt"))) < 2:
         time.sleep(0.05)

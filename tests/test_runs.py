@@ -1,10 +1,9 @@
-"""Runs side by side, blend, forget, the project lock, names from the user, and the stage-by-stage
+"""Runs side by side, blend, forget, the two_run_project lock, names from the user, and the stage-by-stage
 defects found by running one stage at a time."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, SAMPLE, TINY, run_cli, the_run
+from conftest import REPO, TINY, copy_project, run_cli, snapshot, start_cli, the_run
 
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
@@ -71,55 +70,53 @@ def test_the_honest_estimate_does_not_flatter() -> None:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sample with two finished runs on the same folds: rows and columns."""
-    root = tmp_path_factory.mktemp("two")
-    run_cli(root, "submit", *SAMPLE, *TINY)
+def two_runs(sample_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample with two finished runs on the same folds: rows (the session's run) and columns."""
+    root = copy_project(sample_run, tmp_path_factory.mktemp("two") / "p")
     run_cli(root, "submit", *TINY, "--view", "cols")
     return root
 
 
 @pytest.fixture
-def project(two_runs: Path, tmp_path: Path) -> Path:
-    shutil.copytree(two_runs, tmp_path / "p")
-    return tmp_path / "p"
+def two_run_project(two_runs: Path, tmp_path: Path) -> Path:
+    return copy_project(two_runs, tmp_path / "p")
 
 
 @pytest.mark.slow
-def test_blend_runs_and_forget(project: Path) -> None:
-    paths = Paths(project)
-    rows, cols = the_run(project, "rnn-h32"), the_run(project, "rnn-cols")
-    result = run_cli(project, "blend", "--folds", "2")
+def test_blend_runs_and_forget(two_run_project: Path) -> None:
+    paths = Paths(two_run_project)
+    rows, cols = the_run(two_run_project, "rnn-h32"), the_run(two_run_project, "rnn-cols")
+    result = run_cli(two_run_project, "blend", "--folds", "2")
     assert "honest" in result.stdout and "in-sample" in result.stdout
     made = json.loads((paths.runs / str(latest(paths)) / "run.json").read_text())
     assert made["kind"] == "blend" and set(made["weights"]) <= {rows.id, cols.id}
     assert paths.submission_csv.read_bytes() == (paths.runs / str(latest(paths)) /
                                                  "submission.csv").read_bytes()
     assert len(list(paths.submissions.glob("*-blend-cv*.csv"))) == 1
-    again = run_cli(project, "blend", "--folds", "2")
+    again = run_cli(two_run_project, "blend", "--folds", "2")
     assert "skipped: the same runs" in again.stdout
-    table = pd.read_csv(__import__("io").StringIO(run_cli(project, "runs", "--format", "csv").stdout))
+    table = pd.read_csv(__import__("io").StringIO(run_cli(two_run_project, "runs", "--format", "csv").stdout))
     assert set(table["run"]) == {rows.id, cols.id, latest(paths)}
     assert table["run"].iloc[0] == table.loc[table["OOF acc"].str[:6].astype(float).idxmax(), "run"]
     assert "blend:" in table.loc[table["run"] == latest(paths), "changed settings"].iloc[0]
-    by_time = run_cli(project, "runs", "--sort", "time").stdout.splitlines()
+    by_time = run_cli(two_run_project, "runs", "--sort", "time").stdout.splitlines()
     assert by_time[2].startswith(str(latest(paths)))
     # forget removes one run's folder, nothing else
     kept = {p: p.read_bytes() for p in cols.path.rglob("*") if p.is_file()}
-    forgot = run_cli(project, "forget", "--run", rows.id)
+    forgot = run_cli(two_run_project, "forget", "--run", rows.id)
     assert "deleted" in forgot.stdout and " KB" in forgot.stdout
     assert not rows.path.exists() and {p: p.read_bytes() for p in kept} == kept
     assert paths.submission_csv.is_file() and paths.prepared.is_dir()
 
 
 @pytest.mark.slow
-def test_blend_refuses_runs_on_other_folds(project: Path) -> None:
-    run_cli(project, "submit", "--folds", "3", "--epochs", "1", "--hidden", "16")
-    other = the_run(project, "rnn-h16")
-    everything = run_cli(project, "blend", "--folds", "2")
+def test_blend_refuses_runs_on_other_folds(two_run_project: Path) -> None:
+    run_cli(two_run_project, "submit", "--folds", "3", "--epochs", "1", "--hidden", "16")
+    other = the_run(two_run_project, "rnn-h16")
+    everything = run_cli(two_run_project, "blend", "--folds", "2")
     assert f"blend: skipped {other.id}: on other folds (3 folds, FOLD_SEED 42)" in everything.stdout
-    named = run_cli(project, "blend", "--folds", "2", "--runs", f"{other.id} "
-                    f"{the_run(project, 'rnn-cols').id}", check=False)
+    named = run_cli(two_run_project, "blend", "--folds", "2", "--runs", f"{other.id} "
+                    f"{the_run(two_run_project, 'rnn-cols').id}", check=False)
     assert named.returncode == 1 and f"{other.id} cannot be blended: on other folds" in named.stderr
 
 
@@ -131,7 +128,7 @@ def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> N
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("mine")
-    result = run_cli(tmp_path / "project", "forget", "--run", name, check=False)
+    result = run_cli(tmp_path / "two_run_project", "forget", "--run", name, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (victim / "keep.txt").read_text() == "mine"
 
@@ -152,12 +149,10 @@ def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
 
     paths = Paths(tmp_path)
     with project_lock(paths, "make submit"):
-        result = run_cli(tmp_path, "--nowait", "prepare", check=False)
+        result = run_cli(tmp_path, "--nowait", "prepare", check=False, process=True)
         assert result.returncode == 1
         assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
-        waiting = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(tmp_path),
-                                    "download"], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        waiting = start_cli(tmp_path, "download", output=True)
         time.sleep(3)
         assert waiting.poll() is None  # still waiting for the lock
     out, err = waiting.communicate(timeout=120)
@@ -173,7 +168,7 @@ def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
         f"with project_lock(Paths(Path({str(tmp_path)!r})), 'make train'):\n"
         "    print('held', flush=True); time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    held = run_cli(tmp_path, "--nowait", "download", check=False)
+    held = run_cli(tmp_path, "--nowait", "download", check=False, process=True)
     assert held.returncode == 1 and "`make train`" in held.stderr
     holder.kill()
     holder.wait()
@@ -184,17 +179,17 @@ def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_new_data_is_never_predicted_with_the_old(project: Path, tmp_path: Path) -> None:
+def test_new_data_is_never_predicted_with_the_old(two_run_project: Path, tmp_path: Path) -> None:
     """Issue case 1: new CSVs from another folder; the stages use them, not the old cache."""
-    paths = Paths(project)
+    paths = Paths(two_run_project)
     folder = tmp_path / "new"
     folder.mkdir()
     train = paths.train_csv.read_text().splitlines()
     test = paths.test_csv.read_text().splitlines()
     (folder / "train.csv").write_text("\n".join(train[:301]) + "\n")
     (folder / "test.csv").write_text("\n".join(test[:101]) + "\n")
-    run_cli(project, "download", "--source", "dir", "--dir", str(folder), "--force")
-    result = run_cli(project, "predict", *TINY, "--force")
+    run_cli(two_run_project, "download", "--source", "dir", "--dir", str(folder), "--force")
+    result = run_cli(two_run_project, "predict", *TINY, "--force")
     assert "prepare: reruns: train.csv changed" in result.stdout or \
         "prepare: reruns: test.csv, train.csv changed" in result.stdout
     submission = pd.read_csv(paths.submission_csv)
@@ -204,15 +199,13 @@ def test_new_data_is_never_predicted_with_the_old(project: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_a_failed_command_writes_nothing_about_a_run(project: Path) -> None:
+def test_a_failed_command_writes_nothing_about_a_run(two_run_project: Path) -> None:
     """Issue case 3: DEVICE=cuda on a machine without CUDA changes no run's record."""
-    before = {p: p.read_bytes() for p in (project / "runs").rglob("*") if p.is_file()
-              and not p.name.startswith(".lock")}
-    result = run_cli(project, "train", "--device", "cuda", "--epochs", "7", "--hidden", "64",
+    before = snapshot(two_run_project / "runs", skip=(".lock", ".lock.json"), folders=False)
+    result = run_cli(two_run_project, "train", "--device", "cuda", "--epochs", "7", "--hidden", "64",
                      check=False)
     assert result.returncode == 1 and "DEVICE=cuda" in result.stderr
-    after = {p: p.read_bytes() for p in (project / "runs").rglob("*") if p.is_file()
-             and not p.name.startswith(".lock")}
+    after = snapshot(two_run_project / "runs", skip=(".lock", ".lock.json"), folders=False)
     assert after == before
 
 
@@ -261,18 +254,11 @@ def test_config_file_errors_name_file_key_and_range(tmp_path: Path, name: str, t
 
 
 @pytest.mark.slow
-def test_few_steps_onecycle_and_preset_in_runs(project: Path) -> None:
+def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
     """2 epochs x 2 steps: OneCycleLR would divide by zero; PRESET=tutorial shows as such."""
-    small = run_cli(project, "train", "--folds", "2", "--epochs", "2", "--batch", "700",
+    small = run_cli(two_run_project, "train", "--folds", "2", "--epochs", "2", "--batch", "700",
                     "--hidden", "8")
     assert "fold 1: best epoch" in small.stdout
-    run_cli(project, "submit", "--preset", "tutorial", "--folds", "2", "--epochs", "1",
+    run_cli(two_run_project, "submit", "--preset", "tutorial", "--folds", "2", "--epochs", "1",
             "--hidden", "16")
-    assert "preset=tutorial hidden=16 folds=2 epochs=1" in run_cli(project, "runs").stdout
-
-
-@pytest.mark.slow
-def test_jobs_on_a_cpu_says_threads_per_worker(project: Path) -> None:
-    result = run_cli(project, "train", "--folds", "2", "--epochs", "1", "--hidden", "8", "--jobs", "2",
-                     env={"OMP_NUM_THREADS": "2"})
-    assert "2 folds at a time on cpu (1 threads) each" in result.stdout
+    assert "preset=tutorial hidden=16 folds=2 epochs=1" in run_cli(two_run_project, "runs").stdout

@@ -6,16 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO, SAMPLE, run_cli
+from conftest import SAMPLE, copy_project, free_port, run_cli, start_cli
 
 from pipeline.config import Paths
 from pipeline.store.artifacts import all_runs, completed
@@ -47,11 +45,10 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def project(sample: Path, tmp_path: Path) -> Path:
-    shutil.copytree(sample, tmp_path / "p")
-    return tmp_path / "p"
+    return copy_project(sample, tmp_path / "p")
 
 
-def tune(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_tune(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run_cli(root, "tune", *BASE, "--space", str(root / "space.toml"), *args, check=check)
 
 
@@ -68,7 +65,7 @@ def states(made: optuna.Study) -> list[str]:
 
 
 def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) -> None:
-    result = tune(project, "--trials", "3")
+    result = run_tune(project, "--trials", "3")
     assert result.stdout.count("tune: trial ") == 3 and "best: trial" in result.stdout
     best = project / "runs" / "tune" / "rnn" / "best.toml"
     text = best.read_text()
@@ -81,7 +78,7 @@ def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) ->
     again = run_cli(project, "predict", "--config", str(best))
     assert "train: fold 0 skipped" in again.stdout
     # resuming adds trials instead of starting over
-    more = tune(project, "--trials", "4")
+    more = run_tune(project, "--trials", "4")
     assert "3 finished trials, running until 4" in more.stdout
     assert len(study(project).get_trials()) == 4
     page = run_cli(project, "report", "--study", "rnn")
@@ -91,7 +88,7 @@ def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) ->
 def test_the_journal_opens_as_optuna_dashboard_opens_it(project: Path) -> None:
     """optuna-dashboard takes a journal by its path: a plain file, opened with Optuna's own
     JournalFileBackend and its default lock (what `optuna-dashboard <file>` does on Linux)."""
-    tune(project, "--trials", "2")
+    run_tune(project, "--trials", "2")
     told = run_cli(project, "tune-status").stdout
     journal = Path(told.split("optuna-dashboard ", 1)[1].strip())
     assert journal == project / "runs" / "tune" / "rnn" / "journal.log" and journal.is_file()
@@ -106,7 +103,7 @@ def test_the_journal_opens_as_optuna_dashboard_opens_it(project: Path) -> None:
 
 
 def test_two_workers_share_the_study(project: Path) -> None:
-    tune(project, "--trials", "4", "--workers", "2", "--tune-folds", "1")
+    run_tune(project, "--trials", "4", "--workers", "2", "--tune-folds", "1")
     trials = study(project).get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert [s for s in states(study(project)) if s == "COMPLETE"] == ["COMPLETE"] * 4
@@ -116,7 +113,7 @@ def test_a_pruned_trial_is_recorded_as_pruned(project: Path) -> None:
     """The median pruner stops trials scoring below the others (learning rates too low to learn)."""
     (project / "space.toml").write_text('[lr]\nlow = 1e-8\nhigh = 1e-2\nlog = true\n'
                                         '[hidden]\nchoices = [16]\n')
-    result = tune(project, "--trials", "12", "--tune-folds", "1", "--pruner", "median",
+    result = run_tune(project, "--trials", "12", "--tune-folds", "1", "--pruner", "median",
                   "--epochs", "3")
     made = study(project)
     pruned = [t for t in made.get_trials() if t.state.name == "PRUNED"]
@@ -127,16 +124,15 @@ def test_a_pruned_trial_is_recorded_as_pruned(project: Path) -> None:
 
 
 def test_a_killed_worker_does_not_wedge_the_study(project: Path) -> None:
-    command = [sys.executable, "-m", "pipeline", "--root", str(project), "tune", "--trials", "2",
-               "--space", str(project / "space.toml"), "--folds", "2", "--epochs", "40"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(project, "tune", "--trials", "2", "--space", str(project / "space.toml"),
+                     "--folds", "2", "--epochs", "40")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((project / "runs").glob("*/fold_0.state.pt")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert states(study(project)) == ["RUNNING"]
-    result = tune(project, "--trials", "2", "--epochs", "40")
+    result = run_tune(project, "--trials", "2", "--epochs", "40")
     assert "left running by a stopped worker: marked failed" in result.stdout
     final = states(study(project))
     assert final.count("FAIL") == 1 and final.count("COMPLETE") == 2
@@ -152,7 +148,7 @@ def test_a_killed_worker_does_not_wedge_the_study(project: Path) -> None:
 ])
 def test_bad_space_is_a_clear_error(project: Path, space: str, words: list[str]) -> None:
     (project / "space.toml").write_text(space)
-    result = tune(project, "--trials", "1", check=False)
+    result = run_tune(project, "--trials", "1", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     for word in words:
         assert word in result.stderr
@@ -161,20 +157,14 @@ def test_bad_space_is_a_clear_error(project: Path, space: str, words: list[str])
 
 def test_unreachable_storage_and_another_space_are_clear_errors(project: Path) -> None:
     port = free_port()
-    result = tune(project, "--trials", "1", "--storage",
+    result = run_tune(project, "--trials", "1", "--storage",
                   f"postgresql://user:secret@127.0.0.1:{port}/optuna", check=False)
     assert result.returncode == 1 and "cannot use this database" in result.stderr
     assert "secret" not in result.stderr and "user:***@" in result.stderr
-    tune(project, "--trials", "1", "--tune-folds", "1")
+    run_tune(project, "--trials", "1", "--tune-folds", "1")
     (project / "space.toml").write_text("[hidden]\nchoices = [4]\n")
-    other = tune(project, "--trials", "2", "--tune-folds", "1", check=False)
+    other = run_tune(project, "--trials", "2", "--tune-folds", "1", check=False)
     assert other.returncode == 1 and "another search space" in other.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- a real PostgreSQL server ---------------------------------------------------------------------
@@ -217,10 +207,8 @@ def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_p
     shutil.copytree(project, other)
     line = ["tune", *BASE, "--tune-folds", "1", "--trials", "4", "--study", "shared",
             "--storage", postgres]
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(root),
-                               *line, "--space", str(root / "space.toml")], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = [start_cli(root, *line, "--space", str(root / "space.toml"), output=True,
+                       env={"OMP_NUM_THREADS": "1"})
              for root in (project, other)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
@@ -233,10 +221,8 @@ def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_p
 
 
 def test_ctrl_c_marks_the_trial_and_stops_cleanly(project: Path) -> None:
-    command = [sys.executable, "-m", "pipeline", "--root", str(project), "tune", "--trials", "2",
-               "--space", str(project / "space.toml"), "--folds", "2", "--epochs", "40"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_cli(project, "tune", "--trials", "2", "--space", str(project / "space.toml"),
+                     "--folds", "2", "--epochs", "40", output=True, sigint=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((project / "runs").glob("*/fold_0.state.pt")):
         time.sleep(0.05)
@@ -255,6 +241,6 @@ def test_a_study_name_that_would_leave_the_project_is_refused(project: Path, sta
 
 def test_a_failing_trial_says_why_and_the_study_goes_on(project: Path) -> None:
     (project / "space.toml").write_text("[batch]\nchoices = [5000]\n")  # larger than a fold
-    result = tune(project, "--trials", "1", "--drop-last")
+    result = run_tune(project, "--trials", "1", "--drop-last")
     assert "failed: BATCH=5000 is larger than the" in result.stdout and "Traceback" not in result.stderr
     assert "no complete trial yet" in result.stdout and states(study(project)) == ["FAIL"]
