@@ -24,11 +24,15 @@ from typing import Any
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 
+import numpy as np
 import pytest
 from hypothesis import settings
+from hypothesis import strategies as st
 
 from pipeline.config import Paths
-from pipeline.store.artifacts import RunDir, all_runs
+from pipeline.engine.models import MODELS
+from pipeline.stages import prepare
+from pipeline.store.artifacts import PIXELS, RunDir, all_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")
@@ -191,3 +195,136 @@ def fresh_clone(target: Path) -> Path:
 settings.register_profile("default", max_examples=50, derandomize=True)
 settings.register_profile("deep", max_examples=400)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+# -- helpers and fixtures that several test files share --------------------------------------------
+
+
+N_TRAIN, N_TEST = 20, 10
+
+
+TRAIN_NAMES = ["label", *prepare.PIXELS]
+
+
+TEST_NAMES = list(prepare.PIXELS)
+
+
+Table = tuple[list[str], list[list[str]]]  # header names, rows of cells (as text)
+
+
+def _rows(n: int, labelled: bool, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(n, 784)) * (rng.random((n, 784)) < 0.25)
+    pixels[:, 0], pixels[:, 783] = 255, 7  # the first and last columns hold something
+    if not labelled:
+        return pixels
+    return np.column_stack([np.arange(n) % 10, pixels])
+
+
+TRAIN_VALUES = _rows(N_TRAIN, True, 1)
+
+
+TEST_VALUES = _rows(N_TEST, False, 2)
+
+
+def table(labelled: bool) -> Table:
+    values = TRAIN_VALUES if labelled else TEST_VALUES
+    return (list(TRAIN_NAMES if labelled else TEST_NAMES),
+            [[str(v) for v in row] for row in values.tolist()])
+
+
+def render(names: list[str], rows: list[list[str]], eol: str = "\n", final: bool = True) -> bytes:
+    lines = [",".join(names)] + [",".join(row) for row in rows]
+    return (eol.join(lines) + (eol if final else "")).encode()
+
+
+CLEAN_TRAIN = render(*table(True))
+
+
+CLEAN_TEST = render(*table(False))
+
+
+def write_inputs(root: Path, train: bytes = CLEAN_TRAIN, test: bytes = CLEAN_TEST) -> Paths:
+    paths = Paths(root)
+    paths.input.mkdir(parents=True, exist_ok=True)
+    paths.train_csv.write_bytes(train)
+    paths.test_csv.write_bytes(test)
+    return paths
+
+
+# What a bad CSV must leave as it was: every file but the two CSVs (and the project's lock file).
+OUTPUTS = {"skip": ("train.csv", "test.csv", ".lock"), "folders": False}
+
+
+def assert_one_clear_error(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, f"{word!r} not in {err!r}"
+
+
+HEADER_TRAIN = "label," + ",".join(PIXELS)
+
+
+HEADER_TEST = ",".join(PIXELS)
+
+
+def write_project(root: Path, labels: list[int], n_test: int, seed: int = 0) -> Paths:
+    rng = np.random.default_rng(seed)
+    paths = Paths(root)
+    paths.input.mkdir(parents=True, exist_ok=True)
+    images = (rng.random((len(labels), 784)) < 0.2) * rng.integers(0, 256, (len(labels), 784))
+    rows = [f"{y}," + ",".join(map(str, row)) for y, row in zip(labels, images.tolist(), strict=True)]
+    paths.train_csv.write_text(HEADER_TRAIN + "\n" + "\n".join(rows) + "\n")
+    test = (rng.random((n_test, 784)) < 0.2) * rng.integers(0, 256, (n_test, 784))
+    paths.test_csv.write_text(HEADER_TEST + "\n" + "\n".join(",".join(map(str, r)) for r in
+                                                              test.tolist()) + "\n")
+    return paths
+
+
+SCALARS = st.one_of(st.integers(-10, 300), st.floats(allow_nan=True), st.booleans(),
+                    st.sampled_from(["rnn", "gru", "8", "1e-3", "", "true"]))
+
+
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(
+    st.sampled_from(["a", "low"]), SCALARS, max_size=2))
+
+
+RECORD_FIELDS = ["complete", "kind", "config", "oof_acc", "oof_loss", "fold_min", "fold_max",
+                 "seconds", "finished", "oof_acc_tta", "weights", "oof_acc_honest"]
+
+
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(),
+                              st.text(max_size=4)),
+                    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+                        st.text(max_size=3), inner, max_size=2), max_leaves=4)
+
+
+def tiny_data() -> tuple[Any, Any]:
+    import numpy as np
+
+    from pipeline.store.artifacts import Prepared
+
+    labels = np.arange(20, dtype=np.uint8) % 10
+    return (Prepared(np.zeros((20, 28, 28), np.uint8), labels, np.zeros((4, 28, 28), np.uint8), "d"),
+            np.arange(20) % 2)
+
+
+@pytest.fixture(scope="session")
+def two_runs(sample_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample with two finished runs on the same folds: rows (the session's run) and columns."""
+    root = copy_project(sample_run, tmp_path_factory.mktemp("two") / "p")
+    run_cli(root, "submit", *TINY, "--view", "cols")
+    return root
+
+
+@pytest.fixture
+def two_run_project(two_runs: Path, tmp_path: Path) -> Path:
+    return copy_project(two_runs, tmp_path / "p")
+
+
+FAMILY = [dict(model=m) for m in MODELS] + [
+    dict(model="rnn", layers=2, dropout=0.2), dict(model="gru", bidirectional=True),
+    dict(model="lstm", layers=2, bidirectional=True),
+]

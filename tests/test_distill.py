@@ -1,4 +1,4 @@
-"""Distillation (make distill), separate fold and init seeds, and the elastic distortion."""
+"""distill: a run that also learns from the test rows labelled by a teacher."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import SAMPLE, TINY, run_cli, the_run
+from conftest import (
+    SAMPLE,
+    TINY,
+    run_cli,
+    the_run,
+)
 
 from pipeline.cli import main
 from pipeline.config import Paths, resolve
-from pipeline.engine.augment import elastic_field, random_affine
 from pipeline.stages import distill
 from pipeline.store.artifacts import (
     PIXELS,
@@ -141,40 +144,3 @@ def test_make_distill_is_a_run_like_any_other(run_copy: Path) -> None:
     assert student.id in run_cli(run_copy, "runs").stdout
     blended = run_cli(run_copy, "blend", "--folds", "2", "--runs", f"{teacher} {student.id}")
     assert "honest" in blended.stdout
-
-
-@pytest.mark.slow
-def test_seeds_of_one_recipe_share_folds_and_blend(run_copy: Path) -> None:
-    # run_copy: a finished `submit` of TINY on the sample
-    folds_before = (run_copy / "input" / "folds.csv").read_bytes()
-    run_cli(run_copy, "submit", *TINY, "--seed", "7")
-    assert (run_copy / "input" / "folds.csv").read_bytes() == folds_before
-    out = run_cli(run_copy, "blend", "--folds", "2").stdout
-    assert "blend: skipped" not in out and "blend: OOF accuracy" in out
-    run_cli(run_copy, "folds", *TINY, "--fold-seed", "3")
-    assert (run_copy / "input" / "folds.csv").read_bytes() != folds_before
-
-
-def test_elastic_field_is_smooth_and_scaled() -> None:
-    gen = torch.Generator().manual_seed(0)
-    weak = elastic_field(64, 28, 28, alpha=1.0, sigma=4.0, generator=gen, device=torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    strong = elastic_field(64, 28, 28, alpha=30.0, sigma=4.0, generator=gen, device=torch.device("cpu"))
-    assert weak.shape == (64, 28, 28, 2)
-    torch.testing.assert_close(strong, weak * 30)
-    rough = torch.rand(64, 28, 28, 2) * 2 - 1
-    # Neighbouring displacements move together (smoothed), unlike raw noise.
-    step = lambda f: (f[:, 1:] - f[:, :-1]).abs().mean() / f.abs().mean()  # noqa: E731
-    assert step(weak) < 0.3 < step(rough)
-
-
-def test_elastic_distortion_moves_pixels_but_keeps_range_and_is_seeded() -> None:
-    images = torch.zeros(8, 28, 28)
-    images[:, 8:20, 12:16] = 255.0
-    moved = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
-    again = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
-    assert torch.equal(moved, again)
-    assert moved.min() >= 0 and moved.max() <= 255 + 1e-3
-    assert (moved - images).abs().mean() > 5
-    still = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 0.0, 4.0)
-    torch.testing.assert_close(still, images)

@@ -10,7 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, fresh_clone, run_make, snapshot
+from conftest import (
+    free_port,
+    fresh_clone,
+    run_make,
+    snapshot,
+)
 
 from pipeline.config import Paths
 from pipeline.kaggle import notebook
@@ -42,8 +47,6 @@ def kaggle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield root
     make_writable(root / "input")
 
-
-# --- where Kaggle keeps things ------------------------------------------------------------------
 
 def test_a_notebook_is_known_by_its_variable_or_its_input_folder(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,8 +86,6 @@ def test_auto_copies_the_attached_competition_files_and_never_writes_there(kaggl
     download.run(paths)
     assert paths.train_csv.read_text() == "mine\n"
 
-
-# --- set-up without a virtual environment ---------------------------------------------------------
 
 def refuse_install(names: list[str]) -> int:
     raise AssertionError(f"set-up installed {names} with the internet off")
@@ -155,8 +156,6 @@ def test_makefile_uses_the_notebooks_python_inside_a_notebook(tmp_path: Path) ->
     (tmp_path / "input").mkdir()  # /kaggle/input alone is enough
     assert ".venv" not in make_dry_run(env, "submit")
 
-
-# --- make submit end to end ------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_make_submit_in_a_kaggle_notebook(kaggle: Path, tmp_path: Path) -> None:
