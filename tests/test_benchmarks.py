@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
-
-pytestmark = pytest.mark.slow  # end-to-end runs; `make test-fast` leaves them out
+from conftest import (
+    REPO,
+)
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,6 +19,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300, check=True)
 
 
+@pytest.mark.slow
 def test_speed_benchmark_runs_tiny(tmp_path: Path) -> None:
     result = bench("benchmarks/speed.py", "--rows", "256", "--repeats", "1", "--test-rows", "300",
                    "--skip-prepare", "--out", str(tmp_path))
@@ -29,6 +30,7 @@ def test_speed_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert all(value > 0 for value in saved["ratios"].values())
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_runs_tiny(sample_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "accuracy.csv"
     result = bench("benchmarks/accuracy.py", "--train", str(sample_run / "input" / "train.csv"),
@@ -44,6 +46,7 @@ def test_accuracy_benchmark_runs_tiny(sample_run: Path, tmp_path: Path) -> None:
     assert (blends["in_sample"] >= blends["oof_acc"] - 0.02).all()
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_screens_one_fold_and_predicts_a_given_test(sample_run: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "screen.csv"
@@ -65,16 +68,19 @@ def test_accuracy_benchmark_screens_one_fold_and_predicts_a_given_test(sample_ru
     assert len(kept) == 1 and len(pd.read_csv(kept[0])) == test_rows
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_says_when_its_data_is_missing(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--train",
                              str(tmp_path / "nope.csv")], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_script_parses() -> None:
     subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=REPO, check=True)
 
 
+@pytest.mark.slow
 def test_graph_check_runs_tiny(tmp_path: Path) -> None:
     # On a CPU no graph is captured; the script still trains every path and compares them.
     result = bench("benchmarks/graph_check.py", "--device", "cpu", "--rows", "140", "--epochs", "1",

@@ -3,8 +3,7 @@
 The client reads its environment when imported, so every run goes through the real command line in
 a subprocess with an environment of its own: a temporary HOME and KAGGLE_CONFIG_DIR holding dummy
 credentials, KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP(S)_PROXY pointing at the fake server, no
-NO_PROXY. Nothing can reach the network beyond 127.0.0.1, and no real key can be sent anywhere.
-"""
+NO_PROXY. Nothing can reach the network beyond 127.0.0.1, and no real key can be sent anywhere."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -24,7 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fresh_clone
+from conftest import (
+    REPO,
+    free_port,
+    fresh_clone,
+    run_cli,
+    run_make,
+    snapshot,
+)
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
 from pipeline.config import Paths
@@ -35,26 +40,40 @@ from pipeline.store import ledger
 from pipeline.store.artifacts import latest
 from pipeline.store.submission import COMPETITION_TEST_ROWS
 
-REPO = Path(__file__).resolve().parent.parent
 DUMMY_USER = "fake-user"
+
+
 DUMMY_KEY = "dummy-key-0123456789abcdef"
+
+
 DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"
+
+
 DUMMY_BASIC = base64.b64encode(f"{DUMMY_USER}:{DUMMY_KEY}".encode()).decode()
+
+
 RULES_URL = "https://www.kaggle.com/competitions/digit-recognizer/rules"
+
+
 TRAIN = b"label,pixel0,pixel1\n1,0,255\n7,12,0\n"
+
+
 TEST = b"pixel0,pixel1\n3,4\n"
+
+
 ARCHIVE = make_zip({"train.csv": TRAIN, "test.csv": TEST, "sample_submission.csv": b"ImageId,Label\n1,0\n"})
+
+
 # The hang tests' own timeout. Only they use one this short: on a busy machine the client alone can
 # take longer to start, and other failures must not be mistaken for a hang.
 HANG_TIMEOUT = 1.5
+
+
 HANGS = ("server-hangs", "hangs-at-import", "body-stalls")
+
+
 OLD = {"train.csv": b"old train\n", "test.csv": b"old test\n", "source.json": b'{"source": "dir"}\n'}
 
-# The real client in subprocesses against a local fake server (timeouts included): end to end.
-pytestmark = pytest.mark.slow
-
-
-# --- fixtures and helpers -------------------------------------------------------------------------
 
 @pytest.fixture
 def fake() -> Iterator[FakeKaggle]:
@@ -86,20 +105,14 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "project"
 
 
-def cli(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", "--root", str(root), *args], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+# The client's environment is the whole environment of the command (see env), in a real process.
+CLIENT = {"full_env": True, "check": False, "timeout": 60}
 
 
 def download_kaggle(root: Path, env: dict[str, str], *extra: str,
                     timeout: float = 30) -> subprocess.CompletedProcess:
-    return cli(root, env, "download", "--source", "kaggle", "--timeout", str(timeout), *extra)
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every entry under folder, hidden ones included, with the bytes of each file."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(folder.rglob("*"))}
+    return run_cli(root, "download", "--source", "kaggle", "--timeout", str(timeout), *extra, env=env,
+                   **CLIENT)
 
 
 def put_old_files(root: Path) -> None:
@@ -124,12 +137,6 @@ def assert_fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
     assert_no_secret(result)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def with_sizes(data: bytes, size: int) -> bytes:
     """The archive with every member's uncompressed size rewritten: a zip bomb's headers."""
     out = bytearray(data)
@@ -147,8 +154,7 @@ def corrupted(data: bytes) -> bytes:
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
 
 
-# --- importing the pipeline never imports the client ------------------------------------------------
-
+@pytest.mark.slow
 def test_importing_every_pipeline_module_leaves_kaggle_and_optuna_out() -> None:
     code = ("import importlib, pkgutil, sys, pipeline\n"
             "for m in pkgutil.walk_packages(pipeline.__path__, 'pipeline.'):\n"
@@ -159,8 +165,6 @@ def test_importing_every_pipeline_module_leaves_kaggle_and_optuna_out() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
-
-# --- download ---------------------------------------------------------------------------------------
 
 def _use_env_vars(env: dict[str, str]) -> str:
     Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").unlink()
@@ -177,6 +181,7 @@ CREDENTIALS = {"kaggle.json": lambda env: f"Basic {DUMMY_BASIC}", "env-vars": _u
                "access-token": _use_token}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("credentials", list(CREDENTIALS))
 def test_download_writes_the_served_files(credentials: str, root: Path, env: dict[str, str],
                                           fake: FakeKaggle) -> None:
@@ -191,6 +196,7 @@ def test_download_writes_the_served_files(credentials: str, root: Path, env: dic
     assert_no_secret(result)
 
 
+@pytest.mark.slow
 def test_download_keeps_existing_files_unless_forced(root: Path, env: dict[str, str],
                                                      fake: FakeKaggle) -> None:
     put_old_files(root)
@@ -203,8 +209,9 @@ def test_download_keeps_existing_files_unless_forced(root: Path, env: dict[str, 
     assert (root / "input" / "train.csv").read_bytes() == TRAIN
 
 
+@pytest.mark.slow
 def test_auto_picks_kaggle_when_credentials_exist(root: Path, env: dict[str, str]) -> None:
-    result = cli(root, env, "download", "--timeout", "5")
+    result = run_cli(root, "download", "--timeout", "5", env=env, **CLIENT)
     assert result.returncode == 0, result.stderr
     assert "source auto -> kaggle (Kaggle credentials found in" in result.stdout
     assert (root / "input" / "test.csv").read_bytes() == TEST
@@ -222,7 +229,7 @@ def _http(code: int, message: str) -> Callable[[FakeKaggle, dict[str, str]], Non
 
 def _no_network(fake: FakeKaggle, env: dict[str, str]) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env[name] = f"http://127.0.0.1:{closed_port()}"
+        env[name] = f"http://127.0.0.1:{free_port()}"
 
 
 def _serve(data: bytes) -> Callable[[FakeKaggle, dict[str, str]], None]:
@@ -274,6 +281,7 @@ DOWNLOAD_FAILURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(DOWNLOAD_FAILURES))
 def test_download_failure_leaves_input_as_it_was(case: str, root: Path, env: dict[str, str],
                                                  fake: FakeKaggle) -> None:
@@ -289,6 +297,7 @@ def test_download_failure_leaves_input_as_it_was(case: str, root: Path, env: dic
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_failed_download_without_input_folder_leaves_none(root: Path, env: dict[str, str],
                                                           fake: FakeKaggle) -> None:
     (root / "input").rmdir()
@@ -297,6 +306,7 @@ def test_failed_download_without_input_folder_leaves_none(root: Path, env: dict[
     assert not (root / "input").exists()
 
 
+@pytest.mark.slow
 def test_no_credential_reaches_the_output_even_when_verbose(root: Path, env: dict[str, str],
                                                             fake: FakeKaggle) -> None:
     env.update(VERBOSE="1", VERBOSE_OUTPUT="1")
@@ -310,6 +320,7 @@ def test_no_credential_reaches_the_output_even_when_verbose(root: Path, env: dic
     assert "[redacted]" in result.stderr
 
 
+@pytest.mark.slow
 def test_scrub_blanks_what_the_verbose_client_prints(env: dict[str, str], fake: FakeKaggle,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The hazard is real (the client prints the key with VERBOSE) and scrub() removes it."""
@@ -323,14 +334,13 @@ def test_scrub_blanks_what_the_verbose_client_prints(env: dict[str, str], fake: 
     assert DUMMY_BASIC not in scrubbed and DUMMY_KEY not in scrubbed
 
 
+@pytest.mark.slow
 def test_warns_about_a_key_readable_by_others(root: Path, env: dict[str, str]) -> None:
     Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").chmod(0o644)
     result = download_kaggle(root, env)
     assert result.returncode == 0, result.stderr
     assert "chmod 600" in result.stderr
 
-
-# --- upload -----------------------------------------------------------------------------------------
 
 @pytest.fixture
 def submission(root: Path) -> Path:
@@ -347,9 +357,11 @@ def submission(root: Path) -> Path:
 
 def upload(root: Path, env: dict[str, str], message: str = "5-fold RNN",
            timeout: float = 30, wait: float = 20) -> subprocess.CompletedProcess:
-    return cli(root, env, "upload", "--message", message, "--timeout", str(timeout), "--wait", str(wait))
+    return run_cli(root, "upload", "--message", message, "--timeout", str(timeout), "--wait", str(wait),
+                   env=env, **CLIENT)
 
 
+@pytest.mark.slow
 def test_upload_sends_the_file_and_prints_the_reference(root: Path, env: dict[str, str], fake: FakeKaggle,
                                                         submission: Path) -> None:
     env.update(VERBOSE="1", VERBOSE_OUTPUT="1")
@@ -386,6 +398,7 @@ UPLOAD_FAILURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(UPLOAD_FAILURES))
 def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], fake: FakeKaggle,
                                     submission: Path) -> None:
@@ -396,6 +409,7 @@ def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], 
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("record", ["input/source.json", "runs/rnn-h8-e1-000000/run.json"])
 def test_upload_refuses_a_submission_of_the_sample(record: str, root: Path, env: dict[str, str],
                                                    fake: FakeKaggle, submission: Path) -> None:
@@ -405,12 +419,14 @@ def test_upload_refuses_a_submission_of_the_sample(record: str, root: Path, env:
     assert fake.requests == []
 
 
+@pytest.mark.slow
 def test_upload_refuses_an_empty_message(root: Path, env: dict[str, str], fake: FakeKaggle,
                                          submission: Path) -> None:
     assert_fails(upload(root, env, "  "), 'MESSAGE="')
     assert fake.requests == []
 
 
+@pytest.mark.slow
 def test_upload_refuses_an_invalid_submission(root: Path, env: dict[str, str], fake: FakeKaggle,
                                               submission: Path) -> None:
     lines = submission.read_text().splitlines(keepends=True)
@@ -419,9 +435,9 @@ def test_upload_refuses_an_invalid_submission(root: Path, env: dict[str, str], f
     assert fake.requests == []
 
 
-# --- the score comes back: the submission list ------------------------------------------------------
-
 FULL_SIZE = "ImageId,Label\n" + "".join(f"{i},{i % 10}\n" for i in range(1, COMPETITION_TEST_ROWS + 1))
+
+
 OLDER = {"ref": 1111, "date": "2026-11-02T09:30:00.000Z", "description": "made elsewhere",
          "status": "COMPLETE", "publicScore": "0.95000"}
 
@@ -441,6 +457,7 @@ def made_here(run_copy: Path) -> tuple[Path, str]:
     return run_copy, run_id
 
 
+@pytest.mark.slow
 def test_upload_waits_for_the_score_and_runs_show_it_beside_oof(made_here: tuple[Path, str],
                                                                 env: dict[str, str],
                                                                 fake: FakeKaggle) -> None:
@@ -452,14 +469,15 @@ def test_upload_waits_for_the_score_and_runs_show_it_beside_oof(made_here: tuple
     found = ledger.uploads(Paths(root))[4242]
     assert (found["run"], found["status"], found["public_score"]) == (run_id, "complete", 0.971)
     assert found["message"] == "tiny rnn" and found["kept"].endswith(".csv")
-    table = cli(root, env, "runs", "--format", "csv")
+    table = run_cli(root, "runs", "--format", "csv", env=env, **CLIENT)
     assert table.returncode == 0, table.stderr
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO(table.stdout))}
     assert rows[run_id]["LB"] == "0.97100"
-    assert "0.97100" in cli(root, env, "runs").stdout
+    assert "0.97100" in run_cli(root, "runs", env=env, **CLIENT).stdout
     assert_no_secret(result)
 
 
+@pytest.mark.slow
 def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path, str], tmp_path: Path,
                                                           env: dict[str, str], fake: FakeKaggle) -> None:
     """The README's lines through make, in a fresh clone holding the finished run."""
@@ -470,8 +488,7 @@ def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path,
     env = {k: v for k, v in env.items() if not k.startswith(("MAKE", "MFLAGS"))}
 
     def make(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "--no-print-directory", *args, "SETUP=", f"PY={sys.executable}"],
-                              cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+        return run_make(*args, "SETUP=", f"PY={sys.executable}", cwd=clone, env=env)
 
     sent = make("upload", 'MESSAGE=gru blend, "quoted"', "WAIT=20")
     assert sent.returncode == 0, sent.stderr
@@ -489,6 +506,7 @@ def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path,
     assert_no_secret(sent)
 
 
+@pytest.mark.slow
 def test_a_scoring_error_is_reported_and_recorded(root: Path, env: dict[str, str], fake: FakeKaggle,
                                                   submission: Path) -> None:
     fake.score_script = ["pending", "error"]
@@ -497,6 +515,7 @@ def test_a_scoring_error_is_reported_and_recorded(root: Path, env: dict[str, str
     assert found["status"] == "error" and found["error"] == "Submission CSV Not Found"
 
 
+@pytest.mark.slow
 def test_never_scored_within_wait_stays_pending_until_lb(root: Path, env: dict[str, str], fake: FakeKaggle,
                                                          submission: Path) -> None:
     fake.score_script = ["pending"]
@@ -508,17 +527,18 @@ def test_never_scored_within_wait_stays_pending_until_lb(root: Path, env: dict[s
     assert time.monotonic() - started < 20
     assert ledger.uploads(Paths(root))[4242]["status"] == "pending"
     fake.score_script = ["complete"]  # Kaggle scores it later
-    listed = cli(root, env, "lb")
+    listed = run_cli(root, "lb", env=env, **CLIENT)
     assert listed.returncode == 0, listed.stderr
     ours, older = [line for line in listed.stdout.splitlines() if "complete" in line]
     assert "first try" in ours and "0.97100" in ours and "4242" in ours and "(unknown run)" in ours
     assert "made elsewhere" in older and "0.95000" in older and older.rstrip().endswith("-")
     assert ledger.uploads(Paths(root))[4242]["public_score"] == 0.971  # recorded by `make lb`
     lines = ledger.runs_path(Paths(root)).read_text().count("\n")
-    assert cli(root, env, "lb", "--format", "csv").returncode == 0
+    assert run_cli(root, "lb", "--format", "csv", env=env, **CLIENT).returncode == 0
     assert ledger.runs_path(Paths(root)).read_text().count("\n") == lines  # nothing new to record
 
 
+@pytest.mark.slow
 def test_a_score_that_fails_to_arrive_never_loses_the_upload(root: Path, env: dict[str, str],
                                                              fake: FakeKaggle, submission: Path) -> None:
     fake.list_error = (500, "Internal error")
@@ -530,6 +550,7 @@ def test_a_score_that_fails_to_arrive_never_loses_the_upload(root: Path, env: di
     assert found["status"] == "pending" and found["message"] == "5-fold RNN"
 
 
+@pytest.mark.slow
 def test_wait_zero_does_not_ask_for_the_score(root: Path, env: dict[str, str], fake: FakeKaggle,
                                               submission: Path) -> None:
     result = upload(root, env, wait=0)
@@ -538,12 +559,14 @@ def test_wait_zero_does_not_ask_for_the_score(root: Path, env: dict[str, str], f
     assert 4242 in ledger.uploads(Paths(root))
 
 
+@pytest.mark.slow
 def test_a_wait_out_of_range_is_refused_before_anything_is_sent(root: Path, env: dict[str, str],
                                                                 fake: FakeKaggle, submission: Path) -> None:
     assert_fails(upload(root, env, wait=-1), "WAIT=-1", "3600")
     assert fake.requests == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("setup", "phrases"), [
     (_http(401, "Unauthenticated"), ["HTTP 401", "https://www.kaggle.com/settings"]),
     (_no_network, ["cannot reach Kaggle"]),
@@ -552,12 +575,10 @@ def test_a_wait_out_of_range_is_refused_before_anything_is_sent(root: Path, env:
 def test_lb_failure_is_reported(setup: Callable[[FakeKaggle, dict[str, str]], None], phrases: list[str],
                                 root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
     setup(fake, env)
-    result = cli(root, env, "lb", "--timeout", "30")
+    result = run_cli(root, "lb", "--timeout", "30", env=env, **CLIENT)
     assert_fails(result, *phrases)
     assert result.stdout == ""
 
-
-# --- in-process: credential lookup, scrubbing, the auto choice --------------------------------------
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -575,6 +596,7 @@ def write_kaggle_json(folder: Path, **values: str) -> Path:
     return folder / "kaggle.json"
 
 
+@pytest.mark.slow
 def test_credentials_none(home: Path) -> None:
     assert kaggle_api.credentials_source() is None
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER)  # a key is missing: not usable
@@ -583,6 +605,7 @@ def test_credentials_none(home: Path) -> None:
     assert kaggle_api.credentials_source() is None
 
 
+@pytest.mark.slow
 def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (home / ".kaggle").mkdir()
     (home / ".kaggle" / "credentials.json").write_text("{}")
@@ -598,6 +621,7 @@ def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.Mo
     assert kaggle_api.credentials_source() == "KAGGLE_API_TOKEN"
 
 
+@pytest.mark.slow
 def test_a_notebooks_own_token_comes_first_and_is_scrubbed(home: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     (home / "nb-token").write_text("KGAT_notebook_own_token_123\n")
@@ -610,6 +634,7 @@ def test_a_notebooks_own_token_comes_first_and_is_scrubbed(home: Path,
     assert "KGAT_notebook_own_token_123" not in kaggle_api.scrub("token KGAT_notebook_own_token_123")
 
 
+@pytest.mark.slow
 def test_credentials_in_config_dir_xdg_and_mixed(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     xdg = write_kaggle_json(home / ".config" / "kaggle", username=DUMMY_USER, key=DUMMY_KEY)
     if sys.platform.startswith("linux"):
@@ -621,6 +646,7 @@ def test_credentials_in_config_dir_xdg_and_mixed(home: Path, monkeypatch: pytest
     assert kaggle_api.credentials_source() == str(custom)
 
 
+@pytest.mark.slow
 def test_scrub_removes_keys_and_authorization(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
     monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_abcdef123456")
@@ -630,6 +656,7 @@ def test_scrub_removes_keys_and_authorization(home: Path, monkeypatch: pytest.Mo
         assert secret not in text
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_the_sample_without_credentials(home: Path) -> None:
     assert download._choose_source() == ("sample", "no files in input/ and no Kaggle credentials")
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
@@ -648,6 +675,7 @@ def encrypted(data: bytes) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data", "phrase"), [
     (encrypted(make_zip({"train.csv": TRAIN, "test.csv": TEST})), "truncated or corrupt"),
     (make_zip({"train.csv": TRAIN, "test.csv": TEST, "..\\evil.csv": b"x"}), "unsafe path"),

@@ -4,28 +4,23 @@ competition input read-only, no virtual environment and no network."""
 from __future__ import annotations
 
 import os
-import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fresh_clone
+from conftest import (
+    free_port,
+    fresh_clone,
+    run_make,
+    snapshot,
+)
 
 from pipeline.config import Paths
 from pipeline.kaggle import notebook
 from pipeline.stages import download
 from pipeline.store import sample
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, bytes | None]]:
-    """Every entry under folder with its mode and, for a file, its bytes."""
-    return {str(p.relative_to(folder)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
-            for p in sorted(folder.rglob("*"))}
 
 
 def make_read_only(folder: Path) -> None:
@@ -53,8 +48,6 @@ def kaggle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     make_writable(root / "input")
 
 
-# --- where Kaggle keeps things ------------------------------------------------------------------
-
 def test_a_notebook_is_known_by_its_variable_or_its_input_folder(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path))
@@ -75,14 +68,14 @@ def test_a_notebook_is_known_by_its_variable_or_its_input_folder(tmp_path: Path,
 
 def test_auto_copies_the_attached_competition_files_and_never_writes_there(kaggle: Path,
                                                                            tmp_path: Path) -> None:
-    before = snapshot(kaggle / "input")
+    before = snapshot(kaggle / "input", modes=True)
     paths = Paths(tmp_path / "project")
     assert download.run(paths) == "dir"
     attached = kaggle / "input" / "digit-recognizer"
     assert paths.train_csv.read_bytes() == (attached / "train.csv").read_bytes()
     assert paths.test_csv.read_bytes() == (attached / "test.csv").read_bytes()
     assert paths.train_csv.stat().st_mode & stat.S_IWUSR  # a copy of its own, not the read-only file
-    assert snapshot(kaggle / "input") == before
+    assert snapshot(kaggle / "input", modes=True) == before
     # The built-in sample made before the data was attached is replaced; other files are kept.
     sample.write(paths.train_csv, paths.test_csv)
     paths.source_json.write_text('{"source": "sample"}\n')
@@ -93,8 +86,6 @@ def test_auto_copies_the_attached_competition_files_and_never_writes_there(kaggl
     download.run(paths)
     assert paths.train_csv.read_text() == "mine\n"
 
-
-# --- set-up without a virtual environment ---------------------------------------------------------
 
 def refuse_install(names: list[str]) -> int:
     raise AssertionError(f"set-up installed {names} with the internet off")
@@ -149,8 +140,7 @@ def test_setup_notes_a_kaggle_client_too_old_for_upload(monkeypatch: pytest.Monk
 
 
 def make_dry_run(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = run_make("-n", *args, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -167,14 +157,6 @@ def test_makefile_uses_the_notebooks_python_inside_a_notebook(tmp_path: Path) ->
     assert ".venv" not in make_dry_run(env, "submit")
 
 
-# --- make submit end to end ------------------------------------------------------------------------
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_make_submit_in_a_kaggle_notebook(kaggle: Path, tmp_path: Path) -> None:
     project = fresh_clone(kaggle / "working" / "digits")
@@ -182,7 +164,7 @@ def test_make_submit_in_a_kaggle_notebook(kaggle: Path, tmp_path: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "python3").chmod(0o755)
-    no_network = f"http://127.0.0.1:{closed_port()}"
+    no_network = f"http://127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KAGGLE_", "MAKE", "MFLAGS", "VIRTUAL_ENV"))
            and not k.lower().endswith("_proxy")}
@@ -190,15 +172,14 @@ def test_make_submit_in_a_kaggle_notebook(kaggle: Path, tmp_path: Path) -> None:
                KAGGLE_KERNEL_RUN_TYPE="Interactive", KAGGLE_ROOT=str(kaggle), PYTHONUNBUFFERED="1",
                HTTP_PROXY=no_network, HTTPS_PROXY=no_network, http_proxy=no_network,
                https_proxy=no_network)
-    before = snapshot(kaggle / "input")
-    result = subprocess.run(["make", "--no-print-directory", "submit", "FOLDS=2", "EPOCHS=1", "HIDDEN=16"],
-                            cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    before = snapshot(kaggle / "input", modes=True)
+    result = run_make("submit", "FOLDS=2", "EPOCHS=1", "HIDDEN=16", cwd=project, env=env, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "Kaggle notebook: using Python" in out and "no virtual environment" in out
     assert "attached to this Kaggle notebook" in out
     assert not (project / ".venv").exists()
-    assert snapshot(kaggle / "input") == before  # nothing written under input/
+    assert snapshot(kaggle / "input", modes=True) == before  # nothing written under input/
     written = kaggle / "working" / "submission.csv"
     assert written.read_bytes() == (project / "submissions" / "submission.csv").read_bytes()
     assert written.read_text().splitlines()[0] == "ImageId,Label"

@@ -1,22 +1,26 @@
-"""The report (reports/index.html and its figures) and the record of submissions (runs.jsonl)."""
+"""The report (reports/index.html and its figures), and the words it stops with."""
 
 from __future__ import annotations
 
 import shutil
 import struct
-from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import the_run
+from conftest import (
+    copy_project,
+    fake_run,
+    run_cli,
+    the_run,
+)
 
-from pipeline.config import Paths, TrainConfig, changed_settings
+from pipeline.cli import main
+from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import report
-from pipeline.store import ledger
 from pipeline.store.artifacts import RunDir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,8 +43,7 @@ def draw(paths: Paths) -> Path:
 
 def copy_run(paths: Paths, target: Path) -> Paths:
     """A private copy of the tiny run, for tests that damage it."""
-    shutil.copytree(paths.root, target / "run", ignore=shutil.ignore_patterns("reports"))
-    return Paths(target / "run")
+    return Paths(copy_project(paths.root, target / "run", ignore=shutil.ignore_patterns("reports")))
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -66,9 +69,6 @@ def image_sources(page: Path) -> list[str]:
     parser = ImageSources()
     parser.feed(page.read_text(encoding="utf-8"))
     return parser.sources
-
-
-# -- the report ----------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -187,31 +187,50 @@ def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path:
     assert 100 <= width <= 4000 and 100 <= height <= 4000
 
 
-# -- the record of runs --------------------------------------------------------------------------
+@pytest.mark.parametrize("latest", [None, "garbage/\n", "rnn-h32-e2-gone00"])
+def test_report_without_a_usable_latest_names_the_runs_and_trains_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], latest: str | None) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-aaaaaa")
+    fake_run(tmp_path, "gru-h32-e2-bbbbbb")
+    if latest is not None:
+        (tmp_path / "runs" / "latest").write_text(latest)
+    assert main(["--root", str(tmp_path), "report"]) == 1
+    err = capsys.readouterr().err
+    assert "make report RUN=<id>" in err and "rnn-h32-e2-aaaaaa" in err and "gru-h32-e2-bbbbbb" in err
+    assert "RUN=rnn-h32-e2-gone00:" not in err  # never a RUN= the user did not give
+    assert not (tmp_path / "input").exists() and not (tmp_path / "reports").exists()
 
 
-def entry(submission: str, **config: object) -> dict[str, object]:
-    return {"model": "rnn", "config": {**asdict(TrainConfig()), **config}, "oof_acc": 0.9876,
-            "seconds": 83.2, "device": "cpu (4 threads)", "submission": submission,
-            "source": "sample"}
+def test_report_with_no_run_at_all_says_how_to_make_one(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--root", str(tmp_path), "report"]) == 1
+    assert "make submit" in capsys.readouterr().err and not (tmp_path / "input").exists()
 
 
-def test_changed_settings_are_the_hyperparameters_off_their_defaults() -> None:
-    cfg = TrainConfig(epochs=3, model="gru", device="cuda", jobs=4)
-    assert changed_settings(cfg) == {"epochs": 3, "model": "gru"}
-    assert changed_settings(TrainConfig()) == {}
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: str) -> None:
+    from conftest import the_run
+
+    run = the_run(run_copy)
+    text = run.cv.read_text()
+    run.cv.write_text("fold,valid\nx,\x01\n" if damage == "garbage" else text.splitlines()[0] + "\n"
+                      + text.splitlines()[1] + "\n")
+    result = run_cli(run_copy, "report", "--run", run.id, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cv.csv" in result.stderr and f"make predict RUN={run.id} FORCE=1" in result.stderr
 
 
-def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None:
-    paths = Paths(tmp_path)
-    ledger.add(paths, entry("first.csv"))
-    with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
-        handle.write(b'{"model": "gru", "oof_acc": 0.9')
-    entries, skipped = ledger.read(paths)
-    assert [e["submission"] for e in entries] == ["first.csv"] and skipped == 1
-    ledger.add(paths, entry("second.csv"))
-    entries, skipped = ledger.read(paths)
-    assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == 1
-    lines = ledger.runs_path(paths).read_bytes().split(b"\n")
-    assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
-    assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in
+def test_a_blend_report_headlines_the_honest_accuracy() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.stages import report
+
+    cv = pd.DataFrame({"fold": ["0", "1", "all"], "valid_acc": [0.9, 0.9, 0.95]})
+    run = SimpleNamespace(cv=cv, name="blend-x", train_y=np.zeros(4), source="sample", ensemble={
+        "kind": "blend", "oof_acc_honest": 0.91, "weights": {"a": 1, "b": 2}, "model": "blend"})
+    text = report._summary(run, Paths())
+    assert "<b>OOF accuracy:</b> 0.9100 honest" in text and "in-sample 0.9500" in text

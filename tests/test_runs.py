@@ -1,126 +1,104 @@
-"""Runs side by side, blend, forget, the project lock, names from the user, and the stage-by-stage
-defects found by running one stage at a time."""
+"""runs and forget: every run side by side, damaged records named, one run's folder deleted."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, SAMPLE, TINY, run_cli, the_run
+from conftest import (
+    JSON,
+    RECORD_FIELDS,
+    fake_run,
+    run_cli,
+    the_run,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
+from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.stages import blend
-from pipeline.store.artifacts import check_name, latest
-
-# -- blend on synthetic probabilities, where the right answer is known -----------------------------
+from pipeline.stages import runs
+from pipeline.store.artifacts import all_runs, check_name, latest
 
 
-def one_hot(labels: np.ndarray, sure: float) -> np.ndarray:
-    probs = np.full((len(labels), 10), (1 - sure) / 9)
-    probs[np.arange(len(labels)), labels] = sure
-    return probs
+def test_forget_refuses_the_studies_and_runs_never_lists_them(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "runs" / "tune" / "rnn" / "journal.log"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("{}\n")
+    fake_run(tmp_path, "rnn-h32-e2-aaaaaa")
+    paths = Paths(tmp_path)
+    assert [r.id for r in all_runs(paths)] == ["rnn-h32-e2-aaaaaa"]
+    assert [r["run"] for r in runs.rows(paths)] == ["rnn-h32-e2-aaaaaa"]
+    assert main(["--root", str(tmp_path), "forget", "--run", "tune"]) == 1
+    err = capsys.readouterr().err
+    assert "holds the tuning studies, not a run" in err and "Traceback" not in err
+    assert journal.is_file()
 
 
-def test_a_run_of_pure_noise_gets_no_weight() -> None:
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 600)
-    good = one_hot(labels, 0.7)
-    wrong = rng.random(600) < 0.2  # the good run is wrong on a fifth of the rows
-    good[wrong] = one_hot((labels[wrong] + 1) % 10, 0.7)
-    noise = rng.dirichlet(np.ones(10), 600)
-    counts = blend.select(np.stack([noise, good]), labels)
-    assert counts[0] == 0 and counts[1] >= 1
+@given(drop=st.sets(st.sampled_from(RECORD_FIELDS)), change=st.dictionaries(
+    st.sampled_from(RECORD_FIELDS), JSON, max_size=3), config=JSON, blend=st.booleans())
+def test_one_damaged_run_is_named_and_never_hides_the_others(
+        tmp_path_factory: pytest.TempPathFactory, drop: set[str], change: dict[str, Any],
+        config: Any, blend: bool) -> None:
+    root = tmp_path_factory.mktemp("runs")
+    fake_run(root, "rnn-h32-e2-good00", acc=0.5)
+    bad = fake_run(root, "rnn-h32-e2-bad000", acc=0.7,
+                   **({"kind": "blend", "weights": {"a": 1}, "oof_acc_honest": 0.6} if blend else {}))
+    record = json.loads((bad / "run.json").read_text())
+    record = {k: v for k, v in record.items() if k not in drop} | change
+    (bad / "run.json").write_text(json.dumps(record))
+    (bad / "config.json").write_text(json.dumps(config))
+    found = {r["run"]: r for r in runs.rows(Paths(root))}
+    assert found["rnn-h32-e2-good00"]["OOF acc"] == "0.5000"
+    assert "rnn-h32-e2-bad000" in found
+    text = runs.table(Paths(root))
+    assert "rnn-h32-e2-good00" in text and "rnn-h32-e2-bad000" in text
 
 
-def test_two_complementary_runs_beat_either() -> None:
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 10, 800)
-    a, b = one_hot(labels, 0.6), one_hot(labels, 0.6)
-    half = np.arange(800) < 400
-    a[half] = one_hot((labels[half] + 1) % 10, 0.4)  # a is unsure and wrong on the first half
-    b[~half] = one_hot((labels[~half] + 2) % 10, 0.4)  # b on the second
-    probs = np.stack([a, b])
-    counts = blend.select(probs, labels)
-    assert counts[0] >= 1 and counts[1] >= 1
-    blended = blend.combine(probs, counts, "prob").argmax(1)
-    accuracy = [(p.argmax(1) == labels).mean() for p in probs]
-    assert (blended == labels).mean() > max(accuracy)
-
-
-def test_the_honest_estimate_does_not_flatter() -> None:
-    """Many runs of noise: the in-sample selection overfits them, the honest estimate does not."""
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 10, 400)
-    probs = rng.dirichlet(np.ones(10), (25, 400))
-    fold_of = np.arange(400) % 4
-    counts = blend.select(probs, labels)
-    in_sample = (blend.combine(probs, counts, "prob").argmax(1) == labels).mean()
-    honest = blend.honest_accuracy(probs, labels, fold_of, "prob")
-    assert honest <= in_sample
-
-
-# -- runs, blend and forget through the command line ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sample with two finished runs on the same folds: rows and columns."""
-    root = tmp_path_factory.mktemp("two")
-    run_cli(root, "submit", *SAMPLE, *TINY)
-    run_cli(root, "submit", *TINY, "--view", "cols")
-    return root
-
-
-@pytest.fixture
-def project(two_runs: Path, tmp_path: Path) -> Path:
-    shutil.copytree(two_runs, tmp_path / "p")
-    return tmp_path / "p"
+def test_make_runs_names_the_damaged_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    bad = fake_run(tmp_path, "rnn-h32-e2-bad000")
+    record = json.loads((bad / "run.json").read_text())
+    del record["fold_min"]
+    (bad / "run.json").write_text(json.dumps(record))
+    (tmp_path / "runs" / "rnn-h32-e2-good00" / "config.json").write_text("[1, 2]")
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    out, err = capsys.readouterr()
+    assert "rnn-h32-e2-bad000: damaged record (missing 'fold_min')" in err
+    assert "rnn-h32-e2-good00: damaged record (config.json is not a table of settings)" in err
+    assert "(damaged record)" in out and "2 run(s)" in out
 
 
 @pytest.mark.slow
-def test_blend_runs_and_forget(project: Path) -> None:
-    paths = Paths(project)
-    rows, cols = the_run(project, "rnn-h32"), the_run(project, "rnn-cols")
-    result = run_cli(project, "blend", "--folds", "2")
+def test_blend_runs_and_forget(two_run_project: Path) -> None:
+    paths = Paths(two_run_project)
+    rows, cols = the_run(two_run_project, "rnn-h32"), the_run(two_run_project, "rnn-cols")
+    result = run_cli(two_run_project, "blend", "--folds", "2")
     assert "honest" in result.stdout and "in-sample" in result.stdout
     made = json.loads((paths.runs / str(latest(paths)) / "run.json").read_text())
     assert made["kind"] == "blend" and set(made["weights"]) <= {rows.id, cols.id}
     assert paths.submission_csv.read_bytes() == (paths.runs / str(latest(paths)) /
                                                  "submission.csv").read_bytes()
     assert len(list(paths.submissions.glob("*-blend-cv*.csv"))) == 1
-    again = run_cli(project, "blend", "--folds", "2")
+    again = run_cli(two_run_project, "blend", "--folds", "2")
     assert "skipped: the same runs" in again.stdout
-    table = pd.read_csv(__import__("io").StringIO(run_cli(project, "runs", "--format", "csv").stdout))
+    table = pd.read_csv(__import__("io").StringIO(run_cli(two_run_project, "runs", "--format", "csv").stdout))
     assert set(table["run"]) == {rows.id, cols.id, latest(paths)}
     assert table["run"].iloc[0] == table.loc[table["OOF acc"].str[:6].astype(float).idxmax(), "run"]
     assert "blend:" in table.loc[table["run"] == latest(paths), "changed settings"].iloc[0]
-    by_time = run_cli(project, "runs", "--sort", "time").stdout.splitlines()
+    by_time = run_cli(two_run_project, "runs", "--sort", "time").stdout.splitlines()
     assert by_time[2].startswith(str(latest(paths)))
     # forget removes one run's folder, nothing else
     kept = {p: p.read_bytes() for p in cols.path.rglob("*") if p.is_file()}
-    forgot = run_cli(project, "forget", "--run", rows.id)
+    forgot = run_cli(two_run_project, "forget", "--run", rows.id)
     assert "deleted" in forgot.stdout and " KB" in forgot.stdout
     assert not rows.path.exists() and {p: p.read_bytes() for p in kept} == kept
     assert paths.submission_csv.is_file() and paths.prepared.is_dir()
-
-
-@pytest.mark.slow
-def test_blend_refuses_runs_on_other_folds(project: Path) -> None:
-    run_cli(project, "submit", "--folds", "3", "--epochs", "1", "--hidden", "16")
-    other = the_run(project, "rnn-h16")
-    everything = run_cli(project, "blend", "--folds", "2")
-    assert f"blend: skipped {other.id}: on other folds (3 folds, FOLD_SEED 42)" in everything.stdout
-    named = run_cli(project, "blend", "--folds", "2", "--runs", f"{other.id} "
-                    f"{the_run(project, 'rnn-cols').id}", check=False)
-    assert named.returncode == 1 and f"{other.id} cannot be blended: on other folds" in named.stderr
 
 
 @pytest.mark.slow
@@ -131,148 +109,6 @@ def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> N
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("mine")
-    result = run_cli(tmp_path / "project", "forget", "--run", name, check=False)
+    result = run_cli(tmp_path / "two_run_project", "forget", "--run", name, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (victim / "keep.txt").read_text() == "mine"
-
-
-@pytest.mark.slow
-def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "blend", "--runs", "ok ../../etc", check=False)
-    assert result.returncode == 1 and "RUNS='../../etc': not a run name" in result.stderr
-    assert not (tmp_path / "input").exists()
-
-
-# -- one command at a time -------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
-    from pipeline.store.lock import project_lock
-
-    paths = Paths(tmp_path)
-    with project_lock(paths, "make submit"):
-        result = run_cli(tmp_path, "--nowait", "prepare", check=False)
-        assert result.returncode == 1
-        assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
-        waiting = subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(tmp_path),
-                                    "download"], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
-        assert waiting.poll() is None  # still waiting for the lock
-    out, err = waiting.communicate(timeout=120)
-    assert waiting.returncode == 0 and "waiting: `make submit`" in err and "wrote the sample" in out
-    assert run_cli(tmp_path, "runs").returncode == 0  # reading needs no lock
-
-
-@pytest.mark.slow
-def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
-        "from pipeline.store.lock import project_lock\n"
-        f"with project_lock(Paths(Path({str(tmp_path)!r})), 'make train'):\n"
-        "    print('held', flush=True); time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    held = run_cli(tmp_path, "--nowait", "download", check=False)
-    assert held.returncode == 1 and "`make train`" in held.stderr
-    holder.kill()
-    holder.wait()
-    assert run_cli(tmp_path, "--nowait", "download").returncode == 0
-
-
-# -- found by running the stages one at a time -----------------------------------------------------
-
-
-@pytest.mark.slow
-def test_new_data_is_never_predicted_with_the_old(project: Path, tmp_path: Path) -> None:
-    """Issue case 1: new CSVs from another folder; the stages use them, not the old cache."""
-    paths = Paths(project)
-    folder = tmp_path / "new"
-    folder.mkdir()
-    train = paths.train_csv.read_text().splitlines()
-    test = paths.test_csv.read_text().splitlines()
-    (folder / "train.csv").write_text("\n".join(train[:301]) + "\n")
-    (folder / "test.csv").write_text("\n".join(test[:101]) + "\n")
-    run_cli(project, "download", "--source", "dir", "--dir", str(folder), "--force")
-    result = run_cli(project, "predict", *TINY, "--force")
-    assert "prepare: reruns: train.csv changed" in result.stdout or \
-        "prepare: reruns: test.csv, train.csv changed" in result.stdout
-    submission = pd.read_csv(paths.submission_csv)
-    assert len(submission) == 100
-    record = json.loads((paths.runs / str(latest(paths)) / "run.json").read_text())
-    assert record["source"] == "dir"
-
-
-@pytest.mark.slow
-def test_a_failed_command_writes_nothing_about_a_run(project: Path) -> None:
-    """Issue case 3: DEVICE=cuda on a machine without CUDA changes no run's record."""
-    before = {p: p.read_bytes() for p in (project / "runs").rglob("*") if p.is_file()
-              and not p.name.startswith(".lock")}
-    result = run_cli(project, "train", "--device", "cuda", "--epochs", "7", "--hidden", "64",
-                     check=False)
-    assert result.returncode == 1 and "DEVICE=cuda" in result.stderr
-    after = {p: p.read_bytes() for p in (project / "runs").rglob("*") if p.is_file()
-             and not p.name.startswith(".lock")}
-    assert after == before
-
-
-@pytest.mark.slow
-def test_one_class_gets_a_warning(tmp_path: Path) -> None:
-    """Issue case 5: a train.csv of digit 3 only says so; 2 folds is not told to use fewer."""
-    folder = tmp_path / "threes"
-    folder.mkdir()
-    pixels = ",".join(["0"] * 784)
-    (folder / "train.csv").write_text("label," + ",".join(f"pixel{k}" for k in range(784)) + "\n"
-                                      + "".join(f"3,{pixels}\n" for _ in range(12)))
-    (folder / "test.csv").write_text(",".join(f"pixel{k}" for k in range(784)) + "\n" + pixels + "\n")
-    result = run_cli(tmp_path, "prepare", "--source", "dir", "--dir", str(folder))
-    assert "WARNING: train.csv has no rows of digit(s) 0, 1, 2, 4, 5, 6, 7, 8, 9" in result.stdout
-    rare = run_cli(tmp_path, "folds", "--folds", "20", check=False)
-    assert rare.returncode == 1 and "use fewer folds" in rare.stderr
-    from pipeline.stages.folds import assign
-
-    with pytest.raises(PipelineError) as error:
-        assign(np.array([3] * 12 + [5]), 2, 0)
-    assert "use fewer folds" not in str(error.value) and "add rows of digit 5" in str(error.value)
-
-
-@pytest.mark.slow
-def test_missing_dir_is_an_error(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "download", "--source", "dir", "--dir", str(tmp_path / "nope"),
-                     check=False)
-    assert result.returncode == 1 and "no such folder" in result.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "text", "words"), [
-    ("x.yaml", "epochs: 3\n", ["TOML (.toml) or JSON (.json)", "x.yaml"]),
-    ("x.toml", "epochs = 'many'\n", ["x.toml: epochs must be a whole number", "'many'"]),
-    ("x.toml", "hiden = 3\n", ["x.toml: unknown setting(s) hiden"]),
-    ("x.json", '{"lr": -1}', ["x.json: LR=-1.0 is out of range", "lr must be a number from"]),
-    ("x.toml", "model = [", ["x.toml: not valid TOML"]),
-])
-def test_config_file_errors_name_file_key_and_range(tmp_path: Path, name: str, text: str,
-                                                   words: list[str]) -> None:
-    (tmp_path / name).write_text(text)
-    result = run_cli(tmp_path, "folds", "--config", str(tmp_path / name), check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
-
-
-@pytest.mark.slow
-def test_few_steps_onecycle_and_preset_in_runs(project: Path) -> None:
-    """2 epochs x 2 steps: OneCycleLR would divide by zero; PRESET=tutorial shows as such."""
-    small = run_cli(project, "train", "--folds", "2", "--epochs", "2", "--batch", "700",
-                    "--hidden", "8")
-    assert "fold 1: best epoch" in small.stdout
-    run_cli(project, "submit", "--preset", "tutorial", "--folds", "2", "--epochs", "1",
-            "--hidden", "16")
-    assert "preset=tutorial hidden=16 folds=2 epochs=1" in run_cli(project, "runs").stdout
-
-
-@pytest.mark.slow
-def test_jobs_on_a_cpu_says_threads_per_worker(project: Path) -> None:
-    result = run_cli(project, "train", "--folds", "2", "--epochs", "1", "--hidden", "8", "--jobs", "2",
-                     env={"OMP_NUM_THREADS": "2"})
-    assert "2 folds at a time on cpu (1 threads) each" in result.stdout

@@ -1,26 +1,261 @@
 """`make tune`: an Optuna study whose trials are runs, on an embedded journal or a PostgreSQL server
-the test starts itself."""
+the test starts itself; and the study's bookkeeping with fake stages (no training)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
-from conftest import REPO, SAMPLE, run_cli
+from conftest import (
+    SAMPLE,
+    VALUES,
+    copy_project,
+    free_port,
+    run_cli,
+    start_cli,
+    tiny_data,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pipeline.config import Paths
+from pipeline.config import Paths, Settings, validate
+from pipeline.stages import tune
 from pipeline.store.artifacts import all_runs, completed
 
-pytestmark = pytest.mark.slow
+SECRET = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=4, max_size=20)
+
+
+PLAIN = st.from_regex(r"[a-z][a-z0-9]{2,8}", fullmatch=True)
+
+
+@given(user=PLAIN, password=SECRET, host=PLAIN, db=PLAIN)
+def test_no_part_of_a_password_is_ever_shown(user: str, password: str, host: str, db: str) -> None:
+    url = f"postgresql://{user}:{password}@{host}.example:5432/{db}"
+    assert tune.hide_password(url) == f"postgresql://{user}:***@{host}.example:5432/{db}"
+    said = tune.hide_password(url, f"could not connect to {url} (password {password!r} rejected)")
+    assert password not in said and "***" in said
+
+
+def test_a_password_with_an_at_sign_is_hidden_whole() -> None:
+    url = "postgresql://user:p@ss@127.0.0.1:1/db"
+    assert tune.hide_password(url) == "postgresql://user:***@127.0.0.1:1/db"
+    assert tune.hide_password("postgresql://tune@host/db") == "postgresql://tune@host/db"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf") if abs(value) == float(
+            "inf") else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+SPACE_NAMES = ["hidden", "lr", "model", "augment", "dropout", "label_smoothing", "folds", "fold_seed",
+               "seed", "device", "epochs"]
+
+
+@given(name=st.sampled_from(SPACE_NAMES), entry=st.dictionaries(
+    st.sampled_from(["choices", "low", "high", "log", "step"]), VALUES, max_size=4))
+def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
+        tmp_path_factory: pytest.TempPathFactory, name: str, entry: dict[str, Any]) -> None:
+    import optuna
+
+    from pipeline.errors import PipelineError
+
+    path = tmp_path_factory.mktemp("space") / "space.toml"
+    path.write_text(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items()))
+    try:
+        space = tune.load_space(path)
+    except PipelineError as exc:
+        assert str(path) in str(exc) and f"[{name}]" in str(exc)
+        return
+    assert name not in ("folds", "fold_seed", "device")  # fold settings and non-learned ones: refused
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for _ in range(3):
+        params = tune.suggest(optuna.create_study().ask(), space)
+        cfg = validate(replace(Settings(), **params))
+        assert isinstance(getattr(cfg, name), type(getattr(Settings(), name)))
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[hidden]\nchoices = 5\n", "choices must be a list"),
+    ("[hidden]\nchoices = [8, 16]\nlog = true\n", "log = true is for a low/high range"),
+    ('[lr]\nlow = "0.001"\nhigh = 0.01\n', "low must be a number"),
+    ('[model]\nchoices = "rnn"\n', "choices must be a list"),
+    ("[folds]\nchoices = [2, 3]\n", "decides which rows each fold holds"),
+    ("[fold_seed]\nlow = 1\nhigh = 9\n", "decides which rows each fold holds"),
+])
+def test_the_reported_space_mistakes_name_file_key_and_what_is_expected(
+        tmp_path: Path, text: str, words: str) -> None:
+    from pipeline.errors import PipelineError
+
+    path = tmp_path / "space.toml"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=re.escape(words)) as caught:
+        tune.load_space(path)
+    assert str(path) in str(caught.value)
+
+
+class FakeStages:
+    """train.run and predict.run stand-ins: a score from the settings, no training. interrupt_at:
+    the call (counted from 0, one per fold) that raises KeyboardInterrupt, as a Ctrl-C would."""
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        self.runs: list[str] = []
+        self.interrupt_at = interrupt_at
+
+    def train(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
+              folds: list[int], on_epoch: Any = None) -> list[dict[str, Any]]:
+        if len(self.runs) == self.interrupt_at:
+            self.runs.append(run.id)
+            raise KeyboardInterrupt
+        self.runs.append(run.id)
+        return [{"fold": f, "valid_acc": 1 - abs(cfg.lr - 3e-3)} for f in folds]
+
+    def predict(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
+                records: list[dict[str, Any]], publish: bool = True) -> dict[str, Any]:
+        return {"oof_acc": records[0]["valid_acc"]}
+
+
+def study_of(root: Path, **options: Any) -> Any:
+    """Run a study of the fake stages in root; returns (the summary, the stages)."""
+    root.mkdir(parents=True, exist_ok=True)
+    space = root / "space.toml"
+    if not space.exists():
+        space.write_text("[lr]\nlow = 1e-4\nhigh = 1e-2\nlog = true\n")
+    data, fold_of = tiny_data()
+    stages = options.pop("stages", FakeStages())
+    base = options.pop("base", replace(Settings(), folds=2, epochs=2))
+    summary = tune.run(Paths(root), base, data, fold_of, (stages.train, stages.predict),
+                       study="s", space_path=space, **{"trials": 3, **options})
+    return summary, stages
+
+
+def trials_of(root: Path) -> list[Any]:
+    return tune.load(Paths(root), "s", None).get_trials(deepcopy=False)
+
+
+def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: Path) -> None:
+    study_of(tmp_path / "a")
+    _, later = study_of(tmp_path / "a", trials=6)
+    lrs = [t.params["lr"] for t in trials_of(tmp_path / "a")]
+    assert len(lrs) == 6 and not set(lrs[3:]) & set(lrs[:3])
+    assert len(set(later.runs)) == 3 and not set(later.runs) & {t.user_attrs["run"] for t in
+                                                           trials_of(tmp_path / "a")[:3]}
+    study_of(tmp_path / "b")
+    study_of(tmp_path / "b", trials=6)
+    assert [t.params["lr"] for t in trials_of(tmp_path / "b")] == lrs  # the same seed, the same draws
+
+
+def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    study_of(tmp_path, trials=1)
+    made = tune.load(Paths(tmp_path), "s", None)
+    killed = made.ask()  # as a SIGKILLed worker leaves it: running, never told
+    killed.suggest_float("lr", 1e-4, 1e-2, log=True)
+    killed.set_user_attr("run", "rnn-h128-e2-killed")
+    assert tune.requeue_stopped(made, journal=True) == 1
+    assert "1 waiting" in tune.status(Paths(tmp_path), "s", None)
+    assert tune.requeue_stopped(made, journal=True) == 0  # queued once, however often asked
+    _, stages = study_of(tmp_path, trials=2)
+    from pipeline.store.artifacts import run_id
+
+    killed_run = run_id(replace(Settings(), folds=2, epochs=2, lr=killed.params["lr"]), "d")
+    assert stages.runs[0] == killed_run  # the killed trial's run is the one trained (resumed) next
+    trials = trials_of(tmp_path)
+    assert trials[2].params == killed.params and trials[2].user_attrs["retry_of"] == killed.number
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "queued again" in capsys.readouterr().out
+
+
+def test_an_interrupted_study_writes_its_summary_and_resumes_the_trial(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        study_of(tmp_path, trials=3, stages=FakeStages(interrupt_at=2))  # trial 1, fold 0
+    assert (tmp_path / "runs" / "tune" / "s" / "best.toml").is_file()  # trial 0 completed
+    stopped = trials_of(tmp_path)[1]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["outcome"] == "interrupted"
+    _, again = study_of(tmp_path, trials=3)
+    assert again.runs[0] == stopped.user_attrs["run"]  # the interrupted run is trained first
+    assert [t.state.name for t in trials_of(tmp_path)].count("COMPLETE") == 3
+
+
+@pytest.mark.parametrize("other", [{"tune_folds": 0}, {"pruner": "none"}, {"tune_folds": 2}])
+def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) -> None:
+    from pipeline.errors import PipelineError
+
+    study_of(tmp_path, trials=1, tune_folds=1)
+    with pytest.raises(PipelineError, match=r"STUDY=s scores its trials with TUNE_FOLDS=1, "
+                                            r"PRUNER=median; this command asks"):
+        study_of(tmp_path, trials=2, **other)
+    study_of(tmp_path, trials=2, tune_folds=1)  # the same scoring continues
+    assert len(trials_of(tmp_path)) == 2
+
+
+@pytest.mark.slow
+def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from conftest import SAMPLE, run_cli, start_cli
+
+    run_cli(tmp_path, "folds", *SAMPLE, "--folds", "2")
+    (tmp_path / "space.toml").write_text("[lr]\nlow = 1e-3\nhigh = 1e-2\n")
+    proc = start_cli(tmp_path, "tune", "--trials", "6", "--workers", "2", "--tune-folds", "1",
+                     "--space", str(tmp_path / "space.toml"), "--folds", "2", "--epochs", "60",
+                     "--hidden", "16", output=True, sigint=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list((tmp_path / "runs").glob("*/fold_0.state.pt"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the tune process alone, not its workers
+    _, err = proc.communicate(timeout=90)  # the workers stop too, not after every trial
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    made = tune.load(Paths(tmp_path), "rnn", None)
+    states = [t.state.name for t in made.get_trials(deepcopy=False)]
+    assert "RUNNING" not in states and states.count("FAIL") == 2, states
+    assert all(t.user_attrs.get("outcome") == "interrupted" for t in made.get_trials()
+               if t.state.name == "FAIL")
+
+
+def test_a_second_worker_waits_for_the_run_another_trial_trains(tmp_path: Path) -> None:
+    import threading
+
+    from filelock import FileLock
+
+    from pipeline.store.artifacts import run_id
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "space.toml").write_text("[lr]\nchoices = [0.002]\n")
+    same = run_id(replace(Settings(), folds=2, epochs=2, lr=0.002), "d")
+    held = FileLock(tmp_path / "runs" / f".train-{same}.lock")
+    held.acquire()
+    stages = FakeStages()
+    worker = threading.Thread(target=study_of, args=(tmp_path,), kwargs={"trials": 1,
+                                                                         "stages": stages})
+    worker.start()
+    worker.join(timeout=2)
+    assert worker.is_alive() and stages.runs == []  # waiting, not training the same folder
+    held.release()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and set(stages.runs) == {same}
+
 
 SPACE = """
 [lr]
@@ -33,6 +268,8 @@ choices = [8, 16]
 low = 0.0
 high = 0.2
 """
+
+
 BASE = ("--folds", "2", "--epochs", "2")
 
 
@@ -47,11 +284,10 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def project(sample: Path, tmp_path: Path) -> Path:
-    shutil.copytree(sample, tmp_path / "p")
-    return tmp_path / "p"
+    return copy_project(sample, tmp_path / "p")
 
 
-def tune(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_tune(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run_cli(root, "tune", *BASE, "--space", str(root / "space.toml"), *args, check=check)
 
 
@@ -67,8 +303,9 @@ def states(made: optuna.Study) -> list[str]:
     return [t.state.name for t in made.get_trials(deepcopy=False)]
 
 
+@pytest.mark.slow
 def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) -> None:
-    result = tune(project, "--trials", "3")
+    result = run_tune(project, "--trials", "3")
     assert result.stdout.count("tune: trial ") == 3 and "best: trial" in result.stdout
     best = project / "runs" / "tune" / "rnn" / "best.toml"
     text = best.read_text()
@@ -81,17 +318,18 @@ def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) ->
     again = run_cli(project, "predict", "--config", str(best))
     assert "train: fold 0 skipped" in again.stdout
     # resuming adds trials instead of starting over
-    more = tune(project, "--trials", "4")
+    more = run_tune(project, "--trials", "4")
     assert "3 finished trials, running until 4" in more.stdout
     assert len(study(project).get_trials()) == 4
     page = run_cli(project, "report", "--study", "rnn")
     assert "wrote" in page.stdout and (project / "reports" / "study-rnn" / "history.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_journal_opens_as_optuna_dashboard_opens_it(project: Path) -> None:
     """optuna-dashboard takes a journal by its path: a plain file, opened with Optuna's own
     JournalFileBackend and its default lock (what `optuna-dashboard <file>` does on Linux)."""
-    tune(project, "--trials", "2")
+    run_tune(project, "--trials", "2")
     told = run_cli(project, "tune-status").stdout
     journal = Path(told.split("optuna-dashboard ", 1)[1].strip())
     assert journal == project / "runs" / "tune" / "rnn" / "journal.log" and journal.is_file()
@@ -105,18 +343,20 @@ def test_the_journal_opens_as_optuna_dashboard_opens_it(project: Path) -> None:
     assert all(t.user_attrs["run"] and 0 < t.value <= 1 for t in trials)
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_study(project: Path) -> None:
-    tune(project, "--trials", "4", "--workers", "2", "--tune-folds", "1")
+    run_tune(project, "--trials", "4", "--workers", "2", "--tune-folds", "1")
     trials = study(project).get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert [s for s in states(study(project)) if s == "COMPLETE"] == ["COMPLETE"] * 4
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_is_recorded_as_pruned(project: Path) -> None:
     """The median pruner stops trials scoring below the others (learning rates too low to learn)."""
     (project / "space.toml").write_text('[lr]\nlow = 1e-8\nhigh = 1e-2\nlog = true\n'
                                         '[hidden]\nchoices = [16]\n')
-    result = tune(project, "--trials", "12", "--tune-folds", "1", "--pruner", "median",
+    result = run_tune(project, "--trials", "12", "--tune-folds", "1", "--pruner", "median",
                   "--epochs", "3")
     made = study(project)
     pruned = [t for t in made.get_trials() if t.state.name == "PRUNED"]
@@ -126,23 +366,24 @@ def test_a_pruned_trial_is_recorded_as_pruned(project: Path) -> None:
     assert f"{len(pruned)} pruned" in run_cli(project, "tune-status").stdout
 
 
+@pytest.mark.slow
 def test_a_killed_worker_does_not_wedge_the_study(project: Path) -> None:
-    command = [sys.executable, "-m", "pipeline", "--root", str(project), "tune", "--trials", "2",
-               "--space", str(project / "space.toml"), "--folds", "2", "--epochs", "40"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(project, "tune", "--trials", "2", "--space", str(project / "space.toml"),
+                     "--folds", "2", "--epochs", "40")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((project / "runs").glob("*/fold_0.state.pt")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert states(study(project)) == ["RUNNING"]
-    result = tune(project, "--trials", "2", "--epochs", "40")
+    result = run_tune(project, "--trials", "2", "--epochs", "40")
     assert "left running by a stopped worker: marked failed" in result.stdout
     final = states(study(project))
     assert final.count("FAIL") == 1 and final.count("COMPLETE") == 2
     assert "resuming after epoch" in result.stdout  # the retried settings resumed the killed run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("space", "words"), [
     ("[hiden]\nchoices = [8]\n", ["[hiden]: unknown parameter"]),
     ("[lr]\nlow = 0.01\nhigh = 0.001\n", ["[lr]: an empty range", "low = 0.01"]),
@@ -152,32 +393,25 @@ def test_a_killed_worker_does_not_wedge_the_study(project: Path) -> None:
 ])
 def test_bad_space_is_a_clear_error(project: Path, space: str, words: list[str]) -> None:
     (project / "space.toml").write_text(space)
-    result = tune(project, "--trials", "1", check=False)
+    result = run_tune(project, "--trials", "1", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     for word in words:
         assert word in result.stderr
     assert not (project / "runs" / "tune").exists() or not list((project / "runs" / "tune").rglob("*.toml"))
 
 
+@pytest.mark.slow
 def test_unreachable_storage_and_another_space_are_clear_errors(project: Path) -> None:
     port = free_port()
-    result = tune(project, "--trials", "1", "--storage",
+    result = run_tune(project, "--trials", "1", "--storage",
                   f"postgresql://user:secret@127.0.0.1:{port}/optuna", check=False)
     assert result.returncode == 1 and "cannot use this database" in result.stderr
     assert "secret" not in result.stderr and "user:***@" in result.stderr
-    tune(project, "--trials", "1", "--tune-folds", "1")
+    run_tune(project, "--trials", "1", "--tune-folds", "1")
     (project / "space.toml").write_text("[hidden]\nchoices = [4]\n")
-    other = tune(project, "--trials", "2", "--tune-folds", "1", check=False)
+    other = run_tune(project, "--trials", "2", "--tune-folds", "1", check=False)
     assert other.returncode == 1 and "another search space" in other.stderr
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- a real PostgreSQL server ---------------------------------------------------------------------
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -210,6 +444,7 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_path: Path,
                                                             postgres: str) -> None:
     """Two projects (as two machines would have) run the same line against one database."""
@@ -217,10 +452,8 @@ def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_p
     shutil.copytree(project, other)
     line = ["tune", *BASE, "--tune-folds", "1", "--trials", "4", "--study", "shared",
             "--storage", postgres]
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "--root", str(root),
-                               *line, "--space", str(root / "space.toml")], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = [start_cli(root, *line, "--space", str(root / "space.toml"), output=True,
+                       env={"OMP_NUM_THREADS": "1"})
              for root in (project, other)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
@@ -232,11 +465,10 @@ def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_p
     assert "study shared:" in status and "complete" in status
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_trial_and_stops_cleanly(project: Path) -> None:
-    command = [sys.executable, "-m", "pipeline", "--root", str(project), "tune", "--trials", "2",
-               "--space", str(project / "space.toml"), "--folds", "2", "--epochs", "40"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_cli(project, "tune", "--trials", "2", "--space", str(project / "space.toml"),
+                     "--folds", "2", "--epochs", "40", output=True, sigint=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((project / "runs").glob("*/fold_0.state.pt")):
         time.sleep(0.05)
@@ -246,6 +478,7 @@ def test_ctrl_c_marks_the_trial_and_stops_cleanly(project: Path) -> None:
     assert states(study(project)) == ["FAIL"]  # marked, not left running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["tune", "tune-status"])
 def test_a_study_name_that_would_leave_the_project_is_refused(project: Path, stage: str) -> None:
     result = run_cli(project, stage, "--study", "../../x", check=False)
@@ -253,8 +486,9 @@ def test_a_study_name_that_would_leave_the_project_is_refused(project: Path, sta
     assert not (project.parent / "x").exists() and not (project / "runs" / "tune").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_trial_says_why_and_the_study_goes_on(project: Path) -> None:
     (project / "space.toml").write_text("[batch]\nchoices = [5000]\n")  # larger than a fold
-    result = tune(project, "--trials", "1", "--drop-last")
+    result = run_tune(project, "--trials", "1", "--drop-last")
     assert "failed: BATCH=5000 is larger than the" in result.stdout and "Traceback" not in result.stderr
     assert "no complete trial yet" in result.stdout and states(study(project)) == ["FAIL"]

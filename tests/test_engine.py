@@ -1,30 +1,71 @@
-"""The training step, eager and graph-replayed: the bookkeeping around capture, checked on a CPU.
-
-A CUDA graph cannot be captured without a GPU, so these tests drive TrainStep with a stand-in that
-has a graph's semantics: capture records the step without running it; replay runs it again on the
-static buffers, and the backward overwrites the gradients. What they check is everything the
-pipeline does around the graph: warm-up leaves no trace, batches reach the static buffers, a short
-batch runs eagerly without moving the gradients, a failed capture falls back, and the result equals
-the eager step's. benchmarks/gpu_check.sh compares the two paths on a real GPU.
-"""
+"""engine: the models, the training step (eager and graph-replayed), augmentation, runtime and checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    FAMILY,
+)
 
 from pipeline.config import TrainConfig
+from pipeline.engine import checkpoint
 from pipeline.engine import step as step_module
+from pipeline.engine.augment import elastic_field, random_affine
 from pipeline.engine.models import build_model
+from pipeline.engine.runtime import predict_log_proba, resolve_device
 from pipeline.engine.step import WARMUP_STEPS, TrainStep, graph_wanted
+from pipeline.errors import PipelineError
 from pipeline.stages import train
 
+
+def test_elastic_field_is_smooth_and_scaled() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weak = elastic_field(64, 28, 28, alpha=1.0, sigma=4.0, generator=gen, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    strong = elastic_field(64, 28, 28, alpha=30.0, sigma=4.0, generator=gen, device=torch.device("cpu"))
+    assert weak.shape == (64, 28, 28, 2)
+    torch.testing.assert_close(strong, weak * 30)
+    rough = torch.rand(64, 28, 28, 2) * 2 - 1
+    # Neighbouring displacements move together (smoothed), unlike raw noise.
+    step = lambda f: (f[:, 1:] - f[:, :-1]).abs().mean() / f.abs().mean()  # noqa: E731
+    assert step(weak) < 0.3 < step(rough)
+
+
+def test_elastic_distortion_moves_pixels_but_keeps_range_and_is_seeded() -> None:
+    images = torch.zeros(8, 28, 28)
+    images[:, 8:20, 12:16] = 255.0
+    moved = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
+    again = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
+    assert torch.equal(moved, again)
+    assert moved.min() >= 0 and moved.max() <= 255 + 1e-3
+    assert (moved - images).abs().mean() > 5
+    still = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 0.0, 4.0)
+    torch.testing.assert_close(still, images)
+
+
+def test_training_state_from_another_device_type_is_not_resumed(tmp_path: Path) -> None:
+    _load_state = checkpoint.load_state
+    path = tmp_path / "fold_0.last.pt"
+    torch.save({"key": "k", "device_type": "cuda", "history": []}, path)
+    assert _load_state(path, "k", torch.device("cpu")) is None
+    torch.save({"key": "k", "device_type": "cpu", "history": []}, path)
+    assert _load_state(path, "k", torch.device("cpu")) is not None
+    assert _load_state(path, "other", torch.device("cpu")) is None
+
+
 CPU = torch.device("cpu")
+
+
 CFG = TrainConfig(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
+
+
 ROWS = 40  # two full batches and a short one of 8
 
 
@@ -204,3 +245,107 @@ def test_replay_matches_eager_for_every_cell(model: str) -> None:
     graphed, history, _ = fit(cfg, epochs=1, graph=ReplayGraph)
     assert_same_model(eager, graphed)
     assert history == eager_history
+
+
+@pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_any_batch_size_gives_class_scores(settings: dict, batch: int) -> None:
+    model = build_model(TrainConfig(hidden=16, **settings)).eval()
+    images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        scores = model(images)
+    assert scores.shape == (batch, 10) and scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    # uint8 and float input of the same pixels give the same answer.
+    with torch.no_grad():
+        torch.testing.assert_close(model(images.float()), scores)
+
+
+def test_rows_are_time_steps() -> None:
+    model = build_model(TrainConfig(hidden=8, normalize=False)).eval()
+    seen = []
+    model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    model(torch.zeros(3, 28, 28))
+    assert seen == [torch.Size([3, 28, 28])]  # batch-first: (batch, 28 steps, 28 pixels)
+
+
+def test_model_runs_on_the_device_it_is_on() -> None:
+    device = resolve_device("auto")
+    model = build_model(TrainConfig(hidden=8)).to(device)
+    out = model(torch.zeros(2, 28, 28, dtype=torch.uint8, device=device))
+    assert out.device.type == device.type
+
+
+def test_explicit_missing_device_is_an_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(PipelineError, match="no CUDA"):
+        resolve_device("cuda")
+
+
+def test_augmentation_keeps_shape_dtype_and_range() -> None:
+    images = torch.randint(0, 256, (32, 28, 28)).float()
+    moved = random_affine(images, torch.Generator().manual_seed(0), rotate=15, scale=0.1, shift=3)
+    assert moved.shape == images.shape and moved.dtype == images.dtype
+    assert moved.min() >= 0 and moved.max() <= 255
+    assert not torch.equal(moved, images)
+    still = random_affine(images, torch.Generator().manual_seed(0), rotate=0, scale=0, shift=0)
+    torch.testing.assert_close(still, images, atol=1e-3, rtol=0)
+
+
+def test_augmentation_is_seeded_and_per_sample() -> None:
+    images = torch.zeros(4, 28, 28)
+    images[:, 10:18, 12:16] = 255
+    a = random_affine(images, torch.Generator().manual_seed(5), 10, 0.1, 2)
+    b = random_affine(images, torch.Generator().manual_seed(5), 10, 0.1, 2)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_no_augmentation_at_evaluation() -> None:
+    cfg = TrainConfig(hidden=8, augment=True)
+    model = build_model(cfg)
+    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    first = predict_log_proba(model, images, cfg, seed=1)
+    second = predict_log_proba(model, images, cfg, seed=2)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(images).log_softmax(1), atol=1e-5, rtol=0)
+
+
+def test_test_time_augmentation_averages_seeded_passes() -> None:
+    cfg = TrainConfig(hidden=8)
+    model = build_model(cfg)
+    images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
+    plain = predict_log_proba(model, images, cfg)
+    tta = predict_log_proba(model, images, cfg, tta=3, seed=1)
+    torch.testing.assert_close(tta.exp().sum(1), torch.ones(12))
+    assert not torch.allclose(tta, plain)
+    torch.testing.assert_close(tta, predict_log_proba(model, images, cfg, tta=3, seed=1))
+
+
+def test_fast_sampling_grid_equals_affine_grid() -> None:
+    import torch.nn.functional as F
+
+    images = torch.rand(16, 28, 28) * 255
+    fast = random_affine(images, torch.Generator().manual_seed(3), rotate=15, scale=0.1, shift=2)
+    # The same draws, through PyTorch's own affine_grid.
+    u = torch.rand(16, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    angle, zoom = u[:, 0] * math.radians(15), 1 + u[:, 1] * 0.1
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = u[:, 2] * 2 * 2 / 28, u[:, 3] * 2 * 2 / 28
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, [16, 1, 28, 28], align_corners=False)
+    plain = F.grid_sample(images.unsqueeze(1), grid, align_corners=False).squeeze(1)
+    torch.testing.assert_close(fast, plain, atol=1e-2, rtol=0)
+
+
+def test_fused_normalisation_equals_the_formula() -> None:
+    from pipeline.engine.models import PIXEL_MEAN, PIXEL_STD
+
+    model = build_model(TrainConfig(hidden=8)).eval()
+    seen = []
+    model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    model(images)
+    torch.testing.assert_close(seen[0], (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD)

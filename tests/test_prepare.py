@@ -1,64 +1,47 @@
-"""Bad input (issue 5): every broken file gets one clear message and leaves every output as it was.
-
-The corpus of bad files is made here from a small valid CSV (no data files are committed). Each case
-runs the real command line (in-process for speed; a few through a real subprocess) and checks the
-exit status, that the message names the file, line and column, that there is no traceback, and that
-the prepared cache, a model, a log and a submission written earlier are byte-for-byte unchanged.
-"""
+"""prepare: every broken CSV gets one clear message and leaves every output as it was; what real
+files contain still loads; the cache is checked and rebuilt. The corpus of bad files is made here from
+a small valid CSV (no data files are committed); property-based searches mutate a valid CSV."""
 
 from __future__ import annotations
 
 import codecs
+import io
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import (
+    CLEAN_TEST,
+    CLEAN_TRAIN,
+    HEADER_TEST,
+    N_TRAIN,
+    OUTPUTS,
+    REPO,
+    TEST_NAMES,
+    TEST_VALUES,
+    TRAIN_NAMES,
+    TRAIN_VALUES,
+    Table,
+    assert_one_clear_error,
+    render,
+    run_cli,
+    snapshot,
+    table,
+    write_inputs,
+    write_project,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import prepare
-from pipeline.store.artifacts import RunDir, all_runs, load_prepared
-
-REPO = Path(__file__).resolve().parent.parent
-N_TRAIN, N_TEST = 20, 10
-TRAIN_NAMES = ["label", *prepare.PIXELS]
-TEST_NAMES = list(prepare.PIXELS)
-
-Table = tuple[list[str], list[list[str]]]  # header names, rows of cells (as text)
-
-
-def _rows(n: int, labelled: bool, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(n, 784)) * (rng.random((n, 784)) < 0.25)
-    pixels[:, 0], pixels[:, 783] = 255, 7  # the first and last columns hold something
-    if not labelled:
-        return pixels
-    return np.column_stack([np.arange(n) % 10, pixels])
-
-
-TRAIN_VALUES = _rows(N_TRAIN, True, 1)
-TEST_VALUES = _rows(N_TEST, False, 2)
-
-
-def table(labelled: bool) -> Table:
-    values = TRAIN_VALUES if labelled else TEST_VALUES
-    return (list(TRAIN_NAMES if labelled else TEST_NAMES),
-            [[str(v) for v in row] for row in values.tolist()])
-
-
-def render(names: list[str], rows: list[list[str]], eol: str = "\n", final: bool = True) -> bytes:
-    lines = [",".join(names)] + [",".join(row) for row in rows]
-    return (eol.join(lines) + (eol if final else "")).encode()
-
-
-CLEAN_TRAIN = render(*table(True))
-CLEAN_TEST = render(*table(False))
+from pipeline.store.artifacts import PIXELS, RunDir, load_prepared
 
 
 def cell(tab: Table, line: int, col: int, value: str) -> bytes:
@@ -75,22 +58,6 @@ def expected_arrays(labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     return images, (values[:, 0].astype(np.uint8) if labelled else None)
 
 
-# -- a project folder with outputs that bad input must not touch -------------------------------
-
-def write_inputs(root: Path, train: bytes = CLEAN_TRAIN, test: bytes = CLEAN_TEST) -> Paths:
-    paths = Paths(root)
-    paths.input.mkdir(parents=True, exist_ok=True)
-    paths.train_csv.write_bytes(train)
-    paths.test_csv.write_bytes(test)
-    return paths
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root but the two CSVs (and the project's lock file), with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("train.csv", "test.csv", ".lock")}
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Paths:
     """Clean CSVs, a valid prepared cache, and a model, log and submission of an earlier run."""
@@ -104,22 +71,6 @@ def project(tmp_path: Path) -> Paths:
     paths.submission_csv.write_text("ImageId,Label\n1,3\n")
     return paths
 
-
-def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_clear_error(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in err, f"{word!r} not in {err!r}"
-
-
-# -- the corpus of bad files ---------------------------------------------------------------------
 
 @dataclass
 class Bad:
@@ -272,34 +223,35 @@ BAD = [
 ]
 
 
-
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
 def test_bad_file_is_named_precisely_and_changes_nothing(project: Paths, case: Bad,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    before = snapshot(project.root)
+    before = snapshot(project.root, **OUTPUTS)
     target = project.train_csv if case.file == "train" else project.test_csv
     target.write_bytes(case.build())
-    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code != 0
     words = [f"{case.file}.csv", f"line {case.line}", f"column {case.column}", *case.words]
     if case.name is not None:
         words.append(case.name)
     assert_one_clear_error(err, *words)
-    assert snapshot(project.root) == before
+    assert snapshot(project.root, **OUTPUTS) == before
     # and the cache written before still loads for whoever needs it
     assert load_prepared(project).train_x.shape == (N_TRAIN, 28, 28)
 
 
 def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
     """The two files are read at once; the message is still always about train.csv first."""
-    before = snapshot(project.root)
+    before = snapshot(project.root, **OUTPUTS)
     project.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
     project.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
-    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
     assert "test.csv" not in err
-    assert snapshot(project.root) == before
+    assert snapshot(project.root, **OUTPUTS) == before
 
 
 @pytest.mark.parametrize("case_id", ["non-numeric", "row-too-short", "label-in-test"])
@@ -307,15 +259,13 @@ def test_bad_file_through_a_real_process(tmp_path: Path, case_id: str) -> None:
     case = next(c for c in BAD if c.id == case_id)
     paths = write_inputs(tmp_path)
     prepare.run(paths)
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, **OUTPUTS)
     (paths.train_csv if case.file == "train" else paths.test_csv).write_bytes(case.build())
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--root", str(tmp_path), "prepare"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_cli(tmp_path, "prepare", check=False, env={"PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, f"{case.file}.csv", f"line {case.line}",
                            f"column {case.column}", *case.words)
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path, **OUTPUTS) == before
 
 
 def test_bad_input_is_fast_to_diagnose(tmp_path: Path) -> None:
@@ -329,8 +279,6 @@ def test_bad_input_is_fast_to_diagnose(tmp_path: Path) -> None:
         prepare.read_competition_csv(path, labelled=True)
 
 
-# -- missing files: say which, never fill the gap ----------------------------------------------
-
 @pytest.mark.parametrize("missing", ["train", "test"])
 def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,7 +286,8 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
     gone, other = ((paths.train_csv, paths.test_csv) if missing == "train"
                    else (paths.test_csv, paths.train_csv))
     gone.unlink()
-    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, str(gone), "not found", f"{other.name} is present",
                            "nothing is filled in", "make download FORCE=1")
@@ -348,7 +297,8 @@ def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
 def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`make prepare` on a fresh clone builds what it needs: the download (here, the sample)."""
-    code, out, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     assert "download: source auto -> sample" in out and "prepare: reruns: not made yet" in out
     assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
@@ -357,9 +307,7 @@ def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
 def test_missing_file_through_a_real_process(tmp_path: Path) -> None:
     paths = write_inputs(tmp_path)
     paths.test_csv.unlink()
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--root", str(tmp_path), "prepare"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run_cli(tmp_path, "prepare", check=False, env={"PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, "test.csv", "train.csv is present")
 
@@ -368,12 +316,11 @@ def test_csv_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     paths = write_inputs(tmp_path)
     paths.train_csv.unlink()
     paths.train_csv.mkdir()
-    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, "train.csv", "folder")
 
-
-# -- what real files contain still loads ---------------------------------------------------------
 
 def _shuffled_columns(labelled: bool) -> bytes:
     names, rows = table(labelled)
@@ -440,6 +387,8 @@ def test_variants_through_the_command_line(tmp_path: Path, capsys: pytest.Captur
 
 # The two paths accept exactly the same cells: the fast one decides, the slow one explains.
 CELLS_OK = ["12", " 12", "12 ", '"12"', "\t12", "007", '" 12 "', "0", "255"]
+
+
 CELLS_BAD = ["12.0", "12.5", "+12", "-0", "-3", "1e1", "", "abc", "256", "0x1", "1 2", "١٢", "nan", "inf"]
 
 
@@ -455,8 +404,6 @@ def test_fast_and_slow_paths_agree(tmp_path: Path, value: str) -> None:
         slow = False
     assert fast == slow == (value in CELLS_OK)
 
-
-# -- the layout of the arrays --------------------------------------------------------------------
 
 def test_reshape_puts_pixel_k_at_row_k_div_28_column_k_mod_28() -> None:
     flat = np.arange(2 * 784).reshape(2, 784)
@@ -482,8 +429,6 @@ def test_csv_pixel_k_lands_at_row_k_div_28_column_k_mod_28(tmp_path: Path, varia
         assert images[1, k // 28, k % 28] == (7 * k) % 256
 
 
-# -- duplicates are kept and counted -------------------------------------------------------------
-
 def test_duplicate_rows_are_kept_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     names, rows = table(True)
     rows += [rows[0], rows[3], rows[0]]
@@ -506,8 +451,6 @@ def test_count_duplicates_is_exact() -> None:
     assert prepare.count_duplicates(images) == 3
 
 
-# -- the cache: unwritable, corrupt ---------------------------------------------------------------
-
 def test_unwritable_cache_folder(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
     project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")  # changed: the cache must be rebuilt
     mode = project.prepared.stat().st_mode
@@ -515,11 +458,12 @@ def test_unwritable_cache_folder(project: Paths, capsys: pytest.CaptureFixture[s
     try:
         if os.access(project.prepared, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
-        before = snapshot(project.root)
-        code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+        before = snapshot(project.root, **OUTPUTS)
+        result = run_cli(project.root, "prepare", check=False)
+        code, _, err = result.returncode, result.stdout, result.stderr
         assert code == 1
         assert_one_clear_error(err, str(project.prepared), "cannot write")
-        assert snapshot(project.root) == before
+        assert snapshot(project.root, **OUTPUTS) == before
     finally:
         project.prepared.chmod(mode)
 
@@ -528,18 +472,20 @@ def test_unwritable_cache_folder_simulated(project: Paths, monkeypatch: pytest.M
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The same check where chmod cannot bite (root, some CI): the folder reports no write access."""
     project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
-    before = snapshot(project.root)
+    before = snapshot(project.root, **OUTPUTS)
     monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project.prepared)
-    code, _, err = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, f"{project.prepared}: cannot write here")
-    assert snapshot(project.root) == before
+    assert snapshot(project.root, **OUTPUTS) == before
 
 
 def test_cache_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = write_inputs(tmp_path)
     paths.prepared.write_bytes(b"not a folder")
-    code, _, err = in_process(capsys, "--root", str(tmp_path), "prepare")
+    result = run_cli(tmp_path, "prepare", check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, str(paths.prepared), "is a file", "folder")
     assert paths.prepared.read_bytes() == b"not a folder"
@@ -580,97 +526,103 @@ def test_corrupt_cache_is_noticed_and_rebuilt(project: Paths, corruption: str,
         with pytest.raises(PipelineError, match=str(project.prepared)):
             load_prepared(project)
     # A later stage that needs the cache notices the damage and rebuilds it first.
-    code, out, err = in_process(capsys, "--root", str(project.root), "folds", "--folds", "2")
+    result = run_cli(project.root, "folds", "--folds", "2", check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     reason = "meta.json is missing or unreadable" if name == "meta.json" else "damaged"
     assert f"prepare: reruns: {reason}" in out
     assert load_prepared(project).data_key == key
-    code, out, _ = in_process(capsys, "--root", str(project.root), "prepare")
+    result = run_cli(project.root, "prepare", check=False)
+    code, out, _ = result.returncode, result.stdout, result.stderr
     assert code == 0 and "prepare: skipped: train.csv and test.csv unchanged" in out
 
 
-# -- checkpoints and folds (train/predict) -------------------------------------------------------
+CLEAN = HEADER_TEST + "\n" + "\n".join(",".join(str((r * 31 + c * 7) % 256 if c % 5 == 0 else 0)
+                                                for c in range(784)) for r in range(4)) + "\n"
 
-TINY_CPU = ["--folds", "2", "--epochs", "1", "--hidden", "8", "--batch", "8", "--device", "cpu",
-        "--no-augment", "--eval-batch", "64"]
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(CLEAN.encode())
+    for _ in range(draw(st.integers(1, 3))):
+        if len(data) < len(HEADER_TEST) + 3:
+            break
+        kind = draw(st.sampled_from(["cell", "insert", "delete", "crlf", "truncate", "quote"]))
+        at = draw(st.integers(len(HEADER_TEST) + 1, len(data) - 1))
+        if kind == "cell":
+            end = data.find(b",", at)
+            end = len(data) - 1 if end < 0 else end
+            data[at:end] = draw(st.sampled_from([b"", b"12.0", b"-1", b"256", b"x", b" 7 ", b'"9"',
+                                                 b"+3", b"1e2", b"\t5", b"0", b"255"]))
+        elif kind == "insert":
+            data[at:at] = draw(st.sampled_from([b",", b";", b"\t", b'"', b"\x00", b"\xff", b" ",
+                                                b"\n", b"\r", b"7"]))
+        elif kind == "delete":
+            del data[at]
+        elif kind == "crlf":
+            data = bytearray(bytes(data).replace(b"\n", b"\r\n"))
+        elif kind == "truncate":
+            data = data[:at]
+        else:
+            data[at:at] = b'"'
+            data.insert(min(len(data), at + draw(st.integers(1, 8))), ord('"'))
+    return bytes(data)
+
+
+def reference(data: bytes) -> np.ndarray | None:
+    """A plain reading of the cells: digits 0-255 (padded with spaces, tabs or quotes), or None."""
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8",
+                            skip_blank_lines=True)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if list(frame.columns) != PIXELS or frame.isna().any().any():
+        return None
+    cells = frame.map(lambda v: v.strip(' \t"'))
+    if not cells.map(lambda v: v.isascii() and v.isdigit() and int(v) <= 255).all().all():
+        return None
+    return cells.astype(int).to_numpy().reshape(-1, 28, 28)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny finished run (2 folds, 1 epoch, no predict yet) to copy per test."""
-    root = tmp_path_factory.mktemp("trained")
-    write_inputs(root)
-    for stage in (["prepare"], ["folds", *TINY_CPU], ["train", *TINY_CPU]):
-        assert main(["--root", str(root), *stage]) == 0, stage
-    return root
+def fuzz_project(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    root = tmp_path_factory.mktemp("fuzz")
+    paths = write_project(root, [i % 10 for i in range(20)], 3)
+    assert main(["--root", str(root), "prepare"]) == 0
+    return paths
 
 
-@pytest.fixture
-def run_dir(trained: Path, tmp_path: Path) -> Paths:
-    import shutil
-
-    shutil.copytree(trained, tmp_path / "run")
-    return Paths(tmp_path / "run")
-
-
-def the_run(paths: Paths) -> RunDir:
-    (run,) = all_runs(paths)
-    return run
-
-
-def unchanged(before: dict[str, bytes], root: Path) -> bool:
-    """Every file of `before` still holds the same bytes (new files may have appeared)."""
-    after = snapshot(root)
-    return all(after.get(name) == data for name, data in before.items())
-
-
-CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
-    "garbage": lambda p: p.write_bytes(b"garbage, not a checkpoint\x00" * 10),
-    "empty": lambda p: p.write_bytes(b""),
-    "truncated": lambda p: p.write_bytes(p.read_bytes()[:300]),
-}
+@pytest.mark.slow
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=mutated())
+def test_a_mutated_csv_is_read_exactly_or_named(fuzz_project: Paths, data: bytes) -> None:
+    paths, root = fuzz_project, fuzz_project.root
+    cache = {p.name: p.read_bytes() for p in paths.prepared.iterdir()}
+    paths.test_csv.write_bytes(data)
+    code = main(["--root", str(root), "prepare"])
+    expected = reference(data)
+    if code == 0:
+        got = load_prepared(paths).test_x
+        assert expected is not None, "accepted a file the plain reading rejects"
+        np.testing.assert_array_equal(got, expected)
+    else:
+        assert code == 1
+        assert {p.name: p.read_bytes() for p in paths.prepared.iterdir()} == cache  # untouched
 
 
-@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
-def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """A damaged model is named as the reason its fold retrains; the other fold is kept."""
-    run = the_run(run_dir)
-    CHECKPOINT_DAMAGE[damage](run.model(0))
-    fold1 = run.model(1).read_bytes()
-    code, out, err = in_process(capsys, "--root", str(run_dir.root), "predict", *TINY_CPU)
-    assert code == 0, err
-    assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
-    assert "train: fold 1 skipped" in out
-    assert run.model(1).read_bytes() == fold1
-    assert run_dir.submission_csv.is_file()
-
-
-@pytest.mark.parametrize("other", [{"hidden": 16}, {"model": "gru"}], ids=["hidden-16", "gru"])
-def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from dataclasses import replace
-
-    import torch
-
-    from pipeline.engine.checkpoint import config_of
-    from pipeline.engine.models import build_model
-
-    path = the_run(run_dir).model(1)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    wrong = build_model(replace(config_of(path, payload), **other))
-    payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
-    torch.save(payload, path)
-    code, out, err = in_process(capsys, "--root", str(run_dir.root), "predict", *TINY_CPU)
-    assert code == 0, err
-    assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
-    assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
-
-
-@pytest.mark.parametrize("fold", ["7", "2", "-1"])
-def test_fold_out_of_range(run_dir: Paths, fold: str, capsys: pytest.CaptureFixture[str]) -> None:
-    before = snapshot(run_dir.root)
-    code, _, err = in_process(capsys, "--root", str(run_dir.root), "train", "--fold", fold, *TINY_CPU)
-    assert code == 1
-    assert_one_clear_error(err, f"fold {fold}", "0 to 1")
-    assert snapshot(run_dir.root) == before
+# Found by the search above: a line break inside quotes, and a quote inside a cell, were read as a
+# number by the fast path (pandas joins such pieces); both are now rejected and named.
+@pytest.mark.slow
+@pytest.mark.parametrize(("old", "new", "where", "words"), [
+    (b"\n0,", b"\n0;", "line 2, column 1 (pixel0)", "not a number"),
+    (b",133,", b',133,"\n"', "line 2, column 277 (pixel276)", "empty cell"),
+    (b",133,", b',"13"3,', "line 2, column 276 (pixel275)", "a quote inside the cell"),
+])
+def test_a_mutated_csv_error_names_file_and_line(tmp_path: Path, old: bytes, new: bytes, where: str,
+                                                 words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = write_project(tmp_path, [i % 10 for i in range(20)], 3)
+    assert old in CLEAN.encode()
+    paths.test_csv.write_bytes(CLEAN.encode().replace(old, new, 1))
+    assert main(["--root", str(tmp_path), "prepare"]) == 1
+    err = capsys.readouterr().err
+    assert f"{paths.test_csv}: {where}" in err and words in err, err

@@ -1,0 +1,243 @@
+"""The command line: options and their environment variables, stage chaining and skipping, the
+project lock, and make."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import (
+    REPO,
+    TINY,
+    run_cli,
+    run_make,
+    snapshot,
+    start_cli,
+    the_run,
+    write_project,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.cli import main
+from pipeline.config import Paths
+from pipeline.errors import PipelineError
+from pipeline.store.submission import validate_file
+
+OPTION = re.compile(r"\b[A-Z_]{3,}=")
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny data sets: 60 balanced rows, and 40 rows where digit 7 has only 3."""
+    balanced = tmp_path_factory.mktemp("balanced")
+    write_project(balanced, [i % 10 for i in range(60)], 7)
+    rare = tmp_path_factory.mktemp("rare")
+    write_project(rare, [i % 10 if i % 10 != 7 else 1 for i in range(37)] + [7, 7, 7], 5, seed=1)
+    return {"balanced": balanced, "rare": rare}
+
+
+OPTIONS = st.fixed_dictionaries({
+    "--model": st.sampled_from(["rnn", "gru", "lstm"]),
+    "--view": st.sampled_from(["rows", "cols"]),
+    "--hidden": st.integers(1, 12),
+    "--layers": st.integers(1, 2),
+    "--dropout": st.floats(0, 0.9),
+    "--folds": st.integers(2, 8),
+    "--epochs": st.integers(1, 3),
+    "--batch": st.integers(1, 80),
+    "--lr": st.floats(1e-6, 10),
+    "--schedule": st.sampled_from(["onecycle", "cosine", "none"]),
+    "--optimizer": st.sampled_from(["adamw", "adam"]),
+    "--clip": st.floats(0, 5),
+    "--label-smoothing": st.floats(0, 0.99),
+    "--rotate": st.floats(0, 180),
+    "--scale": st.floats(0, 0.99),
+    "--shift": st.floats(0, 28),
+    "--elastic": st.floats(0, 200),
+    "--elastic-sigma": st.floats(0.5, 14),
+    "--fold-seed": st.integers(0, 2**32 - 1),
+    "--seed": st.integers(0, 2**32 - 1),
+    "--tta": st.integers(0, 2),
+}, optional={"--drop-last": st.just(None), "--no-bidirectional": st.just(None),
+             "--no-augment": st.just(None), "--no-normalize": st.just(None)})
+
+
+@pytest.mark.slow
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=OPTIONS, data=st.sampled_from(["balanced", "rare"]))
+def test_every_accepted_option_runs_or_names_itself(projects: dict[str, Path], options: dict,
+                                                    data: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    root = projects[data]
+    words = [w for k, v in options.items() for w in ([k] if v is None else [k, str(v)])]
+    code = main(["--root", str(root), "predict", "--eval-batch", "64", *words])
+    err = capsys.readouterr().err
+    if code == 0:
+        n_test = len(pd.read_csv(Paths(root).test_csv))
+        assert len(validate_file(Paths(root).submission_csv, n_test)) == n_test
+        return
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    loss = "the loss became" in err and "LR=" in err  # a diverging run stops and says what to try
+    assert loss or OPTION.search(err), f"the message names no option: {err}"
+
+
+@pytest.mark.slow
+def test_train_on_a_fresh_clone_builds_what_it_needs(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "train", *TINY)
+    for line in ("download: source auto -> sample", "prepare: reruns: not made yet",
+                 "folds: reruns: not made yet", "train: fold 0 reruns: not made yet"):
+        assert line in result.stdout
+    run = the_run(tmp_path)
+    assert run.model(0).is_file() and run.model(1).is_file() and not run.record.exists()
+
+
+@pytest.mark.slow
+def test_each_stage_says_why_it_reruns(run_copy: Path) -> None:
+    """The one freshness rule on each stage: a missing output, changed input, damaged output."""
+    paths, run = Paths(run_copy), the_run(run_copy)
+    run.oof_fold(1).unlink()
+    (paths.prepared / "test_x.npy").write_bytes(b"damaged")
+    result = run_cli(run_copy, "predict", *TINY)
+    assert "prepare: reruns: damaged" in result.stdout
+    assert "train: fold 0 skipped" in result.stdout
+    assert "train: fold 1 reruns: oof_1.csv is missing" in result.stdout
+    assert f"predict: {run.id} reruns: folds changed" in result.stdout
+    paths.train_csv.write_text(paths.train_csv.read_text())  # same bytes, new modification time
+    touched = run_cli(run_copy, "prepare")
+    assert "prepare: reruns: train.csv changed" in touched.stdout
+
+
+@pytest.mark.slow
+def test_train_one_fold_then_predict_trains_the_rest(run_copy: Path) -> None:
+    result = run_cli(run_copy, "train", "--fold", "0", "--folds", "2", "--epochs", "1",
+                     "--hidden", "32")
+    run = the_run(run_copy, "rnn-h32-e1")
+    assert "folds [0]" in result.stdout and not run.model(1).exists()
+    predicted = run_cli(run_copy, "predict", "--folds", "2", "--epochs", "1", "--hidden", "32")
+    assert "train: fold 0 skipped" in predicted.stdout and "train: fold 1 reruns" in predicted.stdout
+    assert "OOF accuracy" in predicted.stdout and run.record.is_file()
+
+
+@pytest.mark.slow
+def test_a_run_is_named_by_run(run_copy: Path) -> None:
+    run = the_run(run_copy)
+    run.model(1).unlink()
+    result = run_cli(run_copy, "train", "--run", run.id, "--fold", "1")
+    assert "train: fold 1 reruns: fold_1.pt is missing" in result.stdout and run.model(1).is_file()
+    refused = run_cli(run_copy, "predict", "--run", run.id, "--hidden", "64", check=False)
+    assert refused.returncode == 1 and "HIDDEN cannot be given" in refused.stderr
+    missing = run_cli(run_copy, "predict", "--run", "rnn-nothing", check=False)
+    assert missing.returncode == 1 and "no such run" in missing.stderr
+
+
+@pytest.mark.slow
+def test_options_exist_on_the_stage_clis() -> None:
+    for stage in ("folds", "train", "predict", "submit", "blend"):
+        text = run_cli(REPO, stage, "--help").stdout
+        for option in ("--model", "--view", "--epochs", "--folds", "--hidden", "--batch", "--lr",
+                       "--seed", "--device", "--preset", "--config"):
+            assert option in text, (stage, option)
+
+
+@pytest.mark.slow
+def test_make_help_lists_the_stages_and_every_setting() -> None:
+    from dataclasses import fields
+
+    from pipeline.config import Settings
+
+    result = run_make("help", check=True)
+    for target in ("submit", "download", "prepare", "folds", "train", "predict", "blend", "test",
+                   "test-fast", "upload", "lb", "report", "runs", "forget", "bench"):
+        assert f"  {target} " in result.stdout, target
+    for f in fields(Settings):
+        assert f"  {f.name.upper()} " in result.stdout, f.name
+    plain = run_make(check=True)
+    assert plain.stdout == result.stdout
+
+
+@pytest.mark.slow
+def test_make_passes_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.cli import parse
+
+    dry = run_make("-n", "train", "EPOCHS=5", "SETUP=", check=True)
+    assert "-m pipeline --make train" in dry.stdout
+    for name, value in {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
+                        "BIDIRECTIONAL": "1", "CUDA_GRAPH": "1", "AMP": "0", "NOWAIT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    args = parse(["--make", "train", "--clip", "0.5"])
+    assert (args.fold, args.epochs, args.model, args.hidden, args.view) == (2, 5, "gru", 64, "cols")
+    assert (args.bidirectional, args.cuda_graph, args.amp, args.clip, args.nowait) == \
+        (True, True, False, 0.5, True)
+    monkeypatch.setenv("RUN", "rnn-h8-e1-abcdef")
+    assert parse(["--make", "forget"]).run == "rnn-h8-e1-abcdef"  # a stage's own option, from RUN=
+    monkeypatch.setenv("AMP", "maybe")
+
+    with pytest.raises(PipelineError, match="AMP='maybe': must be 1 or 0"):
+        parse(["--make", "train"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [["--folds", "1"], ["--model", "cnn"], ["--lr", "-1"],
+                                 ["--fold", "7", "--folds", "2"], ["--epochs", "0"]])
+def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
+    result = run_cli(run_copy, "train", *bad, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip()
+
+
+@pytest.mark.slow
+def test_settings_that_do_not_change_learning_do_not_retrain(run_copy: Path) -> None:
+    result = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
+    assert "train: fold 0 skipped" in result.stdout
+    assert len(list((run_copy / "runs").glob("rnn-*"))) == 1
+
+
+@pytest.mark.slow
+def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
+    from pipeline.store.lock import project_lock
+
+    paths = Paths(tmp_path)
+    with project_lock(paths, "make submit"):
+        result = run_cli(tmp_path, "--nowait", "prepare", check=False, process=True)
+        assert result.returncode == 1
+        assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
+        waiting = start_cli(tmp_path, "download", output=True)
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the lock
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0 and "waiting: `make submit`" in err and "wrote the sample" in out
+    assert run_cli(tmp_path, "runs").returncode == 0  # reading needs no lock
+
+
+@pytest.mark.slow
+def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
+        "from pipeline.store.lock import project_lock\n"
+        f"with project_lock(Paths(Path({str(tmp_path)!r})), 'make train'):\n"
+        "    print('held', flush=True); time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    held = run_cli(tmp_path, "--nowait", "download", check=False, process=True)
+    assert held.returncode == 1 and "`make train`" in held.stderr
+    holder.kill()
+    holder.wait()
+    assert run_cli(tmp_path, "--nowait", "download").returncode == 0
+
+
+@pytest.mark.slow
+def test_a_failed_command_writes_nothing_about_a_run(two_run_project: Path) -> None:
+    """Issue case 3: DEVICE=cuda on a machine without CUDA changes no run's record."""
+    before = snapshot(two_run_project / "runs", skip=(".lock", ".lock.json"), folders=False)
+    result = run_cli(two_run_project, "train", "--device", "cuda", "--epochs", "7", "--hidden", "64",
+                     check=False)
+    assert result.returncode == 1 and "DEVICE=cuda" in result.stderr
+    after = snapshot(two_run_project / "runs", skip=(".lock", ".lock.json"), folders=False)
+    assert after == before

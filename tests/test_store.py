@@ -1,0 +1,180 @@
+"""store: file formats (cv tables, submissions), files replaced together, and the ledger of runs
+and uploads."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import Paths, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.store import ledger
+from pipeline.store.io import replace_together, staged_files
+from pipeline.store.submission import validate_frame
+
+
+def test_an_uploads_state_is_its_latest_score(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    ledger.add(paths, {"run": "rnn-a", "model": "rnn", "oof_acc": 0.9, "submission": "a.csv"})
+    ledger.add_upload(paths, 7, "rnn-a", "a.csv", "first")
+    ledger.add_score(paths, 99, "rnn-x", "complete", 0.5)  # a score without its upload: not ours
+    assert ledger.uploads(paths)[7]["status"] == "pending"
+    ledger.add_score(paths, 7, "rnn-a", "complete", 0.971)
+    ledger.add_upload(paths, 8, "rnn-a", "a.csv", "again")
+    with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
+        handle.write(b'{"kind": "score", "ref": 8, "sta')
+    ledger.add_score(paths, 8, "rnn-a", "error", None, "bad file")
+    found = ledger.uploads(paths)
+    assert sorted(found) == [7, 8]
+    assert (found[7]["status"], found[7]["public_score"], found[7]["message"]) == ("complete", 0.971, "first")
+    assert (found[8]["status"], found[8]["error"]) == ("error", "bad file")
+    assert ledger.leaderboard_by_run(paths)["rnn-a"]["ref"] == 8  # the run's latest upload
+    assert ledger.score_text(found[7]) == "0.97100" and ledger.score_text(found[8]) == "error"
+    assert ledger.score_text(None) == ""
+    # Uploads and scores are not runs: finding a run by its kept copy ignores them.
+    assert ledger.find(paths, "a.csv")["model"] == "rnn"
+    assert [e["run"] for e in ledger.run_entries(paths)] == ["rnn-a"]
+
+
+def test_made_by_names_the_run_whose_submission_is_current(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    assert ledger.made_by(paths) == (None, None)  # no submission at all
+    paths.submissions.mkdir()
+    paths.submission_csv.write_text("ImageId,Label\n1,2\n")
+    (paths.submissions / "old.csv").write_text("ImageId,Label\n1,3\n")
+    (paths.submissions / "new.csv").write_text("ImageId,Label\n1,2\n")
+    ledger.add(paths, {"run": "rnn-old", "submission": "old.csv"})
+    ledger.add(paths, {"run": "blend-new", "submission": "new.csv"})
+    assert ledger.made_by(paths) == ("blend-new", "new.csv")
+    (paths.submissions / "new.csv").unlink()  # kept copies deleted: runs/latest, if it matches
+    assert ledger.made_by(paths) == (None, None)
+    (paths.runs / "rnn-late").mkdir(parents=True)
+    (paths.runs / "rnn-late" / "submission.csv").write_text("ImageId,Label\n1,2\n")
+    (paths.runs / "latest").write_text("rnn-late\n")
+    assert ledger.made_by(paths) == ("rnn-late", None)
+
+
+def failing_second_rename(monkeypatch: pytest.MonkeyPatch, name: str,
+                          error: BaseException | None = None) -> None:
+    """os.replace fails (disk full, or error) when a staged file called name is renamed into place."""
+    real = os.replace
+
+    def replace(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
+        if Path(src).name == name and ".staging-" in str(src):
+            raise error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_failed_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "train.csv").write_text("old train")
+    (folder / "test.csv").write_text("old test")
+    failing_second_rename(monkeypatch, "test.csv")
+    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
+        staged[0].write_text("new train")
+        staged[1].write_text("new test")
+        with pytest.raises(PipelineError, match=r"test.csv: cannot write \(No space left.*as they were"):
+            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
+    assert (folder / "train.csv").read_text() == "old train"
+    assert (folder / "test.csv").read_text() == "old test"
+    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]  # nothing left over
+
+
+def test_interrupt_between_the_renames_puts_both_files_back(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "train.csv").write_text("old train")
+    (folder / "test.csv").write_text("old test")
+    failing_second_rename(monkeypatch, "test.csv", KeyboardInterrupt())
+    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
+        staged[0].write_text("new train")
+        staged[1].write_text("new test")
+        with pytest.raises(KeyboardInterrupt):  # passed on as it is, after the files are put back
+            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
+    assert (folder / "train.csv").read_text() == "old train"
+    assert (folder / "test.csv").read_text() == "old test"
+    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]
+
+
+def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "input"
+    failing_second_rename(monkeypatch, "test.csv")
+    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
+        for path in staged:
+            path.write_text("new")
+        with pytest.raises(PipelineError):
+            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
+    assert list(folder.iterdir()) == []
+
+
+def entry(submission: str, **config: object) -> dict[str, object]:
+    return {"model": "rnn", "config": {**asdict(TrainConfig()), **config}, "oof_acc": 0.9876,
+            "seconds": 83.2, "device": "cpu (4 threads)", "submission": submission,
+            "source": "sample"}
+
+
+def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    ledger.add(paths, entry("first.csv"))
+    with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
+        handle.write(b'{"model": "gru", "oof_acc": 0.9')
+    entries, skipped = ledger.read(paths)
+    assert [e["submission"] for e in entries] == ["first.csv"] and skipped == 1
+    ledger.add(paths, entry("second.csv"))
+    entries, skipped = ledger.read(paths)
+    assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == 1
+    lines = ledger.runs_path(paths).read_bytes().split(b"\n")
+    assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
+    assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in
+
+
+def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.store.artifacts import check_cv
+
+    path = tmp_path / "rnn-x" / "cv.csv"
+    path.parent.mkdir()
+    good = "fold,best_epoch,valid_loss,valid_acc\n0,1,0.3,0.9\n1,2,0.3,0.9\nall,,0.3,0.9\n"
+    path.write_text(good)
+    assert len(check_cv(path, 2)) == 3
+    for damaged in (good[:60], good.replace("0.9\n1", "x\n1"), "\x00\x01", "a,b\n1,2\n",
+                    good.replace("all", "2")):
+        path.write_text(damaged)
+        with pytest.raises(PipelineError, match=r"cv\.csv: .*make predict RUN=rnn-x FORCE=1"):
+            check_cv(path, 2)
+
+
+def _submission(labels: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"ImageId": range(1, len(labels) + 1), "Label": labels})
+
+
+def test_valid_submission_passes(tmp_path: Path) -> None:
+    from pipeline.store.submission import validate_file
+
+    assert validate_frame(_submission([0, 9, 3]), expected_rows=3, where="s.csv") is None
+    _submission([0, 9, 3]).to_csv(tmp_path / "s.csv", index=False)
+    frame = validate_file(tmp_path / "s.csv", expected_rows=3)
+    assert list(frame["ImageId"]) == [1, 2, 3] and list(frame["Label"]) == [0, 9, 3]
+
+
+@pytest.mark.parametrize("frame, message", [
+    (_submission([1, 2]).rename(columns={"Label": "label"}), "header"),
+    (_submission([1, 2, 3]), "3 rows; expected 2"),
+    (_submission([1, 10]), "line 3, column Label"),
+    (_submission([1, -1]), "line 3, column Label"),
+    (pd.DataFrame({"ImageId": [1, 3], "Label": [0, 0]}), "line 3, column ImageId"),
+    (pd.DataFrame({"ImageId": [1, 2], "Label": [0, 1.5]}), "not a whole number"),
+])
+def test_invalid_submissions_are_named(frame: pd.DataFrame, message: str) -> None:
+    with pytest.raises(PipelineError, match=message):
+        validate_frame(frame, expected_rows=2, where="s.csv")

@@ -1,0 +1,472 @@
+"""train: the recipe (optimizer, schedule, clipping, batches, progress), checkpoints and their damage,
+interruption and resumption, numerical faults, reproducibility and the fold-parallel path."""
+
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import (
+    FAMILY,
+    OUTPUTS,
+    SAMPLE,
+    TINY,
+    assert_one_clear_error,
+    copy_project,
+    fake_run,
+    run_cli,
+    snapshot,
+    start_cli,
+    the_run,
+    write_inputs,
+    write_project,
+)
+
+from pipeline.cli import main
+from pipeline.config import Paths, Settings, TrainConfig, resolve
+from pipeline.engine import checkpoint
+from pipeline.engine.models import build_model
+from pipeline.engine.runtime import predict_log_proba
+from pipeline.engine.step import TrainStep
+from pipeline.errors import PipelineError
+from pipeline.stages import train
+from pipeline.store.artifacts import (
+    RunDir,
+    load_prepared,
+    run_id,
+)
+
+TINY_CPU = ["--folds", "2", "--epochs", "1", "--hidden", "8", "--batch", "8", "--device", "cpu",
+        "--no-augment", "--eval-batch", "64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished run (2 folds, 1 epoch, no predict yet) to copy per test."""
+    root = tmp_path_factory.mktemp("trained")
+    write_inputs(root)
+    for stage in (["prepare"], ["folds", *TINY_CPU], ["train", *TINY_CPU]):
+        assert main(["--root", str(root), *stage]) == 0, stage
+    return root
+
+
+@pytest.fixture
+def run_dir(trained: Path, tmp_path: Path) -> Paths:
+    return Paths(copy_project(trained, tmp_path / "run"))
+
+
+CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
+    "garbage": lambda p: p.write_bytes(b"garbage, not a checkpoint\x00" * 10),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:300]),
+}
+
+
+@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
+def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged model is named as the reason its fold retrains; the other fold is kept."""
+    run = the_run(run_dir.root)
+    CHECKPOINT_DAMAGE[damage](run.model(0))
+    fold1 = run.model(1).read_bytes()
+    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
+    assert code == 0, err
+    assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
+    assert "train: fold 1 skipped" in out
+    assert run.model(1).read_bytes() == fold1
+    assert run_dir.submission_csv.is_file()
+
+
+@pytest.mark.parametrize("other", [{"hidden": 16}, {"model": "gru"}], ids=["hidden-16", "gru"])
+def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.engine.checkpoint import config_of
+    from pipeline.engine.models import build_model
+
+    path = the_run(run_dir.root).model(1)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    wrong = build_model(replace(config_of(path, payload), **other))
+    payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
+    torch.save(payload, path)
+    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
+    code, out, err = result.returncode, result.stdout, result.stderr
+    assert code == 0, err
+    assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
+    assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
+
+
+@pytest.mark.parametrize("fold", ["7", "2", "-1"])
+def test_fold_out_of_range(run_dir: Paths, fold: str, capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(run_dir.root, **OUTPUTS)
+    result = run_cli(run_dir.root, "train", "--fold", fold, *TINY_CPU, check=False)
+    code, _, err = result.returncode, result.stdout, result.stderr
+    assert code == 1
+    assert_one_clear_error(err, f"fold {fold}", "0 to 1")
+    assert snapshot(run_dir.root, **OUTPUTS) == before
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_loses_nothing_and_the_rerun_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    write_project(tmp_path, [i % 10 for i in range(60)], 5)
+    options = ["--folds", "2", "--epochs", "4", "--hidden", "8", "--fold", "0"]
+    real_save = checkpoint.torch.save
+    calls = []
+
+    def failing_save(obj: object, path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 3:  # the third epoch's state: half written, then the disk is full
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    assert main(["--root", str(tmp_path), "train", *options]) == 1
+    err = capsys.readouterr().err
+    assert "fold_0.state.pt: cannot write (No space left on device)" in err
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    state = checkpoint.load_state(run / "fold_0.state.pt", _key(run), checkpoint.torch.device("cpu"))
+    assert state is not None and len(state["history"]) == 2  # the last good state, intact
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert main(["--root", str(tmp_path), "train", *options]) == 0
+    assert "fold 0: resuming after epoch 2 of 4" in capsys.readouterr().out
+
+
+def _key(run: Path) -> str:
+    from pipeline.stages.train import state_key
+    from pipeline.store.artifacts import RunDir, read_folds
+
+    return state_key(RunDir(run), 0, read_folds(Paths(run.parent.parent)))
+
+
+@pytest.mark.slow
+def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> None:
+    run = the_run(run_copy)
+    before = torch.load(run.model(0), weights_only=True)["state_dict"]
+    fold1 = run.model(1).read_bytes()
+    result = run_cli(run_copy, "train", "--fold", "0", "--force", *TINY)
+    assert "train: fold 0 reruns: FORCE=1" in result.stdout and "fold 0 epoch   2/2" in result.stdout
+    after = torch.load(run.model(0), weights_only=True)["state_dict"]
+    assert all(torch.equal(after[name], before[name]) for name in after)
+    assert run.model(1).read_bytes() == fold1
+
+
+TRAINED = ("runs", "submissions")
+
+
+def fresh_outputs(root: Path) -> Path:
+    """Keep the prepared data and folds of a run, drop everything trained."""
+    for name in TRAINED:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return root
+
+
+def same_models(a: Path, b: Path, folds: int = 2) -> None:
+    for k in range(folds):
+        ca = torch.load(the_run(a).model(k), map_location="cpu", weights_only=True)
+        cb = torch.load(the_run(b).model(k), map_location="cpu", weights_only=True)
+        assert ca["epoch"] == cb["epoch"] and ca["valid_acc"] == cb["valid_acc"]
+        assert ca["state_dict"].keys() == cb["state_dict"].keys()
+        for name, tensor in ca["state_dict"].items():
+            assert torch.equal(tensor, cb["state_dict"][name]), (k, name)
+
+
+def same_logs(a: Path, b: Path, folds: int = 2) -> None:
+    for k in range(folds):
+        la = pd.read_csv(the_run(a).log(k)).drop(columns=["seconds", "samples_per_s"])
+        lb = pd.read_csv(the_run(b).log(k)).drop(columns=["seconds", "samples_per_s"])
+        pd.testing.assert_frame_equal(la, lb)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_run(sample_run: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    run_cli(again, "submit", *SAMPLE, *TINY)
+    pd.testing.assert_frame_equal(pd.read_csv(Paths(again).folds_csv),
+                                  pd.read_csv(Paths(sample_run).folds_csv))
+    same_models(sample_run, again)
+    assert Paths(again).submission_csv.read_bytes() == Paths(sample_run).submission_csv.read_bytes()
+
+
+LONG = ("--folds", "2", "--epochs", "12", "--hidden", "32")  # long enough to be killed part way
+
+
+@pytest.fixture(scope="module")
+def long_run(sample_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's prepared data and folds with one uninterrupted, finished run of LONG."""
+    root = fresh_outputs(copy_project(sample_run, tmp_path_factory.mktemp("long") / "p"))
+    run_cli(root, "submit", *LONG)
+    return root
+
+
+def kill_when(proc: subprocess.Popen[str], ready: Callable[[], bool], poll: float) -> None:
+    """SIGKILL proc as soon as ready() holds (it must still be running then)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, long_run: Path) -> None:
+    reference = long_run
+    killed = fresh_outputs(run_copy)
+    run = planned_run(killed, LONG)
+    log = run.log(0)
+    proc = start_cli(killed, "train", *LONG)
+    # header + 3 epochs
+    kill_when(proc, lambda: log.is_file() and len(log.read_text().splitlines()) >= 4, 0.01)
+    assert run.state(0).is_file() and not run.model(0).exists()
+    assert not Paths(killed).submission_csv.exists()
+    assert not list(run.path.glob(".*"))  # no temporary file left behind
+
+    result = run_cli(killed, "submit", *LONG)
+    assert "fold 0: resuming after epoch" in result.stdout
+    same_models(killed, reference)
+    same_logs(killed, reference)
+    assert Paths(killed).submission_csv.read_bytes() == Paths(reference).submission_csv.read_bytes()
+    assert not run.state(0).exists()
+
+
+def planned_run(root: Path, args: tuple[str, ...]) -> RunDir:
+    """The folder a command with these settings trains into (the project holds prepared data)."""
+    names = args[0::2]
+    overrides = {n.lstrip("-"): v for n, v in zip(names, args[1::2], strict=True)}
+    return RunDir(Paths(root).runs / run_id(resolve(overrides=overrides),
+                                            load_prepared(Paths(root)).data_key))
+
+
+@pytest.mark.slow
+def test_killed_forced_retrain_keeps_the_finished_model_and_resumes(long_run: Path,
+                                                                    tmp_path: Path) -> None:
+    """FORCE=1 replaces a finished model only by a finished one, and its rerun resumes too."""
+    root = copy_project(long_run, tmp_path / "p")
+    run = planned_run(root, LONG)
+    finished, submission = run.model(0).read_bytes(), Paths(root).submission_csv.read_bytes()
+    proc = start_cli(root, "train", "--fold", "0", "--force", *LONG)
+    kill_when(proc, lambda: run.state(0).is_file(), 0.005)
+    assert run.model(0).read_bytes() == finished  # the finished model is still there, unchanged
+    predicted = run_cli(root, "predict", *LONG)
+    assert "train: fold 0 skipped" in predicted.stdout
+    assert Paths(root).submission_csv.read_bytes() == submission
+    again = run_cli(root, "train", "--fold", "0", "--force", *LONG)
+    assert "fold 0: resuming after epoch" in again.stdout
+    after = torch.load(run.model(0), weights_only=True)["state_dict"]
+    before = torch.load(io.BytesIO(finished), weights_only=True)["state_dict"]
+    assert all(torch.equal(after[name], before[name]) for name in after)  # the same model again
+
+
+@pytest.mark.slow
+def test_interrupt_says_how_to_resume(run_copy: Path) -> None:
+    args = ("--folds", "2", "--epochs", "50", "--hidden", "32")
+    log = planned_run(fresh_outputs(run_copy), args).log(0)
+    proc = start_cli(run_copy, "train", *args, output=True, sigint=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not log.is_file():
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_fold_without_broken_outputs(run_copy: Path) -> None:
+    paths = Paths(run_copy)
+    submission = paths.submission_csv.read_bytes()
+    model = the_run(run_copy).model(0).read_bytes()
+    args = ("--folds", "2", "--epochs", "1", "--hidden", "32", "--lr", "1e30", "--clip", "0")
+    result = run_cli(run_copy, "train", *args, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fold 0, epoch 1" in result.stderr and "lower learning rate" in result.stderr
+    assert the_run(run_copy, "rnn-h32-e2").model(0).read_bytes() == model
+    failed = planned_run(run_copy, args)
+    assert not failed.model(0).exists() and not failed.config.exists()
+    assert paths.submission_csv.read_bytes() == submission
+
+
+@pytest.mark.slow
+def test_parallel_folds_equal_sequential_folds(sample_run: Path, run_copy: Path) -> None:
+    """The session's run trained its folds one after the other on one thread; two jobs split two
+    threads: one each, as in the sequential run. They say so (jobs on a CPU: threads per worker)."""
+    result = run_cli(fresh_outputs(run_copy), "train", *TINY, "--jobs", "2",
+                     env={"OMP_NUM_THREADS": "2"})
+    assert "2 folds at a time" in result.stdout
+    assert "2 folds at a time on cpu (1 threads) each" in result.stdout
+    same_models(run_copy, sample_run)
+    same_logs(run_copy, sample_run)
+
+
+@pytest.mark.slow
+def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
+    run = planned_run(fresh_outputs(run_copy), TINY)
+    run.path.mkdir(parents=True)
+    run.state(0).write_bytes(os.urandom(64))
+    result = run_cli(run_copy, "train", *TINY)
+    assert "unreadable training state" in result.stdout
+    assert not run.state(0).exists() and run.model(0).is_file()
+
+
+@pytest.mark.slow
+def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None:
+    from conftest import the_run
+
+    from pipeline.errors import PipelineError
+    from pipeline.stages import folds, train
+    from pipeline.store.artifacts import load_prepared, read_folds
+
+    paths, run = Paths(run_copy), the_run(run_copy)
+    labels = load_prepared(paths).train_y.astype("int64")
+    assert train.fold_stale(run, 0, read_folds(paths)) == ""
+    other = folds.assign(labels, 2, 7)  # seed 7's folds, not the run's seed 42
+    assert "trained on other folds" in train.fold_stale(run, 0, other)
+    with pytest.raises(PipelineError, match=r"FOLDS=3, but the folds given hold 2"):
+        train.check_settings(replace(Settings(), folds=3), read_folds(paths))
+
+
+def test_train_of_a_blend_says_it_is_a_blend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = fake_run(tmp_path, "blend-abc123", kind="blend", weights={"rnn-a": 1})
+    (folder / "blend.json").write_text('{"weights": {"rnn-a": 1}}')
+    (folder / "config.json").unlink()
+    for stage in ("train", "predict"):
+        assert main(["--root", str(tmp_path), stage, "--run", "blend-abc123"]) == 1
+        err = capsys.readouterr().err
+        assert "RUN=blend-abc123 is a blend of other runs" in err and "no such run" not in err
+    assert not (tmp_path / "input").exists()
+
+
+def test_folds_trained_at_once_write_whole_lines_never_bars(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from pipeline.stages import train
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = train.Progress(1, 3, 0, position=1)
+    assert progress.bar is None
+    progress.update({"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "valid_loss": 0.4,
+                     "valid_acc": 0.85, "seconds": 1.0, "samples_per_s": 100.0})
+    out = capsys.readouterr().out
+    assert out.startswith("fold 1 epoch   1/3") and out.endswith("samples/s\n") and out.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
+    """2 epochs x 2 steps: OneCycleLR would divide by zero; PRESET=tutorial shows as such."""
+    small = run_cli(two_run_project, "train", "--folds", "2", "--epochs", "2", "--batch", "700",
+                    "--hidden", "8")
+    assert "fold 1: best epoch" in small.stdout
+    run_cli(two_run_project, "submit", "--preset", "tutorial", "--folds", "2", "--epochs", "1",
+            "--hidden", "16")
+    assert "preset=tutorial hidden=16 folds=2 epochs=1" in run_cli(two_run_project, "runs").stdout
+
+
+@pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
+    cfg = TrainConfig(hidden=16, batch=16, epochs=1, **settings)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = train.make_optimizer(cfg, model)
+    scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, 40))
+    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
+    loss, acc = train.train_epoch(step, images, labels, torch.arange(40), cfg,
+                                  torch.Generator().manual_seed(0))
+    assert math.isfinite(loss) and 0 <= acc <= 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    log_probs = predict_log_proba(model, images, cfg)
+    assert log_probs.shape == (40, 10)
+    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(40))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "none"])
+def test_schedule_runs_to_its_end(schedule: str) -> None:
+    cfg = TrainConfig(schedule=schedule, epochs=3, lr=0.01)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = train.make_scheduler(cfg, optimizer, steps_per_epoch=7)
+    lrs = []
+    for _ in range(3 * 7):  # OneCycleLR raises if stepped past its total
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    if schedule == "none":
+        assert lrs == [0.01] * 21
+    else:
+        assert lrs[-1] < 1e-4 and max(lrs) <= 0.01 + 1e-12
+
+
+def test_clipping_bounds_the_gradient_norm() -> None:
+    cfg = TrainConfig(hidden=16, batch=20, clip=0.05, augment=False, lr=1e-3)
+    model = build_model(cfg)
+    optimizer = train.make_optimizer(cfg, model)
+    scheduler = train.make_scheduler(cfg, optimizer, 2)
+    norms = []
+
+    def record(opt: torch.optim.Optimizer, *_: object) -> None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    optimizer.register_step_pre_hook(record)
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
+    train.train_epoch(step, images, labels, torch.arange(40), cfg, torch.Generator().manual_seed(0))
+    assert len(norms) == 2 and max(norms) <= 0.05 * (1 + 1e-4)
+
+
+def test_short_last_batch_is_used_unless_dropped() -> None:
+    cfg = TrainConfig(batch=64)
+    assert train.steps_per_epoch(cfg, 130) == 3
+    assert train.steps_per_epoch(replace(cfg, drop_last=True), 130) == 2
+    with pytest.raises(PipelineError, match="larger than"):
+        train.steps_per_epoch(replace(cfg, drop_last=True), 50)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+ROW = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "valid_loss": 0.4, "valid_acc": 0.9123,
+       "lr": 0.001, "seconds": 0.5, "samples_per_s": 1000.0}
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = train.Progress(fold=3, epochs=10, start=0)
+    bar.update(ROW)
+    bar.close()
+    assert "fold 3" in terminal.getvalue() and "valid_acc=0.9123" in terminal.getvalue()
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    plain = train.Progress(fold=3, epochs=10, start=0)
+    plain.update(ROW)
+    plain.close()
+    out = capsys.readouterr().out
+    assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
