@@ -47,7 +47,7 @@ def test_seeds_of_one_recipe_share_folds_and_blend(run_copy: Path) -> None:
 def test_the_readme_calls_only_the_real_mean_the_default() -> None:
     _, stages = build_parser()
     default = stages["blend"].parse_args([]).mean
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = "".join(p.read_text(encoding="utf-8") for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")])
     claimed = re.findall(r"`MEAN=(\w+)` \(the default\)", text)
     assert claimed and set(claimed) == {default}
 

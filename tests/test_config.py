@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import PRESETS, Settings, TrainConfig, changed_settings, resolve
 from pipeline.errors import PipelineError
-from pipeline.stages import tune
+from pipeline.tuning import space as tune_space
 
 
 def test_changed_settings_are_the_hyperparameters_off_their_defaults() -> None:
@@ -65,7 +65,7 @@ def test_a_config_or_space_file_that_is_not_text_is_named(tmp_path: Path, suffix
     with pytest.raises(PipelineError, match=re.escape(str(path))):
         resolve(file=path)
     with pytest.raises(PipelineError, match=re.escape(str(path))):
-        tune.load_space(path)
+        tune_space.load_space(path)
 
 
 @pytest.mark.slow

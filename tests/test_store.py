@@ -37,7 +37,7 @@ def test_an_uploads_state_is_its_latest_score(tmp_path: Path) -> None:
     assert ledger.score_text(found[7]) == "0.97100" and ledger.score_text(found[8]) == "error"
     assert ledger.score_text(None) == ""
     # Uploads and scores are not runs: finding a run by its kept copy ignores them.
-    assert ledger.find(paths, "a.csv")["model"] == "rnn"
+    assert [e["model"] for e in ledger.run_entries(paths) if e["submission"] == "a.csv"] == ["rnn"]
     assert [e["run"] for e in ledger.run_entries(paths)] == ["rnn-a"]
 
 
@@ -140,7 +140,7 @@ def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None
 
 def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
     from pipeline.errors import PipelineError
-    from pipeline.store.artifacts import check_cv
+    from pipeline.store.ensemble import check_cv
 
     path = tmp_path / "rnn-x" / "cv.csv"
     path.parent.mkdir()

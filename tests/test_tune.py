@@ -31,7 +31,11 @@ from hypothesis import strategies as st
 
 from pipeline.config import Paths, Settings, validate
 from pipeline.stages import tune
-from pipeline.store.artifacts import all_runs, completed
+from pipeline.store.artifacts import all_runs
+from pipeline.store.ensemble import completed
+from pipeline.tuning import space as tune_space
+from pipeline.tuning import study as tune_study
+from pipeline.tuning.trial import Stages
 
 SECRET = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=4, max_size=20)
 
@@ -42,15 +46,15 @@ PLAIN = st.from_regex(r"[a-z][a-z0-9]{2,8}", fullmatch=True)
 @given(user=PLAIN, password=SECRET, host=PLAIN, db=PLAIN)
 def test_no_part_of_a_password_is_ever_shown(user: str, password: str, host: str, db: str) -> None:
     url = f"postgresql://{user}:{password}@{host}.example:5432/{db}"
-    assert tune.hide_password(url) == f"postgresql://{user}:***@{host}.example:5432/{db}"
-    said = tune.hide_password(url, f"could not connect to {url} (password {password!r} rejected)")
+    assert tune_study.hide_password(url) == f"postgresql://{user}:***@{host}.example:5432/{db}"
+    said = tune_study.hide_password(url, f"could not connect to {url} (password {password!r} rejected)")
     assert password not in said and "***" in said
 
 
 def test_a_password_with_an_at_sign_is_hidden_whole() -> None:
     url = "postgresql://user:p@ss@127.0.0.1:1/db"
-    assert tune.hide_password(url) == "postgresql://user:***@127.0.0.1:1/db"
-    assert tune.hide_password("postgresql://tune@host/db") == "postgresql://tune@host/db"
+    assert tune_study.hide_password(url) == "postgresql://user:***@127.0.0.1:1/db"
+    assert tune_study.hide_password("postgresql://tune@host/db") == "postgresql://tune@host/db"
 
 
 def toml_value(value: Any) -> str:
@@ -83,14 +87,14 @@ def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
     path = tmp_path_factory.mktemp("space") / "space.toml"
     path.write_text(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items()))
     try:
-        space = tune.load_space(path)
+        space = tune_space.load_space(path)
     except PipelineError as exc:
         assert str(path) in str(exc) and f"[{name}]" in str(exc)
         return
     assert name not in ("folds", "fold_seed", "device")  # fold settings and non-learned ones: refused
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     for _ in range(3):
-        params = tune.suggest(optuna.create_study().ask(), space)
+        params = tune_space.suggest(optuna.create_study().ask(), space)
         cfg = validate(replace(Settings(), **params))
         assert isinstance(getattr(cfg, name), type(getattr(Settings(), name)))
 
@@ -110,7 +114,7 @@ def test_the_reported_space_mistakes_name_file_key_and_what_is_expected(
     path = tmp_path / "space.toml"
     path.write_text(text)
     with pytest.raises(PipelineError, match=re.escape(words)) as caught:
-        tune.load_space(path)
+        tune_space.load_space(path)
     assert str(path) in str(caught.value)
 
 
@@ -131,8 +135,10 @@ class FakeStages:
         return [{"fold": f, "valid_acc": 1 - abs(cfg.lr - 3e-3)} for f in folds]
 
     def predict(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
-                records: list[dict[str, Any]], publish: bool = True) -> dict[str, Any]:
-        return {"oof_acc": records[0]["valid_acc"]}
+                records: list[dict[str, Any]], publish: bool = True) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(oof_acc=records[0]["valid_acc"])
 
 
 def study_of(root: Path, **options: Any) -> Any:
@@ -144,13 +150,13 @@ def study_of(root: Path, **options: Any) -> Any:
     data, fold_of = tiny_data()
     stages = options.pop("stages", FakeStages())
     base = options.pop("base", replace(Settings(), folds=2, epochs=2))
-    summary = tune.run(Paths(root), base, data, fold_of, (stages.train, stages.predict),
+    summary = tune.run(Paths(root), base, data, fold_of, Stages(stages.train, stages.predict),
                        study="s", space_path=space, **{"trials": 3, **options})
     return summary, stages
 
 
 def trials_of(root: Path) -> list[Any]:
-    return tune.load(Paths(root), "s", None).get_trials(deepcopy=False)
+    return tune_study.load(Paths(root), "s", None).get_trials(deepcopy=False)
 
 
 def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: Path) -> None:
@@ -168,13 +174,13 @@ def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: P
 def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     study_of(tmp_path, trials=1)
-    made = tune.load(Paths(tmp_path), "s", None)
+    made = tune_study.load(Paths(tmp_path), "s", None)
     killed = made.ask()  # as a SIGKILLed worker leaves it: running, never told
     killed.suggest_float("lr", 1e-4, 1e-2, log=True)
     killed.set_user_attr("run", "rnn-h128-e2-killed")
-    assert tune.requeue_stopped(made, journal=True) == 1
-    assert "1 waiting" in tune.status(Paths(tmp_path), "s", None)
-    assert tune.requeue_stopped(made, journal=True) == 0  # queued once, however often asked
+    assert tune_study.requeue_stopped(made, journal=True) == 1
+    assert "1 waiting" in tune_study.status(Paths(tmp_path), "s", None)
+    assert tune_study.requeue_stopped(made, journal=True) == 0  # queued once, however often asked
     _, stages = study_of(tmp_path, trials=2)
     from pipeline.store.artifacts import run_id
 
@@ -227,7 +233,7 @@ def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None
     proc.send_signal(signal.SIGINT)  # to the tune process alone, not its workers
     _, err = proc.communicate(timeout=90)  # the workers stop too, not after every trial
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    made = tune.load(Paths(tmp_path), "rnn", None)
+    made = tune_study.load(Paths(tmp_path), "rnn", None)
     states = [t.state.name for t in made.get_trials(deepcopy=False)]
     assert "RUNNING" not in states and states.count("FAIL") == 2, states
     assert all(t.user_attrs.get("outcome") == "interrupted" for t in made.get_trials()
