@@ -30,7 +30,7 @@ PIPELINE = $(PY) -m pipeline --make
 	tune-status upload lb report runs forget test \
 	test-fast lint bench bench-accuracy gpu-check clean
 
-help: ## list the targets and the options they take
+help: ## list the targets, the settings and the other options (and the stages that take each)
 	@echo "usage: make <target> [OPTION=value ...]"
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,46 +54,46 @@ notebook-setup:
 submit: setup ## every stage: download -> prepare -> folds -> train -> predict (each skipped if current)
 	$(PIPELINE) submit $(ARGS)
 
-download: setup ## put train.csv/test.csv in input/ (SOURCE=auto|kaggle|dir|sample, FORCE=1)
+download: setup ## put train.csv and test.csv in input/ (from Kaggle, a folder or the built-in sample)
 	$(PIPELINE) download $(ARGS)
 
 prepare: setup ## validate the CSVs and cache them as uint8 arrays in input/prepared/
 	$(PIPELINE) prepare $(ARGS)
 
-folds: setup ## write the stratified folds to input/folds.csv (FOLDS, FOLD_SEED)
+folds: setup ## write the stratified folds to input/folds.csv
 	$(PIPELINE) folds $(ARGS)
 
-train: setup ## train the run of these settings in runs/<id>/ (FOLD=k, RUN=<id>, FORCE=1); resumes
+train: setup ## train the run of these settings in runs/<id>/; resumes
 	$(PIPELINE) train $(ARGS)
 
-predict: setup ## the run's test predictions -> submissions/submission.csv (TTA=n, RUN=<id>)
+predict: setup ## the run's test predictions -> submissions/submission.csv
 	$(PIPELINE) predict $(ARGS)
 
-distill: setup ## a run that also learns from the test rows labelled by TEACHER=<run or blend> (the latest)
+distill: setup ## a run that also learns from the test rows labelled by a teacher run or blend
 	$(PIPELINE) distill $(ARGS)
 
-blend: setup ## blend completed runs on their out-of-fold predictions (RUNS="<id> <id>")
+blend: setup ## blend completed runs on their out-of-fold predictions
 	$(PIPELINE) blend $(ARGS)
 
-tune: setup ## search settings with Optuna (TRIALS, WORKERS, STUDY, STORAGE=url, SPACE, TUNE_FOLDS)
+tune: setup ## search settings with Optuna; every trial is a run
 	$(PIPELINE) tune $(ARGS)
 
-tune-status: setup ## a study's trials so far and the best five (STUDY, STORAGE)
+tune-status: setup ## a study's trials so far and the best five
 	@$(PIPELINE) tune-status $(ARGS)
 
-upload: setup ## send submissions/submission.csv to Kaggle (MESSAGE="...") and wait for its score (WAIT=s)
+upload: setup ## send submissions/submission.csv to Kaggle and wait for its score
 	$(PIPELINE) upload $(ARGS)
 
 lb: setup ## the competition's submissions: date, status, public score, the run that made each
 	@$(PIPELINE) lb $(ARGS)
 
-report: setup ## draw a run into reports/index.html (RUN=<id>; the latest by default)
+report: setup ## draw a run (the latest by default) or a study into reports/
 	$(PIPELINE) report $(ARGS)
 
-runs: setup ## every run side by side (SORT=acc|time, FORMAT=csv)
+runs: setup ## every run side by side
 	@$(PIPELINE) runs $(ARGS)
 
-forget: setup ## delete one run's folder (RUN=<id>), nothing else
+forget: setup ## delete one run's folder, nothing else
 	$(PIPELINE) forget $(ARGS)
 
 test: setup ## run the whole test suite (no network, no GPU needed)

@@ -2,7 +2,8 @@
 
 Every stage builds what it needs upstream, skipping what is current, as Make users expect:
 download -> prepare -> folds -> train -> predict, then blend. The orchestration lives here; the
-stage modules only share lower layers (config, artifacts, checkpoint, io, runtime, models, step).
+stages (pipeline/stages/) only share the layers below them (tuning, kaggle, engine, store, options,
+config). The options are declared in pipeline/options.py and the settings in pipeline/config.py.
 With ``--make`` (what the Makefile passes), each option also reads the environment variable of its
 upper-case name, so ``make train EPOCHS=5`` is ``--epochs 5``.
 """
@@ -20,6 +21,7 @@ from pipeline.config import FALSE, TRUE, Paths, Settings, resolve
 from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
 from pipeline.options import EVERY, OPTIONS, SETTINGS_STAGES, Option, for_stage
+from pipeline.options import shown as shown_value
 from pipeline.store.artifacts import (
     Prepared,
     RunDir,
@@ -30,7 +32,7 @@ from pipeline.store.artifacts import (
     run_id,
     studies_dir,
 )
-from pipeline.store.ensemble import completed
+from pipeline.store.ensemble import RunRecord, completed
 
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
@@ -89,7 +91,7 @@ def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir,
     return cfg, run, data, fold_of, records
 
 
-def build_prediction(args: argparse.Namespace, paths: Paths) -> tuple[RunDir, dict[str, Any]]:
+def build_prediction(args: argparse.Namespace, paths: Paths) -> tuple[RunDir, RunRecord]:
     from pipeline.stages import predict
 
     cfg, run, data, fold_of, records = build_run(args, paths)
@@ -161,17 +163,25 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
         report.draw_study(paths, args.study, args.storage)
         return
     name = args.run or latest(paths)
-    if not args.run and (name is None or completed(run_dir(paths, name)) is None):
+    if not args.run and (name is None or _complete(run_dir(paths, name)) is None):
         # A report only reads: it never trains, so it says which runs there are instead.
         why = ("runs/latest is missing or unreadable" if name is None else
                f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)")
-        done = [r.id for r in all_runs(paths) if completed(r)]
+        done = [r.id for r in all_runs(paths) if _complete(r)]
         if not done:
             raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
                                 "`make submit` makes one")
         raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
                             f"{', '.join(done)}")
     report.run(paths, run_dir(paths, name))
+
+
+def _complete(run: RunDir) -> RunRecord | None:
+    """The run's record if it is complete; None if not, or damaged (a listing goes on past it)."""
+    try:
+        return completed(run)
+    except PipelineError:
+        return None
 
 
 def _tune(args: argparse.Namespace, paths: Paths) -> None:
@@ -243,10 +253,13 @@ def add_option(parser: Any, option: Option, stage: str) -> None:
     """An option as pipeline/options.py declares it, with the stage's own words if it has some."""
     text = option.stages.get(stage) or option.help
     default = option.default_in(stage)
+    if option.from_environment:
+        default = os.environ.get(option.name.upper(), default)
     if option.flag:
         parser.add_argument(option.flag_name, action="store_true", help=text)
         return
-    shown = f" (default: {default})" if default not in (None, "") and "default" not in text else ""
+    shown = f" (default: {shown_value(default)})" if default not in (None, "") and "default" not in text \
+        else ""
     parser.add_argument(option.flag_name, dest=option.name, type=option.type, default=default,
                         choices=option.choices, help=text + shown)
 

@@ -39,6 +39,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     flag: bool = False  # given or not: --force, FORCE=1
     make: bool = True  # also a make variable (NAME=value); False: the command line's only
+    from_environment: bool = False  # its default is $NAME (MESSAGE, so no quote or $ can break it)
     # A stage whose default differs (report: STUDY draws a study only when given).
     stage_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -101,7 +102,8 @@ OPTIONS: tuple[Option, ...] = (
            default="acc", choices=SORTS),
     Option("format", "a table, or csv for a spreadsheet", _each(("runs", "lb")), default="table",
            choices=FORMATS),
-    Option("message", "the submission's description on Kaggle", {"upload": ""}, default=""),
+    Option("message", "the submission's description on Kaggle (default: $MESSAGE)", {"upload": ""},
+           default="", from_environment=True),
     Option("wait", "seconds to wait for Kaggle to score the submission, 0 to not wait (`make lb` "
            "shows a score that comes later)", {"upload": ""}, default=120.0, type=float),
     Option("nowait", "when another command holds the project, stop at once instead of waiting",
@@ -123,11 +125,16 @@ OPTION_ROWS = (("preset", "config"), ("run", "fold"), ("force",), ("runs", "mean
                ("tune_folds", "pruner"), ("sort", "format"), ("nowait",), ("root",))
 
 
+def default(name: str) -> Any:
+    """An option's declared default, for the stage functions' own parameters."""
+    return next(o.default for o in OPTIONS if o.name == name)
+
+
 def for_stage(stage: str) -> list[Option]:
     return [o for o in OPTIONS if stage in o.stages]
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
@@ -159,7 +166,8 @@ def help_text() -> str:
     for o in OPTIONS:
         if not o.make:
             continue
-        default = f"; default {_shown(o.default)}" if o.default not in (None, "", False) else ""
+        default = "" if o.default is None or o.default is False or o.default == "" or o.flag \
+            or not o.make else f"; default {shown(o.default)}"
         choices = f"; {'|'.join(o.choices)}" if o.choices else ""
         lines.append(f"  {o.name.upper():<20} {o.help} ({_stages_text(o)}{default}{choices})")
     lines.append(f"  {'ARGS':<20} {ARGS}")

@@ -156,3 +156,19 @@ def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "blend", "--runs", "ok ../../etc", check=False)
     assert result.returncode == 1 and "RUNS='../../etc': not a run name" in result.stderr
     assert not (tmp_path / "input").exists()
+
+
+def test_a_damaged_blend_folder_is_left_out_unsaid(tmp_path: Path) -> None:
+    """Blends are never members; a damaged one is no run to remake with `make predict`."""
+    import numpy as np
+
+    data, _ = tiny_data()
+    good = RunDir(fake_run(tmp_path, "rnn-h32-e2-good00"))
+    write_probabilities(good.oof, np.full((20, 10), 0.1), {"row": np.arange(20)})
+    write_probabilities(good.test, np.full((4, 10), 0.1), {"ImageId": np.arange(1, 5)})
+    damaged = RunDir(fake_run(tmp_path, "blend-abc123", kind="blend", weights={"a": 1}))  # no honest acc
+    damaged.blend.write_text("{}")
+    chosen, skipped = blend.candidates(Paths(tmp_path), data, 2, 42, None)
+    assert [m.run.id for m in chosen] == ["rnn-h32-e2-good00"] and skipped == []
+    with pytest.raises(PipelineError, match="blend-abc123 cannot be blended: a blend itself"):
+        blend.candidates(Paths(tmp_path), data, 2, 42, ["blend-abc123"])

@@ -79,16 +79,35 @@ def test_a_blend_ranks_by_its_honest_accuracy() -> None:
     assert record().accuracy == 0.9 and not record().is_blend
 
 
+# Values no field accepts (None is fine only for the optional numbers, which are left out here).
+INVALID = st.one_of(st.none(), st.just(float("nan")), st.booleans(), st.lists(st.integers(), max_size=2))
+
+
 @given(field=st.sampled_from(["oof_acc", "oof_loss", "fold_min", "fold_max", "seconds", "finished",
-                              "key", "folds", "kind", "config", "weights", "oof_acc_tta"]),
-       value=st.one_of(st.none(), st.text(max_size=3), st.just(float("nan")), st.booleans(),
-                       st.lists(st.integers(), max_size=2)))
-def test_a_damaged_record_names_its_file_and_field(field: str, value: object) -> None:
+                              "key", "folds", "kind", "config", "weights", "device", "source"]),
+       value=INVALID)
+def test_a_damaged_record_names_its_folder_file_and_field(field: str, value: object) -> None:
     made = {"complete": True, **asdict(record())}
     made[field] = value
-    if field == "oof_acc_tta" and value is None:
-        return  # an optional number may be absent
-    if field in ("config", "weights") and isinstance(value, dict):
-        return
-    with pytest.raises(PipelineError, match=rf"run\.json: missing or not valid: .*{field}"):
+    if field in ("device", "source", "config", "weights") and value is None:
+        made[field] = 5  # a present field of the wrong type (None is not written for these)
+    with pytest.raises(PipelineError, match=rf"^x/run\.json: missing or not valid: .*\b{field}\b"):
         ensemble.parse(made, Path("runs/x/run.json"))
+
+
+def test_a_finished_time_no_date_can_be_made_of_is_damaged() -> None:
+    for finished in (1e300, -1e20):
+        with pytest.raises(PipelineError, match="finished"):
+            ensemble.parse({**asdict(record()), "finished": finished}, Path("runs/x/run.json"))
+
+
+def test_records_written_by_the_previous_version_load() -> None:
+    """run.json files as the earlier predict and blend wrote them (tests/data/old_*.json)."""
+    data = Path(__file__).parent / "data"
+    run = ensemble.parse(json.loads((data / "old_run.json").read_text()), data / "old_run.json")
+    assert (run.kind, run.model, run.folds, run.fold_seed, run.oof_acc_tta) == ("run", "rnn", 5, 42, None)
+    assert run.accuracy == run.oof_acc == pytest.approx(0.98345, abs=1e-5) and run.config["hidden"] == 128
+    assert run.kept.endswith(".csv") and run.inputs["tta"] == 0 and run.key
+    blend = ensemble.parse(json.loads((data / "old_blend.json").read_text()), data / "old_blend.json")
+    assert blend.is_blend and len(blend.weights) == 4 and blend.mean == "logprob"
+    assert blend.accuracy == blend.oof_acc_honest == pytest.approx(0.9896, abs=1e-4)

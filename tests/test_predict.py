@@ -77,7 +77,8 @@ def test_a_run_json_missing_a_field_is_rebuilt_by_predict(run_copy: Path) -> Non
     del record["fold_min"]
     run.record.write_text(json.dumps(record))
     again = run_cli(run_copy, "submit", *SAMPLE, *TINY)
-    assert f"predict: {run.id} reruns: damaged (run.json: missing or not valid: fold_min)" in again.stdout
+    damaged = f"damaged ({run.id}/run.json: missing or not valid: fold_min)"
+    assert f"predict: {run.id} reruns: {damaged}" in again.stdout
     assert "fold_min" in json.loads(run.record.read_text())
 
 

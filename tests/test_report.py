@@ -237,3 +237,13 @@ def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     run = SimpleNamespace(cv=cv, name="blend-x", train_y=np.zeros(4), source="sample", record=blend)
     text = report._summary(run, Paths())
     assert "<b>OOF accuracy:</b> 0.9100 honest" in text and "in-sample 0.9500" in text
+
+
+def test_without_latest_a_damaged_run_never_hides_the_complete_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    fake_run(tmp_path, "rnn-h32-e2-bad000", key="")  # complete, but its record is damaged
+    assert main(["--root", str(tmp_path), "report"]) == 1
+    err = capsys.readouterr().err
+    assert "runs/latest is missing" in err and "rnn-h32-e2-good00" in err
+    assert "rnn-h32-e2-bad000" not in err

@@ -69,7 +69,8 @@ def test_make_runs_names_the_damaged_folder(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "runs" / "rnn-h32-e2-good00" / "config.json").write_text("[1, 2]")
     assert main(["--root", str(tmp_path), "runs"]) == 0
     out, err = capsys.readouterr()
-    assert "rnn-h32-e2-bad000: damaged record (run.json: missing or not valid: fold_min)" in err
+    assert ("rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: missing or not valid: "
+            "fold_min)") in err
     assert "rnn-h32-e2-good00: damaged record (config.json is not a table of settings)" in err
     assert "(damaged record)" in out and "2 run(s)" in out
 

@@ -20,13 +20,12 @@ import numpy as np
 
 from pipeline.config import Paths, fingerprint
 from pipeline.errors import PipelineError
-from pipeline.options import MEANS
+from pipeline.options import MEANS, default
 from pipeline.store import ensemble
 from pipeline.store.artifacts import STUDIES, Prepared, RunDir, all_runs, data_source, needs_rerun, run_dir
 from pipeline.store.ensemble import RunRecord, log_loss
 from pipeline.store.io import write_json
 from pipeline.store.ledger import publish
-from pipeline.store.submission import validate_file
 
 MAX_STEPS = 100  # picks in all; a blend of a few runs settles long before
 
@@ -109,6 +108,10 @@ def _member(run: RunDir, data: Prepared, folds: int, fold_seed: int, named: bool
         raise PipelineError("the tuning studies' folder, not a run")
     if named and not run.path.is_dir():
         raise PipelineError("no such run")
+    if run.blend.is_file():  # a blend folder, even a damaged one
+        if named:
+            raise PipelineError("a blend itself")
+        return None
     try:
         record = ensemble.completed(run)
     except PipelineError as exc:
@@ -116,9 +119,7 @@ def _member(run: RunDir, data: Prepared, folds: int, fold_seed: int, named: bool
     if record is None:
         raise PipelineError("not complete (still training, or never predicted)")
     if record.is_blend:
-        if named:
-            raise PipelineError("a blend itself")
-        return None
+        raise PipelineError("a blend itself")
     if record.data != data.data_key:
         raise PipelineError("made from other data than input/*.csv now hold")
     if (record.folds, record.fold_seed) != (folds, fold_seed):
@@ -131,7 +132,7 @@ def _member(run: RunDir, data: Prepared, folds: int, fold_seed: int, named: bool
 
 
 def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed: int,
-        names: list[str] | None = None, mean: str = "logprob", force: bool = False) -> RunRecord:
+        names: list[str] | None = None, mean: str = default("mean"), force: bool = False) -> RunRecord:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
     submission; returns the blend's record."""
     if mean not in MEANS:
@@ -147,7 +148,7 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
     inputs = {"members": members, "mean": mean, "data": data.data_key}
     out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")
     why = needs_rerun(f"blend: {out.id}", out.record, inputs, [out.oof, out.test, out.cv, out.submission],
-                      check=lambda: _check(out, len(data.test_x)), force=force,
+                      check=lambda: ensemble.check(out, len(data.train_y), len(data.test_x)), force=force,
                       current="the same runs, unchanged")
     record = ensemble.finish(out, inputs, _blend(paths, out, chosen, data, fold_of, mean)) if why \
         else ensemble.read(out)
@@ -157,11 +158,6 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
           f"each fold), {record.oof_acc:.4f} in-sample; wrote {paths.submission_csv} "
           f"(kept as submissions/{record.kept})")
     return record
-
-
-def _check(out: RunDir, n_test: int) -> None:
-    ensemble.read(out)
-    validate_file(out.submission, n_test)
 
 
 def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold_of: np.ndarray,

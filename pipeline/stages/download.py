@@ -16,14 +16,14 @@ from pathlib import Path
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
-from pipeline.options import SOURCES
+from pipeline.options import SOURCES, default
 from pipeline.store import sample
 from pipeline.store.artifacts import SAMPLE_BANNER, data_source
 from pipeline.store.io import read_json, replace_together, staged_files, write_json
 
 
-def run(paths: Paths, source: str = "auto", src_dir: Path | None = None, force: bool = False,
-        timeout: float = 300.0) -> str:
+def run(paths: Paths, source: str = default("source"), src_dir: Path | None = None, force: bool = False,
+        timeout: float = default("timeout")) -> str:
     """Fetch the competition files; returns the source used."""
     if source not in SOURCES:
         raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")

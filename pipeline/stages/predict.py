@@ -32,7 +32,6 @@ from pipeline.store.artifacts import (
 )
 from pipeline.store.ensemble import RunRecord
 from pipeline.store.ledger import publish as make_current
-from pipeline.store.submission import validate_file
 
 
 def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
@@ -49,14 +48,9 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
     inputs = {"folds": [f["trained_at"] for f in folds], "tta": cfg.tta, "amp": cfg.amp,
               "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None}
 
-    def check() -> None:
-        ensemble.read(run)
-        validate_file(run.submission, len(data.test_x))
-        ensemble.check_probabilities(run, len(data.train_y), len(data.test_x))
-        ensemble.check_cv(run.cv, cfg.folds)
-
     why = needs_rerun(f"predict: {run.id}", run.record, inputs, [run.oof, run.test, run.cv,
-                      run.submission], check=check, force=force,
+                      run.submission], force=force,
+                      check=lambda: ensemble.check(run, len(data.train_y), len(data.test_x), cfg.folds),
                       current=f"its folds and TTA={cfg.tta} are unchanged")
     record = ensemble.finish(run, inputs, _predict(cfg, paths, run, data, fold_of, folds)) if why \
         else ensemble.read(run)

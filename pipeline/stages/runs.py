@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
-from pipeline.options import FORMATS, SORTS
+from pipeline.options import FORMATS, SORTS, default
 from pipeline.store import ensemble
 from pipeline.store.artifacts import STUDIES, RunDir, all_runs, latest, run_dir
 from pipeline.store.io import read_json
@@ -27,7 +27,7 @@ def size_text(size: int) -> str:
     return ""
 
 
-def rows(paths: Paths, sort: str = "acc") -> list[dict[str, Any]]:
+def rows(paths: Paths, sort: str = default("sort")) -> list[dict[str, Any]]:
     """One dict per run folder, with the table's columns."""
     out = []
     board = leaderboard_by_run(paths)  # the public score of each run's latest upload
@@ -73,7 +73,7 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
             "finished": finished, "_acc": record.accuracy, "_time": record.finished}
 
 
-def table(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
+def table(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
     found = rows(paths, sort)
     if fmt == "csv":
         return format_table(found, COLUMNS, fmt)
@@ -84,7 +84,7 @@ def table(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
         f"; latest: {last}" if last else "")
 
 
-def run(paths: Paths, sort: str = "acc", fmt: str = "table") -> str:
+def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
     """Print the table of runs; returns it."""
     if sort not in SORTS:
         raise PipelineError(f"SORT={sort!r}: must be one of {', '.join(SORTS)}")

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
+from pipeline.options import default
 from pipeline.store.artifacts import Prepared, check_name, studies_dir
 from pipeline.store.io import atomic_write_text, write_json
 from pipeline.tuning.space import load_space
@@ -33,8 +34,9 @@ from pipeline.tuning.trial import Job, Stages, optimize, worker
 
 
 def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stages, study: str,
-        trials: int, workers: int = 1, url: str | None = None, space_path: Path | None = None,
-        tune_folds: int = 0, pruner: str = "median") -> dict[str, Any]:
+        trials: int, workers: int = default("workers"), url: str | None = None,
+        space_path: Path | None = None, tune_folds: int = default("tune_folds"),
+        pruner: str = default("pruner")) -> dict[str, Any]:
     """Run trials until the study has `trials` finished ones (complete or pruned); returns a summary."""
     import optuna
     from optuna.trial import TrialState

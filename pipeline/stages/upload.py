@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
+from pipeline.options import FORMATS, default
 from pipeline.store import ledger
 from pipeline.store.artifacts import data_source, latest, run_dir
 from pipeline.store.io import read_json
@@ -26,7 +27,8 @@ MAX_WAIT = 3600.0
 LB_COLUMNS = ("date", "description", "status", "public score", "ref", "from")
 
 
-def run(paths: Paths, message: str, timeout: float = 300.0, wait: float = 120.0) -> int:
+def run(paths: Paths, message: str, timeout: float = default("timeout"),
+        wait: float = default("wait")) -> int:
     """Validate and submit, record the upload, then wait up to wait seconds for its public score;
     returns Kaggle's submission reference."""
     message = (message or "").strip()
@@ -81,10 +83,10 @@ def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeou
           + (f" ({run_id})" if run_id else ""))
 
 
-def leaderboard(paths: Paths, timeout: float = 300.0, fmt: str = "table") -> str:
+def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = default("format")) -> str:
     """Print the account's submissions with where each came from; records scores that arrived
     for uploads still pending in the record. Returns the text printed."""
-    if fmt not in ("table", "csv"):
+    if fmt not in FORMATS:
         raise PipelineError(f"FORMAT={fmt!r}: must be one of table, csv")
     from pipeline.kaggle import api as kaggle_api
 

@@ -11,7 +11,7 @@ Layout:
     runs/<id>/                                                   one run (train, predict)
         config.json  fold_<k>.pt  fold_<k>.json  fold_<k>.state.pt  fold_<k>.csv
         oof_<k>.csv  test_<k>.csv  cv.csv  oof.csv  test.csv  submission.csv  run.json
-    runs/blend-<hex>/  blend.json, oof.csv, test.csv, submission.csv, run.json  (blend)
+    runs/blend-<hex>/  blend.json, oof.csv, test.csv, cv.csv, submission.csv, run.json  (blend)
     runs/latest                                                  the id of the last completed run
 """
 

@@ -6,14 +6,15 @@
     submission.csv  ImageId, Label: the test rows' most likely digit
     run.json        the record (RunRecord), written last: the files above are then complete
 
-write() writes all of them; completed() and check() read them back. Every other module reads a
-run's record as a RunRecord, never as a dict.
+write() writes the four files, finish() then run.json; completed(), read() and check() read them
+back. Every other module reads a run's record as a RunRecord, never as a dict.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.store.artifacts import RunDir, mark_current, read_probabilities, write_probabilities
 from pipeline.store.io import read_json, write_csv, write_json
-from pipeline.store.submission import validate_frame
+from pipeline.store.submission import validate_file, validate_frame
 
 KINDS = ("run", "blend")
 
@@ -77,29 +78,39 @@ _OPTIONAL_NUMBERS = ("oof_acc_tta", "train_seconds", "oof_acc_honest")
 def parse(made: Any, where: Path) -> RunRecord:
     """The record of a run.json's contents; a PipelineError naming the file and the field when it
     is damaged. Keys it does not know are ignored (records of older and newer versions load)."""
+    named = f"{where.parent.name}/{where.name}"  # the run's folder and its file
     if not isinstance(made, dict):
-        raise PipelineError(f"{where.name}: not a record")
+        raise PipelineError(f"{named}: not a record")
 
     def number(name: str) -> bool:
         value = made.get(name)
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
     bad = [k for k in NUMBERS if not number(k)]
+    if "finished" not in bad:  # a time a date can be made of
+        try:
+            datetime.fromtimestamp(made["finished"])
+        except (OverflowError, OSError, ValueError):
+            bad.append("finished")
     bad += [k for k in _OPTIONAL_NUMBERS if made.get(k) is not None and not number(k)]
     if made.get("kind", "run") not in KINDS:
         bad.append("kind")
     if not isinstance(made.get("key"), str) or not made["key"]:
         bad.append("key")
     for name, kind in (("config", dict), ("weights", dict), ("inputs", dict), ("model", str),
-                       ("data", str), ("kept", str)):
+                       ("data", str), ("kept", str), ("device", str), ("source", str)):
         if name in made and not isinstance(made[name], kind):
             bad.append(name)
-    if not isinstance(made.get("folds"), int) or isinstance(made.get("folds"), bool):
-        bad.append("folds")
+    for name, required in (("folds", True), ("tta", False), ("seed", False), ("fold_seed", False)):
+        value = made.get(name)
+        if (value is not None or required) and (not isinstance(value, int) or isinstance(value, bool)):
+            bad.append(name)
+    if made.get("mean") is not None and not isinstance(made["mean"], str):
+        bad.append("mean")
     if made.get("kind") == "blend" and not number("oof_acc_honest"):
         bad.append("oof_acc_honest")
     if bad:
-        raise PipelineError(f"{where.name}: missing or not valid: {', '.join(sorted(set(bad)))}")
+        raise PipelineError(f"{named}: missing or not valid: {', '.join(sorted(set(bad)))}")
     known = {f.name for f in fields(RunRecord)}
     values = {k: v for k, v in made.items() if k in known}
     # Records from before FOLD_SEED kept the seed that drew the folds as seed.
@@ -202,6 +213,17 @@ def _submission(ids: np.ndarray, test: np.ndarray) -> Any:
     frame = pd.DataFrame({"ImageId": ids, "Label": test.argmax(1).astype(np.int64)})
     validate_frame(frame, expected_rows=len(test), where="ensemble")
     return frame
+
+
+def check(run: RunDir, n_train: int, n_test: int, n_folds: int | None = None) -> RunRecord:
+    """An ensemble's files as its record says they are: run.json, submission.csv, oof.csv, test.csv
+    and cv.csv all complete and readable; a PipelineError naming what is damaged. n_folds: a run's
+    folds (a blend's cv.csv has a row per fold of its members)."""
+    record = read(run)
+    validate_file(run.submission, n_test)
+    check_probabilities(run, n_train, n_test)
+    check_cv(run.cv, n_folds)
+    return record
 
 
 def check_probabilities(run: RunDir, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ frozen Job: everything it needs but the data, which it loads itself.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,10 +19,12 @@ import numpy as np
 from pipeline.config import Paths, Settings, resolve, validate
 from pipeline.errors import PipelineError
 from pipeline.store.artifacts import Prepared, RunDir, run_dir, run_id
+from pipeline.store.ensemble import RunRecord
 from pipeline.tuning.space import Space, suggest
 from pipeline.tuning.study import open_study, progress
 
-OnEpoch = Any  # Callable[[fold, epoch, valid_acc], None]; raising optuna.TrialPruned stops the fold
+# (fold, epoch, valid accuracy) after each epoch; raising optuna.TrialPruned stops the fold.
+OnEpoch = Callable[[int, int, float], None]
 
 
 class TrainRun(Protocol):
@@ -36,7 +39,7 @@ class PredictRun(Protocol):
     """The predict stage: the run's ensemble and its record (oof_acc: the trial's score)."""
 
     def __call__(self, cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
-                 folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> Any: ...
+                 folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> RunRecord: ...
 
 
 @dataclass(frozen=True)
