@@ -112,8 +112,9 @@ bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend
 gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv, FULL_TRAIN=, FULL_TEST=)
 	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)
 
-lint: setup ## ruff, and vulture for dead code (benchmarks/vulture_allow.py lists what only looks unused)
+lint: setup ## ruff, mypy (types) and vulture (dead code; benchmarks/vulture_allow.py lists what only looks unused)
 	$(PY) -m ruff check pipeline tests benchmarks
+	$(PY) -m mypy pipeline
 	$(PY) -m vulture pipeline benchmarks --min-confidence 60
 
 clean: ## delete the prepared cache, the folds and the report (keeps input CSVs, runs and submissions)

@@ -173,6 +173,7 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
                                 "`make submit` makes one")
         raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
                             f"{', '.join(done)}")
+    assert name is not None
     report.run(paths, run_dir(paths, name))
 
 

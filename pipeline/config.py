@@ -278,7 +278,7 @@ def resolve(preset: str | None = None, file: Path | None = None,
 
 def coerce(f: Field[Any], value: Any, origin: str) -> Any:
     """A value of the field's type, from what a file or the command line gave."""
-    kind = type(f.default)
+    kind: Any = type(f.default)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -213,12 +213,12 @@ def markdown(table: str) -> str:
         return "\n".join(rows)
     by_name = {o.name: o for o in OPTIONS}
     for group in OPTION_ROWS:
-        found = [by_name[n] for n in group]
+        chosen = [by_name[n] for n in group]
         texts = [(f"`make {next(iter(o.stages))}`: " if len(o.stages) == 1 and EVERY not in o.stages
-                  else "") + o.help + (f" ({', '.join(o.choices)})" if o.choices else "") for o in found]
-        rows.append(_row([_make_name(o.name, o.default, o.flag) if o.make else "" for o in found],
-                         [f"`{o.flag_name}`" for o in found],
-                         [_shown_default(o.default) if not o.flag else "off" for o in found],
+                  else "") + o.help + (f" ({', '.join(o.choices)})" if o.choices else "") for o in chosen]
+        rows.append(_row([_make_name(o.name, o.default, o.flag) if o.make else "" for o in chosen],
+                         [f"`{o.flag_name}`" for o in chosen],
+                         [_shown_default(o.default) if not o.flag else "off" for o in chosen],
                          "; ".join(texts)))
     rows.append(_row(["`ARGS`"], [""], [""], ARGS))
     return "\n".join(rows)

@@ -19,7 +19,8 @@ from pipeline.config import Settings
 
 # Mean and standard deviation of MNIST pixels scaled to [0, 1].
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
-CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+CELLS: dict[str, type[nn.RNN] | type[nn.GRU] | type[nn.LSTM]] = {
+    "rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class RecurrentClassifier(nn.Module):

@@ -19,7 +19,7 @@ its gradients differ, or capture fails, the fold says why and trains without the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,7 @@ class TrainStep:
         if full and self.graph is None and self.make_graph is not None:
             self._capture(x, y)
         if full and self.graph is not None:
+            assert self.static_x is not None and self.static_y is not None  # set by the capture
             self.static_x.copy_(x)
             self.static_y.copy_(y)
             self.graph.replay()
@@ -149,6 +150,7 @@ class TrainStep:
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Warm up, capture and check on the first full batch; on any failure, carry on eagerly."""
+        assert self.make_graph is not None
         graph = self.make_graph(self.device)
         self.static_x, self.static_y = x.clone(), y.clone()
         sums = self.loss_sum.clone(), self.correct.clone()
@@ -158,7 +160,7 @@ class TrainStep:
                 for _ in range(WARMUP_STEPS):
                     self.optimizer.zero_grad(set_to_none=True)
                     step()
-                expected = [p.grad.detach().clone() for p in self.params]
+                expected = [_grad(p).clone() for p in self.params]
             # Captured with no gradients, the backward writes fresh ones (in the graph's memory)
             # on every replay instead of adding to the last step's.
             self.optimizer.zero_grad(set_to_none=True)
@@ -181,7 +183,13 @@ class TrainStep:
         self.correct.copy_(sums[1])
 
 
-def _differs(params: list[torch.Tensor], expected: list[torch.Tensor]) -> str:
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient after a backward (every trainable parameter has one then)."""
+    assert param.grad is not None
+    return param.grad.detach()
+
+
+def _differs(params: Sequence[torch.Tensor], expected: list[torch.Tensor]) -> str:
     """Why a replay's gradients are not the eager pass's on the same batch and weights, or ''."""
     for p, want in zip(params, expected, strict=True):
         if p.grad is None or p.grad.shape != want.shape:

@@ -413,10 +413,11 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
         except (ValueError, RuntimeError) as exc:  # importances need two complete trials and more
             figures.append(f"<p>{name}: not drawn yet ({html.escape(str(exc))})</p>")
             continue
-        axes.figure.set_size_inches(8, 4.5)
-        axes.figure.tight_layout()
-        axes.figure.savefig(out / f"{name}.png", dpi=100)
-        plt.close(axes.figure)
+        figure: Any = axes.figure  # a Figure (mypy also allows a SubFigure, which has no savefig)
+        figure.set_size_inches(8, 4.5)
+        figure.tight_layout()
+        figure.savefig(out / f"{name}.png", dpi=100)
+        plt.close(figure)
         figures.append(f'<h2>{name}</h2><img src="{name}.png" alt="{name}">')
     page = out / "index.html"
     atomic_write_text(page, f"""<!doctype html>

@@ -19,7 +19,7 @@ COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fol
            "device", "source", "size", "finished")
 
 
-def size_text(size: int) -> str:
+def size_text(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

@@ -44,7 +44,7 @@ STUDIES = "tune"  # runs/tune/ holds the tuning studies; no run has this name
 # -- the one freshness rule -----------------------------------------------------------------------
 
 def stale(record: Path, inputs: dict[str, Any], outputs: Iterable[Path] = (),
-          check: Callable[[], None] | None = None) -> str:
+          check: Callable[[], object] | None = None) -> str:
     """'' when the outputs are current; else why not, in words ("train.csv changed").
 
     check: raises PipelineError when an output is damaged (its message becomes the reason).
@@ -70,7 +70,7 @@ def stale(record: Path, inputs: dict[str, Any], outputs: Iterable[Path] = (),
 
 
 def needs_rerun(said: str, record: Path, inputs: dict[str, Any], outputs: Iterable[Path] = (),
-                check: Callable[[], None] | None = None, force: bool = False,
+                check: Callable[[], object] | None = None, force: bool = False,
                 current: str = "current") -> str:
     """The rule as every stage applies it: why the outputs must be made again ('' when they are
     current: FORCE=1 is a reason too), said in one line, `<said> reruns: <why>` or
