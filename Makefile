@@ -96,11 +96,14 @@ runs: setup ## every run side by side
 forget: setup ## delete one run's folder, nothing else
 	$(PIPELINE) forget $(ARGS)
 
+# The suite runs on every core (pytest-xdist; each test process uses one thread): TEST_WORKERS=0
+# runs it in this process alone.
+TEST_WORKERS ?= auto
 test: setup ## run the whole test suite (no network, no GPU needed)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: setup ## every test but the end-to-end runs (marked slow)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" adds a full-size submit)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
