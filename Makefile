@@ -96,14 +96,15 @@ runs: setup ## every run side by side
 forget: setup ## delete one run's folder, nothing else
 	$(PIPELINE) forget $(ARGS)
 
-# The suite runs on every core (pytest-xdist; each test process uses one thread): TEST_WORKERS=0
-# runs it in this process alone.
+# The suite runs on every core when pytest-xdist is there (each test process uses one thread);
+# TEST_WORKERS=0 runs it in one process. A Python without pytest-xdist runs it in one process too.
 TEST_WORKERS ?= auto
+XDIST = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS)")
 test: setup ## run the whole test suite (no network, no GPU needed)
-	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup ## every test but the end-to-end runs (marked slow)
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" adds a full-size submit)
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)

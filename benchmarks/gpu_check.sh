@@ -48,7 +48,7 @@ step "environment"
   nproc; } 2>&1 | tee -a "$summary"
 
 step "unit tests with CUDA visible"
-timeout 60 $py -m pytest -q -x -p no:cacheprovider tests/test_units.py tests/test_step.py 2>&1 \
+timeout 60 $py -m pytest -q -x -p no:cacheprovider tests/test_engine.py 2>&1 \
   | tail -5 | tee -a "$summary"
 
 step "CUDA graph step against the eager step (rnn, gru, lstm, each with and without AMP)"

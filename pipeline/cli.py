@@ -163,10 +163,9 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
         report.draw_study(paths, args.study, args.storage)
         return
     name = args.run or latest(paths)
-    if not args.run and (name is None or _complete(run_dir(paths, name)) is None):
+    why = "" if args.run else _why_not_drawn(paths, name)
+    if why:
         # A report only reads: it never trains, so it says which runs there are instead.
-        why = ("runs/latest is missing or unreadable" if name is None else
-               f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)")
         done = [r.id for r in all_runs(paths) if _complete(r)]
         if not done:
             raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
@@ -175,6 +174,18 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
                             f"{', '.join(done)}")
     assert name is not None
     report.run(paths, run_dir(paths, name))
+
+
+def _why_not_drawn(paths: Paths, name: str | None) -> str:
+    """Why runs/latest cannot be drawn ('' when it can)."""
+    if name is None:
+        return "runs/latest is missing or unreadable"
+    try:
+        if completed(run_dir(paths, name)) is not None:
+            return ""
+    except PipelineError as exc:
+        return f"runs/latest names {name}, whose record is damaged ({exc})"
+    return f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
 
 
 def _complete(run: RunDir) -> RunRecord | None:

@@ -84,7 +84,7 @@ OPTIONS: tuple[Option, ...] = (
            "the current data and folds)", {"blend": ""}),
     Option("mean", "average log-probabilities (logprob: it blended better out of fold) or "
            "probabilities (prob)", {"blend": ""}, default="logprob", choices=MEANS),
-    Option("study", "the tuning study's name", {
+    Option("study", "the tuning study's name (report: none, so it draws a run)", {
         "tune": "", "tune-status": "", "report": "draw this tuning study instead of a run"},
            default="rnn", stage_defaults={"report": None}),
     Option("storage", "an Optuna database URL shared by several machines, e.g. "
@@ -158,7 +158,8 @@ def help_text() -> str:
     """`make help`'s list: the settings, then the other options, one line each."""
     lines = ["settings (part of a run's id unless marked; e.g. make submit MODEL=gru EPOCHS=40):"]
     for f in fields(Settings):
-        default = f.default if not isinstance(f.default, bool) else int(f.default)
+        default = int(f.default) if isinstance(f.default, bool) else f.default if f.default != "" \
+            else "none"
         mark = "" if f.metadata["learns"] else "; not in the run id"
         lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; "
                      f"{allowed(f)}{mark})")

@@ -157,10 +157,22 @@ def snapshot(folder: Path, *, skip: tuple[str, ...] = (), folders: bool = True,
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (just now)."""
+    """A port on 127.0.0.1 that nothing listens on (just now), for a server a test starts."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_HELD: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that refuses every connection for the rest of the session: bound here and
+    never listening, so no other test process (the suite runs several) can take it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return sock.getsockname()[1]
 
 
 def fake_run(root: Path, name: str, acc: float = 0.9, **record: Any) -> Path:

@@ -111,3 +111,15 @@ def test_records_written_by_the_previous_version_load() -> None:
     blend = ensemble.parse(json.loads((data / "old_blend.json").read_text()), data / "old_blend.json")
     assert blend.is_blend and len(blend.weights) == 4 and blend.mean == "logprob"
     assert blend.accuracy == blend.oof_acc_honest == pytest.approx(0.9896, abs=1e-4)
+
+
+def test_rewriting_an_ensemble_unmarks_it_until_its_record_is_written(tmp_path: Path) -> None:
+    """An interrupted rewrite (new files, the old run.json) must never pass as current."""
+    rng = np.random.default_rng(1)
+    labels, fold_of = np.arange(6) % 3, np.arange(6) % 2
+    out = RunDir(tmp_path / "r")
+    ensemble.write(out, rng.dirichlet(np.ones(10), 6), rng.dirichlet(np.ones(10), 3), labels, fold_of)
+    ensemble.finish(out, {"tta": 0}, record())
+    assert ensemble.completed(out) is not None
+    ensemble.write(out, rng.dirichlet(np.ones(10), 6), rng.dirichlet(np.ones(10), 3), labels, fold_of)
+    assert ensemble.completed(out) is None and not out.record.exists()

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     REPO,
-    free_port,
+    closed_port,
     fresh_clone,
     run_cli,
     run_make,
@@ -229,7 +229,7 @@ def _http(code: int, message: str) -> Callable[[FakeKaggle, dict[str, str]], Non
 
 def _no_network(fake: FakeKaggle, env: dict[str, str]) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env[name] = f"http://127.0.0.1:{free_port()}"
+        env[name] = f"http://127.0.0.1:{closed_port()}"
 
 
 def _serve(data: bytes) -> Callable[[FakeKaggle, dict[str, str]], None]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    free_port,
+    closed_port,
     fresh_clone,
     run_make,
     snapshot,
@@ -164,7 +164,7 @@ def test_make_submit_in_a_kaggle_notebook(kaggle: Path, tmp_path: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "python3").chmod(0o755)
-    no_network = f"http://127.0.0.1:{free_port()}"
+    no_network = f"http://127.0.0.1:{closed_port()}"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KAGGLE_", "MAKE", "MFLAGS", "VIRTUAL_ENV"))
            and not k.lower().endswith("_proxy")}

@@ -247,3 +247,14 @@ def test_without_latest_a_damaged_run_never_hides_the_complete_ones(
     err = capsys.readouterr().err
     assert "runs/latest is missing" in err and "rnn-h32-e2-good00" in err
     assert "rnn-h32-e2-bad000" not in err
+
+
+def test_a_damaged_latest_run_is_named_with_its_field(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    fake_run(tmp_path, "rnn-h32-e2-bad000", fold_min="x")
+    (tmp_path / "runs" / "latest").write_text("rnn-h32-e2-bad000\n")
+    assert main(["--root", str(tmp_path), "report"]) == 1
+    err = capsys.readouterr().err
+    assert "runs/latest names rnn-h32-e2-bad000, whose record is damaged" in err
+    assert "rnn-h32-e2-bad000/run.json: missing or not valid: fold_min" in err and "rnn-h32-e2-good00" in err

@@ -20,6 +20,7 @@ import pytest
 from conftest import (
     SAMPLE,
     VALUES,
+    closed_port,
     copy_project,
     free_port,
     run_cli,
@@ -30,6 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.config import Paths, Settings, validate
+from pipeline.errors import PipelineError
 from pipeline.stages import tune
 from pipeline.store.artifacts import all_runs
 from pipeline.store.ensemble import completed
@@ -408,7 +410,7 @@ def test_bad_space_is_a_clear_error(project: Path, space: str, words: list[str])
 
 @pytest.mark.slow
 def test_unreachable_storage_and_another_space_are_clear_errors(project: Path) -> None:
-    port = free_port()
+    port = closed_port()
     result = run_tune(project, "--trials", "1", "--storage",
                   f"postgresql://user:secret@127.0.0.1:{port}/optuna", check=False)
     assert result.returncode == 1 and "cannot use this database" in result.stderr
@@ -498,3 +500,10 @@ def test_a_failing_trial_says_why_and_the_study_goes_on(project: Path) -> None:
     result = run_tune(project, "--trials", "1", "--drop-last")
     assert "failed: BATCH=5000 is larger than the" in result.stdout and "Traceback" not in result.stderr
     assert "no complete trial yet" in result.stdout and states(study(project)) == ["FAIL"]
+
+
+def test_a_study_of_distilled_runs_is_refused_before_any_trial(tmp_path: Path) -> None:
+    base = replace(Settings(), folds=2, epochs=2, teacher="blend-abc123")
+    with pytest.raises(PipelineError, match=r"TEACHER=blend-abc123: a study's trials are not distilled"):
+        study_of(tmp_path, base=base)
+    assert not (tmp_path / "runs" / "tune").exists()

@@ -28,7 +28,8 @@ REQUIRED = {"torch": "torch", "numpy": "numpy", "pandas": "pandas", "sklearn": "
 # import name -> (pip name, what needs it): the rest works without them.
 OPTIONAL = {"kaggle": ("kaggle", "make upload, make lb, SOURCE=kaggle"),
             "six": ("six", "make upload, make lb, SOURCE=kaggle"), "optuna": ("optuna", "make tune"),
-            "pytest": ("pytest", "make test"), "hypothesis": ("hypothesis", "make test")}
+            "pytest": ("pytest", "make test"), "hypothesis": ("hypothesis", "make test"),
+            "xdist": ("pytest-xdist", "make test on every core")}
 
 
 def kaggle_root() -> Path:

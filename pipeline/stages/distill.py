@@ -28,7 +28,12 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
 def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared) -> Pseudo:
     """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets."""
     teacher = run_dir(paths, cfg.teacher) if cfg.teacher else None
-    record = ensemble.completed(teacher) if teacher is not None else None
+    try:
+        record = ensemble.completed(teacher) if teacher is not None else None
+    except PipelineError as exc:
+        assert teacher is not None
+        raise PipelineError(f"TEACHER={cfg.teacher}: its record is damaged ({exc}); "
+                            f"{ensemble.remake(teacher)}") from None
     if teacher is None or record is None:
         raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "
                             f"{paths.runs}; `make runs` lists them")

@@ -68,8 +68,8 @@ def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     try:
         return pd.read_csv(path, **kwargs)
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable CSV ({exc}); `make predict RUN={path.parent.name} "
-                            "FORCE=1` remakes it") from exc
+        raise PipelineError(f"{path}: not a readable CSV ({exc}); "
+                            f"{ensemble.remake(RunDir(path.parent))}") from exc
 
 
 def load_run(paths: Paths, run: RunDir) -> Run:
@@ -103,7 +103,7 @@ def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
     if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))) or \
             not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
         raise PipelineError(f"{run.oof}: does not match the {len(train_y)} prepared train rows and "
-                            f"their labels; `make predict RUN={run.id} FORCE=1` remakes it")
+                            f"their labels; {ensemble.remake(run)}")
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -362,9 +362,11 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
     try:
         return _draw(paths, run_dir, started)
     except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
+        fix = ensemble.remake(run_dir) if run_dir.id.startswith("blend-") else (
+            f"`make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
+            f"`make train RUN={run_dir.id} FORCE=1` its models")
         raise PipelineError(f"RUN={run_dir.id}: a file of the run is damaged ({type(exc).__name__}: "
-                            f"{exc}); `make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
-                            f"`make train RUN={run_dir.id} FORCE=1` its models") from exc
+                            f"{exc}); {fix}") from exc
 
 
 def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:

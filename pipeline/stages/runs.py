@@ -36,8 +36,8 @@ def rows(paths: Paths, sort: str = default("sort")) -> list[dict[str, Any]]:
             out.append(_row(run, board))
         except PipelineError as exc:
             # One damaged folder is named, and the others are still shown.
-            print(f"runs: {run.id}: damaged record ({exc}); `make predict RUN={run.id} FORCE=1` "
-                  f"remakes it, `make forget RUN={run.id}` deletes it", file=sys.stderr)
+            print(f"runs: {run.id}: damaged record ({exc}); {ensemble.remake(run)}, "
+                  f"`make forget RUN={run.id}` deletes it", file=sys.stderr)
             out.append({**dict.fromkeys(COLUMNS, ""), "run": run.id, "size": size_text(run.size()),
                         "finished": "(damaged record)", "_acc": -2.0, "_time": 0.0})
     out.sort(key=lambda r: r["_acc" if sort == "acc" else "_time"], reverse=True)

@@ -42,6 +42,9 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stag
     from optuna.trial import TrialState
 
     check_name(study, "STUDY")
+    if base.teacher:
+        raise PipelineError(f"TEACHER={base.teacher}: a study's trials are not distilled runs; tune "
+                            "without TEACHER, then `make distill CONFIG=runs/tune/<study>/best.toml`")
     for name, value, low in (("TRIALS", trials, 1), ("WORKERS", workers, 1), ("TUNE_FOLDS", tune_folds, 0)):
         if value < low:
             raise PipelineError(f"{name}={value} is out of range; it must be a whole number from {low}")

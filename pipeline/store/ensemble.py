@@ -153,7 +153,8 @@ def finish(run: RunDir, inputs: dict[str, Any], record: RunRecord) -> RunRecord:
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-probability of the true class, rows renormalised and clipped to [eps,
-    1 - eps] as scikit-learn's log_loss does (a test checks they agree); written out because blend's
+    1 - eps] (float64's) as scikit-learn's log_loss does for float64 probabilities, which are all the
+    pipeline has (a test checks they agree); written out because blend's
     greedy search calls it thousands of times and this is a hundred times faster."""
     eps = np.finfo(np.float64).eps
     rows = probs.astype(np.float64, copy=False)
@@ -182,6 +183,8 @@ def write(out: RunDir, oof: np.ndarray, test: np.ndarray, labels: np.ndarray, fo
     ids = np.arange(1, len(test) + 1)
     frame = _submission(ids, test)
     out.path.mkdir(parents=True, exist_ok=True)
+    # The old record no longer describes these files: an interrupted rewrite is never "current".
+    out.record.unlink(missing_ok=True)
     write_probabilities(out.oof, oof, {"row": np.arange(len(labels)), "label": labels})
     write_probabilities(out.test, test, {"ImageId": ids})
     rows = []
@@ -222,16 +225,22 @@ def check(run: RunDir, n_train: int, n_test: int, n_folds: int | None = None) ->
     record = read(run)
     validate_file(run.submission, n_test)
     check_probabilities(run, n_train, n_test)
-    check_cv(run.cv, n_folds)
+    check_cv(run.cv, record.folds if n_folds is None else n_folds)
     return record
+
+
+def remake(run: RunDir) -> str:
+    """How a damaged ensemble's files are made again: a run by predict, a blend by blend."""
+    if run.id.startswith("blend-"):
+        return "`make blend FORCE=1` with its runs remakes it"
+    return f"`make predict RUN={run.id} FORCE=1` remakes it"
 
 
 def check_probabilities(run: RunDir, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
     """A run's out-of-fold and test probabilities, (n_train, 10) and (n_test, 10). oof.csv must hold
     every train row once, in order, and test.csv every test row, all finite; else a PipelineError
     saying how to remake them (a truncated file is damaged too)."""
-    fix = f"`make predict RUN={run.id} FORCE=1` remakes it" if not run.id.startswith("blend-") else \
-        "`make blend FORCE=1` with its runs remakes it"
+    fix = remake(run)
     found = []
     for path, index, n in ((run.oof, "row", n_train), (run.test, "ImageId", n_test)):
         ids, probs = read_probabilities(path, index)
@@ -250,7 +259,7 @@ def check_cv(path: Path, n_folds: int | None = None) -> Any:
     numeric valid_loss and valid_acc; else a PipelineError saying how to remake it."""
     import pandas as pd
 
-    fix = f"`make predict RUN={path.parent.name} FORCE=1` remakes it"
+    fix = remake(RunDir(path.parent))
     try:
         cv = pd.read_csv(path, dtype={"fold": str})
         folds = list(cv["fold"])
