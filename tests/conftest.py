@@ -191,8 +191,8 @@ def fake_run(root: Path, name: str, acc: float = 0.9, **record: Any) -> Path:
 
 
 # What a working copy holds besides the project's own files: none of it reaches a fresh clone.
-LOCAL = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "reports",
-         "bench-results", "input", "runs", "submissions"}
+LOCAL = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".hypothesis",
+         "reports", "bench-results", "input", "runs", "submissions"}
 
 
 def fresh_clone(target: Path) -> Path:
