@@ -25,14 +25,13 @@ from pipeline.options import shown as shown_value
 from pipeline.store.artifacts import (
     Prepared,
     RunDir,
-    all_runs,
     check_name,
     latest,
     run_dir,
     run_id,
     studies_dir,
 )
-from pipeline.store.ensemble import RunRecord, completed
+from pipeline.store.ensemble import RunRecord
 
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
@@ -149,11 +148,8 @@ def _blend(args: argparse.Namespace, paths: Paths) -> None:
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
-    if names is None and not blend.candidates(paths, data, cfg.folds, cfg.fold_seed, None)[0]:
-        print("blend: no completed run on these folds yet: making the run of these settings first")
-        build_prediction(args, paths)
     blend.run(paths, data, fold_of, cfg.folds, cfg.fold_seed, names, mean=args.mean,
-              force=args.force)
+              force=args.force, make_first=lambda: build_prediction(args, paths))
 
 
 def _report(args: argparse.Namespace, paths: Paths) -> None:
@@ -162,38 +158,7 @@ def _report(args: argparse.Namespace, paths: Paths) -> None:
     if args.study:
         report.draw_study(paths, args.study, args.storage)
         return
-    name = args.run or latest(paths)
-    why = "" if args.run else _why_not_drawn(paths, name)
-    if why:
-        # A report only reads: it never trains, so it says which runs there are instead.
-        done = [r.id for r in all_runs(paths) if _complete(r)]
-        if not done:
-            raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
-                                "`make submit` makes one")
-        raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
-                            f"{', '.join(done)}")
-    assert name is not None
-    report.run(paths, run_dir(paths, name))
-
-
-def _why_not_drawn(paths: Paths, name: str | None) -> str:
-    """Why runs/latest cannot be drawn ('' when it can)."""
-    if name is None:
-        return "runs/latest is missing or unreadable"
-    try:
-        if completed(run_dir(paths, name)) is not None:
-            return ""
-    except PipelineError as exc:
-        return f"runs/latest names {name}, whose record is damaged ({exc})"
-    return f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
-
-
-def _complete(run: RunDir) -> RunRecord | None:
-    """The run's record if it is complete; None if not, or damaged (a listing goes on past it)."""
-    try:
-        return completed(run)
-    except PipelineError:
-        return None
+    report.run(paths, report.pick(paths, args.run))
 
 
 def _tune(args: argparse.Namespace, paths: Paths) -> None:

@@ -13,6 +13,7 @@ from conftest import (
     JSON,
     RECORD_FIELDS,
     REPO,
+    SAMPLE,
     TINY,
     fake_run,
     run_cli,
@@ -26,10 +27,8 @@ from pipeline.cli import build_parser
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import blend
-from pipeline.store.artifacts import (
-    RunDir,
-    write_probabilities,
-)
+from pipeline.store import ensemble
+from pipeline.store.artifacts import RunDir, all_runs, write_probabilities
 
 
 @pytest.mark.slow
@@ -172,3 +171,14 @@ def test_a_damaged_blend_folder_is_left_out_unsaid(tmp_path: Path) -> None:
     assert [m.run.id for m in chosen] == ["rnn-h32-e2-good00"] and skipped == []
     with pytest.raises(PipelineError, match="blend-abc123 cannot be blended: a blend itself"):
         blend.candidates(Paths(tmp_path), data, 2, 42, ["blend-abc123"])
+
+
+@pytest.mark.slow
+def test_blend_on_a_fresh_project_makes_the_run_first(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "blend", *SAMPLE, *TINY)
+    assert "blend: no completed run on these folds yet: making the run of these settings first" \
+        in result.stdout
+    blends = [r for r in all_runs(Paths(tmp_path)) if r.id.startswith("blend-")]
+    assert len(blends) == 1 and ensemble.read(blends[0]).weights == {the_run(tmp_path).id: 1}
+    again = run_cli(tmp_path, "blend", *SAMPLE, *TINY)  # now there is a run: nothing is made
+    assert "making the run" not in again.stdout and f"{blends[0].id} skipped" in again.stdout

@@ -52,7 +52,12 @@ def test_the_writer_makes_files_the_readers_accept(tmp_path: Path) -> None:
         held = fold_of == k
         assert table["valid_acc"][k] == pytest.approx((oof[held].argmax(1) == labels[held]).mean())
     assert table["valid_loss"].iloc[-1] == pytest.approx(ensemble.log_loss(oof, labels), rel=1e-6)
-    assert ensemble.fold_range(cv) == (cv["valid_acc"][:3].min(), cv["valid_acc"][:3].max())
+    per_fold = [(oof[fold_of == k].argmax(1) == labels[fold_of == k]).mean() for k in range(3)]
+    assert ensemble.scores(cv) == pytest.approx({
+        "oof_acc": (oof.argmax(1) == labels).mean(), "oof_loss": ensemble.log_loss(oof, labels),
+        "fold_min": min(per_fold), "fold_max": max(per_fold)})
+    assert list(cv.columns) == ["fold", "best_epoch", "valid_loss", "valid_acc", "rows", "seconds"]
+    assert list(cv["seconds"]) == [1.5, 1.5, 1.5, 4.5]
     submission = out.submission.read_text().splitlines()
     assert submission[0] == "ImageId,Label" and len(submission) == 8
     assert submission[1] == f"1,{test[0].argmax()}"

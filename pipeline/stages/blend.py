@@ -14,6 +14,7 @@ cover the same rows, each row predicted by models that never saw it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -115,7 +116,7 @@ def _member(run: RunDir, data: Prepared, folds: int, fold_seed: int, named: bool
     try:
         record = ensemble.completed(run)
     except PipelineError as exc:
-        raise PipelineError(f"damaged: {exc}; `make predict RUN={run.id} FORCE=1` remakes it") from None
+        raise PipelineError(f"damaged: {exc}; {ensemble.remake(run)}") from None
     if record is None:
         raise PipelineError("not complete (still training, or never predicted)")
     if record.is_blend:
@@ -132,12 +133,17 @@ def _member(run: RunDir, data: Prepared, folds: int, fold_seed: int, named: bool
 
 
 def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed: int,
-        names: list[str] | None = None, mean: str = default("mean"), force: bool = False) -> RunRecord:
+        names: list[str] | None = None, mean: str = default("mean"), force: bool = False,
+        make_first: Callable[[], object] | None = None) -> RunRecord:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
-    submission; returns the blend's record."""
+    submission; returns the blend's record. make_first: makes a run when none is there to blend."""
     if mean not in MEANS:
         raise PipelineError(f"MEAN={mean!r}: must be one of {', '.join(MEANS)}")
     chosen, skipped = candidates(paths, data, folds, fold_seed, names)
+    if not chosen and names is None and make_first is not None:
+        print("blend: no completed run on these folds yet: making the run of these settings first")
+        make_first()
+        chosen, skipped = candidates(paths, data, folds, fold_seed, names)
     for line in skipped:
         print(f"blend: skipped {line}")
     if not chosen:
@@ -172,10 +178,8 @@ def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold
     weights = {m.run.id: int(c) for m, c in zip(chosen, counts, strict=True) if c}
     write_json(out.blend, {"weights": weights, "mean": mean,
                            "considered": [m.run.id for m in chosen]})
-    low, high = ensemble.fold_range(cv)
     return RunRecord(
-        kind="blend", model="blend", oof_acc=ensemble.accuracy(blended_oof, labels),
-        oof_loss=log_loss(blended_oof, labels), fold_min=low, fold_max=high,
+        kind="blend", model="blend", **ensemble.scores(cv),
         seconds=sum(m.record.seconds for m in chosen) + time.perf_counter() - started,
         finished=time.time(), data=data.data_key, folds=int(fold_of.max()) + 1,
         fold_seed=chosen[0].record.fold_seed, source=data_source(paths), weights=weights, mean=mean,

@@ -50,7 +50,7 @@ def run(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.nd
 
     why = needs_rerun(f"predict: {run.id}", run.record, inputs, [run.oof, run.test, run.cv,
                       run.submission], force=force,
-                      check=lambda: ensemble.check(run, len(data.train_y), len(data.test_x), cfg.folds),
+                      check=lambda: ensemble.check(run, len(data.train_y), len(data.test_x)),
                       current=f"its folds and TTA={cfg.tta} are unchanged")
     record = ensemble.finish(run, inputs, _predict(cfg, paths, run, data, fold_of, folds)) if why \
         else ensemble.read(run)
@@ -94,11 +94,9 @@ def _predict(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: 
     print(f"predict: {len(folds)} folds on {describe(device)}, {len(test)} test images in "
           f"{seconds:.1f}s")
     train_seconds = sum(f["seconds"] for f in folds)
-    low, high = ensemble.fold_range(cv)
     return RunRecord(
-        kind="run", model=trained.model, oof_acc=ensemble.accuracy(oof, labels),
-        oof_loss=ensemble.log_loss(oof, labels), fold_min=low, fold_max=high,
-        seconds=train_seconds + seconds, finished=time.time(), data=data.data_key, folds=cfg.folds,
+        kind="run", model=trained.model, **ensemble.scores(cv), seconds=train_seconds + seconds,
+        finished=time.time(), data=data.data_key, folds=cfg.folds,
         fold_seed=cfg.fold_seed, source=data_source(paths), device=folds[0]["device"],
         config={**cfg.learned(), "tta": cfg.tta}, seed=cfg.seed, tta=cfg.tta,
         oof_acc_tta=tta_correct / len(labels) if cfg.tta else None, train_seconds=train_seconds)

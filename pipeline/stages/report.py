@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.page import CSS
 from pipeline.page import pyplot as _pyplot
 from pipeline.store import ensemble
-from pipeline.store.artifacts import PROB_COLUMNS, RunDir, load_prepared
+from pipeline.store.artifacts import PROB_COLUMNS, RunDir, all_runs, latest, load_prepared, run_dir
 from pipeline.store.ensemble import RunRecord
 from pipeline.store.io import atomic_path, atomic_write_text, read_json
 from pipeline.store.ledger import format_seconds
@@ -84,7 +84,7 @@ def load_run(paths: Paths, run: RunDir) -> Run:
                             "its mistakes cannot be drawn from them")
     if not run.cv.is_file():
         _read_csv(run.cv, "the cross-validation table")  # names the missing file
-    cv = ensemble.check_cv(run.cv, None if record.is_blend else record.folds)
+    cv = ensemble.check_cv(run.cv, record.folds)
     folds = [int(f) for f in cv["fold"] if f != "all"]
     histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
                  if not record.is_blend}
@@ -354,6 +354,38 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 {config_table(run.config)}
 </body></html>
 """
+
+
+def pick(paths: Paths, name: str | None) -> RunDir:
+    """The run to draw: the one named, else runs/latest. A report only reads: it never trains, so
+    when runs/latest cannot be drawn it says why and which runs there are instead."""
+    if name:
+        return run_dir(paths, name)
+    name = latest(paths)
+    why = "runs/latest is missing or unreadable" if name is None else ""
+    if name is not None:
+        try:
+            if ensemble.completed(run_dir(paths, name)) is None:
+                why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
+        except PipelineError as exc:
+            why = f"runs/latest names {name}, whose record is damaged ({exc})"
+    if not why:
+        assert name is not None
+        return run_dir(paths, name)
+    done = [r.id for r in all_runs(paths) if _complete(r)]
+    if not done:
+        raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
+                            "`make submit` makes one")
+    raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
+                        f"{', '.join(done)}")
+
+
+def _complete(run: RunDir) -> bool:
+    """Complete, and not damaged (a listing goes on past a damaged run)."""
+    try:
+        return ensemble.completed(run) is not None
+    except PipelineError:
+        return False
 
 
 def run(paths: Paths, run_dir: RunDir) -> Path:

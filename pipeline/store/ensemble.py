@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -153,9 +153,9 @@ def finish(run: RunDir, inputs: dict[str, Any], record: RunRecord) -> RunRecord:
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-probability of the true class, rows renormalised and clipped to [eps,
-    1 - eps] (float64's) as scikit-learn's log_loss does for float64 probabilities, which are all the
-    pipeline has (a test checks they agree); written out because blend's
-    greedy search calls it thousands of times and this is a hundred times faster."""
+    1 - eps] (float64's), as scikit-learn's log_loss does for float64 probabilities, all the pipeline
+    has (a test checks they agree). Written out because blend's greedy search calls it thousands of
+    times, and this is a hundred times faster."""
     eps = np.finfo(np.float64).eps
     rows = probs.astype(np.float64, copy=False)
     true = rows[np.arange(len(labels)), labels] / np.maximum(rows.sum(1), eps)
@@ -166,10 +166,19 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
 
 
-def fold_range(cv: Any) -> tuple[float, float]:
-    """The lowest and highest per-fold accuracy of a cv.csv table."""
-    per_fold = cv.loc[cv["fold"] != "all", "valid_acc"]
-    return float(per_fold.min()), float(per_fold.max())
+class Scores(TypedDict):
+    oof_acc: float
+    oof_loss: float
+    fold_min: float
+    fold_max: float
+
+
+def scores(cv: Any) -> Scores:
+    """A record's scores, read off the cv.csv table write() made: the out-of-fold accuracy and log
+    loss (its row `all`) and the lowest and highest per-fold accuracy."""
+    per_fold, total = cv["valid_acc"].iloc[:-1], cv.iloc[-1]
+    return Scores(oof_acc=float(total["valid_acc"]), oof_loss=float(total["valid_loss"]),
+                  fold_min=float(per_fold.min()), fold_max=float(per_fold.max()))
 
 
 # -- the ensemble's files -------------------------------------------------------------------------
@@ -187,24 +196,17 @@ def write(out: RunDir, oof: np.ndarray, test: np.ndarray, labels: np.ndarray, fo
     out.record.unlink(missing_ok=True)
     write_probabilities(out.oof, oof, {"row": np.arange(len(labels)), "label": labels})
     write_probabilities(out.test, test, {"ImageId": ids})
-    rows = []
-    for k in range(int(fold_of.max()) + 1):
-        held = fold_of == k
-        row = {"fold": str(k), "valid_loss": log_loss(oof[held], labels[held]),
-               "valid_acc": accuracy(oof[held], labels[held]), "rows": int(held.sum())}
-        if fold_facts is not None:
-            facts = fold_facts[k]
-            row = {"fold": str(k), "best_epoch": facts["best_epoch"], **row,
-                   "seconds": round(facts["seconds"], 2)}
-        rows.append(row)
-    total = {"fold": "all", "valid_loss": log_loss(oof, labels), "valid_acc": accuracy(oof, labels),
-             "rows": len(labels)}
-    if fold_facts is not None:
-        total = {"fold": "all", "best_epoch": "", **total,
-                 "seconds": round(sum(f["seconds"] for f in fold_facts), 2)}
     import pandas as pd
 
-    cv = pd.DataFrame([*rows, total])
+    groups = [*(fold_of == k for k in range(int(fold_of.max()) + 1)), np.ones(len(labels), bool)]
+    cv = pd.DataFrame({"fold": [*map(str, range(len(groups) - 1)), "all"],
+                       "valid_loss": [log_loss(oof[g], labels[g]) for g in groups],
+                       "valid_acc": [accuracy(oof[g], labels[g]) for g in groups],
+                       "rows": [int(g.sum()) for g in groups]})
+    if fold_facts is not None:
+        cv.insert(1, "best_epoch", [*(f["best_epoch"] for f in fold_facts), ""])
+        seconds = [round(f["seconds"], 2) for f in fold_facts]
+        cv["seconds"] = [*seconds, round(sum(f["seconds"] for f in fold_facts), 2)]
     write_csv(out.cv, cv)
     write_csv(out.submission, frame)
     return cv
@@ -218,14 +220,14 @@ def _submission(ids: np.ndarray, test: np.ndarray) -> Any:
     return frame
 
 
-def check(run: RunDir, n_train: int, n_test: int, n_folds: int | None = None) -> RunRecord:
+def check(run: RunDir, n_train: int, n_test: int) -> RunRecord:
     """An ensemble's files as its record says they are: run.json, submission.csv, oof.csv, test.csv
-    and cv.csv all complete and readable; a PipelineError naming what is damaged. n_folds: a run's
-    folds (a blend's cv.csv has a row per fold of its members)."""
+    and cv.csv (a row per fold of the record) all complete and readable; a PipelineError naming what
+    is damaged."""
     record = read(run)
     validate_file(run.submission, n_test)
     check_probabilities(run, n_train, n_test)
-    check_cv(run.cv, record.folds if n_folds is None else n_folds)
+    check_cv(run.cv, record.folds)
     return record
 
 
@@ -254,9 +256,9 @@ def check_probabilities(run: RunDir, n_train: int, n_test: int) -> tuple[np.ndar
     return found[0], found[1]
 
 
-def check_cv(path: Path, n_folds: int | None = None) -> Any:
-    """cv.csv as a table: a row per fold 0..k-1 (k = n_folds when given), then the row `all`, with
-    numeric valid_loss and valid_acc; else a PipelineError saying how to remake it."""
+def check_cv(path: Path, n_folds: int) -> Any:
+    """cv.csv as a table: a row per fold 0..n_folds-1, then the row `all`, with numeric valid_loss
+    and valid_acc; else a PipelineError saying how to remake it."""
     import pandas as pd
 
     fix = remake(RunDir(path.parent))
@@ -266,9 +268,8 @@ def check_cv(path: Path, n_folds: int | None = None) -> Any:
         numbers = cv[["valid_loss", "valid_acc"]].to_numpy(dtype=np.float64)
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not a readable cross-validation table ({exc}); {fix}") from exc
-    k = len(folds) - 1 if n_folds is None else n_folds
-    if folds != [str(f) for f in range(k)] + ["all"] or not np.isfinite(numbers).all():
-        raise PipelineError(f"{path}: expected a row for each of folds 0 to {k - 1}, then `all`, "
+    if folds != [str(f) for f in range(n_folds)] + ["all"] or not np.isfinite(numbers).all():
+        raise PipelineError(f"{path}: expected a row for each of folds 0 to {n_folds - 1}, then `all`, "
                             f"with numbers; found folds {', '.join(map(str, folds)) or 'none'} "
                             f"(truncated or damaged); {fix}")
     return cv
