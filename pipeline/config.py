@@ -81,14 +81,23 @@ class Paths:
         return self.root / "reports"
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+NO_LEGACY = object()  # a setting every run has recorded since the first release
+
+
+def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
             low: float | None = None, high: float | None = None, below: float | None = None,
-            learns: bool = True) -> Any:
+            learns: bool = True, legacy: Any = NO_LEGACY) -> Any:
     """A settings field: default, help, allowed values ([low, high], or [low, below) when below is
     given) and whether it changes what a model learns (part of the run id) or only where and how
-    fast it runs."""
+    fast it runs.
+
+    legacy: for a setting added after runs were made without it, the value that reproduces how
+    those runs were trained. A run's id leaves the setting out while it holds that value, and a
+    saved config without the setting reads as that value, so older runs keep their ids and
+    their models."""
     return field(default=default, metadata={"help": help, "choices": choices, "low": low,
-                                            "high": high, "below": below, "learns": learns})
+                                            "high": high, "below": below, "learns": learns,
+                                            "legacy": legacy})
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,17 @@ class Settings:
     # -- model ---------------------------------------------------------------------------------
     model: str = setting("rnn", "recurrent cell: rnn (vanilla, tanh), gru or lstm",
                          choices=("rnn", "gru", "lstm"))
-    view: str = setting("rows", "what a time step reads: rows (top to bottom) or cols (left to right); "
-                        "runs of both views blend well", choices=("rows", "cols"))
+    view: str = setting("rows", "what a time step reads: rows (top to bottom), cols (left to right), "
+                        "or both: a row sweep and a column sweep in one model, their features joined",
+                        choices=("rows", "cols", "both"))
+    rows_per_step: int = setting(2, "pixel rows (columns, for cols) one time step reads: 2 reads "
+                                 "14 steps of 56 pixels, as accurate as 1 and twice as fast",
+                                 choices=(1, 2, 4, 7, 14), legacy=1)
+    readout: str = setting("pool", "what the classifier sees: the last states (last), or pool: them "
+                           "with the mean and the max of every step's output", choices=("last", "pool"),
+                           legacy="last")
+    nonlinearity: str = setting("tanh", "the vanilla RNN's activation (tanh or relu; not for gru/lstm)",
+                                choices=("tanh", "relu"), legacy="tanh")
     hidden: int = setting(128, "hidden units per direction; 128 trains fast and beats the tutorial's 150",
                           low=1, high=4096)
     layers: int = setting(1, "stacked recurrent layers", low=1, high=8)
@@ -127,6 +145,9 @@ class Settings:
                             choices=("onecycle", "cosine", "none"))
     clip: float = setting(1.0, "gradient-norm clipping; vanilla RNNs explode without it (0 = off)",
                           low=0, high=1e6)
+    ema: float = setting(0.0, "weight averaging: the decay of an exponential moving average of the "
+                         "weights, updated every step; the averaged model is evaluated and kept (0 = off)",
+                         low=0, below=1, legacy=0.0)
     label_smoothing: float = setting(0.1, "softens the targets; helps calibration of the ensemble",
                                      low=0, below=1)
     # -- input ----------------------------------------------------------------------------------
@@ -161,9 +182,11 @@ class Settings:
                               high=1_000_000, learns=False)
 
     def learned(self) -> dict[str, Any]:
-        """The settings that change what a model learns: what a run's id is made of."""
+        """The settings that change what a model learns: what a run's id is made of. A setting
+        added later is left out while it holds its legacy value (older runs never recorded it)."""
         values = asdict(self)
-        return {f.name: values[f.name] for f in fields(self) if f.metadata["learns"]}
+        return {f.name: values[f.name] for f in fields(self) if f.metadata["learns"]
+                and values[f.name] != f.metadata["legacy"]}
 
 
 TrainConfig = Settings  # the name the rest of the code has long used
@@ -196,7 +219,7 @@ def allowed(f: Field[Any]) -> str:
     """A field's allowed values in words, as messages and help show them."""
     meta = f.metadata
     if meta["choices"]:
-        return "one of " + ", ".join(meta["choices"])
+        return "one of " + ", ".join(map(str, meta["choices"]))
     if isinstance(f.default, bool):
         return "1 or 0 (true or false)"
     if isinstance(f.default, str):
@@ -263,8 +286,9 @@ def resolve(preset: str | None = None, file: Path | None = None,
                             f"preset {preset!r}; choose from {', '.join(PRESETS)}")
     layers = [(f"preset {preset}", PRESETS[preset])]
     if file:
-        layers.append((str(file), file_values))
-    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+        layers.append((str(file), with_legacy(file_values)))
+    layers.append(("command line", with_legacy({k: v for k, v in (overrides or {}).items()
+                                                if v is not None})))
     cfg = Settings()
     for origin, values in layers:
         unknown = sorted(set(values) - set(known))
@@ -274,6 +298,19 @@ def resolve(preset: str | None = None, file: Path | None = None,
         cfg = replace(cfg, **{k: coerce(known[k], v, origin) for k, v in values.items()})
         validate(cfg, origin)
     return cfg
+
+
+def with_legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's record of its settings (its config.json, a checkpoint, run.json's learned settings)
+    made before a setting existed lacks that setting: it takes its legacy value, the one the run was
+    trained with. Values that are not such a record (a config file of a few settings, options) are
+    left as they are."""
+    declared = fields(Settings)
+    if not {f.name for f in declared
+            if f.metadata["learns"] and f.metadata["legacy"] is NO_LEGACY} <= set(values):
+        return values
+    return {**{f.name: f.metadata["legacy"] for f in declared
+               if f.metadata["legacy"] is not NO_LEGACY}, **values}
 
 
 def coerce(f: Field[Any], value: Any, origin: str) -> Any:
@@ -304,7 +341,7 @@ def coerce(f: Field[Any], value: Any, origin: str) -> Any:
 
 def changed_settings(config: dict[str, Any] | Settings, learned_only: bool = True) -> dict[str, Any]:
     """The settings that differ from the defaults (only those that change what a model learns)."""
-    values = asdict(config) if isinstance(config, Settings) else dict(config)
+    values = asdict(config) if isinstance(config, Settings) else with_legacy(dict(config))
     return {f.name: values[f.name] for f in fields(Settings)
             if f.name in values and (f.metadata["learns"] or not learned_only)
             and values[f.name] != f.default}
@@ -313,7 +350,7 @@ def changed_settings(config: dict[str, Any] | Settings, learned_only: bool = Tru
 def describe_changes(config: dict[str, Any] | Settings) -> str:
     """`preset=tutorial hidden=64`: the preset the run is closest to (if not the defaults), then
     the settings that differ from it."""
-    values = asdict(config) if isinstance(config, Settings) else dict(config)
+    values = asdict(config) if isinstance(config, Settings) else with_legacy(dict(config))
     best: tuple[int, str, dict[str, Any]] | None = None
     for name, preset in PRESETS.items():
         base = asdict(replace(Settings(), **preset))

@@ -114,9 +114,9 @@ OPTIONS: tuple[Option, ...] = (
 ARGS = "any other option of a stage, e.g. ARGS=\"--fold 2\" (python -m pipeline <stage> --help lists them)"
 
 # The README's option tables: which settings and options share a row (each exactly once).
-SETTING_ROWS = (("model", "view"), ("hidden", "layers"), ("bidirectional",), ("dropout", "orthogonal_init"),
+SETTING_ROWS = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"), ("hidden", "layers"), ("bidirectional",), ("dropout", "orthogonal_init"),
                 ("folds", "fold_seed", "seed"), ("epochs", "batch", "drop_last"),
-                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing"),
+                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing"), ("ema",),
                 ("normalize", "augment"), ("rotate", "scale", "shift"), ("elastic", "elastic_sigma"),
                 ("teacher", "distill_temperature", "distill_threshold"), ("tta", "eval_batch"),
                 ("device", "jobs"), ("cuda_graph", "amp"))

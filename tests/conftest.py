@@ -342,4 +342,7 @@ def two_run_project(two_runs: Path, tmp_path: Path) -> Path:
 FAMILY = [dict(model=m) for m in MODELS] + [
     dict(model="rnn", layers=2, dropout=0.2), dict(model="gru", bidirectional=True),
     dict(model="lstm", layers=2, bidirectional=True),
+    # How the network reads the digit: every view, framing and readout, and weight averaging.
+    dict(view="both", rows_per_step=4), dict(view="cols", readout="last", rows_per_step=1),
+    dict(model="gru", view="both", readout="pool", rows_per_step=7), dict(nonlinearity="relu", ema=0.9),
 ]

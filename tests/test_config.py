@@ -17,8 +17,9 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import PRESETS, Settings, TrainConfig, changed_settings, resolve
+from pipeline.config import NO_LEGACY, PRESETS, Settings, TrainConfig, changed_settings, resolve
 from pipeline.errors import PipelineError
+from pipeline.store.artifacts import run_id
 from pipeline.tuning import space as tune_space
 
 
@@ -113,3 +114,28 @@ def test_config_layers_merge_in_order(tmp_path: Path) -> None:
 def test_bad_config_values_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(PipelineError, match=message):
         resolve(overrides=overrides)
+
+
+OLDER_RUNS = json.loads((Path(__file__).parent / "data" / "runs_before_reading_settings.json").read_text())
+
+
+@pytest.mark.parametrize("older", OLDER_RUNS, ids=[r["id"] for r in OLDER_RUNS])
+def test_a_run_recorded_before_newer_settings_keeps_its_id(older: dict[str, Any]) -> None:
+    """Settings recorded by an older pipeline (its config.json, its checkpoints) lack the settings
+    added since: they read as those settings' legacy values, and the run's id is the one it has."""
+    cfg = resolve(overrides=older["config"])
+    assert run_id(cfg, older["data_key"]) == older["id"]
+    # A few settings given (not a run's full record) leave the others at today's defaults.
+    partial = resolve(overrides={"hidden": older["config"]["hidden"]})
+    assert (partial.readout, partial.rows_per_step) == (Settings.readout, Settings.rows_per_step)
+
+
+def test_every_setting_added_since_the_first_recorded_runs_has_a_legacy_value() -> None:
+    """A new setting that changes what a model learns must say which value reproduces the runs made
+    before it (legacy=): without it every existing run would get a new id and be trained again."""
+    recorded = set(OLDER_RUNS[0]["config"])
+    for f in fields(Settings):
+        if f.name not in recorded and f.metadata["learns"]:
+            assert f.metadata["legacy"] is not NO_LEGACY, f"{f.name}: declare legacy=<the old behaviour>"
+            cfg = resolve(overrides={**OLDER_RUNS[0]["config"], f.name: f.metadata["legacy"]})
+            assert run_id(cfg, "0123456789abcdef") == OLDER_RUNS[0]["id"], f.name

@@ -261,12 +261,44 @@ def test_any_batch_size_gives_class_scores(settings: dict, batch: int) -> None:
         torch.testing.assert_close(model(images.float()), scores)
 
 
-def test_rows_are_time_steps() -> None:
-    model = build_model(TrainConfig(hidden=8, normalize=False)).eval()
-    seen = []
-    model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
-    model(torch.zeros(3, 28, 28))
-    assert seen == [torch.Size([3, 28, 28])]  # batch-first: (batch, 28 steps, 28 pixels)
+@pytest.mark.parametrize("view", ["rows", "cols", "both"])
+@pytest.mark.parametrize("k", [1, 2, 4, 7, 14])
+def test_a_time_step_reads_k_pixel_rows_or_columns(view: str, k: int) -> None:
+    model = build_model(TrainConfig(hidden=8, normalize=False, view=view, rows_per_step=k)).eval()
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("rnn", "rnn_cols"):
+        if getattr(model, name) is not None:
+            getattr(model, name).register_forward_hook(
+                lambda mod, inp, out, name=name: seen.update({name: inp[0]}))
+    images = torch.randint(0, 256, (3, 28, 28)).float()
+    model(images)
+    pixels = images / 255
+    # batch-first: (batch, 28/k steps, 28k pixels); step t holds rows (or columns) kt .. kt+k-1.
+    by_rows = torch.stack([pixels[:, k * t:k * t + k].flatten(1) for t in range(28 // k)], 1)
+    by_cols = torch.stack([pixels.transpose(1, 2)[:, k * t:k * t + k].flatten(1) for t in range(28 // k)], 1)
+    wanted = {"rows": {"rnn": by_rows}, "cols": {"rnn": by_cols},
+              "both": {"rnn": by_rows, "rnn_cols": by_cols}}[view]
+    assert seen.keys() == wanted.keys()
+    for name, want in wanted.items():
+        torch.testing.assert_close(seen[name], want)
+
+
+def test_the_pooled_readout_sees_every_step_and_the_last_only_the_final_state() -> None:
+    """With readout last, only the final states reach the classifier; pool adds the mean and max of
+    every step's output: three times the features per direction and sweep."""
+    for view, sweeps in (("rows", 1), ("both", 2)):
+        last = build_model(TrainConfig(hidden=8, view=view, readout="last", bidirectional=True))
+        pool = build_model(TrainConfig(hidden=8, view=view, readout="pool", bidirectional=True))
+        assert last.head.in_features == 8 * 2 * sweeps and pool.head.in_features == 3 * 8 * 2 * sweeps
+    model = build_model(TrainConfig(hidden=8, readout="pool", bidirectional=False)).eval()
+    features: list[torch.Tensor] = []
+    model.head.register_forward_hook(lambda mod, inp, out: features.append(inp[0]))
+    outputs: list[torch.Tensor] = []
+    model.rnn.register_forward_hook(lambda mod, inp, out: outputs.append(out[0]))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8))
+    steps = outputs[0]
+    torch.testing.assert_close(features[0], torch.cat([steps[:, -1], steps.mean(1), steps.amax(1)], 1))
 
 
 def test_model_runs_on_the_device_it_is_on() -> None:
@@ -348,4 +380,52 @@ def test_fused_normalisation_equals_the_formula() -> None:
     model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     model(images)
-    torch.testing.assert_close(seen[0], (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD)
+    torch.testing.assert_close(seen[0], ((images.float() / 255 - PIXEL_MEAN) / PIXEL_STD).view(4, 14, 56))
+
+
+def new_step(cfg: TrainConfig) -> TrainStep:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = train.make_optimizer(cfg, model)
+    scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, ROWS))
+    return TrainStep(model, optimizer, scheduler, cfg, CPU)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    return images, torch.randint(0, 10, (ROWS,), generator=torch.Generator().manual_seed(2))
+
+
+def test_weight_averaging_keeps_the_moving_average_of_every_step() -> None:
+    """EMA=d: after each step the average becomes d * average + (1 - d) * weights (the first step's
+    weights start it); the model evaluated and kept is the average, and training is unchanged."""
+    cfg = replace(CFG, ema=0.6, augment=False)
+    plain, _, _ = fit(replace(cfg, ema=0.0), epochs=1)
+    step, (images, labels) = new_step(cfg), data()
+    order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(3))
+    average: dict[str, torch.Tensor] = {}
+    for start in range(0, ROWS, cfg.batch):
+        rows = order[start:start + cfg.batch]
+        step(images[rows].float(), labels[rows])
+        for name, value in step.model.state_dict().items():
+            average[name] = value.clone() if name not in average else 0.6 * average[name] + 0.4 * value
+    assert_same_model(step.model, plain)  # averaging never changes what the optimizer does
+    assert step.trained is not step.model
+    for name, value in step.trained.state_dict().items():
+        torch.testing.assert_close(value, average[name], msg=name)
+
+
+def test_weight_averaging_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """The saved training state holds the average: a resumed fold continues it exactly."""
+    cfg, path, rows = replace(CFG, ema=0.9), tmp_path / "state.pt", torch.arange(ROWS)
+    whole, generator = new_step(cfg), torch.Generator().manual_seed(3)
+    for _ in range(2):
+        train.train_epoch(whole, *data(), rows, cfg, generator)
+    half, generator = new_step(cfg), torch.Generator().manual_seed(3)
+    train.train_epoch(half, *data(), rows, cfg, generator)
+    checkpoint.save_state(path, "k", half, generator, [], {}, {}, 0.0)
+    resumed, generator = new_step(cfg), torch.Generator()
+    checkpoint.resume(checkpoint.load_state(path, "k", CPU) or {}, resumed, generator)
+    train.train_epoch(resumed, *data(), rows, cfg, generator)
+    assert_same_model(resumed.trained, whole.trained)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ from conftest import (
     FAMILY,
     OUTPUTS,
     SAMPLE,
+    SMALL,
     TINY,
     assert_one_clear_error,
     copy_project,
@@ -45,6 +47,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages import train
 from pipeline.store.artifacts import (
     RunDir,
+    all_runs,
     load_prepared,
     run_id,
 )
@@ -470,3 +473,33 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest
     plain.close()
     out = capsys.readouterr().out
     assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
+
+
+NEWER = ("rows_per_step", "readout", "nonlinearity", "ema")  # settings older pipelines never recorded
+
+
+@pytest.mark.slow
+def test_a_run_made_before_the_newer_settings_is_still_found(tmp_path: Path) -> None:
+    """A run folder an older pipeline wrote (no newer setting in its config.json, checkpoints or
+    record): the same settings retrain nothing, RUN=<its id> predicts with it, and `make runs`
+    shows what it was trained with."""
+    root = tmp_path / "older"
+    legacy = ("--readout", "last", "--rows-per-step", "1")
+    run_cli(root, "submit", *SAMPLE, *SMALL, *legacy)
+    run = the_run(root)
+    for path in [run.config, run.record]:
+        record = json.loads(path.read_text())
+        held = record.get("config", record) if path == run.record else record
+        for name in NEWER:
+            held.pop(name, None)
+        path.write_text(json.dumps(record))
+    for fold in range(2):
+        payload = torch.load(run.model(fold), weights_only=True)
+        payload["config"] = {k: v for k, v in payload["config"].items() if k not in NEWER}
+        torch.save(payload, run.model(fold))
+    again = run_cli(root, "submit", *SAMPLE, *SMALL, *legacy).stdout
+    assert "fold 0 skipped" in again and "fold 1 skipped" in again and "reruns" not in again
+    assert run_cli(root, "predict", "--run", run.id, "--force").returncode == 0
+    listed = run_cli(root, "runs").stdout
+    assert "readout=last" in listed and "rows_per_step=1" in listed
+    assert [r.id for r in all_runs(Paths(root))] == [run.id]

@@ -79,6 +79,7 @@ def save_state(path: Path, key: str, step: Any, generator: torch.Generator,
         "torch_rng": torch.get_rng_state(), "history": history, "best": best,
         "best_weights": best_weights, "elapsed": elapsed, "device_type": device.type,
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "average": step.average.state_dict() if step.average is not None else None,
     })
 
 
@@ -106,6 +107,8 @@ def resume(state: dict[str, Any], step: Any, generator: torch.Generator) -> None
     step.model.load_state_dict(state["model"])
     step.optimizer.load_state_dict(state["optimizer"])
     step.scheduler.load_state_dict(state["scheduler"])
+    if step.average is not None and state.get("average") is not None:
+        step.average.load_state_dict(state["average"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if step.device.type == "cuda" and state.get("cuda_rng") is not None:

@@ -1,11 +1,16 @@
-"""The recurrent classifiers: each 28x28 image is read as 28 time steps of 28 pixels.
+"""The recurrent classifiers: each 28x28 image is read as a sequence of pixel rows (or columns).
 
-With the rows view a time step is one pixel row (top to bottom); with the cols view it is one pixel
-column (left to right): the same network sees the digit another way and makes other mistakes.
+How the network reads the digit is part of the recipe:
+- view: rows (top to bottom), cols (left to right), or both: a row sweep and a column sweep, two
+  recurrent stacks in one model whose features are joined before the linear layer;
+- rows_per_step: k pixel rows make one time step (28/k steps of 28k pixels): fewer, wider steps
+  are faster and keep more of the digit within the network's memory;
+- readout: the classifier sees the last states (last), or pool: them with the mean and the max of
+  every step's output over time, so what the network saw at each row reaches the classifier.
 
-The vanilla RNN of the tutorial is the default; GRU and LSTM share the same wrapper. Unlike the
-tutorial's model, no hidden state is built by hand, so any batch size works (1 included) and the
-state is always created on the device of the input.
+The vanilla RNN of the tutorial is the default cell; GRU and LSTM share the same wrapper. Unlike
+the tutorial's model, no hidden state is built by hand, so any batch size works (1 included) and
+the state is always created on the device of the input.
 """
 
 from __future__ import annotations
@@ -19,30 +24,42 @@ from pipeline.config import Settings
 
 # Mean and standard deviation of MNIST pixels scaled to [0, 1].
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
+SIDE = 28
 CELLS: dict[str, type[nn.RNN] | type[nn.GRU] | type[nn.LSTM]] = {
     "rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class RecurrentClassifier(nn.Module):
-    """A recurrent layer stack over the image rows, then a linear layer on the final state."""
+    """One recurrent stack per sweep over the image, then a linear layer on what the readout keeps."""
 
     def __init__(self, cell: str = "rnn", hidden: int = 128, layers: int = 1,
                  bidirectional: bool = False, dropout: float = 0.0, normalize: bool = True,
-                 orthogonal_init: bool = True, classes: int = 10, view: str = "rows") -> None:
+                 orthogonal_init: bool = True, classes: int = 10, view: str = "rows",
+                 rows_per_step: int = 1, readout: str = "last", nonlinearity: str = "tanh") -> None:
         super().__init__()
         self.normalize = normalize
-        self.columns = view == "cols"
-        self.rnn = CELLS[cell](input_size=28, hidden_size=hidden, num_layers=layers,
-                               batch_first=True, bidirectional=bidirectional,
-                               dropout=dropout if layers > 1 else 0.0)
+        self.sweeps = ("rows", "cols") if view == "both" else (view,)
+        self.rows_per_step, self.pool = rows_per_step, readout == "pool"
         self.directions = 2 if bidirectional else 1
-        self.head = nn.Linear(hidden * self.directions, classes)
-        if orthogonal_init:
-            # Orthogonal recurrent weights keep the gradient's scale through the 28 steps.
-            for name, weight in self.rnn.named_parameters():
-                if name.startswith("weight_hh"):
-                    for block in weight.data.split(hidden):
-                        nn.init.orthogonal_(block)
+        extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+
+        def stack() -> nn.Module:
+            rnn = CELLS[cell](input_size=SIDE * rows_per_step, hidden_size=hidden, num_layers=layers,
+                              batch_first=True, bidirectional=bidirectional,
+                              dropout=dropout if layers > 1 else 0.0, **extra)
+            if orthogonal_init:
+                # Orthogonal recurrent weights keep the gradient's scale through the time steps.
+                for name, weight in rnn.named_parameters():
+                    if name.startswith("weight_hh"):
+                        for block in weight.data.split(hidden):
+                            nn.init.orthogonal_(block)
+            return rnn
+
+        # The first sweep keeps the name `rnn`, so models saved before `both` existed still load.
+        self.rnn = stack()
+        self.rnn_cols = stack() if view == "both" else None
+        features = hidden * self.directions * (3 if self.pool else 1) * len(self.sweeps)
+        self.head = nn.Linear(features, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 28, 28) with pixel values 0-255, uint8 or float -> class scores (B, 10)."""
@@ -51,20 +68,31 @@ class RecurrentClassifier(nn.Module):
             x.add_(-PIXEL_MEAN / PIXEL_STD)
         else:
             x = images.float() / 255.0
-        if self.columns:
-            x = x.transpose(1, 2)  # time step t = pixel column t
-        _, state = self.rnn(x)
+        features = []
+        for sweep, rnn in zip(self.sweeps, (self.rnn, self.rnn_cols), strict=False):
+            assert rnn is not None
+            # Time step t reads pixel rows (or, transposed, columns) k*t to k*t + k - 1.
+            seq = x if sweep == "rows" else x.transpose(1, 2)
+            features.append(self._read(rnn, seq.reshape(len(x), SIDE // self.rows_per_step, -1)))
+        return self.head(torch.cat(features, 1) if len(features) > 1 else features[0])
+
+    def _read(self, rnn: nn.Module, seq: torch.Tensor) -> torch.Tensor:
+        outputs, state = rnn(seq)
         if isinstance(state, tuple):  # LSTM: (h, c)
             state = state[0]
         # state is (layers * directions, B, hidden): join the last layer's directions.
-        last = state[-self.directions:].transpose(0, 1).reshape(len(images), -1)
-        return self.head(last)
+        last = state[-self.directions:].transpose(0, 1).reshape(len(seq), -1)
+        if not self.pool:
+            return last
+        return torch.cat([last, outputs.mean(1), outputs.amax(1)], 1)
 
 
 def _factory(cell: str) -> Callable[[Settings], nn.Module]:
     def build(cfg: Settings) -> nn.Module:
         return RecurrentClassifier(cell, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout,
-                                   cfg.normalize, cfg.orthogonal_init, view=cfg.view)
+                                   cfg.normalize, cfg.orthogonal_init, view=cfg.view,
+                                   rows_per_step=cfg.rows_per_step, readout=cfg.readout,
+                                   nonlinearity=cfg.nonlinearity)
     return build
 
 

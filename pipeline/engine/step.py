@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import TrainConfig
 from pipeline.engine.runtime import autocast
@@ -104,6 +105,9 @@ class TrainStep:
         self.static_x: torch.Tensor | None = None
         self.static_y: torch.Tensor | None = None
         self.log = log
+        # Weight averaging (EMA=): an exponential moving average of the weights after every step.
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True) if cfg.ema > 0 else None
         # Sums stay on the device: reading them back each step would stall a GPU.
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
@@ -134,7 +138,14 @@ class TrainStep:
             self._forward_backward(x, y)
         self.optimizer.step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
         self.seen += len(y)
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The model to evaluate and keep: the weight average when there is one."""
+        return self.model if self.average is None else self.average.module
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # Autocast's weight cache would hold tensors from outside the graph's memory: off in graphs.

@@ -217,7 +217,7 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
             lr = scheduler.get_last_lr()[0]
             train_loss, train_acc = train_epoch(step, images, targets, train_rows, cfg, generator)
             train_seconds = time.perf_counter() - started
-            valid_loss, valid_acc, _ = evaluate(model, valid_x, valid_y, cfg)
+            valid_loss, valid_acc, _ = evaluate(step.trained, valid_x, valid_y, cfg)
             _check_finite(fold, epoch, train_loss, valid_loss)
             seconds = time.perf_counter() - started
             elapsed += seconds
@@ -227,7 +227,7 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
                             "samples_per_s": round(len(train_rows) / max(train_seconds, 1e-9), 1)})
             if not best or (valid_acc, -valid_loss) > (best["valid_acc"], -best["valid_loss"]):
                 best = {"epoch": epoch, "valid_acc": valid_acc, "valid_loss": valid_loss}
-                best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_weights = {k: v.detach().cpu().clone() for k, v in step.trained.state_dict().items()}
             checkpoint.save_state(run.state(fold), key, step, generator, history, best, best_weights,
                                   elapsed)
             write_csv(run.log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))

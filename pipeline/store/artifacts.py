@@ -200,7 +200,7 @@ def check_name(name: str, what: str = "RUN") -> str:
 def run_id(cfg: Settings, data_key: str) -> str:
     """Readable and unique to what the models depend on: the learned settings and the data."""
     key = fingerprint({"settings": cfg.learned(), "data": data_key})
-    view = "-cols" if cfg.view == "cols" else ""
+    view = "" if cfg.view == "rows" else f"-{cfg.view}"
     distilled = "-kd" if cfg.teacher else ""
     return f"{cfg.model}{view}-h{cfg.hidden}-e{cfg.epochs}{distilled}-{key[:6]}"
 
