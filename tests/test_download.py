@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    CLEAN_TEST,
+    CLEAN_TRAIN,
+    SMALL,
     run_cli,
+    write_inputs,
 )
 
 from pipeline.config import Paths
@@ -36,8 +40,10 @@ def test_explicit_other_source_replaces_only_the_sample(run_copy: Path, tmp_path
     assert f"WARNING: input/ holds files from the folder {elsewhere}, not from SOURCE=sample" \
         in kept.stdout and "FORCE=1" in kept.stdout
     assert Paths(run_copy).train_csv.read_bytes() == (elsewhere / "train.csv").read_bytes()
-    forced = run_cli(run_copy, "download", "--source", "sample", "--force")
-    assert "wrote the sample" in forced.stdout
+    # The sample never replaces real data, even with FORCE=1.
+    forced = run_cli(run_copy, "download", "--source", "sample", "--force", check=False)
+    assert forced.returncode == 1 and "the built-in sample never replaces it" in forced.stderr
+    assert Paths(run_copy).train_csv.read_bytes() == (elsewhere / "train.csv").read_bytes()
 
 
 @pytest.mark.slow
@@ -69,3 +75,57 @@ def test_missing_dir_is_an_error(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "download", "--source", "dir", "--dir", str(tmp_path / "nope"),
                      check=False)
     assert result.returncode == 1 and "no such folder" in result.stderr
+
+
+def no_credentials(tmp_path: Path) -> dict[str, str]:
+    """A user's environment with no Kaggle credentials anywhere (an empty HOME)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_") or k == "KAGGLE_ROOT"}
+    return {**keep, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+
+
+@pytest.mark.slow
+def test_force_never_swaps_the_users_files_for_the_sample(tmp_path: Path) -> None:
+    """Files put into input/ by hand, then `make submit FORCE=1` with nowhere to fetch them again
+    from: they are kept, byte for byte, and the reason says so (not "no files in input/")."""
+    root = tmp_path / "project"
+    paths = write_inputs(root)
+    env = no_credentials(tmp_path)
+    run_cli(root, "submit", *SMALL, env=env)
+    forced = run_cli(root, "submit", *SMALL, "--force", env=env).stdout
+    assert "nowhere to fetch input/train.csv and test.csv again from" in forced
+    assert "files put there by hand" in forced and "no files in input/" not in forced
+    assert "SAMPLE" not in forced
+    assert (paths.train_csv.read_bytes(), paths.test_csv.read_bytes()) == (CLEAN_TRAIN, CLEAN_TEST)
+
+
+@pytest.mark.parametrize("folder_kept", [True, False])
+def test_force_after_a_folder_fetches_from_it_again_or_keeps_the_files(
+        tmp_path: Path, folder_kept: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in no_credentials(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
+    mine = write_inputs(tmp_path / "mine").input
+    paths = Paths(tmp_path / "project")
+    download.run(paths, source="dir", src_dir=mine)
+    if not folder_kept:
+        shutil.rmtree(mine)
+    download.run(paths, source="auto", force=True)
+    assert (paths.train_csv.read_bytes(), paths.test_csv.read_bytes()) == (CLEAN_TRAIN, CLEAN_TEST)
+    assert json.loads(paths.source_json.read_text())["source"] == "dir"
+
+
+def test_files_that_cannot_be_fetched_again_are_kept_before_they_are_replaced(tmp_path: Path) -> None:
+    """Hand-placed files replaced by FORCE=1 from a folder: a copy stays in input/replaced/."""
+    paths = write_inputs(tmp_path / "project")
+    other = write_inputs(tmp_path / "other", train=CLEAN_TRAIN.rsplit(b"\n", 3)[0] + b"\n").input
+    download.run(paths, source="dir", src_dir=other, force=True)
+    assert paths.train_csv.read_bytes() == (other / "train.csv").read_bytes() != CLEAN_TRAIN
+    kept = list((paths.input / "replaced").iterdir())
+    assert len(kept) == 1
+    assert (kept[0] / "train.csv").read_bytes() == CLEAN_TRAIN
+    assert (kept[0] / "test.csv").read_bytes() == CLEAN_TEST
+    # Files from a folder that still holds them can be fetched again: no second copy.
+    download.run(paths, source="dir", src_dir=other, force=True)
+    assert len(list((paths.input / "replaced").iterdir())) == 1

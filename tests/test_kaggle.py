@@ -658,9 +658,10 @@ def test_scrub_removes_keys_and_authorization(home: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.slow
 def test_auto_falls_back_to_the_sample_without_credentials(home: Path) -> None:
-    assert download._choose_source() == ("sample", "no files in input/ and no Kaggle credentials")
+    assert download._choose_source({}, False) == ("sample", None,
+                                                  "no files in input/ and no Kaggle credentials")
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
-    source, why = download._choose_source()
+    source, _, why = download._choose_source({}, False)
     assert source == "kaggle" and str(home / ".kaggle" / "kaggle.json") in why
 
 

@@ -9,9 +9,12 @@ files are kept unless ``force`` is set; new files land atomically.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
@@ -62,9 +65,37 @@ def run(paths: Paths, source: str = default("source"), src_dir: Path | None = No
             f"{missing}: file not found, while {have.name} is present. Put both files in input/ "
             "(or `make download FORCE=1` to fetch both again); nothing is filled in from another source"
         )
+    # What input/ holds now that is not the sample: the user's data, never replaced by the sample.
+    held = (data_source(paths) if present else "sample")
     if source == "auto":
-        source, why = _choose_source()
+        source, src_dir, why = _choose_source(record if present else {}, bool(present))
+        if source == "sample" and held != "sample":
+            print(f"download: FORCE=1, but there is nowhere to fetch input/train.csv and test.csv "
+                  f"again from (they came from {_origin(record)}; {why}): keeping them")
+            return held
         print(f"download: source auto -> {source} ({why})")
+    if source == "sample" and held != "sample":
+        raise PipelineError(f"input/ holds data from {_origin(record)}; the built-in sample never "
+                            "replaces it. Move input/train.csv and input/test.csv elsewhere first "
+                            "to try the sample")
+    # Files that could not be fetched again (put there by hand, or from a folder that is gone) are
+    # kept in a folder of their own before they are replaced.
+    backup = _back_up(paths, present) if held != "sample" and not _refetchable(record) else None
+    try:
+        _fetch(paths, source, src_dir, timeout)
+    except BaseException:
+        if backup is not None:  # nothing was replaced: input/ as it was
+            shutil.rmtree(backup, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                backup.parent.rmdir()
+        raise
+    if backup is not None:
+        print(f"download: the files input/ held before are kept in {backup.relative_to(paths.root)}/")
+    write_json(paths.source_json, {"source": source, **({"dir": str(src_dir)} if src_dir else {})})
+    return source
+
+
+def _fetch(paths: Paths, source: str, src_dir: Path | None, timeout: float) -> None:
     if source == "sample":
         n_train, n_test = sample.write(paths.train_csv, paths.test_csv)
         print(SAMPLE_BANNER)
@@ -73,17 +104,49 @@ def run(paths: Paths, source: str = default("source"), src_dir: Path | None = No
         _copy_from_dir(paths, src_dir)
     else:
         _download_kaggle(paths, timeout)
-    write_json(paths.source_json, {"source": source, **({"dir": str(src_dir)} if src_dir else {})})
-    return source
 
 
-def _choose_source() -> tuple[str, str]:
+def _choose_source(record: dict[str, Any], present: bool) -> tuple[str, Path | None, str]:
+    """SOURCE=auto: where files come from (again, when input/ holds some: record is their source)."""
     from pipeline.kaggle import api as kaggle_api
 
+    if record.get("source") == "dir" and _refetchable(record):
+        return "dir", Path(record["dir"]), f"input/'s files came from the folder {record['dir']}"
     found = kaggle_api.credentials_source()
     if found:
-        return "kaggle", f"Kaggle credentials found in {found}"
-    return "sample", "no files in input/ and no Kaggle credentials"
+        return "kaggle", None, f"Kaggle credentials found in {found}"
+    return "sample", None, f"{'' if present else 'no files in input/ and '}no Kaggle credentials"
+
+
+def _refetchable(record: dict[str, Any]) -> bool:
+    """Whether the files input/ holds can be fetched again from where they came."""
+    if record.get("source") == "dir":
+        folder = Path(str(record.get("dir", "")))
+        return all((folder / name).is_file() for name in ("train.csv", "test.csv"))
+    return record.get("source") in ("sample", "kaggle")
+
+
+def _origin(record: dict[str, Any]) -> str:
+    if record.get("source") == "dir":
+        return f"the folder {record.get('dir')}"
+    return f"SOURCE={record['source']}" if record.get("source") else "files put there by hand"
+
+
+def _back_up(paths: Paths, present: list[Path]) -> Path:
+    """A copy of the files input/ holds, in input/replaced/<time>/ (hard links where possible)."""
+    folder = paths.input / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in present:
+            try:
+                os.link(path, folder / path.name)
+            except OSError:
+                shutil.copy2(path, folder / path.name)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise PipelineError(f"{folder}: cannot keep a copy of input/'s files before replacing them "
+                            f"({exc.strerror}); nothing was replaced") from exc
+    return folder
 
 
 def _check_dir(src_dir: Path | None) -> None:
