@@ -3,8 +3,6 @@
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-# The upload message travels in the environment, so no quote or $ in it can break the command.
-export MESSAGE
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,11 +18,18 @@ endif
 # The PyTorch release the project is tested with; on Linux, PyPI's build includes CUDA.
 TORCH ?= torch==2.13.0
 
-# Options reach the stage CLIs as environment variables (make exports command-line variables):
-# `--make` makes each option read the variable of its upper-case name, e.g. `make train EPOCHS=5`.
+# Options count only when given on make's command line (`make train EPOCHS=5`), in ARGS or in a
+# CONFIG file: a variable a shell exports under an option's name (SEED, MODEL, DEVICE...) changes
+# nothing. Each option given travels to the stage CLI as DIGITS_OPT_<NAME>, holding the text as
+# typed ($(value ...): Make expands no `$` in it), and `--make` names the options given.
 # Settings are declared once, in pipeline/config.py, the other options in pipeline/options.py;
 # `make help`, the command line and the README's option tables all come from there.
-PIPELINE = $(PY) -m pipeline --make
+OPTION_NAMES := $(shell $(PYTHON) -m pipeline.options --make-names 2>/dev/null)
+given = $(filter command line,$(origin $(1)))
+GIVEN := $(strip $(foreach v,$(OPTION_NAMES),$(if $(call given,$(v)),$(v))))
+$(foreach v,$(GIVEN),$(eval export DIGITS_OPT_$(v) := $$(value $(v))))
+PIPELINE = $(PY) -m pipeline --make "$(GIVEN)"
+ARGS := $(if $(call given,ARGS),$(ARGS))
 
 .PHONY: help setup notebook-setup submit download prepare folds train predict distill blend tune \
 	tune-status upload lb report runs forget test \
@@ -110,8 +115,8 @@ bench: setup ## speed of every stage beside its baseline (BENCH_ARGS="--e2e" add
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
 
 bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend (TRAIN=, TEST=, SCREEN=1)
-	$(PY) benchmarks/accuracy.py $(if $(TRAIN),--train "$(TRAIN)") $(if $(TEST),--test "$(TEST)") \
-		$(if $(filter 1,$(SCREEN)),--screen) $(BENCH_ARGS)
+	$(PY) benchmarks/accuracy.py $(if $(call given,TRAIN),--train "$(TRAIN)") \
+		$(if $(call given,TEST),--test "$(TEST)") $(if $(filter 1,$(SCREEN)),--screen) $(BENCH_ARGS)
 
 gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv, FULL_TRAIN=, FULL_TEST=)
 	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)

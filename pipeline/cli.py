@@ -4,8 +4,10 @@ Every stage builds what it needs upstream, skipping what is current, as Make use
 download -> prepare -> folds -> train -> predict, then blend. The orchestration lives here; the
 stages (pipeline/stages/) only share the layers below them (tuning, kaggle, engine, store, options,
 config). The options are declared in pipeline/options.py and the settings in pipeline/config.py.
-With ``--make`` (what the Makefile passes), each option also reads the environment variable of its
-upper-case name, so ``make train EPOCHS=5`` is ``--epochs 5``.
+With ``--make NAMES`` (what the Makefile passes), the options NAMES lists, those given on make's
+command line, are read from the variables the Makefile sets for them (DIGITS_OPT_<NAME>, holding the
+text as typed), so ``make train EPOCHS=5`` is ``--epochs 5``. Nothing else of the environment is
+read: a variable a shell exports under an option's name (SEED, MODEL, DEVICE...) changes nothing.
 """
 
 from __future__ import annotations
@@ -230,8 +232,6 @@ def add_option(parser: Any, option: Option, stage: str) -> None:
     """An option as pipeline/options.py declares it, with the stage's own words if it has some."""
     text = option.stages.get(stage) or option.help
     default = option.default_in(stage)
-    if option.from_environment:
-        default = os.environ.get(option.name.upper(), default)
     if option.flag:
         parser.add_argument(option.flag_name, action="store_true", help=text)
         return
@@ -266,9 +266,9 @@ STAGES: dict[str, tuple[Any, str]] = {
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="python -m pipeline",
                                      description="Kaggle Digit Recognizer with recurrent networks.")
-    parser.add_argument("--make", action="store_true",
-                        help="also read each option from the environment variable of its upper-case "
-                        "name (as `make` passes them)")
+    parser.add_argument("--make", metavar="NAMES",
+                        help="also read the options NAMES lists (upper-case, separated by spaces) from "
+                        f"the variables {MAKE_PREFIX}<NAME> (as `make` passes its command line)")
     for option in for_stage(EVERY):
         add_option(parser, option, EVERY)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
@@ -283,38 +283,40 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, stages
 
 
-COMMAND_LINE_ONLY = {"help", *(o.name for o in OPTIONS if not o.make)}  # no make variable sets them
+MAKE_PREFIX = "DIGITS_OPT_"  # the variables the Makefile sets for the options on its command line
 
 
-def from_environment(parser: argparse.ArgumentParser, env: dict[str, str]) -> list[str]:
-    """The options of a stage that the environment sets, as command-line words."""
+def from_make(parser: argparse.ArgumentParser, names: list[str], env: dict[str, str]) -> list[str]:
+    """The options of a stage given on make's command line (names), as command-line words. An
+    option the stage does not take, or given empty, is left out."""
     words: list[str] = []
     for action in parser._actions:
         flag = next((s for s in action.option_strings if s.startswith("--")), None)
-        value = env.get(action.dest.upper(), "").strip()
-        if flag is None or action.dest in COMMAND_LINE_ONLY or value == "":
+        name = action.dest.upper()
+        value = env.get(MAKE_PREFIX + name, "").strip() if name in names else ""
+        if flag is None or value == "":
             continue
         if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
             if value.lower() not in TRUE + FALSE:
-                raise PipelineError(f"{action.dest.upper()}={value!r}: must be 1 or 0")
+                raise PipelineError(f"{name}={value!r}: must be 1 or 0")
             if value.lower() in TRUE:
                 words.append(flag)
             elif isinstance(action, argparse.BooleanOptionalAction):
                 words.append("--no-" + flag[2:])
         else:
-            words += [flag, value]
+            words.append(f"{flag}={value}")  # one word: a value may start with '-'
     return words
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser, stages = build_parser()
     args = parser.parse_args(argv)
-    if args.make:
+    if args.make is not None:
+        names = args.make.split()
         at = argv.index(args.stage)
-        extra = from_environment(stages[args.stage], dict(os.environ))
-        nowait = args.nowait or os.environ.get("NOWAIT", "").strip().lower() in TRUE
-        args = parser.parse_args([*argv[:at + 1], *extra, *argv[at + 1:]])
-        args.nowait = nowait
+        top = from_make(parser, names, dict(os.environ))  # NOWAIT: an option of every command
+        extra = from_make(stages[args.stage], names, dict(os.environ))
+        args = parser.parse_args([*argv[:at], *top, argv[at], *extra, *argv[at + 1:]])
     return args
 
 

@@ -39,7 +39,6 @@ class Option:
     choices: tuple[str, ...] | None = None
     flag: bool = False  # given or not: --force, FORCE=1
     make: bool = True  # also a make variable (NAME=value); False: the command line's only
-    from_environment: bool = False  # its default is $NAME (MESSAGE, so no quote or $ can break it)
     # A stage whose default differs (report: STUDY draws a study only when given).
     stage_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -102,8 +101,8 @@ OPTIONS: tuple[Option, ...] = (
            default="acc", choices=SORTS),
     Option("format", "a table, or csv for a spreadsheet", _each(("runs", "lb")), default="table",
            choices=FORMATS),
-    Option("message", "the submission's description on Kaggle (default: $MESSAGE)", {"upload": ""},
-           default="", from_environment=True),
+    Option("message", "the submission's description on Kaggle, as typed ($ and quotes included)",
+           {"upload": ""}, default=""),
     Option("wait", "seconds to wait for Kaggle to score the submission, 0 to not wait (`make lb` "
            "shows a score that comes later)", {"upload": ""}, default=120.0, type=float),
     Option("nowait", "when another command holds the project, stop at once instead of waiting",
@@ -225,7 +224,15 @@ def markdown(table: str) -> str:
     return "\n".join(rows)
 
 
+def make_names() -> list[str]:
+    """Every make variable that is an option or a setting (the Makefile passes those given)."""
+    return [f.name.upper() for f in fields(Settings)] + [o.name.upper() for o in OPTIONS if o.make]
+
+
 if __name__ == "__main__":  # `make help` prints this without needing the virtual environment
     import sys
 
-    print(markdown(sys.argv[2]) if sys.argv[1:2] == ["--markdown"] else help_text())
+    if sys.argv[1:2] == ["--markdown"]:
+        print(markdown(sys.argv[2]))
+    else:
+        print(" ".join(make_names()) if sys.argv[1:2] == ["--make-names"] else help_text())

@@ -3,7 +3,10 @@ project lock, and make."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ import pytest
 from conftest import (
     REPO,
     TINY,
+    fresh_clone,
     run_cli,
     run_make,
     snapshot,
@@ -164,24 +168,72 @@ def test_make_help_lists_the_stages_and_every_setting() -> None:
 
 
 @pytest.mark.slow
-def test_make_passes_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.cli import parse
 
     dry = run_make("-n", "train", "EPOCHS=5", "SETUP=", check=True)
-    assert "-m pipeline --make train" in dry.stdout
-    for name, value in {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
-                        "BIDIRECTIONAL": "1", "CUDA_GRAPH": "1", "AMP": "0", "NOWAIT": "1"}.items():
-        monkeypatch.setenv(name, value)
-    args = parse(["--make", "train", "--clip", "0.5"])
+    assert '-m pipeline --make "EPOCHS" train' in dry.stdout
+    given = {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
+             "BIDIRECTIONAL": "1", "CUDA_GRAPH": "1", "AMP": "0", "NOWAIT": "1"}
+    for name, value in given.items():
+        monkeypatch.setenv("DIGITS_OPT_" + name, value)
+        monkeypatch.setenv(name, "garbage")  # the plain name is never read
+    args = parse(["--make", " ".join(given), "train", "--clip", "0.5"])
     assert (args.fold, args.epochs, args.model, args.hidden, args.view) == (2, 5, "gru", 64, "cols")
     assert (args.bidirectional, args.cuda_graph, args.amp, args.clip, args.nowait) == \
         (True, True, False, 0.5, True)
-    monkeypatch.setenv("RUN", "rnn-h8-e1-abcdef")
-    assert parse(["--make", "forget"]).run == "rnn-h8-e1-abcdef"  # a stage's own option, from RUN=
-    monkeypatch.setenv("AMP", "maybe")
-
+    assert parse(["--make", "HIDDEN", "train"]).epochs is None  # only the options named
+    monkeypatch.setenv("DIGITS_OPT_RUN", "rnn-h8-e1-abcdef")
+    assert parse(["--make", "RUN", "forget"]).run == "rnn-h8-e1-abcdef"  # a stage's own option
+    monkeypatch.setenv("DIGITS_OPT_AMP", "maybe")
     with pytest.raises(PipelineError, match="AMP='maybe': must be 1 or 0"):
-        parse(["--make", "train"])
+        parse(["--make", "AMP", "train"])
+
+
+def other_value(name: str) -> str:
+    """A valid value of an option or setting that differs from its default."""
+    from dataclasses import fields
+
+    from pipeline.config import Settings
+    from pipeline.options import OPTIONS
+
+    declared = {f.name.upper(): (f.default, f.metadata["choices"]) for f in fields(Settings)}
+    declared.update({o.name.upper(): (o.default, o.choices) for o in OPTIONS})
+    default, choices = declared[name]
+    if choices:
+        return str(next(c for c in choices if c != default))
+    if isinstance(default, bool) or default is None:
+        return "0" if default else "1"
+    return str(default + 1) if isinstance(default, int | float) else "other"
+
+
+@pytest.mark.slow
+def test_options_a_shell_exports_change_nothing(tmp_path: Path) -> None:
+    """Every option's plain name exported, with a wrong value and with another valid one: `make
+    submit` trains and writes exactly what it writes without them, and `make predict RUN=<id>`
+    runs with the run's own values exported too."""
+    from pipeline.options import make_names
+
+    clone = fresh_clone(tmp_path / "clone")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    names = [*make_names(), "ARGS"]
+    wrong = {**clean, **dict.fromkeys(names, "gpt-4")}
+    other = {**clean, **{n: other_value(n) for n in make_names()}, "ARGS": "--fold 9",
+             "FORCE": "1", "TEACHER": "rnn-h8-e9-000000", "EPOCHS": "3"}
+    outputs = []
+    for env in (clean, wrong, other):
+        shutil.rmtree(clone / "runs", ignore_errors=True)
+        made = run_make("submit", "EPOCHS=1", "FOLDS=2", "HIDDEN=8", "SETUP=", f"PY={sys.executable}",
+                        cwd=clone, env=env, timeout=300)
+        assert made.returncode == 0, made.stdout + made.stderr
+        run = the_run(clone)
+        outputs.append((run.id, run.oof.read_bytes(), (clone / "submissions/submission.csv").read_bytes()))
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    own = {**wrong, **{k.upper(): str(v) for k, v in json.loads(run.config.read_text()).items()}}
+    again = run_make("predict", f"RUN={outputs[0][0]}", "SETUP=", f"PY={sys.executable}", cwd=clone,
+                     env=own, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"predict: {outputs[0][0]} skipped" in again.stdout and "train: fold 1 skipped" in again.stdout
 
 
 @pytest.mark.slow

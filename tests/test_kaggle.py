@@ -490,11 +490,11 @@ def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path,
     def make(*args: str) -> subprocess.CompletedProcess:
         return run_make(*args, "SETUP=", f"PY={sys.executable}", cwd=clone, env=env)
 
-    sent = make("upload", 'MESSAGE=gru blend, "quoted"', "WAIT=20")
+    sent = make("upload", 'MESSAGE=gru blend, "quoted", paid $5 for $(USER)', "WAIT=20")
     assert sent.returncode == 0, sent.stderr
     assert "public score 0.97100" in sent.stdout
     assert fake.submit_request is not None
-    assert fake.submit_request["submissionDescription"] == 'gru blend, "quoted"'
+    assert fake.submit_request["submissionDescription"] == 'gru blend, "quoted", paid $5 for $(USER)'
     board = make("lb")
     assert board.returncode == 0, board.stderr
     assert board.stdout.splitlines()[0].split() == ["date", "description", "status", "public", "score",
