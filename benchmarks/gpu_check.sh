@@ -51,7 +51,7 @@ step "unit tests with CUDA visible"
 timeout 60 $py -m pytest -q -x -p no:cacheprovider tests/test_engine.py 2>&1 \
   | tail -5 | tee -a "$summary"
 
-step "CUDA graph step against the eager step (rnn, gru, lstm, each with and without AMP)"
+step "CUDA graph step against the eager step (rnn, gru, lstm, with and without AMP; every readout, view, step width; EMA)"
 timeout 90 $py benchmarks/graph_check.py --device $device --out "$out/graph" 2>&1 | tee -a "$summary"
 
 step "small end-to-end run on cuda (sample, 2 folds, 3 epochs)"
@@ -83,9 +83,9 @@ if [ -n "${FULL_TRAIN:-}" ] && [ -f "$FULL_TRAIN" ]; then
   # at this size. One project keeps them all, so they blend (`make blend` there) on the same folds.
   step "full-size accuracy on cuda, 5 folds at once, real test kept: the default and GPU candidates"
   test_arg=${FULL_TEST:+--test "$FULL_TEST"}
-  for variant in "default:device=$device" "wide:device=$device+hidden=512+epochs=60" \
-      "deep:device=$device+layers=2+hidden=256+epochs=60" \
-      "elastic:device=$device+layers=2+hidden=256+epochs=60+elastic=20"; do
+  for variant in "default:device=$device" "best:device=$device+preset=best" \
+      "both-wide:device=$device+view=both+hidden=256+epochs=60" \
+      "deep:device=$device+layers=2+hidden=256+epochs=60"; do
     timeout 150 $py benchmarks/accuracy.py --train "$FULL_TRAIN" $test_arg --variants "$variant" \
       --project "$out/full" 2>&1 | tail -2 | tee -a "$summary"
   done

@@ -2,7 +2,7 @@
 
     python benchmarks/graph_check.py [--device cuda] [--epochs 2] [--rows 4100] [--out DIR]
 
-For each cell (and each with AMP), trains the same model from the same seed three
+For each cell (and each with AMP) and each way of reading the digit, trains the same model from the same seed three
 times on synthetic data whose epochs end in a short batch: eager, eager again (the noise floor of
 nondeterministic GPU kernels), and graph-replayed. Prints the largest weight difference of each
 against the first run, the per-epoch losses and each path's speed; exits 1 if the graph-replayed
@@ -31,7 +31,12 @@ from pipeline.engine.step import TrainStep
 from pipeline.stages import train
 
 VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+amp": {"amp": True},
-            "gru+amp": {"model": "gru", "amp": True}, "lstm+amp": {"model": "lstm", "amp": True}}
+            "gru+amp": {"model": "gru", "amp": True}, "lstm+amp": {"model": "lstm", "amp": True},
+            # How the model reads: the one-row, last-state model; both sweeps; wide steps, columns,
+            # relu; weight averaging (updated outside the graph, after each step).
+            "rnn-last1": {"readout": "last", "rows_per_step": 1}, "rnn-both": {"view": "both"},
+            "rnn-cols4": {"view": "cols", "rows_per_step": 4}, "rnn-relu": {"nonlinearity": "relu"},
+            "rnn-both+amp": {"view": "both", "amp": True}, "rnn+ema": {"ema": 0.99}}
 
 
 def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -49,7 +54,7 @@ def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: to
         losses.append(train.train_epoch(step, images, labels, rows, cfg, generator)[0])
     sync(device)
     rate = cfg.epochs * len(images) / (time.perf_counter() - started)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().clone() for k, v in step.trained.state_dict().items()}  # EMA: the average
     return weights, losses, rate, step.graph is not None
 
 
@@ -92,7 +97,7 @@ def main() -> int:
         report[name] = {"floor": floor, "diff": diff, "eager_losses": eager_losses,
                         "graph_losses": graph_losses, "eager_samples_per_s": eager_rate,
                         "graph_samples_per_s": graph_rate, "captured": captured, "failures": failures}
-        print(f"  {name:<8} {'ok' if passed else 'MISMATCH':<8} weights vs eager: graph {diff:.2e}, "
+        print(f"  {name:<12} {'ok' if passed else 'MISMATCH':<8} weights vs eager: graph {diff:.2e}, "
               f"eager rerun {floor:.2e}; last loss {eager_losses[-1]:.5f} / {graph_losses[-1]:.5f}; "
               f"{eager_rate:,.0f} -> {graph_rate:,.0f} samples/s ({graph_rate / eager_rate:.2f}x)"
               + (f"; {failures[0]}" if failures else ""), flush=True)
