@@ -88,7 +88,8 @@ OPTIONS: tuple[Option, ...] = (
         "tune": "", "tune-status": "", "report": "draw this tuning study instead of a run"},
            default="rnn", stage_defaults={"report": None}),
     Option("storage", "an Optuna database URL shared by several machines, e.g. "
-           "postgresql://user:pass@host/db (default: a journal in runs/tune/<study>/)",
+           "postgresql://user:pass@host/db, an '@' in the password written %40 (default: a journal in "
+           "runs/tune/<study>/)",
            _each(("tune", "tune-status", "report"))),
     Option("trials", "run until the study has this many finished trials", {"tune": ""}, default=20,
            type=int),
