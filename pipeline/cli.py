@@ -11,11 +11,14 @@ upper-case name, so ``make train EPOCHS=5`` is ``--epochs 5``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import fields
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import FALSE, TRUE, Paths, Settings, resolve
 from pipeline.errors import PipelineError
@@ -324,16 +327,40 @@ def _locked(paths: Paths, args: argparse.Namespace) -> Any:
     return project_lock(paths, f"make {args.stage}", nowait=args.nowait)
 
 
+@contextlib.contextmanager
+def library_warnings(verbose: bool) -> Iterator[None]:
+    """The warnings of the libraries underneath (Optuna's ExperimentalWarning, PyTorch's, pandas')
+    speak of code a user does not call, so they are hidden unless VERBOSE=1; the processes a stage
+    starts (fold and trial workers) inherit the choice through PYTHONWARNINGS. A PYTHONWARNINGS the
+    user set is left to rule."""
+    before = os.environ.get("PYTHONWARNINGS")
+    if before:
+        yield
+        return
+    action: Literal["default", "ignore"] = "default" if verbose else "ignore"
+    os.environ["PYTHONWARNINGS"] = action
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter(action)
+            yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = before
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse(argv)
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
-        if args.stage in WRITERS:
-            with _locked(paths, args):
+        with library_warnings(getattr(args, "verbose", False)):
+            if args.stage in WRITERS:
+                with _locked(paths, args):
+                    args.handler(args, paths)
+            else:
                 args.handler(args, paths)
-        else:
-            args.handler(args, paths)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

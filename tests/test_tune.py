@@ -564,6 +564,20 @@ def test_a_failing_trial_says_why_and_the_study_goes_on(project: Path) -> None:
     assert "no complete trial yet" in result.stdout and states(study(project)) == ["FAIL"]
 
 
+@pytest.mark.slow
+def test_tune_status_shows_the_libraries_warnings_only_when_asked(tmp_path: Path) -> None:
+    """A database storage makes Optuna warn that heartbeats and retries are experimental: nothing a
+    user can act on, so shown only with VERBOSE=1 (--verbose)."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.create_study(study_name="s", storage=url)
+    args = ("tune-status", "--study", "s", "--storage", url)
+    quiet = run_cli(tmp_path, *args, env={"PYTHONWARNINGS": ""})
+    assert "study s: 0 complete" in quiet.stdout and quiet.stderr == "", quiet.stderr
+    verbose = run_cli(tmp_path, *args, "--verbose", env={"PYTHONWARNINGS": ""})
+    assert "study s: 0 complete" in verbose.stdout and "ExperimentalWarning" in verbose.stderr
+
+
 def test_a_study_of_distilled_runs_is_refused_before_any_trial(tmp_path: Path) -> None:
     base = replace(Settings(), folds=2, epochs=2, teacher="blend-abc123")
     with pytest.raises(PipelineError, match=r"TEACHER=blend-abc123: a study's trials are not distilled"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from typing import Any
 
 from pipeline.config import Paths, Settings
@@ -128,7 +127,6 @@ def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if pruner not in PRUNERS:
         raise PipelineError(f"PRUNER={pruner!r}: must be one of {', '.join(PRUNERS)}")
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30),
