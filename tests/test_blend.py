@@ -182,3 +182,13 @@ def test_blend_on_a_fresh_project_makes_the_run_first(tmp_path: Path) -> None:
     assert len(blends) == 1 and ensemble.read(blends[0]).weights == {the_run(tmp_path).id: 1}
     again = run_cli(tmp_path, "blend", *SAMPLE, *TINY)  # now there is a run: nothing is made
     assert "making the run" not in again.stdout and f"{blends[0].id} skipped" in again.stdout
+
+
+def test_blend_names_a_truncated_record_as_damaged(tmp_path: Path) -> None:
+    data, _ = tiny_data()
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])
+    _, skipped = blend.candidates(Paths(tmp_path), data, 2, 42, None)
+    assert len(skipped) == 1 and skipped[0].startswith("rnn-h32-e2-bad000: damaged: "), skipped
+    assert "run.json: not valid JSON" in skipped[0]
+    assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in skipped[0]

@@ -11,12 +11,15 @@ import pytest
 from conftest import (
     SAMPLE,
     TINY,
+    fake_run,
     run_cli,
     the_run,
+    tiny_data,
 )
 
 from pipeline.cli import main
 from pipeline.config import Paths, resolve
+from pipeline.errors import PipelineError
 from pipeline.stages import distill
 from pipeline.store.artifacts import PIXELS, Pseudo, RunDir, latest, load_prepared, write_probabilities
 from pipeline.store.ensemble import completed
@@ -137,3 +140,12 @@ def test_make_distill_is_a_run_like_any_other(run_copy: Path) -> None:
     assert student.id in run_cli(run_copy, "runs").stdout
     blended = run_cli(run_copy, "blend", "--folds", "2", "--runs", f"{teacher} {student.id}")
     assert "honest" in blended.stdout
+
+
+def test_a_teacher_with_a_truncated_record_is_named_damaged(tmp_path: Path) -> None:
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])
+    cfg = resolve(overrides={"teacher": "rnn-h32-e2-bad000"})
+    with pytest.raises(PipelineError, match=r"TEACHER=rnn-h32-e2-bad000: its record is damaged "
+                                            r"\(rnn-h32-e2-bad000/run.json: not valid JSON"):
+        distill.pseudo_rows(Paths(tmp_path), cfg, tiny_data()[0])

@@ -113,3 +113,15 @@ def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> N
     result = run_cli(tmp_path / "two_run_project", "forget", "--run", name, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_a_truncated_record_is_named_damaged_not_incomplete(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])  # a write cut short: not JSON any more
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    out, err = capsys.readouterr()
+    assert "rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: not valid JSON" in err
+    assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in err
+    assert "(damaged record)" in out and "(not complete)" not in out
