@@ -34,7 +34,7 @@ from pipeline.store.artifacts import (
     run_id,
     studies_dir,
 )
-from pipeline.store.ensemble import RunRecord
+from pipeline.store.ensemble import RunRecord, completed
 
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
@@ -49,9 +49,7 @@ def settings(args: argparse.Namespace, paths: Paths, data: Prepared) -> Settings
     given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
     if not getattr(args, "run", None):
         return resolve(preset=args.preset, file=args.config, overrides=given)
-    run = run_dir(paths, args.run)
-    if not run.config.is_file():
-        raise PipelineError(f"RUN={args.run}: no such run in {paths.runs}; `make runs` lists them")
+    run = named_run(args, paths)
     learned = sorted(k for k in given if Settings.__dataclass_fields__[k].metadata["learns"])
     if learned or args.preset or args.config:
         shown = ", ".join(k.upper() for k in learned) or "PRESET/CONFIG"
@@ -59,10 +57,46 @@ def settings(args: argparse.Namespace, paths: Paths, data: Prepared) -> Settings
                             "with it; leave RUN= out to train those settings as a run of their own")
     cfg = resolve(file=run.config, overrides=given)
     if run_id(cfg, data.data_key) != run.id:
-        raise PipelineError(f"RUN={args.run} was made from other data than input/*.csv now hold; "
-                            f"`make train CONFIG={run.config.relative_to(paths.root)}` trains its "
-                            "settings on this data")
+        raise PipelineError(_not_this_run(args.run, run, cfg, data, paths))
     return cfg
+
+
+def named_run(args: argparse.Namespace, paths: Paths) -> RunDir:
+    """The trained run RUN= names, with its settings (config.json); else a PipelineError saying what
+    the folder is (`make runs` lists every folder, so RUN= names each the way it does)."""
+    run = run_dir(paths, args.run)
+    if run.blend.is_file():
+        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
+                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
+                            f"`make report RUN={args.run}` draws it")
+    if run.config.is_file():
+        return run
+    if run.path.is_dir() and not run.path.is_symlink():
+        raise PipelineError(f"RUN={args.run}: runs/{args.run}/ holds a run stopped before its settings "
+                            "were recorded (it has no config.json): rerun the command that started it, "
+                            f"which resumes it, or `make forget RUN={args.run}` deletes it")
+    raise PipelineError(f"RUN={args.run}: no such run in {paths.runs}; `make runs` lists them")
+
+
+def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: Paths) -> str:
+    """Why config.json and input/ no longer give RUN='s id: as exactly as its record can tell."""
+    config = run.config.relative_to(paths.root)
+    try:
+        record = completed(run)
+    except PipelineError:
+        record = None
+    if record is not None and record.data == data.data_key:
+        edited = [f"{k.upper()}={v} (the run: {record.config.get(k)})" for k, v in cfg.learned().items()
+                  if k in record.config and record.config[k] != v]
+        return (f"RUN={name}: {config} no longer holds the settings the run was made with "
+                f"({', '.join(edited) or 'edited by hand'}); put them back, or `make train "
+                f"CONFIG={config}` trains the edited settings as a run of their own")
+    if record is not None:
+        return (f"RUN={name} was made from other data than input/*.csv now hold; `make train "
+                f"CONFIG={config}` trains its settings on this data")
+    return (f"RUN={name}: {config} and input/*.csv no longer give this run's id: its settings were "
+            f"edited, or the data changed since; `make train CONFIG={config}` trains those settings "
+            "on this data as a run of their own")
 
 
 def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
@@ -77,10 +111,8 @@ def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir,
     """Data, folds and a trained run (each skipped when current)."""
     from pipeline.stages import distill, folds, train
 
-    if getattr(args, "run", None) and run_dir(paths, args.run).blend.is_file():
-        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
-                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
-                            f"`make report RUN={args.run}` draws it")
+    if getattr(args, "run", None):
+        named_run(args, paths)  # before any data is made for it
 
     data = build_data(args, paths)
     cfg = settings(args, paths, data)

@@ -125,3 +125,21 @@ def test_a_truncated_record_is_named_damaged_not_incomplete(tmp_path: Path,
     assert "rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: not valid JSON" in err
     assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in err
     assert "(damaged record)" in out and "(not complete)" not in out
+
+
+def test_a_run_folder_without_settings_is_listed_as_runs_and_run_name_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped before anything recorded its settings (an older version wrote config.json only
+    once every fold was trained): `make runs` and RUN= say the same of it, and neither makes data."""
+    folder = tmp_path / "runs" / "rnn-h32-e9-stop00"
+    folder.mkdir(parents=True)
+    (folder / "fold_0.csv").write_text("epoch\n1\n")
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "rnn-h32-e9-stop00" in line)
+    assert "(interrupted, settings not recorded)" in row
+    for stage in ("train", "predict"):
+        assert main(["--root", str(tmp_path), stage, "--run", "rnn-h32-e9-stop00"]) == 1
+        err = capsys.readouterr().err
+        assert "no such run" not in err and "stopped before its settings were recorded" in err, err
+        assert "make forget RUN=rnn-h32-e9-stop00" in err
+    assert not (tmp_path / "input").exists()

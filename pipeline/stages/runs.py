@@ -51,11 +51,11 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise PipelineError(f"{run.config.name} is not a table of settings")
     if record is None:
+        state = "(not complete)" if run.config.is_file() else "(interrupted, settings not recorded)"
         return {"run": run.id, "model": config.get("model", ""), "changed settings":
                 describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
                 "fold spread": "", "time": "", "device": "", "source": "",
-                "size": size_text(run.size()), "finished": "(not complete)", "_acc": -1.0,
-                "_time": 0.0}
+                "size": size_text(run.size()), "finished": state, "_acc": -1.0, "_time": 0.0}
     if record.is_blend:
         changed = "blend: " + record.members().replace(", ", " ")
         acc = f"{record.accuracy:.4f} (in-sample {record.oof_acc:.4f})"

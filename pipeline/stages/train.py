@@ -230,6 +230,8 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
                 best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             checkpoint.save_state(run.state(fold), key, step, generator, history, best, best_weights,
                                   elapsed)
+            if not run.config.is_file():  # with the first state that resumes: RUN=<id> resumes it
+                write_json(run.config, asdict(cfg))
             write_csv(run.log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
             progress.update(history[-1])
             if on_epoch is not None:
@@ -321,7 +323,7 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
             todo.append(k)
     if todo:
         _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch, pseudo)
-    if not run_dir.config.is_file():  # written once the run's models exist, never before
+    if not run_dir.config.is_file():  # written with a fold's first saved epoch, never before
         write_json(run_dir.config, asdict(cfg))
     return [read_fold_record(run_dir, k) for k in folds]
 
