@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
 from pipeline.options import EVERY, OPTIONS, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
+from pipeline.store import ensemble
 from pipeline.store.artifacts import (
     Prepared,
     RunDir,
@@ -119,7 +120,7 @@ def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir,
     fold_of = folds.run(cfg, paths, data)
     run = run_dir(paths, run_id(cfg, data.data_key))
     fold = getattr(args, "fold", None)
-    pseudo = distill.pseudo_rows(paths, cfg, data) if cfg.teacher else None
+    pseudo = distill.pseudo_rows(paths, cfg, data, student=run) if cfg.teacher else None
     records = train.run(cfg, paths, run, data, fold_of, folds=None if fold is None else [fold],
                         force=args.force and args.stage == "train", pseudo=pseudo)
     return cfg, run, data, fold_of, records
@@ -168,12 +169,26 @@ def _submit(args: argparse.Namespace, paths: Paths) -> None:
 
 def _distill(args: argparse.Namespace, paths: Paths) -> None:
     if not args.teacher and not args.run:
-        args.teacher = latest(paths)
-        if args.teacher is None:
-            raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
-                                "blend first (`make submit`, `make blend`), or name one with TEACHER=")
-        print(f"distill: TEACHER={args.teacher} (the latest run or blend; TEACHER= picks another)")
+        args.teacher, said = default_teacher(paths)
+        print(f"distill: TEACHER={args.teacher} ({said}; TEACHER= picks another)")
     _submit(args, paths)
+
+
+def default_teacher(paths: Paths) -> tuple[str, str]:
+    """The latest run or blend, else (forgotten, unfinished or damaged) the newest complete one, with
+    the words that say which; a PipelineError when there is none."""
+    name = latest(paths)
+    try:
+        if name is not None and completed(run_dir(paths, name)) is not None:
+            return name, "the latest run or blend"
+        why = "runs/latest names none" if name is None else f"runs/latest names {name}, not a complete run"
+    except PipelineError:
+        why = f"runs/latest names {name}, whose record is damaged"
+    newest = ensemble.newest(paths)
+    if newest is None:
+        raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
+                            "blend first (`make submit`, `make blend`), or name one with TEACHER=")
+    return newest.id, f"the newest complete run or blend: {why}"
 
 
 def _blend(args: argparse.Namespace, paths: Paths) -> None:

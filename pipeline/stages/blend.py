@@ -181,6 +181,6 @@ def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold
     return RunRecord(
         kind="blend", model="blend", **ensemble.scores(cv),
         seconds=sum(m.record.seconds for m in chosen) + time.perf_counter() - started,
-        finished=time.time(), data=data.data_key, folds=int(fold_of.max()) + 1,
+        finished=time.time(), data=data.data_key, test_data=data.test_key, folds=int(fold_of.max()) + 1,
         fold_seed=chosen[0].record.fold_seed, source=data_source(paths), weights=weights, mean=mean,
         oof_acc_honest=honest)

@@ -321,6 +321,11 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
     for k in folds:
         if fold_stale(run_dir, k, fold_of, pseudo, force=force):
             todo.append(k)
+    if todo and pseudo is not None and pseudo.teacher_gone:
+        raise PipelineError(f"TEACHER={cfg.teacher}: no such run or blend any more (forgotten?), and "
+                            f"folds {todo} of {run_dir.id} need its test predictions to train, so they "
+                            "cannot be trained; distill from another teacher (TEACHER=<id>; `make runs` "
+                            "lists them)")
     if todo:
         _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch, pseudo)
     if not run_dir.config.is_file():  # written with a fold's first saved epoch, never before

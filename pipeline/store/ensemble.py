@@ -21,8 +21,9 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import RunDir, mark_current, read_probabilities, write_probabilities
+from pipeline.store.artifacts import RunDir, all_runs, mark_current, read_probabilities, write_probabilities
 from pipeline.store.io import write_csv, write_json
 from pipeline.store.submission import validate_file, validate_frame
 
@@ -56,6 +57,7 @@ class RunRecord:
     mean: str | None = None  # a blend: prob or logprob
     kept: str = ""  # the kept copy of its submission in submissions/
     key: str = ""  # the fingerprint of the inputs it was made from (the freshness rule)
+    test_data: str = ""  # the test images' key alone (Prepared.test_key; "" in older records)
     inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -99,7 +101,7 @@ def parse(made: Any, where: Path) -> RunRecord:
     if not isinstance(made.get("key"), str) or not made["key"]:
         bad.append("key")
     for name, kind in (("config", dict), ("weights", dict), ("inputs", dict), ("model", str),
-                       ("data", str), ("kept", str), ("device", str), ("source", str)):
+                       ("data", str), ("kept", str), ("device", str), ("source", str), ("test_data", str)):
         if name in made and not isinstance(made[name], kind):
             bad.append(name)
     for name, required in (("folds", True), ("tta", False), ("seed", False), ("fold_seed", False)):
@@ -157,6 +159,19 @@ def completed(run: RunDir) -> RunRecord | None:
     if not all(p.is_file() for p in (run.oof, run.test, run.submission)):
         return None
     return parse(made, run.record)
+
+
+def newest(paths: Paths) -> RunDir | None:
+    """The complete run or blend that finished last (a damaged one is left out); None for none."""
+    found = []
+    for run in all_runs(paths):
+        try:
+            record = completed(run)
+        except PipelineError:
+            continue
+        if record is not None:
+            found.append((record.finished, run.id))
+    return RunDir(paths.runs / max(found)[1]) if found else None
 
 
 def save(run: RunDir, record: RunRecord) -> RunRecord:
