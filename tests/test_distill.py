@@ -181,6 +181,22 @@ def test_a_teacher_of_another_train_csv_is_refused_for_what_differs(run_copy: Pa
     assert not [r for r in all_runs(Paths(run_copy)) if "-kd-" in r.id]
 
 
+def test_a_threshold_that_keeps_no_test_row_stops_before_training(run_copy: Path) -> None:
+    teacher = the_run(run_copy)
+    n = len(pd.read_csv(teacher.test))
+    probs = np.full((n, 10), 0.02)
+    probs[:, 0] = 0.82
+    probs[::3] = 0.1  # every third row: no confidence at all
+    write_probabilities(teacher.test, probs, {"ImageId": np.arange(1, n + 1)})
+    result = run_cli(run_copy, "distill", "--teacher", teacher.id, *TINY, "--distill-threshold", "0.9",
+                     check=False)
+    assert result.returncode == 1, result.stdout
+    assert f"DISTILL_THRESHOLD=0.9 keeps 0 of {n} test rows" in result.stderr
+    assert "most confident row has 0.82" in result.stderr
+    assert f"DISTILL_THRESHOLD=0.82 keeps {n - len(probs[::3])}" in result.stderr
+    assert not [r for r in all_runs(Paths(run_copy)) if "-kd-" in r.id]
+
+
 @pytest.mark.slow
 def test_distill_after_the_latest_run_is_forgotten_picks_the_newest_left(two_run_project: Path) -> None:
     paths = Paths(two_run_project)

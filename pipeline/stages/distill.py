@@ -9,6 +9,8 @@ unseen digits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.config import Paths, Settings
@@ -52,7 +54,10 @@ def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared, student: RunDir | N
             or (probs.sum(1) <= 0).any():
         raise PipelineError(f"{teacher.test}: expected {len(data.test_x)} rows of probabilities; "
                             f"{ensemble.remake(teacher)}")
-    keep = probs.max(1) >= cfg.distill_threshold
+    confidence = probs.max(1)
+    keep = confidence >= cfg.distill_threshold
+    if not keep.any():
+        raise PipelineError(keeps_nothing(cfg.distill_threshold, confidence))
     targets = temper(probs[keep] / probs[keep].sum(1, keepdims=True), cfg.distill_temperature)
     print(f"distill: teacher {teacher.id} (OOF accuracy {record.accuracy:.4f}): {int(keep.sum())} of "
           f"{len(keep)} test rows with confidence >= {cfg.distill_threshold:g}, temperature "
@@ -75,6 +80,17 @@ def same_data(cfg: Settings, record: RunRecord, data: Prepared) -> None:
                             f"predictions are of other digits; {again}")
     raise PipelineError(f"TEACHER={cfg.teacher} was made from other data than input/*.csv now hold; "
                         f"{again}")
+
+
+def keeps_nothing(threshold: float, confidence: np.ndarray) -> str:
+    """Why no test row is kept, and the threshold (two decimals) that keeps the most confident."""
+    top = float(confidence.max())
+    lower = math.floor(top * 100 + 1e-9) / 100
+    while lower > 0 and not (confidence >= lower).any():  # 0.29 * 100 is 28.999...: step down
+        lower = round(lower - 0.01, 2)
+    return (f"DISTILL_THRESHOLD={threshold:g} keeps 0 of {len(confidence)} test rows: the teacher's "
+            f"most confident row has {top:.4g}; DISTILL_THRESHOLD={lower:g} keeps "
+            f"{int((confidence >= lower).sum())} (nothing was trained)")
 
 
 def trained_with(student: RunDir, cfg: Settings) -> Pseudo | None:
