@@ -21,7 +21,7 @@ from dataclasses import fields
 from typing import Any, Literal
 
 from pipeline.config import FALSE, TRUE, Paths, Settings, resolve
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.kaggle import notebook
 from pipeline.options import EVERY, OPTIONS, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"\ninterrupted {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
