@@ -561,6 +561,26 @@ def test_ctrl_c_while_waiting_for_the_score_names_the_upload_not_a_rerun(
 
 
 @pytest.mark.slow
+def test_lb_keeps_each_row_on_one_line_and_names_a_damaged_ledger_line(
+        root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
+    """A description typed with a newline stays in its row; a torn line of submissions/runs.jsonl
+    is named once, the lines around it still read."""
+    fake.listed = [{**OLDER, "description": "first line\nsecond line"}]
+    book = root / "submissions" / "runs.jsonl"
+    book.parent.mkdir()
+    upload_entry = {"kind": "upload", "ref": 1111, "run": "rnn-h8-e1-000000", "message": "m",
+                    "status": "pending"}
+    book.write_text('{"run": "rnn-h8-e1-000000", "model": "rnn"}\n{"kind": "upl\n'
+                    + json.dumps(upload_entry) + "\n")
+    listed = run_cli(root, "lb", env=env, **CLIENT)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 4, listed.stdout  # header, rule, one row, the closing line
+    assert "first line\\nsecond line" in lines[2] and lines[2].rstrip().endswith("rnn-h8-e1-000000")
+    assert listed.stderr.count("runs.jsonl") == 1 and "line 2" in listed.stderr, listed.stderr
+
+
+@pytest.mark.slow
 def test_a_score_that_fails_to_arrive_never_loses_the_upload(root: Path, env: dict[str, str],
                                                              fake: FakeKaggle, submission: Path) -> None:
     fake.list_error = (500, "Internal error")

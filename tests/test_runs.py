@@ -143,3 +143,17 @@ def test_a_run_folder_without_settings_is_listed_as_runs_and_run_name_it(
         assert "no such run" not in err and "stopped before its settings were recorded" in err, err
         assert "make forget RUN=rnn-h32-e9-stop00" in err
     assert not (tmp_path / "input").exists()
+
+
+def test_a_damaged_line_of_the_ledger_is_named_once_and_the_rest_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    book = tmp_path / "submissions" / "runs.jsonl"
+    book.parent.mkdir()
+    entries = [{"kind": "upload", "ref": 7, "run": "rnn-h32-e2-good00", "message": "m", "status": "pending"},
+               {"kind": "score", "ref": 7, "status": "complete", "public_score": 0.971}]
+    book.write_text(json.dumps(entries[0]) + "\n" + '{"kind": "sco' + "\n" + json.dumps(entries[1]) + "\n")
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("runs.jsonl") == 1 and "line 2" in err, err
+    assert "0.97100" in next(line for line in out.splitlines() if "rnn-h32-e2-good00" in line)

@@ -13,7 +13,13 @@ from pipeline.options import FORMATS, SORTS, default
 from pipeline.store import ensemble
 from pipeline.store.artifacts import STUDIES, RunDir, all_runs, latest, run_dir
 from pipeline.store.io import read_json
-from pipeline.store.ledger import format_seconds, format_table, leaderboard_by_run, score_text
+from pipeline.store.ledger import (
+    format_seconds,
+    format_table,
+    leaderboard_by_run,
+    score_text,
+    warn_damaged,
+)
 
 COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")
@@ -90,6 +96,7 @@ def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format"))
         raise PipelineError(f"SORT={sort!r}: must be one of {', '.join(SORTS)}")
     if fmt not in FORMATS:
         raise PipelineError(f"FORMAT={fmt!r}: must be one of {', '.join(FORMATS)}")
+    warn_damaged(paths, "runs")
     text = table(paths, sort, fmt)
     sys.stdout.write(text + "\n")
     return text

@@ -103,6 +103,7 @@ def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = de
 
     with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:
         listed = kaggle_api.submissions(COMPETITION, Path(workdir), timeout)
+    ledger.warn_damaged(paths, "lb")
     known = ledger.uploads(paths)
     rows = []
     for sub in listed:
