@@ -127,7 +127,7 @@ def test_a_truncated_record_is_named_damaged_not_incomplete(tmp_path: Path,
     assert "(damaged record)" in out and "(not complete)" not in out
 
 
-def test_a_run_folder_without_settings_is_listed_as_runs_and_run_name_it(
+def test_runs_and_run_say_the_same_of_a_folder_without_settings(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run stopped before anything recorded its settings (an older version wrote config.json only
     once every fold was trained): `make runs` and RUN= say the same of it, and neither makes data."""
