@@ -13,17 +13,21 @@ read: a variable a shell exports under an option's name (SEED, MODEL, DEVICE...)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import fields
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import FALSE, TRUE, Paths, Settings, resolve
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.kaggle import notebook
 from pipeline.options import EVERY, OPTIONS, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
+from pipeline.store import ensemble
 from pipeline.store.artifacts import (
     Prepared,
     RunDir,
@@ -33,7 +37,7 @@ from pipeline.store.artifacts import (
     run_id,
     studies_dir,
 )
-from pipeline.store.ensemble import RunRecord
+from pipeline.store.ensemble import RunRecord, completed
 
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
@@ -48,9 +52,7 @@ def settings(args: argparse.Namespace, paths: Paths, data: Prepared) -> Settings
     given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
     if not getattr(args, "run", None):
         return resolve(preset=args.preset, file=args.config, overrides=given)
-    run = run_dir(paths, args.run)
-    if not run.config.is_file():
-        raise PipelineError(f"RUN={args.run}: no such run in {paths.runs}; `make runs` lists them")
+    run = named_run(args, paths)
     learned = sorted(k for k in given if Settings.__dataclass_fields__[k].metadata["learns"])
     if learned or args.preset or args.config:
         shown = ", ".join(k.upper() for k in learned) or "PRESET/CONFIG"
@@ -58,10 +60,46 @@ def settings(args: argparse.Namespace, paths: Paths, data: Prepared) -> Settings
                             "with it; leave RUN= out to train those settings as a run of their own")
     cfg = resolve(file=run.config, overrides=given)
     if run_id(cfg, data.data_key) != run.id:
-        raise PipelineError(f"RUN={args.run} was made from other data than input/*.csv now hold; "
-                            f"`make train CONFIG={run.config.relative_to(paths.root)}` trains its "
-                            "settings on this data")
+        raise PipelineError(_not_this_run(args.run, run, cfg, data, paths))
     return cfg
+
+
+def named_run(args: argparse.Namespace, paths: Paths) -> RunDir:
+    """The trained run RUN= names, with its settings (config.json); else a PipelineError saying what
+    the folder is (`make runs` lists every folder, so RUN= names each the way it does)."""
+    run = run_dir(paths, args.run)
+    if run.blend.is_file():
+        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
+                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
+                            f"`make report RUN={args.run}` draws it")
+    if run.config.is_file():
+        return run
+    if run.path.is_dir() and not run.path.is_symlink():
+        raise PipelineError(f"RUN={args.run}: runs/{args.run}/ holds a run stopped before its settings "
+                            "were recorded (it has no config.json): rerun the command that started it, "
+                            f"which resumes it, or `make forget RUN={args.run}` deletes it")
+    raise PipelineError(f"RUN={args.run}: no such run in {paths.runs}; `make runs` lists them")
+
+
+def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: Paths) -> str:
+    """Why config.json and input/ no longer give RUN='s id: as exactly as its record can tell."""
+    config = run.config.relative_to(paths.root)
+    try:
+        record = completed(run)
+    except PipelineError:
+        record = None
+    if record is not None and record.data == data.data_key:
+        edited = [f"{k.upper()}={v} (the run: {record.config.get(k)})" for k, v in cfg.learned().items()
+                  if k in record.config and record.config[k] != v]
+        return (f"RUN={name}: {config} no longer holds the settings the run was made with "
+                f"({', '.join(edited) or 'edited by hand'}); put them back, or `make train "
+                f"CONFIG={config}` trains the edited settings as a run of their own")
+    if record is not None:
+        return (f"RUN={name} was made from other data than input/*.csv now hold; `make train "
+                f"CONFIG={config}` trains its settings on this data")
+    return (f"RUN={name}: {config} and input/*.csv no longer give this run's id: its settings were "
+            f"edited, or the data changed since; `make train CONFIG={config}` trains those settings "
+            "on this data as a run of their own")
 
 
 def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
@@ -76,17 +114,15 @@ def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir,
     """Data, folds and a trained run (each skipped when current)."""
     from pipeline.stages import distill, folds, train
 
-    if getattr(args, "run", None) and run_dir(paths, args.run).blend.is_file():
-        raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
-                            f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
-                            f"`make report RUN={args.run}` draws it")
+    if getattr(args, "run", None):
+        named_run(args, paths)  # before any data is made for it
 
     data = build_data(args, paths)
     cfg = settings(args, paths, data)
     fold_of = folds.run(cfg, paths, data)
     run = run_dir(paths, run_id(cfg, data.data_key))
     fold = getattr(args, "fold", None)
-    pseudo = distill.pseudo_rows(paths, cfg, data) if cfg.teacher else None
+    pseudo = distill.pseudo_rows(paths, cfg, data, student=run) if cfg.teacher else None
     records = train.run(cfg, paths, run, data, fold_of, folds=None if fold is None else [fold],
                         force=args.force and args.stage == "train", pseudo=pseudo)
     return cfg, run, data, fold_of, records
@@ -135,12 +171,26 @@ def _submit(args: argparse.Namespace, paths: Paths) -> None:
 
 def _distill(args: argparse.Namespace, paths: Paths) -> None:
     if not args.teacher and not args.run:
-        args.teacher = latest(paths)
-        if args.teacher is None:
-            raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
-                                "blend first (`make submit`, `make blend`), or name one with TEACHER=")
-        print(f"distill: TEACHER={args.teacher} (the latest run or blend; TEACHER= picks another)")
+        args.teacher, said = default_teacher(paths)
+        print(f"distill: TEACHER={args.teacher} ({said}; TEACHER= picks another)")
     _submit(args, paths)
+
+
+def default_teacher(paths: Paths) -> tuple[str, str]:
+    """The latest run or blend, else (forgotten, unfinished or damaged) the newest complete one, with
+    the words that say which; a PipelineError when there is none."""
+    name = latest(paths)
+    try:
+        if name is not None and completed(run_dir(paths, name)) is not None:
+            return name, "the latest run or blend"
+        why = "runs/latest names none" if name is None else f"runs/latest names {name}, not a complete run"
+    except PipelineError:
+        why = f"runs/latest names {name}, whose record is damaged"
+    newest = ensemble.newest(paths)
+    if newest is None:
+        raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
+                            "blend first (`make submit`, `make blend`), or name one with TEACHER=")
+    return newest.id, f"the newest complete run or blend: {why}"
 
 
 def _blend(args: argparse.Namespace, paths: Paths) -> None:
@@ -326,19 +376,46 @@ def _locked(paths: Paths, args: argparse.Namespace) -> Any:
     return project_lock(paths, f"make {args.stage}", nowait=args.nowait)
 
 
+@contextlib.contextmanager
+def library_warnings(verbose: bool) -> Iterator[None]:
+    """The warnings of the libraries underneath (Optuna's ExperimentalWarning, PyTorch's, pandas')
+    speak of code a user does not call, so they are hidden unless VERBOSE=1; the processes a stage
+    starts (fold and trial workers) inherit the choice through PYTHONWARNINGS. A PYTHONWARNINGS the
+    user set is left to rule."""
+    before = os.environ.get("PYTHONWARNINGS")
+    if before:
+        yield
+        return
+    action: Literal["default", "ignore"] = "default" if verbose else "ignore"
+    os.environ["PYTHONWARNINGS"] = action
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter(action)
+            yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = before
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse(argv)
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
-        if args.stage in WRITERS:
-            with _locked(paths, args):
+        with library_warnings(getattr(args, "verbose", False)):
+            if args.stage in WRITERS:
+                with _locked(paths, args):
+                    args.handler(args, paths)
+            else:
                 args.handler(args, paths)
-        else:
-            args.handler(args, paths)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"\ninterrupted {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         return 130

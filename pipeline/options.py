@@ -24,6 +24,9 @@ DATA_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "di
                "report", "tune")
 SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune")
 EVERY = "every command"  # an option of the command line itself, before the stage
+# Every stage, in the order `python -m pipeline --help` lists them (pipeline/cli.py's STAGES).
+ALL_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "report",
+              "tune", "tune-status", "runs", "forget", "upload", "lb")
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
         "tune": "", "tune-status": "", "report": "draw this tuning study instead of a run"},
            default="rnn", stage_defaults={"report": None}),
     Option("storage", "an Optuna database URL shared by several machines, e.g. "
-           "postgresql://user:pass@host/db (default: a journal in runs/tune/<study>/)",
+           "postgresql://user:pass@host/db, an '@' in the password written %40 (default: a journal in "
+           "runs/tune/<study>/)",
            _each(("tune", "tune-status", "report"))),
     Option("trials", "run until the study has this many finished trials", {"tune": ""}, default=20,
            type=int),
@@ -105,6 +109,8 @@ OPTIONS: tuple[Option, ...] = (
            {"upload": ""}, default=""),
     Option("wait", "seconds to wait for Kaggle to score the submission, 0 to not wait (`make lb` "
            "shows a score that comes later)", {"upload": ""}, default=120.0, type=float),
+    Option("verbose", "also show the warnings of the libraries underneath (Optuna, PyTorch, pandas...), "
+           "hidden by default: they speak of code a user does not call", _each(ALL_STAGES), flag=True),
     Option("nowait", "when another command holds the project, stop at once instead of waiting",
            {EVERY: ""}, flag=True),
     Option("root", "the project folder holding input/, runs/, submissions/ (default: this repository)",
@@ -121,7 +127,8 @@ SETTING_ROWS = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"),
                 ("device", "jobs"), ("cuda_graph", "amp"))
 OPTION_ROWS = (("preset", "config"), ("run", "fold"), ("force",), ("runs", "mean"), ("source", "dir"),
                ("timeout", "message", "wait"), ("trials", "workers"), ("study", "storage", "space"),
-               ("tune_folds", "pruner"), ("sort", "format"), ("nowait",), ("root",))
+               ("tune_folds", "pruner"), ("sort", "format"), ("nowait", "verbose"),
+               ("root",))
 
 
 def default(name: str) -> Any:
@@ -144,6 +151,8 @@ def shown(value: Any) -> str:
 def _stages_text(option: Option) -> str:
     if option.stages.keys() == {EVERY}:
         return EVERY
+    if set(option.stages) == set(ALL_STAGES):
+        return "every stage"
     names = list(option.stages)
     if set(DATA_STAGES) <= set(names):
         return "every stage that reads the data" + "".join(

@@ -82,15 +82,17 @@ def run_cli(root: Path | None, *args: str, check: bool = True, env: dict[str, st
 
 
 def start_cli(root: Path | None, *args: str, env: dict[str, str] | None = None, output: bool = False,
-              sigint: bool = False) -> subprocess.Popen[str]:
+              sigint: bool = False, full_env: bool = False) -> subprocess.Popen[str]:
     """`python -m pipeline --root ROOT ARGS...` started in a process of its own, for the tests that
     kill or interrupt it. output=True pipes its stdout and stderr (text); otherwise they are dropped.
     sigint=True lets it see Ctrl-C as a terminal user's program does: a test runner started in the
-    background inherits SIGINT ignored."""
+    background inherits SIGINT ignored. Its environment: os.environ updated by env, or env alone
+    with full_env=True (as run_cli)."""
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    environment = {**(env or {})} if full_env else {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *_command(root, args)], cwd=REPO,
                             stdout=pipe, stderr=pipe, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            env={"PYTHONUNBUFFERED": "1", **environment},
                             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
                             if sigint else None)
 

@@ -151,6 +151,20 @@ def test_blend_refuses_runs_on_other_folds(two_run_project: Path) -> None:
 
 
 @pytest.mark.slow
+def test_blend_with_every_run_on_other_folds_lists_them_and_trains_nothing(two_run_project: Path) -> None:
+    """FOLDS forgotten (the default 5; the runs are on 2): the runs skipped are listed with their
+    folds and the command says which settings blend them; it trains no run unasked."""
+    before = {r.id for r in all_runs(Paths(two_run_project))}
+    result = run_cli(two_run_project, "blend", "--epochs", "1", "--hidden", "8", check=False)
+    assert result.returncode == 1, result.stdout
+    for name in before:
+        assert f"blend: skipped {name}: on other folds (2 folds, FOLD_SEED 42)" in result.stdout
+    assert "`make blend FOLDS=2 FOLD_SEED=42` blends those" in result.stderr, result.stderr
+    assert "making the run" not in result.stdout and "train:" not in result.stdout
+    assert {r.id for r in all_runs(Paths(two_run_project))} == before
+
+
+@pytest.mark.slow
 def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "blend", "--runs", "ok ../../etc", check=False)
     assert result.returncode == 1 and "RUNS='../../etc': not a run name" in result.stderr
@@ -182,3 +196,13 @@ def test_blend_on_a_fresh_project_makes_the_run_first(tmp_path: Path) -> None:
     assert len(blends) == 1 and ensemble.read(blends[0]).weights == {the_run(tmp_path).id: 1}
     again = run_cli(tmp_path, "blend", *SAMPLE, *TINY)  # now there is a run: nothing is made
     assert "making the run" not in again.stdout and f"{blends[0].id} skipped" in again.stdout
+
+
+def test_blend_names_a_truncated_record_as_damaged(tmp_path: Path) -> None:
+    data, _ = tiny_data()
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])
+    _, skipped = blend.candidates(Paths(tmp_path), data, 2, 42, None)
+    assert len(skipped) == 1 and skipped[0].startswith("rnn-h32-e2-bad000: damaged: "), skipped
+    assert "run.json: not valid JSON" in skipped[0]
+    assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in skipped[0]

@@ -143,6 +143,23 @@ def test_a_run_is_named_by_run(run_copy: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_edited_config_is_named_and_changed_data_is_said_to_be(run_copy: Path) -> None:
+    """RUN= whose config.json was edited by hand: the file and the setting are named, not the data;
+    once the data changes too, the data is named."""
+    run = the_run(run_copy)
+    config = json.loads(run.config.read_text())
+    run.config.write_text(json.dumps({**config, "hidden": 64}))
+    edited = run_cli(run_copy, "predict", "--run", run.id, check=False)
+    assert edited.returncode == 1 and "other data" not in edited.stderr, edited.stderr
+    assert f"runs/{run.id}/config.json" in edited.stderr and "HIDDEN=64 (the run: 32)" in edited.stderr
+    run.config.write_text(json.dumps(config))
+    train_csv = Paths(run_copy).train_csv
+    train_csv.write_text("".join(train_csv.read_text().splitlines(keepends=True)[:-1]))
+    moved = run_cli(run_copy, "predict", "--run", run.id, check=False)
+    assert moved.returncode == 1 and "made from other data than input/*.csv now hold" in moved.stderr
+
+
+@pytest.mark.slow
 def test_options_exist_on_the_stage_clis() -> None:
     for stage in ("folds", "train", "predict", "submit", "blend"):
         text = run_cli(REPO, stage, "--help").stdout

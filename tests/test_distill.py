@@ -11,14 +11,25 @@ import pytest
 from conftest import (
     SAMPLE,
     TINY,
+    fake_run,
     run_cli,
     the_run,
+    tiny_data,
 )
 
 from pipeline.cli import main
 from pipeline.config import Paths, resolve
+from pipeline.errors import PipelineError
 from pipeline.stages import distill
-from pipeline.store.artifacts import PIXELS, Pseudo, RunDir, latest, load_prepared, write_probabilities
+from pipeline.store.artifacts import (
+    PIXELS,
+    Pseudo,
+    RunDir,
+    all_runs,
+    latest,
+    load_prepared,
+    write_probabilities,
+)
 from pipeline.store.ensemble import completed
 
 # A student that can memorise 200 noise images: wide enough, no augmentation, no smoothing.
@@ -68,8 +79,8 @@ def test_the_distilled_estimate_stays_honest_where_a_leak_would_show(
 
     honest_rows = distill.pseudo_rows
 
-    def leaking(paths: Paths, cfg, data) -> Pseudo:
-        test = honest_rows(paths, cfg, data)
+    def leaking(paths: Paths, cfg, data, student=None) -> Pseudo:
+        test = honest_rows(paths, cfg, data, student)
         oof = pd.read_csv(paths.runs / cfg.teacher / "oof.csv")
         probs = oof[[f"p{c}" for c in range(10)]].to_numpy(np.float32)
         return Pseudo(np.concatenate([test.images, data.train_x]),
@@ -105,7 +116,7 @@ def test_pseudo_rows_are_the_teachers_test_rows_tempered_and_thresholded(tmp_pat
 
 @pytest.mark.parametrize("args, words", [
     (("--teacher", "nope"), "TEACHER=nope: no completed run or blend"),
-    (("--teacher", "../x"), "not a run name"),
+    (("--teacher", "../x"), "TEACHER='../x': not a run name"),
 ])
 def test_a_missing_teacher_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     args: tuple[str, ...], words: str) -> None:
@@ -137,3 +148,62 @@ def test_make_distill_is_a_run_like_any_other(run_copy: Path) -> None:
     assert student.id in run_cli(run_copy, "runs").stdout
     blended = run_cli(run_copy, "blend", "--folds", "2", "--runs", f"{teacher} {student.id}")
     assert "honest" in blended.stdout
+    # Its teacher forgotten, the student's trained folds still predict; a fold to train cannot.
+    run_cli(run_copy, "forget", "--run", teacher)
+    alone = run_cli(run_copy, "predict", "--run", student.id)
+    assert f"TEACHER={teacher} is gone" in alone.stdout and "train: fold 1 skipped" in alone.stdout
+    assert student.id in alone.stdout and "OOF accuracy" in alone.stdout
+    student.model(1).unlink()
+    stuck = run_cli(run_copy, "predict", "--run", student.id, check=False)
+    assert stuck.returncode == 1 and f"TEACHER={teacher}" in stuck.stderr and "[1]" in stuck.stderr
+    assert not student.model(1).exists()
+
+
+def test_a_teacher_with_a_truncated_record_is_named_damaged(tmp_path: Path) -> None:
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])
+    cfg = resolve(overrides={"teacher": "rnn-h32-e2-bad000"})
+    with pytest.raises(PipelineError, match=r"TEACHER=rnn-h32-e2-bad000: its record is damaged "
+                                            r"\(rnn-h32-e2-bad000/run.json: not valid JSON"):
+        distill.pseudo_rows(Paths(tmp_path), cfg, tiny_data()[0])
+
+
+@pytest.mark.slow
+def test_a_teacher_of_another_train_csv_is_refused_for_what_differs(run_copy: Path) -> None:
+    """The teacher learned from another train.csv; test.csv is byte for byte the same, so its test
+    predictions are of these very digits: what differs is named, nothing is trained."""
+    teacher = the_run(run_copy).id
+    train_csv = Paths(run_copy).train_csv
+    train_csv.write_text("".join(train_csv.read_text().splitlines(keepends=True)[:-1]))
+    result = run_cli(run_copy, "distill", "--teacher", teacher, *TINY, check=False)
+    assert result.returncode == 1 and "other digits" not in result.stderr, result.stderr
+    assert "another input/train.csv" in result.stderr and "input/test.csv is the same" in result.stderr
+    assert not [r for r in all_runs(Paths(run_copy)) if "-kd-" in r.id]
+
+
+def test_a_threshold_that_keeps_no_test_row_stops_before_training(run_copy: Path) -> None:
+    teacher = the_run(run_copy)
+    n = len(pd.read_csv(teacher.test))
+    probs = np.full((n, 10), 0.02)
+    probs[:, 0] = 0.82
+    probs[::3] = 0.1  # every third row: no confidence at all
+    write_probabilities(teacher.test, probs, {"ImageId": np.arange(1, n + 1)})
+    result = run_cli(run_copy, "distill", "--teacher", teacher.id, *TINY, "--distill-threshold", "0.9",
+                     check=False)
+    assert result.returncode == 1, result.stdout
+    assert f"DISTILL_THRESHOLD=0.9 keeps 0 of {n} test rows" in result.stderr
+    assert "most confident row has 0.82" in result.stderr
+    assert f"DISTILL_THRESHOLD=0.82 keeps {n - len(probs[::3])}" in result.stderr
+    assert not [r for r in all_runs(Paths(run_copy)) if "-kd-" in r.id]
+
+
+@pytest.mark.slow
+def test_distill_after_the_latest_run_is_forgotten_picks_the_newest_left(two_run_project: Path) -> None:
+    paths = Paths(two_run_project)
+    rows, cols = the_run(two_run_project, "rnn-h32"), the_run(two_run_project, "rnn-cols")
+    assert latest(paths) == cols.id
+    run_cli(two_run_project, "forget", "--run", cols.id)
+    # A threshold no row reaches stops before training: what is looked at is the teacher picked.
+    result = run_cli(two_run_project, "distill", *TINY, "--distill-threshold", "1", check=False)
+    assert f"distill: TEACHER={rows.id} (the newest complete run or blend" in result.stdout, result.stdout
+    assert "make a run or a blend first" not in result.stderr

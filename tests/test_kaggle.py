@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from conftest import (
     run_cli,
     run_make,
     snapshot,
+    start_cli,
 )
 from fake_kaggle import SUBMIT_OK, FakeKaggle, make_zip
 
@@ -536,6 +538,46 @@ def test_never_scored_within_wait_stays_pending_until_lb(root: Path, env: dict[s
     lines = ledger.runs_path(Paths(root)).read_text().count("\n")
     assert run_cli(root, "lb", "--format", "csv", env=env, **CLIENT).returncode == 0
     assert ledger.runs_path(Paths(root)).read_text().count("\n") == lines  # nothing new to record
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_the_score_names_the_upload_not_a_rerun(
+        root: Path, env: dict[str, str], fake: FakeKaggle, submission: Path) -> None:
+    """A rerun would upload a second time (a daily submission spent): the message names the
+    recorded reference and `make lb`, which brings the score."""
+    fake.score_script = ["pending"]
+    proc = start_cli(root, "upload", "--message", "tiny rnn", "--wait", "60", env=env, full_env=True,
+                     output=True, sigint=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and fake.list_calls == 0:  # taken, recorded, now polling
+        time.sleep(0.05)
+    assert fake.list_calls, "the upload never started waiting for its score"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "reference 4242" in err and "`make lb` brings its score" in err, err
+    assert "rerun the same command" not in err
+    assert ledger.uploads(Paths(root))[4242]["status"] == "pending" and len(fake.made) == 1
+
+
+@pytest.mark.slow
+def test_lb_keeps_each_row_on_one_line_and_names_a_damaged_ledger_line(
+        root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
+    """A description typed with a newline stays in its row; a torn line of submissions/runs.jsonl
+    is named once, the lines around it still read."""
+    fake.listed = [{**OLDER, "description": "first line\nsecond line"}]
+    book = root / "submissions" / "runs.jsonl"
+    book.parent.mkdir()
+    upload_entry = {"kind": "upload", "ref": 1111, "run": "rnn-h8-e1-000000", "message": "m",
+                    "status": "pending"}
+    book.write_text('{"run": "rnn-h8-e1-000000", "model": "rnn"}\n{"kind": "upl\n'
+                    + json.dumps(upload_entry) + "\n")
+    listed = run_cli(root, "lb", env=env, **CLIENT)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 4, listed.stdout  # header, rule, one row, the closing line
+    assert "first line\\nsecond line" in lines[2] and lines[2].rstrip().endswith("rnn-h8-e1-000000")
+    assert listed.stderr.count("runs.jsonl") == 1 and "line 2" in listed.stderr, listed.stderr
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from conftest import REPO, run_make
 
 from pipeline.cli import STAGES, build_parser
 from pipeline.config import Settings
-from pipeline.options import EVERY, OPTIONS, markdown
+from pipeline.options import ALL_STAGES, EVERY, OPTIONS, markdown
 
 SETTINGS = {f.name for f in fields(Settings)}
 CLI_ONLY = {"help", "make"}  # argparse's and the Makefile's own switch
@@ -25,7 +25,7 @@ def declared(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def test_every_stage_takes_exactly_the_options_declared_for_it() -> None:
     parser, stages = build_parser()
-    assert set(stages) == set(STAGES)
+    assert set(stages) == set(STAGES) and list(ALL_STAGES) == list(STAGES)
     for name, stage in stages.items():
         actions = declared(stage)
         others = {k for k in actions if k not in SETTINGS}

@@ -258,3 +258,16 @@ def test_a_damaged_latest_run_is_named_with_its_field(tmp_path: Path,
     err = capsys.readouterr().err
     assert "runs/latest names rnn-h32-e2-bad000, whose record is damaged" in err
     assert "rnn-h32-e2-bad000/run.json: missing or not valid: fold_min" in err and "rnn-h32-e2-good00" in err
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_truncated_record_is_reported_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                named: bool) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])
+    (tmp_path / "runs" / "latest").write_text("rnn-h32-e2-bad000\n")
+    assert main(["--root", str(tmp_path), "report", *(["--run", "rnn-h32-e2-bad000"] if named else [])]) == 1
+    err = capsys.readouterr().err
+    assert "rnn-h32-e2-bad000/run.json: not valid JSON" in err and "damaged" in err, err
+    assert "no complete run" not in err and "not a complete run" not in err

@@ -113,3 +113,47 @@ def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> N
     result = run_cli(tmp_path / "two_run_project", "forget", "--run", name, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_a_truncated_record_is_named_damaged_not_incomplete(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    record.write_bytes(record.read_bytes()[:40])  # a write cut short: not JSON any more
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    out, err = capsys.readouterr()
+    assert "rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: not valid JSON" in err
+    assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in err
+    assert "(damaged record)" in out and "(not complete)" not in out
+
+
+def test_runs_and_run_say_the_same_of_a_folder_without_settings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped before anything recorded its settings (an older version wrote config.json only
+    once every fold was trained): `make runs` and RUN= say the same of it, and neither makes data."""
+    folder = tmp_path / "runs" / "rnn-h32-e9-stop00"
+    folder.mkdir(parents=True)
+    (folder / "fold_0.csv").write_text("epoch\n1\n")
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "rnn-h32-e9-stop00" in line)
+    assert "(interrupted, settings not recorded)" in row
+    for stage in ("train", "predict"):
+        assert main(["--root", str(tmp_path), stage, "--run", "rnn-h32-e9-stop00"]) == 1
+        err = capsys.readouterr().err
+        assert "no such run" not in err and "stopped before its settings were recorded" in err, err
+        assert "make forget RUN=rnn-h32-e9-stop00" in err
+    assert not (tmp_path / "input").exists()
+
+
+def test_a_damaged_line_of_the_ledger_is_named_once_and_the_rest_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_run(tmp_path, "rnn-h32-e2-good00")
+    book = tmp_path / "submissions" / "runs.jsonl"
+    book.parent.mkdir()
+    entries = [{"kind": "upload", "ref": 7, "run": "rnn-h32-e2-good00", "message": "m", "status": "pending"},
+               {"kind": "score", "ref": 7, "status": "complete", "public_score": 0.971}]
+    book.write_text(json.dumps(entries[0]) + "\n" + '{"kind": "sco' + "\n" + json.dumps(entries[1]) + "\n")
+    assert main(["--root", str(tmp_path), "runs"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("runs.jsonl") == 1 and "line 2" in err, err
+    assert "0.97100" in next(line for line in out.splitlines() if "rnn-h32-e2-good00" in line)

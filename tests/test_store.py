@@ -129,10 +129,10 @@ def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None
     with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
         handle.write(b'{"model": "gru", "oof_acc": 0.9')
     entries, skipped = ledger.read(paths)
-    assert [e["submission"] for e in entries] == ["first.csv"] and skipped == 1
+    assert [e["submission"] for e in entries] == ["first.csv"] and skipped == [2]
     ledger.add(paths, entry("second.csv"))
     entries, skipped = ledger.read(paths)
-    assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == 1
+    assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == [2]
     lines = ledger.runs_path(paths).read_bytes().split(b"\n")
     assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
     assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in

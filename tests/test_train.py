@@ -243,8 +243,10 @@ def test_killed_training_resumes_to_the_uninterrupted_result(run_copy: Path, lon
     assert run.state(0).is_file() and not run.model(0).exists()
     assert not Paths(killed).submission_csv.exists()
     assert not list(run.path.glob(".*"))  # no temporary file left behind
+    listed = next(line for line in run_cli(killed, "runs").stdout.splitlines() if run.id in line)
+    assert "(not complete)" in listed
 
-    result = run_cli(killed, "submit", *LONG)
+    result = run_cli(killed, "predict", "--run", run.id)  # the id `make runs` lists resumes it
     assert "fold 0: resuming after epoch" in result.stdout
     same_models(killed, reference)
     same_logs(killed, reference)

@@ -27,7 +27,7 @@ from conftest import (
     start_cli,
     tiny_data,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Paths, Settings, validate
@@ -422,6 +422,8 @@ def test_unreachable_storage_and_another_space_are_clear_errors(project: Path) -
 
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# A role of the test server that must give its password (every character a URL must escape).
+GUARDED, GUARDED_PASSWORD = "guarded", "p@ss:w/rd?#% x"
 
 
 @pytest.fixture(scope="module")
@@ -439,17 +441,77 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-U", "tune", "--auth=trust"],
                    check=True, capture_output=True)
+    hba = data / "pg_hba.conf"  # the first matching line wins: GUARDED must give its password
+    hba.write_text(f"host all {GUARDED} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
     subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"),
                     "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"], check=True,
                    capture_output=True)
     try:
-        subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tune",
-                        "optuna"], check=True, capture_output=True)
+        for sql in (f"CREATE ROLE {GUARDED} LOGIN PASSWORD '{GUARDED_PASSWORD}'",
+                    f"CREATE DATABASE {GUARDED} OWNER {GUARDED}", "CREATE DATABASE optuna"):
+            subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "tune",
+                            "-d", "postgres", "-c", sql], check=True, capture_output=True)
         yield f"postgresql://tune@127.0.0.1:{port}/optuna"
     finally:
         subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Passwords of distinctive parts joined by what a URL gives a meaning to: a part that shows up in
+# a message shows a piece of the password, whichever library wrote it.
+PART = st.from_regex(r"[a-z][0-9][A-Z][a-z0-9]", fullmatch=True)
+MARKS = st.sampled_from(list("@:/%#? "))
+
+
+def storage_command(root: Path, stage: str, url: str) -> subprocess.CompletedProcess[str]:
+    if stage == "tune":
+        return run_tune(root, "--trials", "1", "--study", "s", "--storage", url, check=False)
+    return run_cli(root, stage, "--study", "s", "--storage", url, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["tune", "tune-status"])
+@pytest.mark.parametrize("server", ["absent", "refusing"])
+def test_no_part_of_a_storage_password_reaches_any_message(sample: Path, request: pytest.FixtureRequest,
+                                                           stage: str, server: str) -> None:
+    """Against no server, and against one that refuses the password: a password holding '@' is
+    refused before connecting (saying to write it %40); any other reaches the server and its refusal
+    is shown with no part of the password."""
+    if server == "absent":
+        user, where = "tuner", f"127.0.0.1:{closed_port()}"
+    else:
+        user, where = GUARDED, request.getfixturevalue("postgres").split("@")[1].split("/")[0]
+
+    @settings(max_examples=max(4, settings.default.max_examples // 6))
+    @given(first=PART, rest=st.lists(st.tuples(MARKS, PART), min_size=1, max_size=3))
+    def search(first: str, rest: list[tuple[str, str]]) -> None:
+        password = first + "".join(mark + part for mark, part in rest)
+        result = storage_command(sample, stage, f"postgresql://{user}:{password}@{where}/{user}")
+        said = result.stdout + result.stderr
+        assert result.returncode == 1 and result.stderr.startswith("error: STORAGE="), said
+        assert "Traceback" not in said and "***@" in result.stderr
+        for part in (first, *(part for _, part in rest)):
+            assert part not in said, (password, said)
+        if "@" in password:
+            assert "%40" in result.stderr and "cannot use this database" not in result.stderr
+        elif server == "refusing":
+            assert "password authentication failed" in result.stderr, said
+
+    search()
+
+
+@pytest.mark.slow
+def test_a_password_written_with_its_escapes_reaches_the_server(sample: Path, postgres: str) -> None:
+    from urllib.parse import quote
+
+    where = postgres.split("@")[1].split("/")[0]
+    raw = storage_command(sample, "tune-status", f"postgresql://{GUARDED}:{GUARDED_PASSWORD}@{where}/x")
+    assert raw.returncode == 1 and "%40" in raw.stderr and "w/rd" not in raw.stderr
+    escaped = quote(GUARDED_PASSWORD, safe="")
+    status = storage_command(sample, "tune-status", f"postgresql://{GUARDED}:{escaped}@{where}/{GUARDED}")
+    assert status.returncode == 1 and "STUDY=s: no such study in that storage" in status.stderr, \
+        status.stderr
 
 
 @pytest.mark.slow
@@ -500,6 +562,20 @@ def test_a_failing_trial_says_why_and_the_study_goes_on(project: Path) -> None:
     result = run_tune(project, "--trials", "1", "--drop-last")
     assert "failed: BATCH=5000 is larger than the" in result.stdout and "Traceback" not in result.stderr
     assert "no complete trial yet" in result.stdout and states(study(project)) == ["FAIL"]
+
+
+@pytest.mark.slow
+def test_tune_status_shows_the_libraries_warnings_only_when_asked(tmp_path: Path) -> None:
+    """A database storage makes Optuna warn that heartbeats and retries are experimental: nothing a
+    user can act on, so shown only with VERBOSE=1 (--verbose)."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.create_study(study_name="s", storage=url)
+    args = ("tune-status", "--study", "s", "--storage", url)
+    quiet = run_cli(tmp_path, *args, env={"PYTHONWARNINGS": ""})
+    assert "study s: 0 complete" in quiet.stdout and quiet.stderr == "", quiet.stderr
+    verbose = run_cli(tmp_path, *args, "--verbose", env={"PYTHONWARNINGS": ""})
+    assert "study s: 0 complete" in verbose.stdout and "ExperimentalWarning" in verbose.stderr
 
 
 def test_a_study_of_distilled_runs_is_refused_before_any_trial(tmp_path: Path) -> None:

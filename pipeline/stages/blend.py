@@ -140,16 +140,16 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
     if mean not in MEANS:
         raise PipelineError(f"MEAN={mean!r}: must be one of {', '.join(MEANS)}")
     chosen, skipped = candidates(paths, data, folds, fold_seed, names)
-    if not chosen and names is None and make_first is not None:
-        print("blend: no completed run on these folds yet: making the run of these settings first")
-        make_first()
-        chosen, skipped = candidates(paths, data, folds, fold_seed, names)
     for line in skipped:
         print(f"blend: skipped {line}")
+    # Only a project without any run gets one made: where runs are skipped, the settings that
+    # blend them were likely forgotten, and a run trained unasked would cost hours.
+    if not chosen and names is None and make_first is not None and not all_runs(paths):
+        print("blend: no completed run on these folds yet: making the run of these settings first")
+        make_first()
+        chosen, _ = candidates(paths, data, folds, fold_seed, names)
     if not chosen:
-        raise PipelineError(f"blend: no completed run on the current data and folds ({folds} folds, "
-                            f"FOLD_SEED {fold_seed}); `make submit FOLDS={folds} "
-                            f"FOLD_SEED={fold_seed}` makes one")
+        raise PipelineError(nothing_to_blend(paths, data, folds, fold_seed))
     members = {m.run.id: m.record.key for m in chosen}
     inputs = {"members": members, "mean": mean, "data": data.data_key}
     out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")
@@ -164,6 +164,23 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
           f"each fold), {record.oof_acc:.4f} in-sample; wrote {paths.submission_csv} "
           f"(kept as submissions/{record.kept})")
     return record
+
+
+def nothing_to_blend(paths: Paths, data: Prepared, folds: int, fold_seed: int) -> str:
+    """Why there is nothing to blend, with the settings that blend the runs there are."""
+    others = set()
+    for run in all_runs(paths):
+        try:
+            record = ensemble.completed(run)
+        except PipelineError:
+            continue
+        if record is not None and not record.is_blend and record.data == data.data_key:
+            others.add((record.folds, record.fold_seed))
+    said = "".join(f"`make blend FOLDS={k} FOLD_SEED={seed}` blends those on {k} folds (FOLD_SEED "
+                   f"{seed}); " for k, seed in sorted(others, key=str))
+    return (f"blend: no completed run on the current data and folds ({folds} folds, FOLD_SEED "
+            f"{fold_seed}); {said}`make submit FOLDS={folds} FOLD_SEED={fold_seed}` (with the settings "
+            "you want) makes one on these folds")
 
 
 def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold_of: np.ndarray,
@@ -181,6 +198,6 @@ def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold
     return RunRecord(
         kind="blend", model="blend", **ensemble.scores(cv),
         seconds=sum(m.record.seconds for m in chosen) + time.perf_counter() - started,
-        finished=time.time(), data=data.data_key, folds=int(fold_of.max()) + 1,
+        finished=time.time(), data=data.data_key, test_data=data.test_key, folds=int(fold_of.max()) + 1,
         fold_seed=chosen[0].record.fold_seed, source=data_source(paths), weights=weights, mean=mean,
         oof_acc_honest=honest)

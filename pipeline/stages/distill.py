@@ -9,12 +9,16 @@ unseen digits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.store import ensemble
-from pipeline.store.artifacts import Prepared, Pseudo, read_probabilities, run_dir
+from pipeline.store.artifacts import Prepared, Pseudo, RunDir, check_name, read_probabilities, run_dir
+from pipeline.store.ensemble import RunRecord
+from pipeline.store.io import read_json
 
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -25,29 +29,80 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
     return out / out.sum(1, keepdims=True)
 
 
-def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared) -> Pseudo:
-    """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets."""
-    teacher = run_dir(paths, cfg.teacher) if cfg.teacher else None
+def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared, student: RunDir | None = None) -> Pseudo:
+    """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets.
+
+    student: the distilled run; when its teacher is gone (forgotten), the folds it trained with that
+    teacher stay usable (a Pseudo of no rows, with the teacher's recorded key)."""
+    teacher = run_dir(paths, check_name(cfg.teacher, "TEACHER"))
     try:
-        record = ensemble.completed(teacher) if teacher is not None else None
+        record = ensemble.completed(teacher)
     except PipelineError as exc:
-        assert teacher is not None
         raise PipelineError(f"TEACHER={cfg.teacher}: its record is damaged ({exc}); "
                             f"{ensemble.remake(teacher)}") from None
-    if teacher is None or record is None:
-        raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "
-                            f"{paths.runs}; `make runs` lists them")
-    if record.data != data.data_key:
-        raise PipelineError(f"TEACHER={cfg.teacher} was made from other data than input/*.csv now "
-                            "hold; its test predictions are of other digits")
+    if record is None:
+        recorded = trained_with(student, cfg) if student is not None else None
+        if student is None or recorded is None:
+            raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "
+                                f"{paths.runs}; `make runs` lists them")
+        print(f"distill: TEACHER={cfg.teacher} is gone (forgotten?); the folds {student.id} trained "
+              "with it stay as they are (a fold to train would need the teacher)")
+        return recorded
+    same_data(cfg, record, data)
     ids, probs = read_probabilities(teacher.test, "ImageId")
     if len(ids) != len(data.test_x) or not np.isfinite(probs).all() or (probs < 0).any() \
             or (probs.sum(1) <= 0).any():
         raise PipelineError(f"{teacher.test}: expected {len(data.test_x)} rows of probabilities; "
-                            f"`make predict RUN={cfg.teacher} FORCE=1` remakes them")
-    keep = probs.max(1) >= cfg.distill_threshold
+                            f"{ensemble.remake(teacher)}")
+    confidence = probs.max(1)
+    keep = confidence >= cfg.distill_threshold
+    if not keep.any():
+        raise PipelineError(keeps_nothing(cfg.distill_threshold, confidence))
     targets = temper(probs[keep] / probs[keep].sum(1, keepdims=True), cfg.distill_temperature)
     print(f"distill: teacher {teacher.id} (OOF accuracy {record.accuracy:.4f}): {int(keep.sum())} of "
           f"{len(keep)} test rows with confidence >= {cfg.distill_threshold:g}, temperature "
           f"{cfg.distill_temperature:g}")
     return Pseudo(images=data.test_x[keep], targets=targets.astype(np.float32), key=record.key)
+
+
+def same_data(cfg: Settings, record: RunRecord, data: Prepared) -> None:
+    """The teacher must have been made from the data now in input/; else say which file differs."""
+    if record.data == data.data_key:
+        return
+    again = (f"make the teacher again on this data (a run: `make submit CONFIG=runs/{cfg.teacher}/"
+             "config.json`; a blend: `make blend`) and name it with TEACHER=")
+    if record.test_data and record.test_data == data.test_key:
+        raise PipelineError(f"TEACHER={cfg.teacher} was made from another input/train.csv than the one "
+                            "there now (input/test.csv is the same): its models learned from other "
+                            f"labelled rows; {again}")
+    if record.test_data:
+        raise PipelineError(f"TEACHER={cfg.teacher} was made from another input/test.csv: its test "
+                            f"predictions are of other digits; {again}")
+    raise PipelineError(f"TEACHER={cfg.teacher} was made from other data than input/*.csv now hold; "
+                        f"{again}")
+
+
+def keeps_nothing(threshold: float, confidence: np.ndarray) -> str:
+    """Why no test row is kept, and the threshold (two decimals) that keeps the most confident."""
+    top = float(confidence.max())
+    lower = math.floor(top * 100 + 1e-9) / 100
+    while lower > 0 and not (confidence >= lower).any():  # 0.29 * 100 is 28.999...: step down
+        lower = round(lower - 0.01, 2)
+    return (f"DISTILL_THRESHOLD={threshold:g} keeps 0 of {len(confidence)} test rows: the teacher's "
+            f"most confident row has {top:.4g}; DISTILL_THRESHOLD={lower:g} keeps "
+            f"{int((confidence >= lower).sum())} (nothing was trained)")
+
+
+def trained_with(student: RunDir, cfg: Settings) -> Pseudo | None:
+    """The teacher's key the student's trained folds recorded (one key, or None): what keeps them
+    current once the teacher itself is gone."""
+    keys = set()
+    for fold in range(cfg.folds):
+        made = read_json(student.fold_record(fold))
+        inputs = made.get("inputs") if isinstance(made, dict) else None
+        if isinstance(inputs, dict) and isinstance(inputs.get("teacher"), str):
+            keys.add(inputs["teacher"])
+    if len(keys) != 1:
+        return None
+    return Pseudo(images=np.zeros((0, 28, 28), np.uint8), targets=np.zeros((0, 10), np.float32),
+                  key=keys.pop(), teacher_gone=True)

@@ -96,7 +96,7 @@ def _predict(cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: 
     train_seconds = sum(f["seconds"] for f in folds)
     return RunRecord(
         kind="run", model=trained.model, **ensemble.scores(cv), seconds=train_seconds + seconds,
-        finished=time.time(), data=data.data_key, folds=cfg.folds,
+        finished=time.time(), data=data.data_key, test_data=data.test_key, folds=cfg.folds,
         fold_seed=cfg.fold_seed, source=data_source(paths), device=folds[0]["device"],
         config={**cfg.learned(), "tta": cfg.tta}, seed=cfg.seed, tta=cfg.tta,
         oof_acc_tta=tta_correct / len(labels) if cfg.tta else None, train_seconds=train_seconds)

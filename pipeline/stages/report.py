@@ -74,7 +74,10 @@ def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
 
 def load_run(paths: Paths, run: RunDir) -> Run:
     """Read a run's files; a clear PipelineError when it is missing or incomplete."""
-    record = ensemble.completed(run)
+    try:
+        record = ensemble.completed(run)
+    except PipelineError as exc:
+        raise PipelineError(f"RUN={run.id}: its record is damaged ({exc}); {ensemble.remake(run)}") from None
     if record is None:
         raise PipelineError(f"RUN={run.id}: no complete run of that name in {paths.runs} (`make runs` "
                             "lists them)")

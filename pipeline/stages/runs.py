@@ -13,7 +13,13 @@ from pipeline.options import FORMATS, SORTS, default
 from pipeline.store import ensemble
 from pipeline.store.artifacts import STUDIES, RunDir, all_runs, latest, run_dir
 from pipeline.store.io import read_json
-from pipeline.store.ledger import format_seconds, format_table, leaderboard_by_run, score_text
+from pipeline.store.ledger import (
+    format_seconds,
+    format_table,
+    leaderboard_by_run,
+    score_text,
+    warn_damaged,
+)
 
 COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")
@@ -51,11 +57,11 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise PipelineError(f"{run.config.name} is not a table of settings")
     if record is None:
+        state = "(not complete)" if run.config.is_file() else "(interrupted, settings not recorded)"
         return {"run": run.id, "model": config.get("model", ""), "changed settings":
                 describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
                 "fold spread": "", "time": "", "device": "", "source": "",
-                "size": size_text(run.size()), "finished": "(not complete)", "_acc": -1.0,
-                "_time": 0.0}
+                "size": size_text(run.size()), "finished": state, "_acc": -1.0, "_time": 0.0}
     if record.is_blend:
         changed = "blend: " + record.members().replace(", ", " ")
         acc = f"{record.accuracy:.4f} (in-sample {record.oof_acc:.4f})"
@@ -90,6 +96,7 @@ def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format"))
         raise PipelineError(f"SORT={sort!r}: must be one of {', '.join(SORTS)}")
     if fmt not in FORMATS:
         raise PipelineError(f"FORMAT={fmt!r}: must be one of {', '.join(FORMATS)}")
+    warn_damaged(paths, "runs")
     text = table(paths, sort, fmt)
     sys.stdout.write(text + "\n")
     return text

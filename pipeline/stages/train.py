@@ -230,6 +230,8 @@ def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: n
                 best_weights = {k: v.detach().cpu().clone() for k, v in step.trained.state_dict().items()}
             checkpoint.save_state(run.state(fold), key, step, generator, history, best, best_weights,
                                   elapsed)
+            if not run.config.is_file():  # with the first state that resumes: RUN=<id> resumes it
+                write_json(run.config, asdict(cfg))
             write_csv(run.log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
             progress.update(history[-1])
             if on_epoch is not None:
@@ -319,9 +321,14 @@ def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: n
     for k in folds:
         if fold_stale(run_dir, k, fold_of, pseudo, force=force):
             todo.append(k)
+    if todo and pseudo is not None and pseudo.teacher_gone:
+        raise PipelineError(f"TEACHER={cfg.teacher}: no such run or blend any more (forgotten?), and "
+                            f"folds {todo} of {run_dir.id} need its test predictions to train, so they "
+                            "cannot be trained; distill from another teacher (TEACHER=<id>; `make runs` "
+                            "lists them)")
     if todo:
         _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch, pseudo)
-    if not run_dir.config.is_file():  # written once the run's models exist, never before
+    if not run_dir.config.is_file():  # written with a fold's first saved epoch, never before
         write_json(run_dir.config, asdict(cfg))
     return [read_fold_record(run_dir, k) for k in folds]
 

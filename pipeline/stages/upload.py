@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import COMPETITION, Paths
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.options import FORMATS, default
 from pipeline.store import ledger
 from pipeline.store.artifacts import data_source, latest, run_dir
@@ -41,8 +41,14 @@ def run(paths: Paths, message: str, timeout: float = default("timeout"),
     run_id, kept = ledger.made_by(paths)
     from pipeline.kaggle import api as kaggle_api
 
-    with tempfile.TemporaryDirectory(prefix="digits-upload-") as workdir:
-        ref, answer = kaggle_api.submit(COMPETITION, paths.submission_csv, message, Path(workdir), timeout)
+    try:
+        with tempfile.TemporaryDirectory(prefix="digits-upload-") as workdir:
+            ref, answer = kaggle_api.submit(COMPETITION, paths.submission_csv, message, Path(workdir),
+                                            timeout)
+    except KeyboardInterrupt:
+        raise Interrupted(f"while sending {paths.submission_csv}: Kaggle may have taken it already; "
+                          "`make lb` lists the account's submissions: look there before uploading "
+                          "again (each upload spends one of the day's submissions)") from None
     if not ref:
         raise PipelineError(f"Kaggle did not take the submission: {answer or 'no reason given'}. "
                             f"Nothing was submitted; check {SUBMISSIONS_URL} and retry later")
@@ -69,6 +75,11 @@ def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeou
         print(f"warning: the upload is recorded (reference {ref}), but its score could not be "
               f"fetched: {exc}. `make lb` fetches it later", file=sys.stderr)
         return
+    except KeyboardInterrupt:
+        raise Interrupted(f"while waiting for the score: the upload is recorded (reference {ref}, in "
+                          f"{ledger.runs_path(paths).relative_to(paths.root)}); `make lb` brings its "
+                          "score once Kaggle has it. Rerunning `make upload` would submit the file "
+                          "again") from None
     status = str(got.get("status") or "pending")
     if status == "pending":
         print(f"upload: not scored within WAIT={wait:g} s; it stays recorded as pending. "
@@ -92,6 +103,7 @@ def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = de
 
     with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:
         listed = kaggle_api.submissions(COMPETITION, Path(workdir), timeout)
+    ledger.warn_damaged(paths, "lb")
     known = ledger.uploads(paths)
     rows = []
     for sub in listed:

@@ -98,6 +98,9 @@ class Pseudo:
     images: np.ndarray  # uint8 (M, 28, 28)
     targets: np.ndarray  # float32 (M, 10), rows sum to 1
     key: str  # the teacher's record key: a re-predicted teacher makes the folds stale
+    # The teacher is gone (forgotten): no rows, only the key its folds were trained with, so the
+    # folds trained with it stay current and none can be trained.
+    teacher_gone: bool = False
 
 
 # -- prepared pixel cache -------------------------------------------------------------------------
@@ -108,6 +111,12 @@ class Prepared:
     train_y: np.ndarray  # uint8 (N,)
     test_x: np.ndarray  # uint8 (M, 28, 28)
     data_key: str  # fingerprint of the three arrays
+
+    @property
+    def test_key(self) -> str:
+        """The fingerprint of the test images alone: a record made from another train.csv may still
+        hold predictions of these very digits."""
+        return digest({"test_x": self.test_x})
 
 
 def array_paths(paths: Paths) -> dict[str, Path]:

@@ -12,6 +12,7 @@ back. Every other module reads a run's record as a RunRecord, never as a dict.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
@@ -20,9 +21,10 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import RunDir, mark_current, read_probabilities, write_probabilities
-from pipeline.store.io import read_json, write_csv, write_json
+from pipeline.store.artifacts import RunDir, all_runs, mark_current, read_probabilities, write_probabilities
+from pipeline.store.io import write_csv, write_json
 from pipeline.store.submission import validate_file, validate_frame
 
 KINDS = ("run", "blend")
@@ -55,6 +57,7 @@ class RunRecord:
     mean: str | None = None  # a blend: prob or logprob
     kept: str = ""  # the kept copy of its submission in submissions/
     key: str = ""  # the fingerprint of the inputs it was made from (the freshness rule)
+    test_data: str = ""  # the test images' key alone (Prepared.test_key; "" in older records)
     inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -98,7 +101,7 @@ def parse(made: Any, where: Path) -> RunRecord:
     if not isinstance(made.get("key"), str) or not made["key"]:
         bad.append("key")
     for name, kind in (("config", dict), ("weights", dict), ("inputs", dict), ("model", str),
-                       ("data", str), ("kept", str), ("device", str), ("source", str)):
+                       ("data", str), ("kept", str), ("device", str), ("source", str), ("test_data", str)):
         if name in made and not isinstance(made[name], kind):
             bad.append(name)
     for name, required in (("folds", True), ("tta", False), ("seed", False), ("fold_seed", False)):
@@ -120,20 +123,55 @@ def parse(made: Any, where: Path) -> RunRecord:
     return RunRecord(**values)
 
 
+def _contents(run: RunDir) -> Any | None:
+    """run.json as JSON; None when there is none (not predicted yet); a PipelineError naming it
+    when it cannot be read or is not JSON (a write cut short): a damaged record, not a missing one."""
+    named = f"{run.id}/{run.record.name}"
+    try:
+        text = run.record.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{named}: unreadable ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{named}: not valid JSON at line {exc.lineno} column {exc.colno} "
+                            "(truncated or damaged)") from None
+
+
 def read(run: RunDir) -> RunRecord:
     """The run's record; a PipelineError when it is missing or damaged."""
-    return parse(read_json(run.record), run.record)
+    made = _contents(run)
+    if made is None:
+        raise PipelineError(f"{run.id}/{run.record.name}: missing")
+    return parse(made, run.record)
 
 
 def completed(run: RunDir) -> RunRecord | None:
     """A run's record when its predictions are complete and all its files are there, else None;
-    a PipelineError when run.json says complete but is damaged."""
-    made = read_json(run.record)
+    a PipelineError when run.json is damaged (not JSON, or complete with a field not valid)."""
+    made = _contents(run)
+    if made is not None and not isinstance(made, dict):
+        parse(made, run.record)  # names it: not a record
     if not isinstance(made, dict) or not made.get("complete"):
         return None
     if not all(p.is_file() for p in (run.oof, run.test, run.submission)):
         return None
     return parse(made, run.record)
+
+
+def newest(paths: Paths) -> RunDir | None:
+    """The complete run or blend that finished last (a damaged one is left out); None for none."""
+    found = []
+    for run in all_runs(paths):
+        try:
+            record = completed(run)
+        except PipelineError:
+            continue
+        if record is not None:
+            found.append((record.finished, run.id))
+    return RunDir(paths.runs / max(found)[1]) if found else None
 
 
 def save(run: RunDir, record: RunRecord) -> RunRecord:

@@ -6,8 +6,8 @@ It lives in submissions/ because each entry names a kept submission in that fold
 
 The file is append-only. An entry is one line written with a single write, then flushed and
 fsynced, so an interrupted run leaves at worst one torn last line. The reader skips lines it cannot
-parse, and the writer starts on a fresh line when the file does not end with one, so a torn line
-never swallows the next entry.
+parse (`make runs` and `make lb` name them), and the writer starts on a fresh line when the file does
+not end with one, so a torn line never swallows the next entry.
 
 Three kinds of entry share the file: a run's (no `kind`: written by predict and blend), an upload's
 (`kind: upload`: Kaggle's reference, the run that made the file, status pending) and a score's
@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -81,29 +82,39 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
-def read(paths: Paths) -> tuple[list[dict[str, Any]], int]:
-    """Every recorded run, oldest first, and how many unreadable (torn) lines were skipped."""
+def read(paths: Paths) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every recorded run, oldest first, and the numbers of the lines skipped (torn or damaged)."""
     path = runs_path(paths)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return [], 0
+        return [], []
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read the record of runs ({exc.strerror})") from exc
-    entries, skipped = [], 0
-    for raw in data.splitlines():
+    entries: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
             entry = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            skipped += 1
-            continue
+            entry = None
         if isinstance(entry, dict):
             entries.append(entry)
         else:
-            skipped += 1
+            skipped.append(number)
     return entries, skipped
+
+
+def warn_damaged(paths: Paths, stage: str) -> None:
+    """Name, once per command, the lines of the record that cannot be read: they are skipped and
+    every other line is read."""
+    skipped = read(paths)[1]
+    if skipped:
+        lines = f"line{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))}"
+        print(f"{stage}: warning: {runs_path(paths)}: {lines} not a JSON record (a write cut short, or "
+              "edited by hand); skipped, the other lines are read", file=sys.stderr)
 
 
 def run_entries(paths: Paths) -> list[dict[str, Any]]:
@@ -232,6 +243,14 @@ def _unique(target: Path) -> Path:
     return target
 
 
+def one_line(value: Any) -> str:
+    """A table cell as text on one line: a line break or other control character (a description
+    typed with a newline) is shown escaped (\\n), so it never splits its row nor reaches the terminal."""
+    text = str(value)
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> str:
     """Rows as CSV (fmt "csv") or as an aligned text table with a rule under the header."""
     if fmt == "csv":
@@ -240,7 +259,7 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str)
         writer.writeheader()
         writer.writerows(rows)
         return buffer.getvalue().rstrip("\n")
-    cells = [columns] + [tuple(str(r[c]) for c in columns) for r in rows]
+    cells = [columns] + [tuple(one_line(r[c]) for c in columns) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

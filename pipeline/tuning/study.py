@@ -6,9 +6,7 @@ again, and its status.
 from __future__ import annotations
 
 import json
-import re
 import time
-import warnings
 from typing import Any
 
 from pipeline.config import Paths, Settings
@@ -19,19 +17,62 @@ from pipeline.store.artifacts import check_name, studies_dir
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
 
 
+# How a URL writes what would end its password early (RFC 3986's percent-encoding).
+ESCAPES = ("in a user name or password write '@' as %40 (and ':' '/' '?' '#' '%' ' ' as "
+           "%3A %2F %3F %23 %25 %20)")
+
+
+def _password(url: str) -> str | None:
+    """The password as written: after the first ':' of what lies between '//' and the last '@'
+    (a password may hold '@' itself, so the last '@' is the safe end to hide up to)."""
+    start = url.find("//")
+    end = url.rfind("@")
+    if start < 0 or end <= start:
+        return None
+    _, colon, password = url[start + 2:end].partition(":")
+    return password if colon and password else None
+
+
 def hide_password(url: str, text: str | None = None) -> str:
-    """text (the url itself by default) with no part of the url's password: everything between the
-    user's ':' and the last '@' is the password, since a password may hold '@' itself."""
-    found = re.search(r"//[^:/@]*:(.*)@", url)
+    """text (the url itself by default) with no part of the url's password, as written or decoded
+    (%40 -> @, as a driver may print it). The database library reads no other password: check_url
+    refuses, before connecting, a URL it would read otherwise."""
+    password = _password(url)
     text = url if text is None else text
-    if not found or not found.group(1):
+    if password is None:
         return text
     from urllib.parse import unquote
 
-    text = text.replace(f":{found.group(1)}@", ":***@")
-    for secret in {found.group(1), unquote(found.group(1))}:  # a driver may print it decoded
+    text = text.replace(f":{password}@", ":***@")
+    for secret in sorted({password, unquote(password)}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def _library_password(url: str) -> str | None:
+    """The password as SQLAlchemy (which Optuna's database storage uses) reads the URL."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password
+    except Exception:  # not a URL it can read: it has no password to show either
+        return None
+
+
+def check_url(url: str) -> None:
+    """Refuse, before connecting, a URL whose password the database library would read otherwise
+    than the user wrote it: a second '@' ends it early (SQLAlchemy reads a password up to the first
+    '@', and the rest of it would become the host name that the driver's errors print)."""
+    from urllib.parse import unquote
+
+    shown = hide_password(url)
+    if url.count("@") > 1:
+        raise PipelineError(f"STORAGE={shown}: '@' appears {url.count('@')} times, so the password "
+                            f"cannot be told from the host; {ESCAPES}")
+    password = _password(url)
+    if password is not None and _library_password(url) != unquote(password):
+        raise PipelineError(f"STORAGE={shown}: the database library would not read the password "
+                            f"written after the user name; {ESCAPES}")
 
 
 def storage(paths: Paths, study: str, url: str | None) -> Any:
@@ -44,6 +85,7 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
         folder.mkdir(parents=True, exist_ok=True)
         log = str(folder / "journal.log")
         return optuna.storages.JournalStorage(JournalFileBackend(log, JournalFileOpenLock(log)))
+    check_url(url)
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(
@@ -56,8 +98,9 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
                 time.sleep(1 + attempt)
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = f"; {ESCAPES}" if "password" in first.lower() else ""
             raise PipelineError(f"STORAGE={hide_password(url)}: cannot use this database "
-                                f"({hide_password(url, first)})") from None
+                                f"({hide_password(url, first)}){hint}") from None
     raise AssertionError("unreachable")
 
 
@@ -84,7 +127,6 @@ def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if pruner not in PRUNERS:
         raise PipelineError(f"PRUNER={pruner!r}: must be one of {', '.join(PRUNERS)}")
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30),
