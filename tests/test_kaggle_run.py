@@ -316,8 +316,29 @@ def test_names_that_could_leave_the_folder_are_not_safe(name: str) -> None:
     assert not kernels.safe_name(name)
 
 
+def test_other_files_in_the_output_are_left_on_kaggle(project: Path, fake: FakeKaggle) -> None:
+    """A session's output may hold more than the run (Kaggle's own files, a sub-folder): only what
+    the manifest names is fetched; the run lands as the shared trip's did."""
+    fake.replay_files = {**fake.replay_files, "__results__.html": b"<html/>", "sub/notes.txt": b"x",
+                         ".hidden": b"x"}
+    result = kaggle_run(project, "--accelerator", "none")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = the_run(project)
+    assert {p.name for p in run.path.iterdir()} == {*(set(fake.replay_files) - {MANIFEST, "__results__.html",
+                                                   "sub/notes.txt", ".hidden"}), "kaggle.log"}
+    fetched = {path.rsplit("/", 1)[1] for method, path in fake.requests if method == "GET"}
+    assert fetched == set(json.loads(fake.replay_files[MANIFEST])["files"]) | {MANIFEST}
+    assert ensemble.read(run).kaggle == KaggleOrigin(f"fake-user/{fake.deleted[0]}", 1, "none")
+    assert Paths(project).submission_csv.read_bytes() == run.submission.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "a/../../x", "..\\x", "C:x", ""])
+def test_listed_names_that_could_leave_the_folder_are_seen(name: str) -> None:
+    assert kernels.escapes(name)
+
+
 def test_the_files_of_a_run_have_safe_names(trip: Trip) -> None:
-    assert all(kernels.safe_name(name) for name in trip.output)
+    assert all(kernels.safe_name(name) and not kernels.escapes(name) for name in trip.output)
 
 
 def _answer(**answer: Any) -> Any:

@@ -259,6 +259,11 @@ def safe_name(name: str) -> bool:
     return bool(SAFE_NAME.fullmatch(name)) and ".." not in name
 
 
+def escapes(name: str) -> bool:
+    """Whether a listed name, joined to a folder, could point outside it (absolute, a drive, '..')."""
+    return not name or api._unsafe(name)
+
+
 # -- the child side: the only code here that imports the client -------------------------------------
 
 def _owner(client: Any) -> str:

@@ -246,7 +246,7 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, cfg: Set
     try:
         # The listing, and the manifest with it (to a name of ours: nothing else is fetched yet).
         found = kernels.output(pushed, work, timeout, first=(MANIFEST, staging / MANIFEST, MAX_MANIFEST))
-        unsafe = [n for n in found.names if not kernels.safe_name(n)]
+        unsafe = [n for n in found.names if kernels.escapes(n)]
         if unsafe:
             raise PipelineError(f"Kaggle's output lists a file named {unsafe[0]!r}, which could land "
                                 "outside the run's folder: nothing was brought home")
