@@ -109,6 +109,7 @@ class FakeKaggle:
         self.fail_log = [{"stream_name": "stderr", "time": 1.0, "data": "Traceback: made-up failure\n"}]
         self.push_answer: dict[str, Any] | None = None
         self.busy_gpu_sessions = 0
+        self.status_errors = 0  # answer this many status calls with HTTP 503 first
         self.quota = {"timeUsed": "10800s", "timeReserved": "0s", "totalTimeAllowed": "108000s"}
         self.kernels: dict[str, Kernel] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []  # (kernel method, request body)
@@ -189,6 +190,9 @@ def _kernel_call(fake: FakeKaggle, method: str, body: dict[str, Any]) -> tuple[i
         return 200, {}
     if body.get("versionLabel") not in (None, f"v{kernel.version}"):
         return 404, {"code": 404, "message": f"no version {body.get('versionLabel')}"}
+    if method == "GetKernelSessionStatus" and fake.status_errors > 0:
+        fake.status_errors -= 1
+        return 503, {"code": 503, "message": "The service is unavailable"}
     if method == "GetKernelSessionStatus":
         answer = {"status": kernel.status}
         return 200, {**answer, "failureMessage": kernel.failure} if kernel.failure else answer

@@ -316,13 +316,16 @@ def test_names_that_could_leave_the_folder_are_not_safe(name: str) -> None:
     assert not kernels.safe_name(name)
 
 
-def test_other_files_in_the_output_are_left_on_kaggle(project: Path, fake: FakeKaggle) -> None:
-    """A session's output may hold more than the run (Kaggle's own files, a sub-folder): only what
-    the manifest names is fetched; the run lands as the shared trip's did."""
+def test_lost_answers_and_other_files_in_the_output_do_not_stop_a_landing(project: Path,
+                                                                          fake: FakeKaggle) -> None:
+    """Two status calls go unanswered (503), and the output holds more than the run (Kaggle's own
+    files, a sub-folder): the wait goes on, only what the manifest names is fetched, the run lands."""
+    fake.status_errors = 2
     fake.replay_files = {**fake.replay_files, "__results__.html": b"<html/>", "sub/notes.txt": b"x",
                          ".hidden": b"x"}
     result = kaggle_run(project, "--accelerator", "none")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("no status this time (Kaggle answered HTTP 503") == 2
     run = the_run(project)
     assert {p.name for p in run.path.iterdir()} == {*(set(fake.replay_files) - {MANIFEST, "__results__.html",
                                                    "sub/notes.txt", ".hidden"}), "kaggle.log"}
