@@ -32,7 +32,7 @@ PIPELINE = $(PY) -m pipeline --make "$(GIVEN)"
 ARGS := $(if $(call given,ARGS),$(ARGS))
 
 .PHONY: help setup notebook-setup submit download prepare folds train predict distill blend tune \
-	tune-status upload lb report runs forget test \
+	tune-status upload lb kaggle-run quota report runs forget test \
 	test-fast lint bench bench-accuracy gpu-check clean
 
 help: ## list the targets, the settings and the other options (and the stages that take each)
@@ -91,6 +91,12 @@ upload: setup ## send submissions/submission.csv to Kaggle and wait for its scor
 
 lb: setup ## the competition's submissions: date, status, public score, the run that made each
 	@$(PIPELINE) lb $(ARGS)
+
+kaggle-run: setup ## train the run of these settings on a Kaggle GPU, then bring it home to runs/<id>/
+	$(PIPELINE) kaggle-run $(ARGS)
+
+quota: setup ## Kaggle's GPU hours: used, allowed, left and when they refresh
+	@$(PIPELINE) quota $(ARGS)
 
 report: setup ## draw a run (the latest by default) or a study into reports/
 	$(PIPELINE) report $(ARGS)

@@ -41,7 +41,7 @@ from pipeline.store.ensemble import RunRecord, completed
 
 # Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
-           "tune")
+           "tune", "kaggle-run")
 
 
 # -- what each command does ------------------------------------------------------------------------
@@ -255,6 +255,22 @@ def _upload(args: argparse.Namespace, paths: Paths) -> None:
     upload.run(paths, message=args.message, timeout=args.timeout, wait=args.wait)
 
 
+def _kaggle_run(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import folds, kaggle_run
+
+    data = build_data(args, paths)
+    cfg = settings(args, paths, data)
+    fold_of = folds.run(cfg, paths, data)
+    kaggle_run.run(cfg, paths, data, fold_of, accelerator=args.accelerator, deadline=args.deadline,
+                   timeout=args.timeout, keep=args.keep)
+
+
+def _quota(args: argparse.Namespace, paths: Paths) -> None:
+    from pipeline.stages import kaggle_run
+
+    kaggle_run.quota(timeout=args.timeout)
+
+
 def _lb(args: argparse.Namespace, paths: Paths) -> None:
     from pipeline.stages import upload
 
@@ -310,7 +326,13 @@ STAGES: dict[str, tuple[Any, str]] = {
     "upload": (_upload, "send submissions/submission.csv to the competition"),
     "lb": (_lb, "the competition's submissions: date, description, status, public score and the "
            "run that made each"),
+    "kaggle-run": (_kaggle_run, "train the run of these settings on a Kaggle GPU and bring it home "
+                   "into runs/<id>/"),
+    "quota": (_quota, "Kaggle's GPU hours: used, allowed, left and when they refresh"),
 }
+# What Ctrl-C leaves behind, when it is not "resume where it stopped".
+INTERRUPTED = {"kaggle-run": "interrupted: nothing was brought home; rerun the same command to push "
+                             "the run again"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -401,8 +423,10 @@ def library_warnings(verbose: bool) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    stage = ""
     try:
         args = parse(argv)
+        stage = args.stage
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
         with library_warnings(getattr(args, "verbose", False)):
             if args.stage in WRITERS:
@@ -417,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        print("\n" + INTERRUPTED.get(stage, "interrupted: rerun the same command to resume where it "
+                                     "stopped"), file=sys.stderr)
         return 130
     return 0
 

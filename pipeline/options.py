@@ -18,15 +18,18 @@ MEANS = ("prob", "logprob")
 PRUNERS = ("median", "wilcoxon", "none")
 SORTS = ("acc", "time")
 FORMATS = ("table", "csv")
+# Kaggle's name of the machine `make kaggle-run` asks for by default: two T4 GPUs.
+T4 = "NvidiaTeslaT4"
 
 # The stages that build the data first (download -> prepare), and those that take settings.
 DATA_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend",
-               "report", "tune")
-SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune")
+               "report", "tune", "kaggle-run")
+SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune",
+                   "kaggle-run")
 EVERY = "every command"  # an option of the command line itself, before the stage
 # Every stage, in the order `python -m pipeline --help` lists them (pipeline/cli.py's STAGES).
 ALL_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "report",
-              "tune", "tune-status", "runs", "forget", "upload", "lb")
+              "tune", "tune-status", "runs", "forget", "upload", "lb", "kaggle-run", "quota")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("dir", "the folder holding train.csv and test.csv (with SOURCE=dir)", _each(DATA_STAGES),
            type=Path),
     Option("timeout", "seconds to wait for Kaggle before giving up",
-           _each((*DATA_STAGES, "upload", "lb")), default=300.0, type=float),
+           {**_each((*DATA_STAGES, "upload", "lb", "quota")),
+            "kaggle-run": "seconds to wait for each answer from Kaggle before giving up"},
+           default=300.0, type=float),
     Option("force", "do it again even if current", {
         "download": "fetch again even if the files exist",
         "prepare": "rebuild the cache even if current",
@@ -111,6 +116,12 @@ OPTIONS: tuple[Option, ...] = (
            "shows a score that comes later)", {"upload": ""}, default=120.0, type=float),
     Option("verbose", "also show the warnings of the libraries underneath (Optuna, PyTorch, pandas...), "
            "hidden by default: they speak of code a user does not call", _each(ALL_STAGES), flag=True),
+    Option("accelerator", f"the Kaggle machine to train on: {T4} (GPU T4 x2) or none (its CPU); "
+           "not a P100, which Kaggle's PyTorch no longer runs on", {"kaggle-run": ""}, default=T4),
+    Option("deadline", "seconds to wait for the run on Kaggle (its session's limit too); the kernel is "
+           "then deleted", {"kaggle-run": ""}, default=7200.0, type=float),
+    Option("keep", "keep the kernel on Kaggle when the command ends (by default it is deleted, whatever "
+           "the end)", {"kaggle-run": ""}, flag=True),
     Option("nowait", "when another command holds the project, stop at once instead of waiting",
            {EVERY: ""}, flag=True),
     Option("root", "the project folder holding input/, runs/, submissions/ (default: this repository)",
@@ -126,9 +137,9 @@ SETTING_ROWS = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"),
                 ("teacher", "distill_temperature", "distill_threshold"), ("tta", "eval_batch"),
                 ("device", "jobs"), ("cuda_graph", "amp"))
 OPTION_ROWS = (("preset", "config"), ("run", "fold"), ("force",), ("runs", "mean"), ("source", "dir"),
-               ("timeout", "message", "wait"), ("trials", "workers"), ("study", "storage", "space"),
-               ("tune_folds", "pruner"), ("sort", "format"), ("nowait", "verbose"),
-               ("root",))
+               ("timeout", "message", "wait"), ("accelerator", "deadline", "keep"),
+               ("trials", "workers"), ("study", "storage", "space"),
+               ("tune_folds", "pruner"), ("sort", "format"), ("nowait", "verbose"), ("root",))
 
 
 def default(name: str) -> Any:

@@ -104,6 +104,29 @@ def run_make(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, ch
                           text=True, timeout=timeout, check=check)
 
 
+# Dummy credentials of the tests that run the real kaggle client against the fake server.
+DUMMY_USER = "fake-user"
+DUMMY_KEY = "dummy-key-0123456789abcdef"
+
+
+def client_env(home: Path, url: str) -> dict[str, str]:
+    """An environment for the real kaggle client: a HOME of its own holding dummy credentials
+    (kaggle.json), every request sent to the fake server at url (KAGGLE_API_ENVIRONMENT=LOCALHOST
+    through a proxy), and none of the user's KAGGLE_* variables, proxies or VERBOSE switches: nothing
+    can reach the network beyond 127.0.0.1, and no real key can be sent anywhere."""
+    config = home / ".kaggle"
+    config.mkdir(parents=True)
+    (config / "kaggle.json").write_text(json.dumps({"username": DUMMY_USER, "key": DUMMY_KEY}))
+    (config / "kaggle.json").chmod(0o600)
+    keep = {k: v for k, v in os.environ.items()
+            if (not k.startswith("KAGGLE_") or k == "KAGGLE_ROOT")  # no /kaggle here (see below)
+            and not k.lower().endswith("_proxy")
+            and k not in ("VERBOSE", "VERBOSE_OUTPUT", "XDG_CONFIG_HOME")}
+    return {**keep, "HOME": str(home), "KAGGLE_CONFIG_DIR": str(config),
+            "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "PYTHONPATH": str(REPO),
+            "HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Tests are never inside a Kaggle notebook unless one is simulated: run in a real notebook,
     they must not take its attached data nor write to its /kaggle/working."""

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    DUMMY_KEY,
+    DUMMY_USER,
     REPO,
+    client_env,
     closed_port,
     fresh_clone,
     run_cli,
@@ -41,12 +44,6 @@ from pipeline.stages import download
 from pipeline.store import ledger
 from pipeline.store.artifacts import latest
 from pipeline.store.submission import COMPETITION_TEST_ROWS
-
-DUMMY_USER = "fake-user"
-
-
-DUMMY_KEY = "dummy-key-0123456789abcdef"
-
 
 DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"
 
@@ -88,17 +85,7 @@ def fake() -> Iterator[FakeKaggle]:
 @pytest.fixture
 def env(tmp_path: Path, fake: FakeKaggle) -> dict[str, str]:
     """The environment of the client: dummy credentials, every request sent to the fake server."""
-    config = tmp_path / "home" / ".kaggle"
-    config.mkdir(parents=True)
-    (config / "kaggle.json").write_text(json.dumps({"username": DUMMY_USER, "key": DUMMY_KEY}))
-    (config / "kaggle.json").chmod(0o600)
-    keep = {k: v for k, v in os.environ.items()
-            if (not k.startswith("KAGGLE_") or k == "KAGGLE_ROOT")  # no /kaggle here (see conftest)
-            and not k.lower().endswith("_proxy")
-            and k not in ("VERBOSE", "VERBOSE_OUTPUT", "XDG_CONFIG_HOME")}
-    return {**keep, "HOME": str(config.parent), "KAGGLE_CONFIG_DIR": str(config),
-            "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "PYTHONPATH": str(REPO),
-            "HTTP_PROXY": fake.url, "HTTPS_PROXY": fake.url, "http_proxy": fake.url, "https_proxy": fake.url}
+    return client_env(tmp_path / "home", fake.url)
 
 
 @pytest.fixture

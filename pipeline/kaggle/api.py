@@ -186,11 +186,15 @@ def _client_env() -> dict[str, str]:
     return env
 
 
-def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None) -> dict:
+def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None,
+                module: str = "pipeline.kaggle.api") -> dict:
+    """Run `python -m <module> <op> <result file> <args...>` (the op: args[0]) and return what it
+    wrote; a PipelineError when it is silent for timeout seconds or writes nothing."""
     if not timeout > 0:
         raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
     result_file = workdir / "client-result.json"
-    command = [sys.executable, "-m", "pipeline.kaggle.api", args[0], str(result_file), *args[1:]]
+    result_file.unlink(missing_ok=True)  # a result left by an earlier call must never pass for this one's
+    command = [sys.executable, "-m", module, args[0], str(result_file), *args[1:]]
     proc = subprocess.Popen(command, cwd=workdir, env=_client_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: list[bytes] = []
@@ -421,12 +425,12 @@ CHILD_OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "wait": _child_wait}
 
 
-def _child_main(argv: list[str]) -> None:
+def _child_main(argv: list[str], ops: dict[str, Callable[..., dict[str, Any]]] | None = None) -> None:
     op, result_file, *args = argv
     for name in NOISY_ENV:  # the parent removed them already; never rely on one guard alone
         os.environ.pop(name, None)
     try:
-        result = {"ok": True, **CHILD_OPS[op](*args)}
+        result = {"ok": True, **(ops or CHILD_OPS)[op](*args)}
     except BaseException as exc:  # SystemExit included: the client exits when it has no credentials
         result = _describe(exc)
     Path(result_file).write_text(json.dumps(result), encoding="utf-8")

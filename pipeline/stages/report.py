@@ -314,8 +314,11 @@ def _summary(run: Run, paths: Paths) -> str:
     record = run.record
     facts = [("run", run.name), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
              ("model", record.model), ("train rows", str(len(run.train_y))),
-             ("data source", run.source), ("device", record.device),
+             ("data source", run.source), ("device", record.where),
              ("time", format_seconds(record.seconds))]
+    if record.kaggle:
+        facts.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
+                      f"{record.kaggle.version}, {record.kaggle.accelerator})"))
     if record.is_blend:  # the honest figure first, as make runs shows it
         facts[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
                     f"without each fold; in-sample {acc:.4f})")

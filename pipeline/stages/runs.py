@@ -74,7 +74,7 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
     return {"run": run.id, "model": record.model, "changed settings": changed,
             "OOF acc": acc, "LB": score_text(board.get(run.id)), "log loss": f"{record.oof_loss:.4f}",
             "fold spread": f"{record.fold_min:.4f}-{record.fold_max:.4f}",
-            "time": format_seconds(record.seconds), "device": record.device,
+            "time": format_seconds(record.seconds), "device": record.where,
             "source": record.source, "size": size_text(run.size()),
             "finished": finished, "_acc": record.accuracy, "_time": record.finished}
 

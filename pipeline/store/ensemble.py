@@ -31,6 +31,19 @@ KINDS = ("run", "blend")
 
 
 @dataclass(frozen=True)
+class KaggleOrigin:
+    """Where a run trained on Kaggle's machines came from (`make kaggle-run`)."""
+
+    kernel: str  # owner/slug of the private kernel that trained it (deleted afterwards unless KEEP=1)
+    version: int  # the kernel's version that ran
+    accelerator: str  # the machine asked for: NvidiaTeslaT4, or none (a CPU session)
+
+    @property
+    def url(self) -> str:
+        return f"https://www.kaggle.com/code/{self.kernel}"
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """run.json of a run (kind "run") or of a blend (kind "blend")."""
 
@@ -59,6 +72,12 @@ class RunRecord:
     key: str = ""  # the fingerprint of the inputs it was made from (the freshness rule)
     test_data: str = ""  # the test images' key alone (Prepared.test_key; "" in older records)
     inputs: dict[str, Any] = field(default_factory=dict)
+    kaggle: KaggleOrigin | None = None  # trained on Kaggle (`make kaggle-run`), not here
+
+    @property
+    def where(self) -> str:
+        """The device it trained on, marked when that was on Kaggle."""
+        return f"Kaggle: {self.device}" if self.kaggle else self.device
 
     @property
     def is_blend(self) -> bool:
@@ -112,6 +131,9 @@ def parse(made: Any, where: Path) -> RunRecord:
         bad.append("mean")
     if made.get("kind") == "blend" and not number("oof_acc_honest"):
         bad.append("oof_acc_honest")
+    origin = _kaggle_origin(made.get("kaggle"))
+    if origin is False:
+        bad.append("kaggle")
     if bad:
         raise PipelineError(f"{named}: missing or not valid: {', '.join(sorted(set(bad)))}")
     known = {f.name for f in fields(RunRecord)}
@@ -120,6 +142,7 @@ def parse(made: Any, where: Path) -> RunRecord:
     values.setdefault("fold_seed", made.get("seed"))
     values.setdefault("kind", "run")
     values.setdefault("model", "blend" if values["kind"] == "blend" else "")
+    values["kaggle"] = origin
     return RunRecord(**values)
 
 
@@ -138,6 +161,18 @@ def _contents(run: RunDir) -> Any | None:
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{named}: not valid JSON at line {exc.lineno} column {exc.colno} "
                             "(truncated or damaged)") from None
+def _kaggle_origin(made: Any) -> KaggleOrigin | bool | None:
+    """The record's `kaggle` field as a KaggleOrigin (None when absent), False when it is damaged.
+    Keys it does not know are ignored, as in the rest of the record."""
+    if made is None:
+        return None
+    if not isinstance(made, dict):
+        return False
+    kernel, version, accelerator = made.get("kernel"), made.get("version"), made.get("accelerator")
+    if not (isinstance(kernel, str) and isinstance(accelerator, str) and isinstance(version, int)
+            and not isinstance(version, bool)):
+        return False
+    return KaggleOrigin(kernel=kernel, version=version, accelerator=accelerator)
 
 
 def read(run: RunDir) -> RunRecord:
