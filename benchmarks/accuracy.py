@@ -44,6 +44,11 @@ VARIANTS = {
     "tutorial": {"preset": "tutorial"},
     "default": {},
     "gru": {"model": "gru"},
+    # How the network reads the digit (screen them with --screen --screen-epochs 12):
+    "last1": {"readout": "last", "rows_per_step": 1},  # one row a step, last states: the default before
+    "both": {"view": "both"},  # a row sweep and a column sweep in one model
+    "relu": {"nonlinearity": "relu"},
+    "best": {"preset": "best"},
 }
 
 
