@@ -53,7 +53,7 @@ def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
 
     path = tmp_path / "c.toml"
     path.write_text('preset = ["tuned"]\n')
-    with pytest.raises(PipelineError, match=r"c\.toml: preset must be one of default, tutorial, tuned"):
+    with pytest.raises(PipelineError, match=r"c\.toml: preset must be one of default, tutorial, best, tuned"):
         resolve(file=path)
 
 
