@@ -35,11 +35,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ROOT, Paths, TrainConfig, resolve
+from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
 from pipeline.engine.step import TrainStep
 from pipeline.stages import prepare, train
-from pipeline.store.artifacts import load_prepared
+from pipeline.store.data import load_prepared
 
 N_TRAIN, N_TEST = 42_000, 28_000
 RAW = "raw bound: nn.RNN step, resident tensors"
@@ -146,12 +147,12 @@ def pipeline_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
     optimizer = train.make_optimizer(cfg, model)
     steps = train.steps_per_epoch(cfg, rows)
     scheduler = train.make_scheduler(replace(cfg, epochs=1000), optimizer, steps)
-    generator = torch.Generator(device=device).manual_seed(0)
     subset = torch.arange(rows, device=device)
     step = TrainStep(model, optimizer, scheduler, cfg, device)
+    state = FoldState(step, torch.Generator(device=device).manual_seed(0))
 
     def epoch() -> None:
-        train.train_epoch(step, images, labels, subset, cfg, generator)
+        train.train_epoch(state, images, labels, subset, cfg)
     epoch.step = step  # type: ignore[attr-defined]
     return epoch
 

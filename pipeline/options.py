@@ -130,16 +130,18 @@ OPTIONS: tuple[Option, ...] = (
 ARGS = "any other option of a stage, e.g. ARGS=\"--fold 2\" (python -m pipeline <stage> --help lists them)"
 
 # The README's option tables: which settings and options share a row (each exactly once).
-SETTING_ROWS = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"), ("hidden", "layers"), ("bidirectional",), ("dropout", "orthogonal_init"),
+SETTING_ROWS: tuple[tuple[str, ...], ...] = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"),
+                ("hidden", "layers", "bidirectional"), ("dropout", "orthogonal_init"),
                 ("folds", "fold_seed", "seed"), ("epochs", "batch", "drop_last"),
-                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing"), ("ema",),
+                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing", "ema"),
                 ("normalize", "augment"), ("rotate", "scale", "shift"), ("elastic", "elastic_sigma"),
                 ("teacher", "distill_temperature", "distill_threshold"), ("tta", "eval_batch"),
                 ("device", "jobs"), ("cuda_graph", "amp"))
-OPTION_ROWS = (("preset", "config"), ("run", "fold"), ("force",), ("runs", "mean"), ("source", "dir"),
-               ("timeout", "message", "wait"), ("accelerator", "deadline", "keep"),
-               ("trials", "workers"), ("study", "storage", "space"),
-               ("tune_folds", "pruner"), ("sort", "format"), ("nowait", "verbose"), ("root",))
+OPTION_ROWS: tuple[tuple[str, ...], ...] = (
+    ("preset", "config"), ("run", "fold", "force"), ("runs", "mean"), ("source", "dir"),
+    ("timeout", "message", "wait"), ("accelerator", "deadline", "keep"),
+    ("trials", "workers", "tune_folds", "pruner"), ("study", "storage", "space"), ("sort", "format"),
+    ("nowait", "verbose", "root"))
 
 
 def default(name: str) -> Any:

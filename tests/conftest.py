@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from pipeline.config import Paths
 from pipeline.engine.models import MODELS
 from pipeline.stages import prepare
-from pipeline.store.artifacts import PIXELS, RunDir, all_runs
+from pipeline.store.data import PIXELS
+from pipeline.store.run import RunDir, all_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")
@@ -344,7 +345,7 @@ JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.f
 def tiny_data() -> tuple[Any, Any]:
     import numpy as np
 
-    from pipeline.store.artifacts import Prepared
+    from pipeline.store.data import Prepared
 
     labels = np.arange(20, dtype=np.uint8) % 10
     return (Prepared(np.zeros((20, 28, 28), np.uint8), labels, np.zeros((4, 28, 28), np.uint8), "d"),

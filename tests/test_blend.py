@@ -27,8 +27,7 @@ from pipeline.cli import build_parser
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import blend
-from pipeline.store import ensemble
-from pipeline.store.artifacts import RunDir, all_runs, write_probabilities
+from pipeline.store.run import RunDir, all_runs, write_probabilities
 
 
 @pytest.mark.slow
@@ -193,7 +192,7 @@ def test_blend_on_a_fresh_project_makes_the_run_first(tmp_path: Path) -> None:
     assert "blend: no completed run on these folds yet: making the run of these settings first" \
         in result.stdout
     blends = [r for r in all_runs(Paths(tmp_path)) if r.id.startswith("blend-")]
-    assert len(blends) == 1 and ensemble.read(blends[0]).weights == {the_run(tmp_path).id: 1}
+    assert len(blends) == 1 and blends[0].read().weights == {the_run(tmp_path).id: 1}
     again = run_cli(tmp_path, "blend", *SAMPLE, *TINY)  # now there is a run: nothing is made
     assert "making the run" not in again.stdout and f"{blends[0].id} skipped" in again.stdout
 

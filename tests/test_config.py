@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import NO_LEGACY, PRESETS, Settings, TrainConfig, changed_settings, resolve
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import run_id
+from pipeline.store.run import run_id
 from pipeline.tuning import space as tune_space
 
 

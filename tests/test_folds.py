@@ -16,7 +16,7 @@ from conftest import (
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.stages.folds import assign
-from pipeline.store.artifacts import RunDir
+from pipeline.store.run import RunDir
 
 
 @pytest.mark.slow
@@ -37,7 +37,8 @@ def test_folds_and_runs_follow_the_data_and_seed(run_copy: Path) -> None:
 
 def test_the_fold_settings_are_in_every_run_id_and_in_the_folds_record() -> None:
     from pipeline.config import FOLD_SETTINGS
-    from pipeline.store.artifacts import folds_inputs, run_id
+    from pipeline.store.data import folds_inputs
+    from pipeline.store.run import run_id
 
     base = Settings()
     for name in FOLD_SETTINGS:

@@ -42,7 +42,7 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import api as kaggle_api
 from pipeline.stages import download
 from pipeline.store import ledger
-from pipeline.store.artifacts import latest
+from pipeline.store.run import latest
 from pipeline.store.submission import COMPETITION_TEST_ROWS
 
 DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"

@@ -20,13 +20,13 @@ from pipeline.config import Paths
 from pipeline.engine.runtime import predict_log_proba
 from pipeline.errors import PipelineError
 from pipeline.stages.predict import average_probabilities
-from pipeline.store.artifacts import latest
+from pipeline.store.run import latest
 
 
 @pytest.mark.slow
 def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
     from pipeline.engine import checkpoint
-    from pipeline.store.artifacts import load_prepared
+    from pipeline.store.data import load_prepared
 
     result = run_cli(run_copy, "predict", "--tta", "2", *TINY)
     run = the_run(run_copy)

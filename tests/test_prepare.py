@@ -41,7 +41,8 @@ from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import prepare
-from pipeline.store.artifacts import PIXELS, RunDir, load_prepared
+from pipeline.store.data import PIXELS, load_prepared
+from pipeline.store.run import RunDir
 
 
 def cell(tab: Table, line: int, col: int, value: str) -> bytes:

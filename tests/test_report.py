@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import report
-from pipeline.store.artifacts import RunDir
+from pipeline.store.run import RunDir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -228,13 +228,14 @@ def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     import pandas as pd
 
     from pipeline.stages import report
-    from pipeline.store.ensemble import RunRecord
+    from pipeline.store.run import RunRecord
 
     cv = pd.DataFrame({"fold": ["0", "1", "all"], "valid_acc": [0.9, 0.9, 0.95]})
     blend = RunRecord(kind="blend", model="blend", oof_acc=0.95, oof_loss=0.2, fold_min=0.9,
-                      fold_max=0.9, seconds=1.0, finished=1.7e9, data="d", folds=2, fold_seed=42,
+                      fold_max=0.9, seconds=1.0, finished=1.7e9, data="d", n_folds=2, fold_seed=42,
                       oof_acc_honest=0.91, weights={"a": 1, "b": 2})
-    run = SimpleNamespace(cv=cv, name="blend-x", train_y=np.zeros(4), source="sample", record=blend)
+    run = SimpleNamespace(cv=cv, folder=RunDir(Path("runs/blend-x")), train_y=np.zeros(4), source="sample",
+                          record=blend)
     text = report._summary(run, Paths())
     assert "<b>OOF accuracy:</b> 0.9100 honest" in text and "in-sample 0.9500" in text
 

@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import runs
-from pipeline.store.artifacts import all_runs, check_name, latest
+from pipeline.store.run import all_runs, check_name, latest
 
 
 def test_forget_refuses_the_studies_and_runs_never_lists_them(tmp_path: Path,

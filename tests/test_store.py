@@ -138,22 +138,6 @@ def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None
     assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in
 
 
-def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
-    from pipeline.errors import PipelineError
-    from pipeline.store.ensemble import check_cv
-
-    path = tmp_path / "rnn-x" / "cv.csv"
-    path.parent.mkdir()
-    good = "fold,best_epoch,valid_loss,valid_acc\n0,1,0.3,0.9\n1,2,0.3,0.9\nall,,0.3,0.9\n"
-    path.write_text(good)
-    assert len(check_cv(path, 2)) == 3
-    for damaged in (good[:60], good.replace("0.9\n1", "x\n1"), "\x00\x01", "a,b\n1,2\n",
-                    good.replace("all", "2")):
-        path.write_text(damaged)
-        with pytest.raises(PipelineError, match=r"cv\.csv: .*make predict RUN=rnn-x FORCE=1"):
-            check_cv(path, 2)
-
-
 def _submission(labels: list[int]) -> pd.DataFrame:
     return pd.DataFrame({"ImageId": range(1, len(labels) + 1), "Label": labels})
 

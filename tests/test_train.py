@@ -40,17 +40,14 @@ from conftest import (
 from pipeline.cli import main
 from pipeline.config import Paths, Settings, TrainConfig, resolve
 from pipeline.engine import checkpoint
+from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import predict_log_proba
 from pipeline.engine.step import TrainStep
 from pipeline.errors import PipelineError
 from pipeline.stages import train
-from pipeline.store.artifacts import (
-    RunDir,
-    all_runs,
-    load_prepared,
-    run_id,
-)
+from pipeline.store.data import load_prepared, read_folds
+from pipeline.store.run import Plan, RunDir, all_runs, run_id
 
 TINY_CPU = ["--folds", "2", "--epochs", "1", "--hidden", "8", "--batch", "8", "--device", "cpu",
         "--no-augment", "--eval-batch", "64"]
@@ -146,19 +143,12 @@ def test_disk_full_during_training_loses_nothing_and_the_rerun_resumes(
     err = capsys.readouterr().err
     assert "fold_0.state.pt: cannot write (No space left on device)" in err
     run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
-    state = checkpoint.load_state(run / "fold_0.state.pt", _key(run), checkpoint.torch.device("cpu"))
-    assert state is not None and len(state["history"]) == 2  # the last good state, intact
+    state = torch.load(run / "fold_0.state.pt", weights_only=True)
+    assert len(state["history"]) == 2  # the last good state, intact
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert main(["--root", str(tmp_path), "train", *options]) == 0
     assert "fold 0: resuming after epoch 2 of 4" in capsys.readouterr().out
-
-
-def _key(run: Path) -> str:
-    from pipeline.stages.train import state_key
-    from pipeline.store.artifacts import RunDir, read_folds
-
-    return state_key(RunDir(run), 0, read_folds(Paths(run.parent.parent)))
 
 
 @pytest.mark.slow
@@ -336,17 +326,13 @@ def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
 
 @pytest.mark.slow
 def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None:
-    from conftest import the_run
-
-    from pipeline.errors import PipelineError
-    from pipeline.stages import folds, train
-    from pipeline.store.artifacts import load_prepared, read_folds
+    from pipeline.stages import folds
 
     paths, run = Paths(run_copy), the_run(run_copy)
-    labels = load_prepared(paths).train_y.astype("int64")
-    assert train.fold_stale(run, 0, read_folds(paths)) == ""
-    other = folds.assign(labels, 2, 7)  # seed 7's folds, not the run's seed 42
-    assert "trained on other folds" in train.fold_stale(run, 0, other)
+    plan = Plan(resolve(file=run.config), paths, run, load_prepared(paths), read_folds(paths))
+    assert train.fold_output(plan, 0).stale() == ""
+    other = folds.assign(plan.data.train_y.astype("int64"), 2, 7)  # seed 7's folds, not the run's 42
+    assert "trained on other folds" in train.fold_output(replace(plan, fold_of=other), 0).stale()
     with pytest.raises(PipelineError, match=r"FOLDS=3, but the folds given hold 2"):
         train.check_settings(replace(Settings(), folds=3), read_folds(paths))
 
@@ -398,9 +384,8 @@ def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, 40))
-    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
-    loss, acc = train.train_epoch(step, images, labels, torch.arange(40), cfg,
-                                  torch.Generator().manual_seed(0))
+    state = FoldState(TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu")), torch.Generator())
+    loss, acc = train.train_epoch(state, images, labels, torch.arange(40), cfg)
     assert math.isfinite(loss) and 0 <= acc <= 1
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     log_probs = predict_log_proba(model, images, cfg)
@@ -438,8 +423,8 @@ def test_clipping_bounds_the_gradient_norm() -> None:
     optimizer.register_step_pre_hook(record)
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
-    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
-    train.train_epoch(step, images, labels, torch.arange(40), cfg, torch.Generator().manual_seed(0))
+    state = FoldState(TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu")), torch.Generator())
+    train.train_epoch(state, images, labels, torch.arange(40), cfg)
     assert len(norms) == 2 and max(norms) <= 0.05 * (1 + 1e-4)
 
 

@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
 from pipeline.options import SOURCES, default
 from pipeline.store import sample
-from pipeline.store.artifacts import SAMPLE_BANNER, data_source
+from pipeline.store.data import SAMPLE_BANNER, data_source
 from pipeline.store.io import read_json, replace_together, staged_files, write_json
 
 

@@ -21,11 +21,10 @@ from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
 from pipeline.page import CSS
 from pipeline.page import pyplot as _pyplot
-from pipeline.store import ensemble
-from pipeline.store.artifacts import PROB_COLUMNS, RunDir, all_runs, latest, load_prepared, run_dir
-from pipeline.store.ensemble import RunRecord
-from pipeline.store.io import atomic_path, atomic_write_text, read_json
+from pipeline.store.data import load_prepared
+from pipeline.store.io import atomic_path, atomic_write_text
 from pipeline.store.ledger import format_seconds
+from pipeline.store.run import PROB_COLUMNS, RunDir, RunRecord, all_runs, complete, latest, run_dir
 
 CLASSES = 10
 MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read
@@ -47,7 +46,7 @@ class Run:
     test_from: str  # which files test_pred came from
     source: str  # where input/ came from: kaggle, dir, sample or unknown
     record: RunRecord  # the run's run.json
-    name: str = ""  # the run's id
+    folder: RunDir  # the run's folder
 
     @property
     def folds(self) -> list[int]:
@@ -69,15 +68,15 @@ def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
         return pd.read_csv(path, **kwargs)
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise PipelineError(f"{path}: not a readable CSV ({exc}); "
-                            f"{ensemble.remake(RunDir(path.parent))}") from exc
+                            f"{RunDir(path.parent).remake()}") from exc
 
 
 def load_run(paths: Paths, run: RunDir) -> Run:
     """Read a run's files; a clear PipelineError when it is missing or incomplete."""
     try:
-        record = ensemble.completed(run)
+        record = run.completed()
     except PipelineError as exc:
-        raise PipelineError(f"RUN={run.id}: its record is damaged ({exc}); {ensemble.remake(run)}") from None
+        raise PipelineError(f"RUN={run.id}: its record is damaged ({exc}); {run.remake()}") from None
     if record is None:
         raise PipelineError(f"RUN={run.id}: no complete run of that name in {paths.runs} (`make runs` "
                             "lists them)")
@@ -87,17 +86,17 @@ def load_run(paths: Paths, run: RunDir) -> Run:
                             "its mistakes cannot be drawn from them")
     if not run.cv.is_file():
         _read_csv(run.cv, "the cross-validation table")  # names the missing file
-    cv = ensemble.check_cv(run.cv, record.folds)
+    cv = run.cv_table(record.n_folds)
     folds = [int(f) for f in cv["fold"] if f != "all"]
     histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
-                 if not record.is_blend}
+                 if not run.is_blend}
     oof = _read_csv(run.oof, "out-of-fold predictions").sort_values("row", ignore_index=True)
     _check_oof(run, oof, data.train_y)
     test_pred = _read_csv(run.test, "test predictions")[PROB_COLUMNS].to_numpy().argmax(1)
-    config = record.config or read_json(run.config) or {}
+    config = record.config or run.settings()
     return Run(cv=cv, config=config, histories=histories, oof=oof, train_x=data.train_x,
                train_y=data.train_y, test_pred=test_pred, test_from=f"runs/{run.id}/test.csv",
-               source=record.source, record=record, name=run.id)
+               source=record.source, record=record, folder=run)
 
 
 def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
@@ -106,7 +105,7 @@ def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
     if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))) or \
             not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
         raise PipelineError(f"{run.oof}: does not match the {len(train_y)} prepared train rows and "
-                            f"their labels; {ensemble.remake(run)}")
+                            f"their labels; {run.remake()}")
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -312,14 +311,14 @@ def _summary(run: Run, paths: Paths) -> str:
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
     record = run.record
-    facts = [("run", run.name), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
+    facts = [("run", run.folder.id), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
              ("model", record.model), ("train rows", str(len(run.train_y))),
              ("data source", run.source), ("device", record.where),
              ("time", format_seconds(record.seconds))]
     if record.kaggle:
         facts.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
                       f"{record.kaggle.version}, {record.kaggle.accelerator})"))
-    if record.is_blend:  # the honest figure first, as make runs shows it
+    if run.folder.is_blend:  # the honest figure first, as make runs shows it
         facts[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
                     f"without each fold; in-sample {acc:.4f})")
         facts.append(("members", record.members()))
@@ -371,27 +370,19 @@ def pick(paths: Paths, name: str | None) -> RunDir:
     why = "runs/latest is missing or unreadable" if name is None else ""
     if name is not None:
         try:
-            if ensemble.completed(run_dir(paths, name)) is None:
+            if run_dir(paths, name).completed() is None:
                 why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
         except PipelineError as exc:
             why = f"runs/latest names {name}, whose record is damaged ({exc})"
     if not why:
         assert name is not None
         return run_dir(paths, name)
-    done = [r.id for r in all_runs(paths) if _complete(r)]
+    done = [r.id for r in all_runs(paths) if complete(r) is not None]
     if not done:
         raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
                             "`make submit` makes one")
     raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
                         f"{', '.join(done)}")
-
-
-def _complete(run: RunDir) -> bool:
-    """Complete, and not damaged (a listing goes on past a damaged run)."""
-    try:
-        return ensemble.completed(run) is not None
-    except PipelineError:
-        return False
 
 
 def run(paths: Paths, run_dir: RunDir) -> Path:
@@ -400,7 +391,7 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
     try:
         return _draw(paths, run_dir, started)
     except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
-        fix = ensemble.remake(run_dir) if run_dir.id.startswith("blend-") else (
+        fix = run_dir.remake() if run_dir.is_blend else (
             f"`make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
             f"`make train RUN={run_dir.id} FORCE=1` its models")
         raise PipelineError(f"RUN={run_dir.id}: a file of the run is damaged ({type(exc).__name__}: "
@@ -424,7 +415,7 @@ def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
     page = out / "index.html"
     atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
     accuracy = f"{np.trace(matrix) / matrix.sum():.4f}"
-    if data.record.is_blend:
+    if run_dir.is_blend:
         accuracy = f"{data.record.accuracy:.4f} honest, {accuracy} in-sample"
     print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
           f"{time.perf_counter() - started:.1f}s (OOF accuracy {accuracy})")

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.options import PRUNERS
-from pipeline.store.artifacts import check_name, studies_dir
+from pipeline.store.run import check_name, studies_dir
 
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,9 +18,10 @@ import numpy as np
 
 from pipeline.config import Paths, Settings, resolve, validate
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import Prepared, RunDir, run_dir, run_id
-from pipeline.store.ensemble import RunRecord
-from pipeline.tuning.space import Space, suggest
+from pipeline.options import default
+from pipeline.store.data import Prepared, load_prepared, read_folds
+from pipeline.store.run import FoldRecord, Plan, RunDir, RunRecord, run_dir, run_id
+from pipeline.tuning.space import Space, load_space, suggest
 from pipeline.tuning.study import open_study, progress
 
 # (fold, epoch, valid accuracy) after each epoch; raising optuna.TrialPruned stops the fold.
@@ -28,18 +29,17 @@ OnEpoch = Callable[[int, int, float], None]
 
 
 class TrainRun(Protocol):
-    """The train stage: trains the run's given folds (reporting each epoch), returns their records."""
+    """The train stage: trains the plan's given folds (reporting each epoch), returns their records."""
 
-    def __call__(self, cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared,
-                 fold_of: np.ndarray, folds: list[int] | None = None, force: bool = False,
-                 on_epoch: OnEpoch | None = None) -> list[dict[str, Any]]: ...
+    def __call__(self, plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
+                 on_epoch: OnEpoch | None = None) -> list[FoldRecord]: ...
 
 
 class PredictRun(Protocol):
     """The predict stage: the run's ensemble and its record (oof_acc: the trial's score)."""
 
-    def __call__(self, cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
-                 folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> RunRecord: ...
+    def __call__(self, plan: Plan, fold_records: list[FoldRecord], force: bool = False,
+                 publish: bool = True) -> RunRecord: ...
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,25 @@ class Stages:
 
 @dataclass(frozen=True)
 class Job:
-    """What a trial process needs to run its share of a study."""
+    """A study to run, as the command line asks for it: everything a trial process needs to run its
+    share (but the data, which it loads itself)."""
 
     root: Path
     base: Settings
-    space: Space
-    study: str
-    url: str | None
-    trials: int  # the study's total of finished trials, where every worker stops
-    tune_folds: int
-    pruner: str
-    workers: int
     stages: Stages
+    study: str
+    trials: int  # the study's total of finished trials, where every worker stops
+    url: str | None = None
+    space: Space = field(default_factory=dict)
+    workers: int = default("workers")
+    tune_folds: int = default("tune_folds")
+    pruner: str = default("pruner")
 
-    def folds(self, cfg: Settings) -> list[int]:
+    def with_space(self, path: Path | None) -> Job:
+        """The job with its search space read and checked (default: the project's tune.toml)."""
+        return replace(self, space=load_space(path or self.root / "tune.toml"))
+
+    def fold_ids(self, cfg: Settings) -> list[int]:
         """The folds a trial trains and is scored on."""
         return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
 
@@ -107,7 +112,8 @@ class Objective:
     def _train(self, trial: Any, cfg: Settings, run: RunDir) -> float:
         import optuna
 
-        stages, pruner, folds = self.job.stages, self.job.pruner, self.job.folds(cfg)
+        stages, pruner, fold_ids = self.job.stages, self.job.pruner, self.job.fold_ids(cfg)
+        plan = Plan(cfg, self.paths, run, self.data, self.fold_of)
 
         def on_epoch(fold: int, epoch: int, valid_acc: float) -> None:
             if pruner == "wilcoxon":
@@ -117,19 +123,17 @@ class Objective:
                 trial.set_user_attr("outcome", f"pruned at fold {fold} epoch {epoch}")
                 raise optuna.TrialPruned()
 
-        records = []
-        for fold in folds:  # fold by fold, so the Wilcoxon pruner can stop between them
-            records += stages.train(cfg, self.paths, run, self.data, self.fold_of, folds=[fold],
-                                    on_epoch=on_epoch)
+        records: list[FoldRecord] = []
+        for fold in fold_ids:  # fold by fold, so the Wilcoxon pruner can stop between them
+            records += stages.train(plan, [fold], on_epoch=on_epoch)
             if pruner == "wilcoxon":
-                trial.report(records[-1]["valid_acc"], fold)
+                trial.report(records[-1].valid_acc, fold)
                 if trial.should_prune():
                     trial.set_user_attr("outcome", f"pruned after fold {fold}")
                     raise optuna.TrialPruned()
-        if len(folds) == cfg.folds:
-            made = stages.predict(cfg, self.paths, run, self.data, self.fold_of, records, publish=False)
-            return float(made.oof_acc)
-        return sum(r["valid_acc"] for r in records) / len(records)
+        if len(fold_ids) == cfg.folds:
+            return float(stages.predict(plan, records, publish=False).oof_acc)
+        return sum(r.valid_acc for r in records) / len(records)
 
 
 def optimize(made: Any, job: Job, paths: Paths, data: Prepared, fold_of: np.ndarray,
@@ -149,8 +153,6 @@ def worker(job: Job, share: int) -> None:
     import signal
 
     import torch
-
-    from pipeline.store.artifacts import load_prepared, read_folds
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
