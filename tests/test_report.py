@@ -236,8 +236,8 @@ def test_a_blend_report_headlines_the_honest_accuracy() -> None:
                       oof_acc_honest=0.91, weights={"a": 1, "b": 2})
     run = SimpleNamespace(cv=cv, folder=RunDir(Path("runs/blend-x")), train_y=np.zeros(4), source="sample",
                           record=blend)
-    text = report._summary(run, Paths())
-    assert "<b>OOF accuracy:</b> 0.9100 honest" in text and "in-sample 0.9500" in text
+    said = dict(report.facts(run))  # type: ignore[arg-type]
+    assert said["OOF accuracy"].startswith("0.9100 honest") and "in-sample 0.9500" in said["OOF accuracy"]
 
 
 def test_without_latest_a_damaged_run_never_hides_the_complete_ones(

@@ -8,23 +8,23 @@ be copied or zipped as a whole.
 
 from __future__ import annotations
 
-import html
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
-from pipeline.page import CSS
-from pipeline.page import pyplot as _pyplot
 from pipeline.store.data import load_prepared
 from pipeline.store.io import atomic_path, atomic_write_text
 from pipeline.store.ledger import format_seconds
 from pipeline.store.run import PROB_COLUMNS, RunDir, RunRecord, all_runs, complete, latest, run_dir
+
+if TYPE_CHECKING:
+    from markupsafe import Markup
 
 CLASSES = 10
 MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read
@@ -153,17 +153,21 @@ def class_balance(train_y: np.ndarray, test_pred: np.ndarray) -> pd.DataFrame:
                          "test predicted": share(test_pred)})
 
 
-def changed_config(config: dict[str, Any]) -> dict[str, bool]:
-    """For each config field, whether it is a hyperparameter changed from its default."""
-    changed = changed_settings(config)
-    return {name: name in changed for name in config}
-
-
 # -- the figures -------------------------------------------------------------------------------
+
+def pyplot() -> Any:
+    """pyplot on the file-only Agg backend, chosen here so importing the package never touches it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 
 def _save(fig: Any, path: Path, height_in: float) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=min(DPI, MAX_PIXELS / height_in))
@@ -174,7 +178,7 @@ def _save(fig: Any, path: Path, height_in: float) -> str:
 
 def plot_learning_curves(run: Run, path: Path) -> str:
     """One row per fold: loss and accuracy by epoch, train and validation, best epoch marked."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
@@ -199,7 +203,7 @@ def plot_learning_curves(run: Run, path: Path) -> str:
 
 def plot_confusion(matrix: np.ndarray, path: Path) -> str:
     """Colour by the share of each true class, so rare classes read as clearly as common ones."""
-    plt = _pyplot()
+    plt = pyplot()
     shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -218,7 +222,7 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> str:
 
 
 def plot_per_class(table: pd.DataFrame, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.bar(table["class"], table["accuracy"].fillna(0), color="tab:blue")
     low = float(np.nanmin(table["accuracy"])) if table["accuracy"].notna().any() else 0.0
@@ -236,7 +240,7 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
 
     One montage in one axes: 32 separate axes would take seconds to lay out.
     """
-    plt = _pyplot()
+    plt = pyplot()
     cols, cell_w, cell_h, band = 8, 34, 46, 16  # pixels per cell; the band above a digit holds its text
     nrows = max(1, -(-len(mistakes) // cols))
     canvas = np.zeros((nrows * cell_h, cols * cell_w), np.uint8)
@@ -258,7 +262,7 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
 
 
 def plot_balance(balance: pd.DataFrame, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     series = [c for c in balance.columns if c != "class"]
     width = 0.8 / len(series)
@@ -276,89 +280,83 @@ def plot_balance(balance: pd.DataFrame, path: Path) -> str:
 
 # -- the page ----------------------------------------------------------------------------------
 
+# One template for both pages (a run's and a study's); Jinja2 escapes every value put into it.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>digits: {{ title }}</title><style>
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;border:1px solid #eee}
+.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em}.changed{font-weight:bold;
+background:#eef6ff}code{background:#f3f3f3;padding:0 .2em}</style></head><body>
+{% if study %}<h1>Study {{ study }}</h1><pre>{{ status }}</pre>
+{% for name, src, why in figures %}<h2>{{ name }}</h2>{% if src %}<img src="{{ src }}" alt="{{ name }}">
+{% else %}<p>not drawn yet ({{ why }})</p>{% endif %}{% endfor %}
+{% else %}<h1>Run report</h1><p>{{ root }}, written {{ written }}</p>
+{% if sample %}<p class=warn>This run used the built-in SAMPLE (scikit-learn's digits), not the competition
+data: its numbers say nothing about the leaderboard.</p>{% endif %}
+<ul>{% for name, value in facts %}<li><b>{{ name }}:</b> {{ value }}</li>{% endfor %}</ul>
+<h2>Cross-validation (cv.csv)</h2>{{ cv }}
+{% for title, key, alt, text in figures %}<h2>{{ title }}</h2>{% if text %}<p>{{ text }}</p>{% endif %}
+<img src="{{ images[key] }}" alt="{{ alt }}">{% if key == "per_class" %}{{ per_class }}{% endif %}
+{% endfor %}<h2>Settings (config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
+<table><tr><th>setting</th><th>this run</th><th>default</th></tr>
+{% for name, value, default, changed in settings %}<tr{% if changed %} class=changed{% endif %}><td class=l>{{
+name }}</td><td class=l>{{ value }}</td><td class=l>{{ default }}</td></tr>{% endfor %}</table>{% endif %}
+</body></html>
+"""
+FIGURES = (  # a run page's figures: title, image, alt text, note
+    ("Learning curves", "curves", "learning curves per fold", ""),
+    ("Out-of-fold confusion matrix", "confusion", "confusion matrix",
+     "Rows are the true class, columns the predicted one."),
+    ("Per-class accuracy", "per_class", "per-class accuracy", ""),
+    ("Most confident out-of-fold mistakes", "mistakes", "most confident mistakes",
+     "{n} shown, surest first; row counts the images of input/train.csv from 0 (it is on line row + 2 "
+     "of the file)."),
+    ("Class balance: train labels and test predictions", "balance", "class balance",
+     "Test predictions: {test_from}."))
 
 
+def page(**values: Any) -> str:
+    from jinja2 import Environment
 
-def _cell(value: Any, digits: int) -> str:
-    if pd.isna(value):
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}"
-    return html.escape(str(value))
+    return Environment(autoescape=True).from_string(PAGE).render(**values)
 
 
-def html_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
-    """A plain HTML table; floats get 4 decimals unless `digits` names the column."""
-    digits = digits or {}
-    places = [digits.get(str(c), 4) for c in frame.columns]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v, d)}</td>" for v, d in zip(row, places, strict=True))
-                   + "</tr>" for row in frame.itertuples(index=False))
-    return f"<table><tr>{head}</tr>{body}</table>"
+def table(frame: pd.DataFrame, **digits: int) -> Markup:
+    """A plain HTML table of a frame; floats get 4 decimals unless digits names the column."""
+    from markupsafe import Markup
+
+    return Markup(frame.to_html(index=False, border=0, na_rep="", float_format="{:.4f}".format,
+                                formatters={c: f"{{:.{n}f}}".format for c, n in digits.items()}))
 
 
-def config_table(config: dict[str, Any]) -> str:
-    changed = changed_config(config)
-    defaults = asdict(Settings())
-    rows = "".join(
-        f"<tr{' class=changed' if changed[k] else ''}><td class=l>{html.escape(k)}</td>"
-        f"<td class=l>{html.escape(str(v))}</td><td class=l>{html.escape(str(defaults.get(k, '')))}</td></tr>"
-        for k, v in sorted(config.items()))
-    return f"<table><tr><th>setting</th><th>this run</th><th>default</th></tr>{rows}</table>"
-
-
-def _summary(run: Run, paths: Paths) -> str:
+def facts(run: Run) -> list[tuple[str, str]]:
+    """The run at a glance, for the top of its page."""
+    record = run.record
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
-    record = run.record
-    facts = [("run", run.folder.id), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
-             ("model", record.model), ("train rows", str(len(run.train_y))),
-             ("data source", run.source), ("device", record.where),
-             ("time", format_seconds(record.seconds))]
+    said = [("run", run.folder.id), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
+            ("model", record.model), ("train rows", str(len(run.train_y))), ("data source", run.source),
+            ("device", record.where), ("time", format_seconds(record.seconds))]
     if record.kaggle:
-        facts.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
-                      f"{record.kaggle.version}, {record.kaggle.accelerator})"))
+        said.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
+                     f"{record.kaggle.version}, {record.kaggle.accelerator})"))
     if run.folder.is_blend:  # the honest figure first, as make runs shows it
-        facts[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
-                    f"without each fold; in-sample {acc:.4f})")
-        facts.append(("members", record.members()))
-    if record.kept:
-        facts.append(("submission", f"submissions/{record.kept}"))
-    items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in facts)
-    return f"<ul>{items}</ul>"
+        said[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
+                   f"without each fold; in-sample {acc:.4f})")
+        said.append(("members", record.members()))
+    return said + ([("submission", f"submissions/{record.kept}")] if record.kept else [])
 
 
 def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.DataFrame,
            mistakes: pd.DataFrame) -> str:
-    warn = ("<p class=warn>This run used the built-in SAMPLE (scikit-learn's digits), not the "
-            "competition data: its numbers say nothing about the leaderboard.</p>"
-            if run.source == "sample" else "")
-    balance_note = f"Test predictions: {html.escape(run.test_from)}."
-
-    def img(key: str, alt: str) -> str:
-        return f'<img src="{html.escape(images[key])}" alt="{html.escape(alt)}">'
-
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>digits: run report</title>
-<style>{CSS}</style></head><body>
-<h1>Run report</h1>
-<p>{html.escape(str(paths.root))}, written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
-{warn}{_summary(run, paths)}
-<h2>Cross-validation (cv.csv)</h2>{html_table(run.cv, {"seconds": 1})}
-{f'<h2>Learning curves</h2>{img("curves", "learning curves per fold")}' if "curves" in images else ""}
-<h2>Out-of-fold confusion matrix</h2><p>Rows are the true class, columns the predicted one.</p>
-{img("confusion", "confusion matrix")}
-<h2>Per-class accuracy</h2>{img("per_class", "per-class accuracy")}{html_table(per_class_frame)}
-<h2>Most confident out-of-fold mistakes</h2>
-<p>{len(mistakes)} shown, surest first; <i>row</i> counts the images of input/train.csv from 0
-(it is on line row + 2 of the file).</p>
-{img("mistakes", "most confident mistakes")}
-<h2>Class balance: train labels and test predictions</h2><p>{balance_note}</p>
-{img("balance", "class balance")}
-<h2>Settings (config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
-{config_table(run.config)}
-</body></html>
-"""
+    changed, defaults = changed_settings(run.config), asdict(Settings())
+    notes = {"n": len(mistakes), "test_from": run.test_from}
+    return page(title="run report", root=paths.root, written=time.strftime("%Y-%m-%d %H:%M:%S"),
+                sample=run.source == "sample", facts=facts(run), cv=table(run.cv, seconds=1),
+                figures=[(t, k, a, n.format(**notes)) for t, k, a, n in FIGURES if k in images],
+                images=images, per_class=table(per_class_frame),
+                settings=[(k, v, defaults.get(k, ""), k in changed) for k, v in sorted(run.config.items())])
 
 
 def pick(paths: Paths, name: str | None) -> RunDir:
@@ -432,8 +430,7 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
     from pipeline.tuning.study import load, status
 
     made = load(paths, study, url)
-    text = status(paths, study, url, made)
-    plt = _pyplot()
+    plt = pyplot()
     out = paths.reports / f"study-{study}"
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -442,20 +439,17 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
         try:
             axes = draw(made)
         except (ValueError, RuntimeError) as exc:  # importances need two complete trials and more
-            figures.append(f"<p>{name}: not drawn yet ({html.escape(str(exc))})</p>")
+            figures.append((name, "", str(exc)))
             continue
         figure: Any = axes.figure  # a Figure (mypy also allows a SubFigure, which has no savefig)
         figure.set_size_inches(8, 4.5)
         figure.tight_layout()
         figure.savefig(out / f"{name}.png", dpi=100)
         plt.close(figure)
-        figures.append(f'<h2>{name}</h2><img src="{name}.png" alt="{name}">')
-    page = out / "index.html"
-    atomic_write_text(page, f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>digits: study {html.escape(study)}</title>
-<style>{CSS}</style></head><body><h1>Study {html.escape(study)}</h1>
-<pre>{html.escape(text)}</pre>{''.join(figures)}</body></html>
-""")
-    print(f"report: study {study}: wrote {page}")
-    return page
+        figures.append((name, f"{name}.png", ""))
+    written = out / "index.html"
+    atomic_write_text(written, page(title=f"study {study}", study=study, figures=figures,
+                                    status=status(paths, study, url, made)))
+    print(f"report: study {study}: wrote {written}")
+    return written
 
