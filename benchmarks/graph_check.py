@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.speed import sync, synthetic
-from pipeline.config import TrainConfig, resolve
+from pipeline.config import Settings, resolve
 from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import describe, resolve_device
@@ -40,7 +40,7 @@ VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+
             "rnn-both+amp": {"view": "both", "amp": True}, "rnn+ema": {"ema": 0.99}}
 
 
-def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+def fit(cfg: Settings, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
         failures: list[str]) -> tuple[dict, list[float], float, bool]:
     """Train from a fixed seed; returns the weights, per-epoch losses, samples/s, and if captured."""
     torch.manual_seed(0)

@@ -31,6 +31,7 @@ from pipeline.kaggle import notebook
 from pipeline.options import EVERY, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
 from pipeline.store.data import Prepared
+from pipeline.store.lock import project_lock
 from pipeline.store.run import (
     Plan,
     RunDir,
@@ -44,7 +45,6 @@ from pipeline.store.run import (
     studies_dir,
 )
 
-# Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
            "tune", "kaggle-run")
 
@@ -404,20 +404,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _locked(paths: Paths, args: argparse.Namespace) -> Any:
-    from pipeline.store.lock import project_lock
-
-    return project_lock(paths, f"make {args.stage}", nowait=args.nowait)
-
-
 @contextlib.contextmanager
 def library_warnings(verbose: bool) -> Iterator[None]:
     """The warnings of the libraries underneath (Optuna's ExperimentalWarning, PyTorch's, pandas')
     speak of code a user does not call, so they are hidden unless VERBOSE=1; the processes a stage
     starts (fold and trial workers) inherit the choice through PYTHONWARNINGS. A PYTHONWARNINGS the
     user set is left to rule."""
-    before = os.environ.get("PYTHONWARNINGS")
-    if before:
+    if os.environ.get("PYTHONWARNINGS"):
         yield
         return
     action: Literal["default", "ignore"] = "default" if verbose else "ignore"
@@ -427,10 +420,7 @@ def library_warnings(verbose: bool) -> Iterator[None]:
             warnings.simplefilter(action)
             yield
     finally:
-        if before is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = before
+        os.environ.pop("PYTHONWARNINGS", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,12 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         stage = args.stage
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
-        with library_warnings(getattr(args, "verbose", False)):
-            if args.stage in WRITERS:
-                with _locked(paths, args):
-                    args.handler(Command(args, paths))
-            else:
-                args.handler(Command(args, paths))
+        # Commands that write hold the project, one at a time (see lock.py); the others only read.
+        lock = project_lock(paths, f"make {stage}", args.nowait) if stage in WRITERS else None
+        with library_warnings(getattr(args, "verbose", False)), lock or contextlib.nullcontext():
+            args.handler(Command(args, paths))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from pipeline.cli import build_parser
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
+from pipeline.options import MEANS
 from pipeline.stages import blend
 from pipeline.store.run import RunDir, all_runs, write_probabilities
 
@@ -61,7 +62,7 @@ def test_a_one_run_blend_is_that_run_once() -> None:
     logits[np.arange(200), labels] += 2
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     probs = np.round(probs * 0.999, 6)  # as read back from a CSV: rows need not sum to 1
-    for mean in blend.MEANS:
+    for mean in MEANS:
         assert blend.select(probs[None], labels, mean).tolist() == [1.0]
 
 

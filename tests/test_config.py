@@ -17,16 +17,16 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import NO_LEGACY, PRESETS, Settings, TrainConfig, changed_settings, resolve
+from pipeline.config import NO_LEGACY, PRESETS, Settings, changed_settings, resolve
 from pipeline.errors import PipelineError
 from pipeline.store.run import run_id
 from pipeline.tuning import space as tune_space
 
 
 def test_changed_settings_are_the_hyperparameters_off_their_defaults() -> None:
-    cfg = TrainConfig(epochs=3, model="gru", device="cuda", jobs=4)
+    cfg = Settings(epochs=3, model="gru", device="cuda", jobs=4)
     assert changed_settings(cfg) == {"epochs": 3, "model": "gru"}
-    assert changed_settings(TrainConfig()) == {}
+    assert changed_settings(Settings()) == {}
 
 
 CONFIG_NAMES = ["preset", "hidden", "lr", "model", "augment", "device", "view", "seed"]
@@ -92,7 +92,7 @@ def test_tutorial_preset_is_the_tutorial_recipe() -> None:
         ("rnn", 150, 1, "adam", 1e-3, 64, 10)
     assert cfg.drop_last and not cfg.normalize and not cfg.augment
     assert cfg.schedule == "none" and cfg.clip == 0 and cfg.label_smoothing == 0
-    assert set(PRESETS["tutorial"]) <= set(TrainConfig().learned())
+    assert set(PRESETS["tutorial"]) <= set(Settings().learned())
 
 
 def test_config_layers_merge_in_order(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from conftest import (
     FAMILY,
 )
 
-from pipeline.config import TrainConfig
+from pipeline.config import Settings
 from pipeline.engine import step as step_module
 from pipeline.engine.augment import elastic_field, random_affine
 from pipeline.engine.checkpoint import FoldState
@@ -53,7 +53,7 @@ def test_elastic_distortion_moves_pixels_but_keeps_range_and_is_seeded() -> None
 CPU = torch.device("cpu")
 
 
-CFG = TrainConfig(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
+CFG = Settings(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
 
 
 ROWS = 40  # two full batches and a short one of 8
@@ -91,7 +91,7 @@ class BrokenGraph:
             p.grad = torch.ones_like(p)
 
 
-def new_state(cfg: TrainConfig, graph: Callable[[torch.nn.Module], BrokenGraph] | None = None,
+def new_state(cfg: Settings, graph: Callable[[torch.nn.Module], BrokenGraph] | None = None,
               logs: list[str] | None = None) -> FoldState:
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -115,7 +115,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, 10, (ROWS,), generator=torch.Generator().manual_seed(2))
 
 
-def fit(cfg: TrainConfig, epochs: int, graph: Callable[[torch.nn.Module], BrokenGraph] | None = None,
+def fit(cfg: Settings, epochs: int, graph: Callable[[torch.nn.Module], BrokenGraph] | None = None,
         logs: list[str] | None = None) -> tuple[torch.nn.Module, list[tuple[float, float]], TrainStep]:
     state = new_state(cfg, graph, logs)
     history = [train.train_epoch(state, *data(), torch.arange(ROWS), cfg) for _ in range(epochs)]
@@ -159,12 +159,12 @@ def test_a_failure_stops_later_folds_of_the_process_from_trying(monkeypatch: pyt
 
 def test_graph_only_where_it_is_safe_and_asked_for() -> None:
     cuda = torch.device("cuda")
-    assert graph_wanted(TrainConfig(cuda_graph=True), cuda)
-    assert not graph_wanted(TrainConfig(cuda_graph=False), cuda)
-    assert not graph_wanted(TrainConfig(cuda_graph=True), CPU)  # ignored off CUDA
+    assert graph_wanted(Settings(cuda_graph=True), cuda)
+    assert not graph_wanted(Settings(cuda_graph=False), cuda)
+    assert not graph_wanted(Settings(cuda_graph=True), CPU)  # ignored off CUDA
     # A replayed graph would reuse one dropout mask for ever.
-    assert not graph_wanted(TrainConfig(cuda_graph=True, layers=2, dropout=0.2), cuda)
-    assert graph_wanted(TrainConfig(cuda_graph=True, layers=2, dropout=0.0), cuda)
+    assert not graph_wanted(Settings(cuda_graph=True, layers=2, dropout=0.2), cuda)
+    assert graph_wanted(Settings(cuda_graph=True, layers=2, dropout=0.0), cuda)
 
 
 def test_cuda_graph_is_ignored_on_a_cpu() -> None:
@@ -178,7 +178,7 @@ def test_cuda_graph_is_ignored_on_a_cpu() -> None:
 @pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_any_batch_size_gives_class_scores(settings: dict, batch: int) -> None:
-    model = build_model(TrainConfig(hidden=16, **settings)).eval()
+    model = build_model(Settings(hidden=16, **settings)).eval()
     images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         scores = model(images)
@@ -192,7 +192,7 @@ def test_any_batch_size_gives_class_scores(settings: dict, batch: int) -> None:
 @pytest.mark.parametrize("view", ["rows", "cols", "both"])
 @pytest.mark.parametrize("k", [1, 2, 4, 7, 14])
 def test_a_time_step_reads_k_pixel_rows_or_columns(view: str, k: int) -> None:
-    model = build_model(TrainConfig(hidden=8, normalize=False, view=view, rows_per_step=k)).eval()
+    model = build_model(Settings(hidden=8, normalize=False, view=view, rows_per_step=k)).eval()
     seen: dict[str, torch.Tensor] = {}
     for name in ("rnn", "rnn_cols"):
         if getattr(model, name) is not None:
@@ -215,10 +215,10 @@ def test_the_pooled_readout_sees_every_step_and_the_last_only_the_final_state() 
     """With readout last, only the final states reach the classifier; pool adds the mean and max of
     every step's output: three times the features per direction and sweep."""
     for view, sweeps in (("rows", 1), ("both", 2)):
-        last = build_model(TrainConfig(hidden=8, view=view, readout="last", bidirectional=True))
-        pool = build_model(TrainConfig(hidden=8, view=view, readout="pool", bidirectional=True))
+        last = build_model(Settings(hidden=8, view=view, readout="last", bidirectional=True))
+        pool = build_model(Settings(hidden=8, view=view, readout="pool", bidirectional=True))
         assert last.head.in_features == 8 * 2 * sweeps and pool.head.in_features == 3 * 8 * 2 * sweeps
-    model = build_model(TrainConfig(hidden=8, readout="pool", bidirectional=False)).eval()
+    model = build_model(Settings(hidden=8, readout="pool", bidirectional=False)).eval()
     features: list[torch.Tensor] = []
     model.head.register_forward_hook(lambda mod, inp, out: features.append(inp[0]))
     outputs: list[torch.Tensor] = []
@@ -231,7 +231,7 @@ def test_the_pooled_readout_sees_every_step_and_the_last_only_the_final_state() 
 
 def test_model_runs_on_the_device_it_is_on() -> None:
     device = resolve_device("auto")
-    model = build_model(TrainConfig(hidden=8)).to(device)
+    model = build_model(Settings(hidden=8)).to(device)
     out = model(torch.zeros(2, 28, 28, dtype=torch.uint8, device=device))
     assert out.device.type == device.type
 
@@ -263,7 +263,7 @@ def test_augmentation_is_seeded_and_per_sample() -> None:
 
 
 def test_no_augmentation_at_evaluation() -> None:
-    cfg = TrainConfig(hidden=8, augment=True)
+    cfg = Settings(hidden=8, augment=True)
     model = build_model(cfg)
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
     first = predict_log_proba(model, images, cfg, seed=1)
@@ -274,7 +274,7 @@ def test_no_augmentation_at_evaluation() -> None:
 
 
 def test_test_time_augmentation_averages_seeded_passes() -> None:
-    cfg = TrainConfig(hidden=8)
+    cfg = Settings(hidden=8)
     model = build_model(cfg)
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
     plain = predict_log_proba(model, images, cfg)
@@ -303,7 +303,7 @@ def test_fast_sampling_grid_equals_affine_grid() -> None:
 def test_fused_normalisation_equals_the_formula() -> None:
     from pipeline.engine.models import PIXEL_MEAN, PIXEL_STD
 
-    model = build_model(TrainConfig(hidden=8)).eval()
+    model = build_model(Settings(hidden=8)).eval()
     seen = []
     model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)

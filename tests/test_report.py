@@ -107,8 +107,8 @@ def test_confusion_matrix_counts_every_train_row(tiny_run: Paths) -> None:
     run = report.load_run(tiny_run, the_run(tiny_run.root))
     matrix = report.oof_confusion(run)
     assert matrix.shape == (10, 10)
-    assert matrix.sum() == len(run.train_y) == len(np.load(tiny_run.prepared / "train_x.npy"))
-    assert (matrix.sum(1) == np.bincount(run.train_y, minlength=10)).all()
+    assert matrix.sum() == len(run.data.train_y) == len(np.load(tiny_run.prepared / "train_x.npy"))
+    assert (matrix.sum(1) == np.bincount(run.data.train_y, minlength=10)).all()
     cv = pd.read_csv(the_run(tiny_run.root).cv, dtype={"fold": str})
     oof_acc = float(cv.loc[cv["fold"] == "all", "valid_acc"].iloc[0])
     assert np.trace(matrix) / matrix.sum() == pytest.approx(oof_acc)
@@ -136,11 +136,8 @@ def test_confident_mistakes_are_wrong_and_surest_first() -> None:
     probs[1, 0] = 1.0  # right
     probs[2, 3], probs[2, 2] = 0.9, 0.1  # label 2 -> 3 at 0.9
     probs[3, 5], probs[3, 4] = 0.5, 0.5  # tie: argmax takes the first, 4, which is right
-    oof = pd.DataFrame(probs, columns=report.PROB_COLUMNS)
-    oof.insert(0, "label", [0, 0, 2, 4])
-    oof.insert(0, "row", [10, 11, 12, 13])
-    mistakes = report.confident_mistakes(oof)
-    assert mistakes["row"].tolist() == [12, 10]
+    mistakes = report.confident_mistakes(probs, np.array([0, 0, 2, 4]))
+    assert mistakes["row"].tolist() == [2, 0]
     assert mistakes["predicted"].tolist() == [3, 1]
     assert mistakes["confidence"].tolist() == pytest.approx([0.9, 0.6])
 
@@ -156,7 +153,7 @@ def test_report_shows_the_settings_the_ensemble_was_trained_with(tiny_run: Paths
                                                                  tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
     run = the_run(paths.root)
-    assert report.load_run(paths, run).config["hidden"] == 32
+    assert report.load_run(paths, run).record.config["hidden"] == 32
     text = draw(paths).read_text(encoding="utf-8")
     assert run.id in text and "<td class=l>hidden</td><td class=l>32</td>" in text
 
@@ -181,7 +178,7 @@ def test_report_refuses_predictions_of_other_data(tiny_run: Paths, tmp_path: Pat
 @pytest.mark.slow
 def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path: Path) -> None:
     run = report.load_run(tiny_run, the_run(tiny_run.root))
-    none = report.confident_mistakes(run.oof).head(0)
+    none = report.confident_mistakes(run.oof, run.data.train_y).head(0)
     name = report.plot_mistakes(run, none, tmp_path / "mistakes.png")
     width, height = png_size(tmp_path / name)
     assert 100 <= width <= 4000 and 100 <= height <= 4000
@@ -234,8 +231,7 @@ def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     blend = RunRecord(kind="blend", model="blend", oof_acc=0.95, oof_loss=0.2, fold_min=0.9,
                       fold_max=0.9, seconds=1.0, finished=1.7e9, data="d", n_folds=2, fold_seed=42,
                       oof_acc_honest=0.91, weights={"a": 1, "b": 2})
-    run = SimpleNamespace(cv=cv, folder=RunDir(Path("runs/blend-x")), train_y=np.zeros(4), source="sample",
-                          record=blend)
+    run = SimpleNamespace(cv=cv, folder=RunDir(Path("runs/blend-x")), oof=np.zeros((4, 10)), record=blend)
     said = dict(report.facts(run))  # type: ignore[arg-type]
     assert said["OOF accuracy"].startswith("0.9100 honest") and "in-sample 0.9500" in said["OOF accuracy"]
 

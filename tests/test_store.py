@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import Paths, TrainConfig
+from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.store import ledger
 from pipeline.store.io import replace_together, staged_files
@@ -118,7 +118,7 @@ def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
 
 
 def entry(submission: str, **config: object) -> dict[str, object]:
-    return {"model": "rnn", "config": {**asdict(TrainConfig()), **config}, "oof_acc": 0.9876,
+    return {"model": "rnn", "config": {**asdict(Settings()), **config}, "oof_acc": 0.9876,
             "seconds": 83.2, "device": "cpu (4 threads)", "submission": submission,
             "source": "sample"}
 

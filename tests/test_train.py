@@ -38,7 +38,7 @@ from conftest import (
 )
 
 from pipeline.cli import main
-from pipeline.config import Paths, Settings, TrainConfig, resolve
+from pipeline.config import Paths, Settings, resolve
 from pipeline.engine import checkpoint
 from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
@@ -376,7 +376,7 @@ def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
 
 @pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
-    cfg = TrainConfig(hidden=16, batch=16, epochs=1, **settings)
+    cfg = Settings(hidden=16, batch=16, epochs=1, **settings)
     torch.manual_seed(0)
     model = build_model(cfg)
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
@@ -395,7 +395,7 @@ def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "none"])
 def test_schedule_runs_to_its_end(schedule: str) -> None:
-    cfg = TrainConfig(schedule=schedule, epochs=3, lr=0.01)
+    cfg = Settings(schedule=schedule, epochs=3, lr=0.01)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     scheduler = train.make_scheduler(cfg, optimizer, steps_per_epoch=7)
     lrs = []
@@ -410,7 +410,7 @@ def test_schedule_runs_to_its_end(schedule: str) -> None:
 
 
 def test_clipping_bounds_the_gradient_norm() -> None:
-    cfg = TrainConfig(hidden=16, batch=20, clip=0.05, augment=False, lr=1e-3)
+    cfg = Settings(hidden=16, batch=20, clip=0.05, augment=False, lr=1e-3)
     model = build_model(cfg)
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, 2)
@@ -429,7 +429,7 @@ def test_clipping_bounds_the_gradient_norm() -> None:
 
 
 def test_short_last_batch_is_used_unless_dropped() -> None:
-    cfg = TrainConfig(batch=64)
+    cfg = Settings(batch=64)
     assert train.steps_per_epoch(cfg, 130) == 3
     assert train.steps_per_epoch(replace(cfg, drop_last=True), 130) == 2
     with pytest.raises(PipelineError, match="larger than"):

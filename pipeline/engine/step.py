@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.config import TrainConfig
+from pipeline.config import Settings
 from pipeline.engine.runtime import autocast
 
 WARMUP_STEPS = 3  # eager passes on the capture stream before capture (cuDNN plans, workspaces)
@@ -78,7 +78,7 @@ class CudaGraph:
         self.graph.replay()
 
 
-def graph_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+def graph_wanted(cfg: Settings, device: torch.device) -> bool:
     """Whether the step is captured: asked for, on CUDA, and with nothing random inside the step."""
     return cfg.cuda_graph and device.type == "cuda" and not (cfg.dropout > 0 and cfg.layers > 1)
 
@@ -91,7 +91,7 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: Settings,
                  device: torch.device, make_graph: Callable[[torch.device], CudaGraph] | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg

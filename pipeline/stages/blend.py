@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.config import Paths, fingerprint
 from pipeline.errors import PipelineError
-from pipeline.options import MEANS, default
+from pipeline.options import default
 from pipeline.store import ledger
 from pipeline.store.data import Prepared, data_source
 from pipeline.store.io import write_json
@@ -144,8 +144,6 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, fold_seed: int,
         make_first: Callable[[], object] | None = None) -> RunRecord:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
     submission; returns the blend's record. make_first: makes a run when none is there to blend."""
-    if mean not in MEANS:
-        raise PipelineError(f"MEAN={mean!r}: must be one of {', '.join(MEANS)}")
     n_folds = int(fold_of.max()) + 1
     chosen, skipped = candidates(paths, data, n_folds, fold_seed, names)
     for line in skipped:

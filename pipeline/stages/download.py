@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
-from pipeline.options import SOURCES, default
+from pipeline.options import default
 from pipeline.store import sample
 from pipeline.store.data import SAMPLE_BANNER, data_source
 from pipeline.store.io import read_json, replace_together, staged_files, write_json
@@ -28,8 +28,6 @@ from pipeline.store.io import read_json, replace_together, staged_files, write_j
 def run(paths: Paths, source: str = default("source"), src_dir: Path | None = None, force: bool = False,
         timeout: float = default("timeout")) -> str:
     """Fetch the competition files; returns the source used."""
-    if source not in SOURCES:
-        raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")
     present = [p for p in (paths.train_csv, paths.test_csv) if p.exists()]
     record = read_json(paths.source_json) or {}
     attached = notebook.competition_input() if source == "auto" else None

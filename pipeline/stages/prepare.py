@@ -353,7 +353,7 @@ def _check_inputs_exist(paths: Paths) -> None:
                                 "puts both there")
 
 
-def class_warning(labels: np.ndarray, folds: int = 2) -> str:
+def class_warning(labels: np.ndarray, n_folds: int = 2) -> str:
     """A warning when the labels cannot make a useful digit classifier, else ''."""
     counts = np.bincount(labels.astype(np.int64), minlength=10)
     missing = [d for d in range(10) if counts[d] == 0]
@@ -361,7 +361,7 @@ def class_warning(labels: np.ndarray, folds: int = 2) -> str:
         return (f"train.csv has no rows of digit(s) {', '.join(map(str, missing))}: the models can "
                 "never predict them, and the out-of-fold accuracy says nothing about them; add rows "
                 "of every digit")
-    few = [d for d in range(10) if counts[d] < max(folds, 5)]
+    few = [d for d in range(10) if counts[d] < max(n_folds, 5)]
     if few:
         return (f"digit(s) {', '.join(f'{d} ({counts[d]} rows)' for d in few)} have very few rows: "
                 "their accuracy will be noise; add rows of those digits")

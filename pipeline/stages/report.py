@@ -18,10 +18,10 @@ import pandas as pd
 
 from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
-from pipeline.store.data import load_prepared
+from pipeline.store.data import Prepared, load_prepared
 from pipeline.store.io import atomic_path, atomic_write_text
 from pipeline.store.ledger import format_seconds
-from pipeline.store.run import PROB_COLUMNS, RunDir, RunRecord, all_runs, complete, latest, run_dir
+from pipeline.store.run import RunDir, RunRecord, all_runs, complete, latest, run_dir
 
 if TYPE_CHECKING:
     from markupsafe import Markup
@@ -34,45 +34,23 @@ MAX_PIXELS = 3800  # the tallest figure we draw; many folds shrink the resolutio
 
 @dataclass
 class Run:
-    """Everything the report shows, read from the run's files."""
+    """Everything the report shows, read (and checked) from the run's files."""
 
-    cv: pd.DataFrame  # cv.csv: one row per fold and the overall row fold == "all"
-    config: dict[str, Any]  # the run's settings
-    histories: dict[int, pd.DataFrame]  # fold -> fold_{k}.csv (none for a blend)
-    oof: pd.DataFrame  # row, label, p0..p9 of every train row, sorted by row
-    train_x: np.ndarray  # uint8 (N, 28, 28)
-    train_y: np.ndarray  # uint8 (N,)
-    test_pred: np.ndarray  # predicted test labels (test.csv's most likely digits)
-    test_from: str  # which files test_pred came from
-    source: str  # where input/ came from: kaggle, dir, sample or unknown
-    record: RunRecord  # the run's run.json
-    folder: RunDir  # the run's folder
+    folder: RunDir
+    record: RunRecord  # its run.json
+    cv: pd.DataFrame  # cv.csv: a row per fold, then the row `all`
+    histories: dict[int, pd.DataFrame]  # fold -> its log per epoch (none for a blend)
+    oof: np.ndarray  # (N, 10): every train row's out-of-fold probabilities, in order
+    test_pred: np.ndarray  # the test rows' most likely digits (test.csv)
+    data: Prepared  # the prepared images and labels the run was made from
 
     @property
-    def folds(self) -> list[int]:
+    def fold_ids(self) -> list[int]:
         return sorted(self.histories)
-
-    @property
-    def oof_pred(self) -> np.ndarray:
-        return self.oof[PROB_COLUMNS].to_numpy().argmax(1)
-
-
-# -- reading the run ---------------------------------------------------------------------------
-
-
-def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing ({what}); `make predict RUN={path.parent.name}` "
-                            "completes the run")
-    try:
-        return pd.read_csv(path, **kwargs)
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable CSV ({exc}); "
-                            f"{RunDir(path.parent).remake()}") from exc
 
 
 def load_run(paths: Paths, run: RunDir) -> Run:
-    """Read a run's files; a clear PipelineError when it is missing or incomplete."""
+    """Read a run's files; a clear PipelineError when it is missing, incomplete or damaged."""
     try:
         record = run.completed()
     except PipelineError as exc:
@@ -84,28 +62,21 @@ def load_run(paths: Paths, run: RunDir) -> Run:
     if record.data != data.data_key:
         raise PipelineError(f"RUN={run.id} was made from other data than input/*.csv now hold, so "
                             "its mistakes cannot be drawn from them")
-    if not run.cv.is_file():
-        _read_csv(run.cv, "the cross-validation table")  # names the missing file
     cv = run.cv_table(record.n_folds)
-    folds = [int(f) for f in cv["fold"] if f != "all"]
-    histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
-                 if not run.is_blend}
-    oof = _read_csv(run.oof, "out-of-fold predictions").sort_values("row", ignore_index=True)
-    _check_oof(run, oof, data.train_y)
-    test_pred = _read_csv(run.test, "test predictions")[PROB_COLUMNS].to_numpy().argmax(1)
-    config = record.config or run.settings()
-    return Run(cv=cv, config=config, histories=histories, oof=oof, train_x=data.train_x,
-               train_y=data.train_y, test_pred=test_pred, test_from=f"runs/{run.id}/test.csv",
-               source=record.source, record=record, folder=run)
+    histories = {} if run.is_blend else {k: _log(run, k) for k in range(record.n_folds)}
+    oof, test = run.probabilities(len(data.train_y), len(data.test_x))
+    return Run(run, record, cv, histories, oof, test.argmax(1), data)
 
 
-def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
-    """The OOF rows must be exactly the train rows, with their labels, or the images would lie."""
-    rows = oof["row"].to_numpy()
-    if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))) or \
-            not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
-        raise PipelineError(f"{run.oof}: does not match the {len(train_y)} prepared train rows and "
-                            f"their labels; {run.remake()}")
+def _log(run: RunDir, fold: int) -> pd.DataFrame:
+    if not run.log(fold).is_file():
+        raise PipelineError(f"{run.log(fold)}: missing (the training log of fold {fold}); "
+                            f"`make train RUN={run.id} FORCE=1` remakes it")
+    try:
+        return pd.read_csv(run.log(fold))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise PipelineError(f"{run.log(fold)}: not a readable CSV ({exc}); `make train RUN={run.id} "
+                            "FORCE=1` remakes it") from exc
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -123,7 +94,7 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = C
 
 def oof_confusion(run: Run) -> np.ndarray:
     """The out-of-fold confusion matrix of a run (sums to its number of train rows)."""
-    return confusion_matrix(run.oof["label"].to_numpy(), run.oof_pred)
+    return confusion_matrix(run.data.train_y, run.oof.argmax(1))
 
 
 def per_class(matrix: np.ndarray) -> pd.DataFrame:
@@ -135,10 +106,9 @@ def per_class(matrix: np.ndarray) -> pd.DataFrame:
                              "precision": correct / predicted})
 
 
-def confident_mistakes(oof: pd.DataFrame, limit: int = MISTAKES) -> pd.DataFrame:
+def confident_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int = MISTAKES) -> pd.DataFrame:
     """The wrong out-of-fold predictions the ensemble was surest of: row, label, predicted, confidence."""
-    probs = oof[PROB_COLUMNS].to_numpy()
-    frame = pd.DataFrame({"row": oof["row"].to_numpy(), "label": oof["label"].to_numpy(),
+    frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels.astype(np.int64),
                           "predicted": probs.argmax(1), "confidence": probs.max(1)})
     wrong = frame[frame["label"] != frame["predicted"]]
     return wrong.sort_values(["confidence", "row"], ascending=[False, True]).head(limit)
@@ -183,9 +153,9 @@ def plot_learning_curves(run: Run, path: Path) -> str:
 
     epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
     best = {int(f): e for f, e in zip(run.cv["fold"], epochs, strict=True) if f != "all"}
-    height = 2.4 * len(run.folds) + 0.4
-    fig, axes = plt.subplots(len(run.folds), 2, figsize=(10, height), squeeze=False)
-    for (ax_loss, ax_acc), k in zip(axes, run.folds, strict=True):
+    height = 2.4 * len(run.fold_ids) + 0.4
+    fig, axes = plt.subplots(len(run.fold_ids), 2, figsize=(10, height), squeeze=False)
+    for (ax_loss, ax_acc), k in zip(axes, run.fold_ids, strict=True):
         log = run.histories[k]
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             ax.plot(log["epoch"], log[f"train_{metric}"], "o-", ms=3, label="train")
@@ -248,7 +218,7 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(cols * 1.25, height))
     for i, m in enumerate(mistakes.itertuples()):
         top, left = (i // cols) * cell_h, (i % cols) * cell_w
-        canvas[top + band:top + band + 28, left + 3:left + 31] = run.train_x[m.row]
+        canvas[top + band:top + band + 28, left + 3:left + 31] = run.data.train_x[m.row]
         ax.text(left + cell_w / 2, top + band / 2, f"row {m.row}\n{m.label} → {m.predicted} "
                 f"({m.confidence:.0%})", ha="center", va="center", fontsize=7)
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
@@ -336,7 +306,7 @@ def facts(run: Run) -> list[tuple[str, str]]:
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
     said = [("run", run.folder.id), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
-            ("model", record.model), ("train rows", str(len(run.train_y))), ("data source", run.source),
+            ("model", record.model), ("train rows", str(len(run.oof))), ("data source", record.source),
             ("device", record.where), ("time", format_seconds(record.seconds))]
     if record.kaggle:
         said.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
@@ -350,13 +320,14 @@ def facts(run: Run) -> list[tuple[str, str]]:
 
 def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.DataFrame,
            mistakes: pd.DataFrame) -> str:
-    changed, defaults = changed_settings(run.config), asdict(Settings())
-    notes = {"n": len(mistakes), "test_from": run.test_from}
+    config = run.record.config or run.folder.settings()
+    changed, defaults = changed_settings(config), asdict(Settings())
+    notes = {"n": len(mistakes), "test_from": f"runs/{run.folder.id}/test.csv"}
     return page(title="run report", root=paths.root, written=time.strftime("%Y-%m-%d %H:%M:%S"),
-                sample=run.source == "sample", facts=facts(run), cv=table(run.cv, seconds=1),
+                sample=run.record.source == "sample", facts=facts(run), cv=table(run.cv, seconds=1),
                 figures=[(t, k, a, n.format(**notes)) for t, k, a, n in FIGURES if k in images],
                 images=images, per_class=table(per_class_frame),
-                settings=[(k, v, defaults.get(k, ""), k in changed) for k, v in sorted(run.config.items())])
+                settings=[(k, v, defaults.get(k, ""), k in changed) for k, v in sorted(config.items())])
 
 
 def pick(paths: Paths, name: str | None) -> RunDir:
@@ -397,27 +368,25 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
 
 
 def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
-    data = load_run(paths, run_dir)
-    out = paths.reports
-    matrix = oof_confusion(data)
+    run, out = load_run(paths, run_dir), paths.reports
+    matrix = oof_confusion(run)
     per_class_frame = per_class(matrix)
-    mistakes = confident_mistakes(data.oof)
+    mistakes = confident_mistakes(run.oof, run.data.train_y)
     images = {
-        **({"curves": plot_learning_curves(data, out / "learning_curves.png")} if data.histories
-           else {}),
+        **({"curves": plot_learning_curves(run, out / "learning_curves.png")} if run.histories else {}),
         "confusion": plot_confusion(matrix, out / "confusion_matrix.png"),
         "per_class": plot_per_class(per_class_frame, out / "per_class_accuracy.png"),
-        "mistakes": plot_mistakes(data, mistakes, out / "confident_mistakes.png"),
-        "balance": plot_balance(class_balance(data.train_y, data.test_pred), out / "class_balance.png"),
+        "mistakes": plot_mistakes(run, mistakes, out / "confident_mistakes.png"),
+        "balance": plot_balance(class_balance(run.data.train_y, run.test_pred), out / "class_balance.png"),
     }
-    page = out / "index.html"
-    atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
+    written = out / "index.html"
+    atomic_write_text(written, render(run, paths, images, per_class_frame, mistakes))
     accuracy = f"{np.trace(matrix) / matrix.sum():.4f}"
     if run_dir.is_blend:
-        accuracy = f"{data.record.accuracy:.4f} honest, {accuracy} in-sample"
-    print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
+        accuracy = f"{run.record.accuracy:.4f} honest, {accuracy} in-sample"
+    print(f"report: {run_dir.id}: wrote {written} and {len(images)} figures in "
           f"{time.perf_counter() - started:.1f}s (OOF accuracy {accuracy})")
-    return page
+    return written
 
 
 # -- a tuning study --------------------------------------------------------------------------------

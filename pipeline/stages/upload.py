@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.options import FORMATS, default
+from pipeline.options import default
 from pipeline.store import ledger
 from pipeline.store.data import data_source
 from pipeline.store.run import latest, run_dir
@@ -97,8 +97,6 @@ def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeou
 def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = default("format")) -> str:
     """Print the account's submissions with where each came from; records scores that arrived
     for uploads still pending in the record. Returns the text printed."""
-    if fmt not in FORMATS:
-        raise PipelineError(f"FORMAT={fmt!r}: must be one of table, csv")
     from pipeline.kaggle import api as kaggle_api
 
     with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:

@@ -373,14 +373,14 @@ class RunDir:
         valid_acc; else a PipelineError saying how to remake it."""
         try:
             cv = pd.read_csv(self.cv, dtype={"fold": str})
-            folds = list(cv["fold"])
+            fold_ids = list(cv["fold"])
             numbers = cv[["valid_loss", "valid_acc"]].to_numpy(dtype=np.float64)
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise PipelineError(f"{self.cv}: not a readable cross-validation table ({exc}); "
                                 f"{self.remake()}") from exc
-        if folds != [str(f) for f in range(n_folds)] + ["all"] or not np.isfinite(numbers).all():
+        if fold_ids != [str(f) for f in range(n_folds)] + ["all"] or not np.isfinite(numbers).all():
             raise PipelineError(f"{self.cv}: expected a row for each of folds 0 to {n_folds - 1}, then "
-                                f"`all`, with numbers; found folds {', '.join(map(str, folds)) or 'none'} "
+                                f"`all`, with numbers; found folds {', '.join(map(str, fold_ids)) or 'none'} "
                                 f"(truncated or damaged); {self.remake()}")
         return cv
 
