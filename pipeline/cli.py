@@ -1,13 +1,9 @@
-"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage.
+"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage, each building
+what it needs upstream (download -> prepare -> folds -> train -> predict), skipping what is current.
 
-Every stage builds what it needs upstream, skipping what is current, as Make users expect:
-download -> prepare -> folds -> train -> predict, then blend. The orchestration lives here; the
-stages (pipeline/stages/) only share the layers below them (tuning, kaggle, engine, store, options,
-config). The options are declared in pipeline/options.py and the settings in pipeline/config.py.
-With ``--make NAMES`` (what the Makefile passes), the options NAMES lists, those given on make's
-command line, are read from the variables the Makefile sets for them (DIGITS_OPT_<NAME>, holding the
-text as typed), so ``make train EPOCHS=5`` is ``--epochs 5``. Nothing else of the environment is
-read: a variable a shell exports under an option's name (SEED, MODEL, DEVICE...) changes nothing.
+With ``--make NAMES`` (what the Makefile passes), the options given on make's command line are read
+from the variables DIGITS_OPT_<NAME> (the text as typed): ``make train EPOCHS=5`` is ``--epochs 5``.
+Nothing else of the environment is read: a shell's SEED, MODEL or DEVICE changes nothing.
 """
 
 from __future__ import annotations
@@ -62,13 +58,17 @@ class Command:
         """FORCE=1 redoes the named stages' work when the command is one of them."""
         return self.args.force and self.args.stage in stages
 
+    def download(self) -> None:
+        from pipeline.stages import download
+
+        a = self.args
+        download.run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
+
     @cached_property
     def data(self) -> Prepared:
-        from pipeline.stages import download, prepare
+        from pipeline.stages import prepare
 
-        args = self.args
-        download.run(self.paths, source=args.source, src_dir=args.dir, timeout=args.timeout,
-                     force=self.forced("download", "submit"))
+        self.download()
         return prepare.run(self.paths, force=self.forced("prepare"))
 
     @cached_property
@@ -150,21 +150,6 @@ def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: 
     return (f"RUN={name}: {config} and input/*.csv no longer give this run's id: its settings were "
             f"edited, or the data changed since; `make train CONFIG={config}` trains those settings "
             "on this data as a run of their own")
-
-
-def _download(c: Command) -> None:
-    from pipeline.stages import download
-
-    args = c.args
-    download.run(c.paths, source=args.source, src_dir=args.dir, force=args.force, timeout=args.timeout)
-
-
-def _prepare(c: Command) -> None:
-    c.data  # noqa: B018  (made, or found current)
-
-
-def _folds(c: Command) -> None:
-    c.fold_of  # noqa: B018
 
 
 def _train(c: Command) -> None:
@@ -321,9 +306,9 @@ def add_option(parser: Any, option: Option, stage: str) -> None:
 
 # What each stage does, in the order `python -m pipeline --help` lists them.
 STAGES: dict[str, tuple[Any, str]] = {
-    "download": (_download, "put train.csv and test.csv into input/"),
-    "prepare": (_prepare, "validate the CSVs and cache them as uint8 arrays"),
-    "folds": (_folds, "write the stratified folds (input/folds.csv)"),
+    "download": (Command.download, "put train.csv and test.csv into input/"),
+    "prepare": (lambda c: c.data, "validate the CSVs and cache them as uint8 arrays"),
+    "folds": (lambda c: c.fold_of, "write the stratified folds (input/folds.csv)"),
     "train": (_train, "train the run of these settings (runs/<id>/); resumes"),
     "predict": (_predict, "the run's test predictions and submission (trains what is missing)"),
     "submit": (_submit, "every stage in order, each skipped when current"),

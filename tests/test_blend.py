@@ -52,10 +52,6 @@ def test_the_readme_calls_only_the_real_mean_the_default() -> None:
 
 
 def test_a_one_run_blend_is_that_run_once() -> None:
-    import numpy as np
-
-    from pipeline.stages import blend
-
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 200)
     logits = rng.normal(size=(200, 10))
@@ -73,10 +69,6 @@ BLEND_FIELDS = [*RECORD_FIELDS, "key", "data", "folds", "seed"]
        change=st.dictionaries(st.sampled_from(BLEND_FIELDS), JSON, max_size=3))
 def test_blend_skips_a_damaged_run_in_words_and_keeps_the_good_one(
         tmp_path_factory: pytest.TempPathFactory, drop: set[str], change: dict[str, Any]) -> None:
-    import numpy as np
-
-    from pipeline.stages import blend
-
     root = tmp_path_factory.mktemp("blend")
     data, _ = tiny_data()
     for name in ("rnn-h32-e2-good00", "rnn-h32-e2-bad000"):
@@ -173,7 +165,6 @@ def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
 
 def test_a_damaged_blend_folder_is_left_out_unsaid(tmp_path: Path) -> None:
     """Blends are never members; a damaged one is no run to remake with `make predict`."""
-    import numpy as np
 
     data, _ = tiny_data()
     good = RunDir(fake_run(tmp_path, "rnn-h32-e2-good00"))

@@ -35,8 +35,6 @@ CONFIG_NAMES = ["preset", "hidden", "lr", "model", "augment", "device", "view", 
 @given(values=st.dictionaries(st.sampled_from(CONFIG_NAMES), VALUES, min_size=1, max_size=3))
 def test_any_config_file_gives_typed_settings_or_names_the_file(
         tmp_path_factory: pytest.TempPathFactory, values: dict[str, Any]) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path_factory.mktemp("config") / "settings.json"
     path.write_text(json.dumps(values))
     try:
@@ -49,8 +47,6 @@ def test_any_config_file_gives_typed_settings_or_names_the_file(
 
 
 def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path / "c.toml"
     path.write_text('preset = ["tuned"]\n')
     with pytest.raises(PipelineError, match=r"c\.toml: preset must be one of default, tutorial, tuned"):
@@ -59,8 +55,6 @@ def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_a_config_or_space_file_that_is_not_text_is_named(tmp_path: Path, suffix: str) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path / f"binary{suffix}"
     path.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(PipelineError, match=re.escape(str(path))):

@@ -62,7 +62,6 @@ def test_one_class_gets_a_warning(tmp_path: Path) -> None:
     assert "WARNING: train.csv has no rows of digit(s) 0, 1, 2, 4, 5, 6, 7, 8, 9" in result.stdout
     rare = run_cli(tmp_path, "folds", "--folds", "20", check=False)
     assert rare.returncode == 1 and "use fewer folds" in rare.stderr
-    from pipeline.stages.folds import assign
 
     with pytest.raises(PipelineError) as error:
         assign(np.array([3] * 12 + [5]), 2, 0)

@@ -207,8 +207,6 @@ def test_report_with_no_run_at_all_says_how_to_make_one(tmp_path: Path,
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: str) -> None:
-    from conftest import the_run
-
     run = the_run(run_copy)
     text = run.cv.read_text()
     run.cv.write_text("fold,valid\nx,\x01\n" if damage == "garbage" else text.splitlines()[0] + "\n"
@@ -221,10 +219,6 @@ def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: st
 def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     from types import SimpleNamespace
 
-    import numpy as np
-    import pandas as pd
-
-    from pipeline.stages import report
     from pipeline.store.run import RunRecord
 
     cv = pd.DataFrame({"fold": ["0", "1", "all"], "valid_acc": [0.9, 0.9, 0.95]})

@@ -59,62 +59,36 @@ def test_made_by_names_the_run_whose_submission_is_current(tmp_path: Path) -> No
     assert ledger.made_by(paths) == ("rnn-late", None)
 
 
-def failing_second_rename(monkeypatch: pytest.MonkeyPatch, name: str,
-                          error: BaseException | None = None) -> None:
-    """os.replace fails (disk full, or error) when a staged file called name is renamed into place."""
+FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize(("old", "error", "raised"), [
+    (True, FULL, r"test.csv: cannot write \(No space left.*as they were"),
+    (True, KeyboardInterrupt(), None),  # passed on as it is, after the files are put back
+    (False, FULL, "cannot write"),
+], ids=["disk-full", "interrupted", "into-an-empty-folder"])
+def test_a_failed_second_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     old: bool, error: BaseException, raised: str) -> None:
+    """train.csv and test.csv are replaced together or not at all, whatever stops the second rename."""
+    folder = tmp_path / "input"
+    before = {"train.csv": "old train", "test.csv": "old test"} if old else {}
+    for name, text in before.items():
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
     real = os.replace
 
     def replace(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
-        if Path(src).name == name and ".staging-" in str(src):
-            raise error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if Path(src).name == "test.csv" and ".staging-" in str(src):
+            raise error
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-
-
-def test_failed_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "input"
-    folder.mkdir()
-    (folder / "train.csv").write_text("old train")
-    (folder / "test.csv").write_text("old test")
-    failing_second_rename(monkeypatch, "test.csv")
-    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
-        staged[0].write_text("new train")
-        staged[1].write_text("new test")
-        with pytest.raises(PipelineError, match=r"test.csv: cannot write \(No space left.*as they were"):
-            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
-    assert (folder / "train.csv").read_text() == "old train"
-    assert (folder / "test.csv").read_text() == "old test"
-    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]  # nothing left over
-
-
-def test_interrupt_between_the_renames_puts_both_files_back(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "input"
-    folder.mkdir()
-    (folder / "train.csv").write_text("old train")
-    (folder / "test.csv").write_text("old test")
-    failing_second_rename(monkeypatch, "test.csv", KeyboardInterrupt())
-    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
-        staged[0].write_text("new train")
-        staged[1].write_text("new test")
-        with pytest.raises(KeyboardInterrupt):  # passed on as it is, after the files are put back
-            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
-    assert (folder / "train.csv").read_text() == "old train"
-    assert (folder / "test.csv").read_text() == "old test"
-    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]
-
-
-def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "input"
-    failing_second_rename(monkeypatch, "test.csv")
     with staged_files(folder, ["train.csv", "test.csv"]) as staged:
         for path in staged:
             path.write_text("new")
-        with pytest.raises(PipelineError):
+        with pytest.raises(PipelineError if raised else KeyboardInterrupt, match=raised):
             replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
-    assert list(folder.iterdir()) == []
+    assert {p.name: p.read_text() for p in folder.iterdir()} == before  # and nothing left over
 
 
 def entry(submission: str, **config: object) -> dict[str, object]:

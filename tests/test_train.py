@@ -68,49 +68,32 @@ def run_dir(trained: Path, tmp_path: Path) -> Paths:
     return Paths(copy_project(trained, tmp_path / "run"))
 
 
-CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
-    "garbage": lambda p: p.write_bytes(b"garbage, not a checkpoint\x00" * 10),
-    "empty": lambda p: p.write_bytes(b""),
-    "truncated": lambda p: p.write_bytes(p.read_bytes()[:300]),
+def weights_of_another_model(path: Path, **other: object) -> None:
+    """Weights that do not fit the settings the checkpoint says (hidden 8, rnn)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["state_dict"] = build_model(replace(checkpoint.config_of(path, payload), **other)).state_dict()
+    torch.save(payload, path)
+
+
+CHECKPOINT_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "garbage": (lambda p: p.write_bytes(b"garbage, not a checkpoint\x00" * 10), "corrupt"),
+    "empty": (lambda p: p.write_bytes(b""), "corrupt"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:300]), "corrupt"),
+    "hidden-16": (lambda p: weights_of_another_model(p, hidden=16), "weights do not fit"),
+    "gru": (lambda p: weights_of_another_model(p, model="gru"), "weights do not fit"),
 }
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
-def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """A damaged model is named as the reason its fold retrains; the other fold is kept."""
+def test_a_damaged_checkpoint_is_named_and_only_its_fold_retrains(run_dir: Paths, damage: str) -> None:
     run = the_run(run_dir.root)
-    CHECKPOINT_DAMAGE[damage](run.model(0))
-    fold1 = run.model(1).read_bytes()
-    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
-    code, out, err = result.returncode, result.stdout, result.stderr
-    assert code == 0, err
-    assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
-    assert "train: fold 1 skipped" in out
-    assert run.model(1).read_bytes() == fold1
+    change, said = CHECKPOINT_DAMAGE[damage]
+    change(run.model(0))
+    kept = run.model(1).read_bytes()
+    out = run_cli(run_dir.root, "predict", *TINY_CPU).stdout
+    assert f"train: fold 0 reruns: damaged ({run.model(0)}: {said}" in out
+    assert "train: fold 1 skipped" in out and run.model(1).read_bytes() == kept
     assert run_dir.submission_csv.is_file()
-
-
-@pytest.mark.parametrize("other", [{"hidden": 16}, {"model": "gru"}], ids=["hidden-16", "gru"])
-def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from dataclasses import replace
-
-    import torch
-
-    from pipeline.engine.checkpoint import config_of
-    from pipeline.engine.models import build_model
-
-    path = the_run(run_dir.root).model(1)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    wrong = build_model(replace(config_of(path, payload), **other))
-    payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
-    torch.save(payload, path)
-    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
-    code, out, err = result.returncode, result.stdout, result.stderr
-    assert code == 0, err
-    assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
-    assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
 
 
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])
@@ -348,21 +331,6 @@ def test_train_of_a_blend_says_it_is_a_blend(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "input").exists()
 
 
-def test_folds_trained_at_once_write_whole_lines_never_bars(monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
-    from pipeline.stages import train
-
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    progress = train.Progress(1, 3, 0, position=1)
-    assert progress.bar is None
-    progress.update({"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "valid_loss": 0.4,
-                     "valid_acc": 0.85, "seconds": 1.0, "samples_per_s": 100.0})
-    out = capsys.readouterr().out
-    assert out.startswith("fold 1 epoch   1/3") and out.endswith("samples/s\n") and out.count("\n") == 1
-
-
 @pytest.mark.slow
 def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
     """2 epochs x 2 steps: OneCycleLR would divide by zero; PRESET=tutorial shows as such."""
@@ -458,8 +426,14 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest
     plain = train.Progress(fold=3, epochs=10, start=0)
     plain.update(ROW)
     plain.close()
+    monkeypatch.setattr(sys, "stderr", terminal)  # folds trained at once write whole lines, no bars
+    parallel = train.Progress(fold=1, epochs=3, start=0, position=1)
+    parallel.update(ROW)
     out = capsys.readouterr().out
     assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
+    assert parallel.bar is None and out.endswith("samples/s\nfold 1 epoch   1/3  train_loss 0.5000  "
+                                                 "train_acc 0.8000  valid_loss 0.4000  valid_acc 0.9123  "
+                                                 "0.5s  1000 samples/s\n")
 
 
 NEWER = ("rows_per_step", "readout", "nonlinearity", "ema")  # settings older pipelines never recorded

@@ -82,10 +82,6 @@ SPACE_NAMES = ["hidden", "lr", "model", "augment", "dropout", "label_smoothing",
     st.sampled_from(["choices", "low", "high", "log", "step"]), VALUES, max_size=4))
 def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
         tmp_path_factory: pytest.TempPathFactory, name: str, entry: dict[str, Any]) -> None:
-    import optuna
-
-    from pipeline.errors import PipelineError
-
     path = tmp_path_factory.mktemp("space") / "space.toml"
     path.write_text(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items()))
     try:
@@ -111,8 +107,6 @@ def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
 ])
 def test_the_reported_space_mistakes_name_file_key_and_what_is_expected(
         tmp_path: Path, text: str, words: str) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path / "space.toml"
     path.write_text(text)
     with pytest.raises(PipelineError, match=re.escape(words)) as caught:
@@ -200,8 +194,6 @@ def test_an_interrupted_study_writes_its_summary_and_resumes_the_trial(tmp_path:
 
 @pytest.mark.parametrize("other", [{"tune_folds": 0}, {"pruner": "none"}, {"tune_folds": 2}])
 def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) -> None:
-    from pipeline.errors import PipelineError
-
     study_of(tmp_path, trials=1, tune_folds=1)
     with pytest.raises(PipelineError, match=r"STUDY=s scores its trials with TUNE_FOLDS=1, "
                                             r"PRUNER=median; this command asks"):
@@ -212,11 +204,6 @@ def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) 
 
 @pytest.mark.slow
 def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None:
-    import signal
-    import time
-
-    from conftest import SAMPLE, run_cli, start_cli
-
     run_cli(tmp_path, "folds", *SAMPLE, "--folds", "2")
     (tmp_path / "space.toml").write_text("[lr]\nlow = 1e-3\nhigh = 1e-2\n")
     proc = start_cli(tmp_path, "tune", "--trials", "6", "--workers", "2", "--tune-folds", "1",

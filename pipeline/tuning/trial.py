@@ -1,10 +1,6 @@
 """One trial: the settings it draws, the run it trains (and scores), and the worker processes that
-run trials.
-
-How a trial trains and scores is a typed contract (Stages: the train and predict stages' run
-functions), given by the command line, so no stage imports another. A worker process gets one
-frozen Job: everything it needs but the data, which it loads itself.
-"""
+run trials. The train and predict stages come from the command line (Stages), so no stage imports
+another; a worker process gets one frozen Job: everything it needs but the data, which it loads."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -24,28 +20,14 @@ from pipeline.store.run import FoldRecord, Plan, RunDir, RunRecord, run_dir, run
 from pipeline.tuning.space import Space, load_space, suggest
 from pipeline.tuning.study import open_study, progress
 
-# (fold, epoch, valid accuracy) after each epoch; raising optuna.TrialPruned stops the fold.
-OnEpoch = Callable[[int, int, float], None]
-
-
-class TrainRun(Protocol):
-    """The train stage: trains the plan's given folds (reporting each epoch), returns their records."""
-
-    def __call__(self, plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
-                 on_epoch: OnEpoch | None = None) -> list[FoldRecord]: ...
-
-
-class PredictRun(Protocol):
-    """The predict stage: the run's ensemble and its record (oof_acc: the trial's score)."""
-
-    def __call__(self, plan: Plan, fold_records: list[FoldRecord], force: bool = False,
-                 publish: bool = True) -> RunRecord: ...
-
 
 @dataclass(frozen=True)
 class Stages:
-    train: TrainRun
-    predict: PredictRun
+    """train.run (the plan's given folds, reporting each epoch; raising optuna.TrialPruned there
+    stops the fold) and predict.run (the run's record: its oof_acc is the trial's score)."""
+
+    train: Callable[..., list[FoldRecord]]
+    predict: Callable[..., RunRecord]
 
 
 @dataclass(frozen=True)
