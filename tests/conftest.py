@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Paths
-from pipeline.engine.models import MODELS
+from pipeline.engine.models import CELLS
 from pipeline.stages import prepare
 from pipeline.store.data import PIXELS
 from pipeline.store.run import RunDir, all_runs
@@ -370,7 +370,7 @@ def two_run_project(two_runs: Path, tmp_path: Path) -> Path:
     return copy_project(two_runs, tmp_path / "p")
 
 
-FAMILY = [dict(model=m) for m in MODELS] + [
+FAMILY = [dict(model=m) for m in CELLS] + [
     dict(model="rnn", layers=2, dropout=0.2), dict(model="gru", bidirectional=True),
     dict(model="lstm", layers=2, bidirectional=True),
     # How the network reads the digit: every view, framing and readout, and weight averaging.

@@ -18,7 +18,7 @@ from pipeline.config import Settings
 from pipeline.engine import step as step_module
 from pipeline.engine.augment import elastic_field, random_affine
 from pipeline.engine.checkpoint import FoldState
-from pipeline.engine.models import build_model
+from pipeline.engine.models import CELLS, build_model
 from pipeline.engine.runtime import predict_log_proba, resolve_device
 from pipeline.engine.step import TrainStep, graph_wanted
 from pipeline.errors import PipelineError
@@ -227,6 +227,10 @@ def test_the_pooled_readout_sees_every_step_and_the_last_only_the_final_state() 
         model(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8))
     steps = outputs[0]
     torch.testing.assert_close(features[0], torch.cat([steps[:, -1], steps.mean(1), steps.amax(1)], 1))
+
+
+def test_every_cell_settings_name_is_a_model() -> None:
+    assert tuple(CELLS) == Settings.__dataclass_fields__["model"].metadata["choices"]
 
 
 def test_model_runs_on_the_device_it_is_on() -> None:

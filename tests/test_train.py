@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -71,7 +73,7 @@ def run_dir(trained: Path, tmp_path: Path) -> Paths:
 def weights_of_another_model(path: Path, **other: object) -> None:
     """Weights that do not fit the settings the checkpoint says (hidden 8, rnn)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["state_dict"] = build_model(replace(checkpoint.config_of(path, payload), **other)).state_dict()
+    payload["state_dict"] = build_model(replace(resolve(overrides=payload["config"]), **other)).state_dict()
     torch.save(payload, path)
 
 
@@ -94,6 +96,27 @@ def test_a_damaged_checkpoint_is_named_and_only_its_fold_retrains(run_dir: Paths
     assert f"train: fold 0 reruns: damaged ({run.model(0)}: {said}" in out
     assert "train: fold 1 skipped" in out and run.model(1).read_bytes() == kept
     assert run_dir.submission_csv.is_file()
+
+
+def test_make_train_reaches_the_backward_pass_in_seven_calls(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training loop reads top to bottom (docs/engine.md): from the command line's entry to
+    loss.backward() on a CPU, main -> the train command -> train.run -> train_fold -> train_epoch ->
+    the step -> its forward-backward -> backward: seven calls."""
+    chains: list[list[str]] = []
+    real = torch.Tensor.backward
+
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        stack = traceback.extract_stack()[:-1]
+        entry = max(i for i, f in enumerate(stack) if f.name == "main" and f.filename.endswith("cli.py"))
+        chains.append([f.name for f in stack[entry:]])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    write_inputs(tmp_path)
+    assert main(["--root", str(tmp_path), "train", *TINY_CPU]) == 0
+    assert chains and all(chain == ["main", "_train", "run", "train_fold", "train_epoch", "__call__",
+                                    "_forward_backward"] for chain in chains)
 
 
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])

@@ -28,8 +28,14 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """A finished model written by this pipeline, loaded safely."""
+def save_finished(path: Path, model: nn.Module, cfg: Settings, best: dict[str, Any]) -> None:
+    """A finished model: its weights (on the CPU), its settings and its best epoch."""
+    save(path, {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": asdict(cfg), **best})
+
+
+def model_from(path: Path) -> tuple[nn.Module, Settings]:
+    """Rebuild the model a finished checkpoint describes (loaded safely) and load its weights."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found")
     try:
@@ -39,26 +45,10 @@ def load(path: Path) -> dict[str, Any]:
                             f"{type(exc).__name__})") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline")
-    return payload
-
-
-def finished(model: nn.Module, cfg: Settings, best: dict[str, Any]) -> dict[str, Any]:
-    """The payload of a finished model: weights (on the CPU), settings and the best epoch."""
-    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": asdict(cfg), **best}
-
-
-def config_of(path: Path, payload: dict[str, Any]) -> Settings:
     try:
-        return resolve(overrides=payload["config"])
+        cfg = resolve(overrides=payload["config"])
     except PipelineError as exc:
         raise PipelineError(f"{path}: its settings are not valid here ({exc})") from exc
-
-
-def model_from(path: Path) -> tuple[nn.Module, Settings]:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    payload = load(path)
-    cfg = config_of(path, payload)
     model = build_model(cfg)
     try:
         model.load_state_dict(payload["state_dict"])

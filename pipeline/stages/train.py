@@ -248,7 +248,7 @@ def _finish(plan: Plan, fold: int, state: FoldState, rows: FoldRows) -> FoldReco
     _, _, log_probs = evaluate(model, rows.valid_x, rows.valid_y, plan.cfg)
     write_probabilities(run.oof_fold(fold), log_probs.exp().cpu().numpy(),
                         {"row": rows.valid_rows.cpu().numpy(), "label": rows.valid_y.cpu().numpy()})
-    checkpoint.save(run.model(fold), checkpoint.finished(model, plan.cfg, best))
+    checkpoint.save_finished(run.model(fold), model, plan.cfg, best)
     made = fold_output(plan, fold).mark(
         fold=fold, best_epoch=best["epoch"], valid_loss=best["valid_loss"], valid_acc=best["valid_acc"],
         seconds=round(state.elapsed, 2), device=describe(state.step.device), trained_at=time.time())
