@@ -144,12 +144,9 @@ def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: 
         return (f"RUN={name}: {config} no longer holds the settings the run was made with "
                 f"({', '.join(edited) or 'edited by hand'}); put them back, or `make train "
                 f"CONFIG={config}` trains the edited settings as a run of their own")
-    if record is not None:
-        return (f"RUN={name} was made from other data than input/*.csv now hold; `make train "
-                f"CONFIG={config}` trains its settings on this data")
-    return (f"RUN={name}: {config} and input/*.csv no longer give this run's id: its settings were "
-            f"edited, or the data changed since; `make train CONFIG={config}` trains those settings "
-            "on this data as a run of their own")
+    why = ("was made from other data than input/*.csv now hold" if record is not None else
+           f"is not what {config} and input/*.csv give any more (settings edited, or the data changed)")
+    return f"RUN={name} {why}; `make train CONFIG={config}` trains its settings on this data"
 
 
 def _train(c: Command) -> None:

@@ -283,7 +283,11 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
                                 "was brought home") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _publish(plan, record)
+    record = ledger.publish(paths, target, record, len(data.test_x), new=True)
+    print(f"kaggle-run: {target.id}: OOF accuracy {record.oof_acc:.4f}, trained on Kaggle "
+          f"({record.device}); brought home to {target.path.relative_to(paths.root)}; wrote "
+          f"{paths.submission_csv} (kept as submissions/{record.kept})")
+    return record
 
 
 def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, dict[str, Any]]:
@@ -338,15 +342,6 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> Ru
                                                                                   plan.cfg.fold_seed):
         raise PipelineError("what came back was made from other data or folds than input/ holds: "
                             "nothing was brought home")
-    return record
-
-
-def _publish(plan: Plan, record: RunRecord) -> RunRecord:
-    paths, run = plan.paths, plan.run
-    record = ledger.publish(paths, run, record, len(plan.data.test_x), new=True)
-    print(f"kaggle-run: {run.id}: OOF accuracy {record.oof_acc:.4f}, trained on Kaggle "
-          f"({record.device}); brought home to {run.path.relative_to(paths.root)}; wrote "
-          f"{paths.submission_csv} (kept as submissions/{record.kept})")
     return record
 
 

@@ -191,15 +191,11 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> str:
     return _save(fig, path, 6)
 
 
-def plot_per_class(table: pd.DataFrame, path: Path) -> str:
+def plot_bars(frame: pd.DataFrame, path: Path, xlabel: str, ylabel: str, **bars: Any) -> str:
+    """Bars per class (one colour per other column, side by side): pandas' own bar plot."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(table["class"], table["accuracy"].fillna(0), color="tab:blue")
-    low = float(np.nanmin(table["accuracy"])) if table["accuracy"].notna().any() else 0.0
-    ax.set_ylim(max(0.0, low - 0.05), 1.0)
-    ax.set_xticks(table["class"])
-    ax.set_xlabel("true class")
-    ax.set_ylabel("out-of-fold accuracy")
+    frame.plot.bar(x="class", ax=ax, rot=0, xlabel=xlabel, ylabel=ylabel, **bars)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path, 3.5)
@@ -229,23 +225,6 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
     ax.axis("off")
     fig.tight_layout()
     return _save(fig, path, height)
-
-
-def plot_balance(balance: pd.DataFrame, path: Path) -> str:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    series = [c for c in balance.columns if c != "class"]
-    width = 0.8 / len(series)
-    for i, name in enumerate(series):
-        ax.bar(balance["class"] + (i - (len(series) - 1) / 2) * width, balance[name], width,
-               label=name)
-    ax.set_xticks(balance["class"])
-    ax.set_xlabel("class")
-    ax.set_ylabel("share of rows")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path, 3.5)
 
 
 # -- the page ----------------------------------------------------------------------------------
@@ -372,12 +351,16 @@ def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
     matrix = oof_confusion(run)
     per_class_frame = per_class(matrix)
     mistakes = confident_mistakes(run.oof, run.data.train_y)
+    accuracy = per_class_frame[["class", "accuracy"]].fillna(0)
+    low = max(0.0, float(np.nan_to_num(per_class_frame["accuracy"].min(), nan=0.05)) - 0.05)
     images = {
         **({"curves": plot_learning_curves(run, out / "learning_curves.png")} if run.histories else {}),
         "confusion": plot_confusion(matrix, out / "confusion_matrix.png"),
-        "per_class": plot_per_class(per_class_frame, out / "per_class_accuracy.png"),
+        "per_class": plot_bars(accuracy, out / "per_class_accuracy.png", "true class",
+                               "out-of-fold accuracy", legend=False, ylim=(low, 1)),
         "mistakes": plot_mistakes(run, mistakes, out / "confident_mistakes.png"),
-        "balance": plot_balance(class_balance(run.data.train_y, run.test_pred), out / "class_balance.png"),
+        "balance": plot_bars(class_balance(run.data.train_y, run.test_pred), out / "class_balance.png",
+                             "class", "share of rows"),
     }
     written = out / "index.html"
     atomic_write_text(written, render(run, paths, images, per_class_frame, mistakes))
