@@ -213,7 +213,7 @@ def _report(c: Command) -> None:
 
 def _tune(c: Command) -> None:
     from pipeline.stages import predict, train, tune
-    from pipeline.tuning.trial import Job, Stages
+    from pipeline.tuning.study import Job, Stages
 
     args = c.args
     job = Job(c.paths.root, c.cfg, Stages(train.run, predict.run), args.study, args.trials,

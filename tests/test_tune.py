@@ -37,7 +37,7 @@ from pipeline.stages import tune
 from pipeline.store.run import all_runs, run_id
 from pipeline.tuning import space as tune_space
 from pipeline.tuning import study as tune_study
-from pipeline.tuning.trial import Job, Stages
+from pipeline.tuning.study import Job, Stages
 
 SECRET = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=4, max_size=20)
 

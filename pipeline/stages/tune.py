@@ -28,8 +28,8 @@ from pipeline.errors import PipelineError
 from pipeline.store.data import Prepared
 from pipeline.store.io import atomic_write_text, write_json
 from pipeline.store.run import check_name, studies_dir
-from pipeline.tuning.study import open_study, requeue_stopped
-from pipeline.tuning.trial import Job, optimize, worker
+from pipeline.tuning.study import Job, open_study, requeue_stopped
+from pipeline.tuning.trial import optimize, worker
 
 
 def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None = None) -> dict[str, Any]:
@@ -49,8 +49,7 @@ def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None
     job = job.with_space(space)
     # One worker on its own storage is reproducible (SEED); workers sharing a study must not all
     # draw the same settings, so they draw unseeded.
-    made = open_study(paths, study, job.url, job.space, job.pruner, base,
-                      seed=base.seed if workers == 1 and not job.url else None, tune_folds=tune_folds)
+    made = open_study(paths, job, seed=base.seed if workers == 1 and not job.url else None)
     requeue_stopped(made, journal=not job.url)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     have = len(made.get_trials(deepcopy=False, states=finished))

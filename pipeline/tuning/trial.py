@@ -1,58 +1,20 @@
 """One trial: the settings it draws, the run it trains (and scores), and the worker processes that
-run trials. The train and predict stages come from the command line (Stages), so no stage imports
-another; a worker process gets one frozen Job: everything it needs but the data, which it loads."""
+run trials (each given the study's Job: everything but the data, which it loads itself)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import Paths, Settings, resolve, validate
 from pipeline.errors import PipelineError
-from pipeline.options import default
 from pipeline.store.data import Prepared, load_prepared, read_folds
-from pipeline.store.run import FoldRecord, Plan, RunDir, RunRecord, run_dir, run_id
-from pipeline.tuning.space import Space, load_space, suggest
-from pipeline.tuning.study import open_study, progress
-
-
-@dataclass(frozen=True)
-class Stages:
-    """train.run (the plan's given folds, reporting each epoch; raising optuna.TrialPruned there
-    stops the fold) and predict.run (the run's record: its oof_acc is the trial's score)."""
-
-    train: Callable[..., list[FoldRecord]]
-    predict: Callable[..., RunRecord]
-
-
-@dataclass(frozen=True)
-class Job:
-    """A study to run, as the command line asks for it: everything a trial process needs to run its
-    share (but the data, which it loads itself)."""
-
-    root: Path
-    base: Settings
-    stages: Stages
-    study: str
-    trials: int  # the study's total of finished trials, where every worker stops
-    url: str | None = None
-    space: Space = field(default_factory=dict)
-    workers: int = default("workers")
-    tune_folds: int = default("tune_folds")
-    pruner: str = default("pruner")
-
-    def with_space(self, path: Path | None) -> Job:
-        """The job with its search space read and checked (default: the project's tune.toml)."""
-        return replace(self, space=load_space(path or self.root / "tune.toml"))
-
-    def fold_ids(self, cfg: Settings) -> list[int]:
-        """The folds a trial trains and is scored on."""
-        return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
+from pipeline.store.run import FoldRecord, Plan, RunDir, run_dir, run_id
+from pipeline.tuning.space import suggest
+from pipeline.tuning.study import Job, open_study, progress
 
 
 class Objective:
@@ -142,8 +104,7 @@ def worker(job: Job, share: int) -> None:
         # The base settings come from another process: checked as the command line checks them.
         job = replace(job, base=resolve(overrides=asdict(job.base)))
         paths = Paths(job.root)
-        made = open_study(paths, job.study, job.url, job.space, job.pruner, job.base,
-                          tune_folds=job.tune_folds)
+        made = open_study(paths, job)
         optimize(made, job, paths, load_prepared(paths), read_folds(paths), share)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
