@@ -38,24 +38,21 @@ def test_elastic_field_is_smooth_and_scaled() -> None:
     assert step(weak) < 0.3 < step(rough)
 
 
-def test_elastic_distortion_moves_pixels_but_keeps_range_and_is_seeded() -> None:
+@pytest.mark.parametrize("move", [(15, 0.1, 3, 0.0, 4.0), (0, 0, 0, 34.0, 4.0)], ids=["affine", "elastic"])
+def test_augmentation_is_seeded_per_sample_and_keeps_shape_dtype_and_range(move: tuple[float, ...]) -> None:
     images = torch.zeros(8, 28, 28)
     images[:, 8:20, 12:16] = 255.0
-    moved = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
-    again = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
-    assert torch.equal(moved, again)
+    moved = random_affine(images, torch.Generator().manual_seed(1), *move)
+    torch.testing.assert_close(moved, random_affine(images, torch.Generator().manual_seed(1), *move))
+    assert moved.shape == images.shape and moved.dtype == images.dtype
     assert moved.min() >= 0 and moved.max() <= 255 + 1e-3
-    assert (moved - images).abs().mean() > 5
+    assert (moved - images).abs().mean() > 5 and not torch.equal(moved[0], moved[1])
     still = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 0.0, 4.0)
-    torch.testing.assert_close(still, images)
+    torch.testing.assert_close(still, images, atol=1e-3, rtol=0)
 
 
 CPU = torch.device("cpu")
-
-
 CFG = Settings(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
-
-
 ROWS = 40  # two full batches and a short one of 8
 
 
@@ -245,25 +242,6 @@ def test_explicit_missing_device_is_an_error() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(PipelineError, match="no CUDA"):
         resolve_device("cuda")
-
-
-def test_augmentation_keeps_shape_dtype_and_range() -> None:
-    images = torch.randint(0, 256, (32, 28, 28)).float()
-    moved = random_affine(images, torch.Generator().manual_seed(0), rotate=15, scale=0.1, shift=3)
-    assert moved.shape == images.shape and moved.dtype == images.dtype
-    assert moved.min() >= 0 and moved.max() <= 255
-    assert not torch.equal(moved, images)
-    still = random_affine(images, torch.Generator().manual_seed(0), rotate=0, scale=0, shift=0)
-    torch.testing.assert_close(still, images, atol=1e-3, rtol=0)
-
-
-def test_augmentation_is_seeded_and_per_sample() -> None:
-    images = torch.zeros(4, 28, 28)
-    images[:, 10:18, 12:16] = 255
-    a = random_affine(images, torch.Generator().manual_seed(5), 10, 0.1, 2)
-    b = random_affine(images, torch.Generator().manual_seed(5), 10, 0.1, 2)
-    torch.testing.assert_close(a, b)
-    assert not torch.equal(a[0], a[1])
 
 
 def test_no_augmentation_at_evaluation() -> None:

@@ -184,26 +184,6 @@ def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path:
     assert 100 <= width <= 4000 and 100 <= height <= 4000
 
 
-@pytest.mark.parametrize("latest", [None, "garbage/\n", "rnn-h32-e2-gone00"])
-def test_report_without_a_usable_latest_names_the_runs_and_trains_nothing(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], latest: str | None) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-aaaaaa")
-    fake_run(tmp_path, "gru-h32-e2-bbbbbb")
-    if latest is not None:
-        (tmp_path / "runs" / "latest").write_text(latest)
-    assert main(["--root", str(tmp_path), "report"]) == 1
-    err = capsys.readouterr().err
-    assert "make report RUN=<id>" in err and "rnn-h32-e2-aaaaaa" in err and "gru-h32-e2-bbbbbb" in err
-    assert "RUN=rnn-h32-e2-gone00:" not in err  # never a RUN= the user did not give
-    assert not (tmp_path / "input").exists() and not (tmp_path / "reports").exists()
-
-
-def test_report_with_no_run_at_all_says_how_to_make_one(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--root", str(tmp_path), "report"]) == 1
-    assert "make submit" in capsys.readouterr().err and not (tmp_path / "input").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: str) -> None:
@@ -230,35 +210,33 @@ def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     assert said["OOF accuracy"].startswith("0.9100 honest") and "in-sample 0.9500" in said["OOF accuracy"]
 
 
-def test_without_latest_a_damaged_run_never_hides_the_complete_ones(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    fake_run(tmp_path, "rnn-h32-e2-bad000", key="")  # complete, but its record is damaged
-    assert main(["--root", str(tmp_path), "report"]) == 1
+GOOD, OTHER, BAD = "rnn-h32-e2-good00", "gru-h32-e2-bbbbbb", "rnn-h32-e2-bad000"
+PICK = [f"{BAD}/run.json: not valid JSON", "damaged"], ["no complete run", "not a complete run"]
+PICKS = {  # runs (None: a record cut short), runs/latest, RUN=; what the error says, and never says
+    "no-latest": ({GOOD: {}, OTHER: {}, BAD: {"key": ""}}, None, [],
+                  ["make report RUN=<id>", "runs/latest is missing", GOOD, OTHER], [BAD]),
+    "latest-garbage": ({GOOD: {}, OTHER: {}}, "garbage/\n", [], ["make report RUN=<id>", GOOD, OTHER], []),
+    "latest-gone": ({GOOD: {}, OTHER: {}}, "rnn-h32-e2-gone00", [], ["make report RUN=<id>", GOOD, OTHER],
+                    ["RUN=rnn-h32-e2-gone00:"]),  # never a RUN= the user did not give
+    "no-run-at-all": ({}, None, [], ["make submit"], []),
+    "latest-damaged": ({GOOD: {}, BAD: {"fold_min": "x"}}, BAD, [], [GOOD, f"runs/latest names {BAD}, "
+                       f"whose record is damaged", f"{BAD}/run.json: missing or not valid: fold_min"], []),
+    "latest-truncated": ({GOOD: {}, BAD: None}, BAD, [], *PICK),
+    "named-truncated": ({GOOD: {}, BAD: None}, BAD, ["--run", BAD], *PICK),
+}
+
+
+@pytest.mark.parametrize("case", list(PICKS))
+def test_a_report_without_a_run_to_draw_says_why_and_makes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    runs, latest, named, said, unsaid = PICKS[case]
+    for name, changes in runs.items():
+        record = fake_run(tmp_path, name, **(changes or {})) / "run.json"
+        if changes is None:
+            record.write_bytes(record.read_bytes()[:40])
+    if latest is not None:
+        (tmp_path / "runs" / "latest").write_text(latest)
+    assert main(["--root", str(tmp_path), "report", *named]) == 1
     err = capsys.readouterr().err
-    assert "runs/latest is missing" in err and "rnn-h32-e2-good00" in err
-    assert "rnn-h32-e2-bad000" not in err
-
-
-def test_a_damaged_latest_run_is_named_with_its_field(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    fake_run(tmp_path, "rnn-h32-e2-bad000", fold_min="x")
-    (tmp_path / "runs" / "latest").write_text("rnn-h32-e2-bad000\n")
-    assert main(["--root", str(tmp_path), "report"]) == 1
-    err = capsys.readouterr().err
-    assert "runs/latest names rnn-h32-e2-bad000, whose record is damaged" in err
-    assert "rnn-h32-e2-bad000/run.json: missing or not valid: fold_min" in err and "rnn-h32-e2-good00" in err
-
-
-@pytest.mark.parametrize("named", [True, False])
-def test_a_truncated_record_is_reported_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                named: bool) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
-    record.write_bytes(record.read_bytes()[:40])
-    (tmp_path / "runs" / "latest").write_text("rnn-h32-e2-bad000\n")
-    assert main(["--root", str(tmp_path), "report", *(["--run", "rnn-h32-e2-bad000"] if named else [])]) == 1
-    err = capsys.readouterr().err
-    assert "rnn-h32-e2-bad000/run.json: not valid JSON" in err and "damaged" in err, err
-    assert "no complete run" not in err and "not a complete run" not in err
+    assert all(words in err for words in said) and not any(words in err for words in unsaid), err
+    assert not (tmp_path / "input").exists() and not (tmp_path / "reports").exists()
