@@ -27,7 +27,6 @@ from pipeline.kaggle import notebook
 from pipeline.options import EVERY, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
 from pipeline.store.data import Prepared
-from pipeline.store.lock import project_lock
 from pipeline.store.run import (
     Plan,
     RunDir,
@@ -413,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         stage = args.stage
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
         # Commands that write hold the project, one at a time (see lock.py); the others only read.
+        from pipeline.store.lock import project_lock
+
         lock = project_lock(paths, f"make {stage}", args.nowait) if stage in WRITERS else None
         with library_warnings(getattr(args, "verbose", False)), lock or contextlib.nullcontext():
             args.handler(Command(args, paths))

@@ -90,7 +90,7 @@ INVALID = st.one_of(st.none(), st.just(float("nan")), st.booleans(), st.lists(st
                               "key", "folds", "kind", "config", "weights", "device", "source"]),
        value=INVALID)
 def test_a_damaged_record_names_its_folder_file_and_field(field: str, value: object) -> None:
-    made = {"complete": True, **record().model_dump(by_alias=True)}
+    made = {"complete": True, **record().dump()}
     made[field] = value
     if field in ("device", "source", "config", "weights") and value is None:
         made[field] = 5  # a present field of the wrong type (None is not written for these)
@@ -101,7 +101,7 @@ def test_a_damaged_record_names_its_folder_file_and_field(field: str, value: obj
 def test_a_finished_time_no_date_can_be_made_of_is_damaged() -> None:
     for finished in (1e300, -1e20):
         with pytest.raises(PipelineError, match="finished"):
-            RunRecord.parse({**record().model_dump(by_alias=True), "finished": finished},
+            RunRecord.parse({**record().dump(), "finished": finished},
                             Path("runs/x/run.json"))
 
 

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +274,7 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
         kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()],
                       work, timeout)
         record = _checked(staged, files, plan)
-        record = staged.save(record.model_copy(update={"kaggle": origin, "source": data_source(paths)}))
+        record = staged.save(replace(record, kaggle=origin, source=data_source(paths)))
         (staged.path / "kaggle.log").write_text(scrub(found.log), encoding="utf-8")
         try:
             os.rename(staged.path, target.path)

@@ -255,7 +255,7 @@ def _finish(plan: Plan, fold: int, state: FoldState, rows: FoldRows) -> FoldReco
     run.state(fold).unlink(missing_ok=True)
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
           f"valid_loss {best['valid_loss']:.4f}, {state.elapsed:.1f}s")
-    return FoldRecord.model_validate(made)
+    return FoldRecord(**{k: v for k, v in made.items()})
 
 
 def fold_output(plan: Plan, fold: int) -> Output:

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,7 @@ def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
         kept = _unique(paths.submissions / f"{time.strftime('%Y%m%d-%H%M%S')}-{record.model}"
                        f"-cv{record.accuracy:.4f}{mark}.csv")
         write_csv(kept, frame)
-        record = run.save(record.model_copy(update={"kept": kept.name}))
+        record = run.save(replace(record, kept=kept.name))
         add(paths, {"run": run.id, "model": record.model, "config": record.config,
                     "oof_acc": record.oof_acc, "oof_acc_tta": record.oof_acc_tta,
                     "oof_acc_honest": record.oof_acc_honest, "tta": record.tta,

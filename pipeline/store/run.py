@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypedDict
+from typing import Any, ClassVar, Literal, Self, TypedDict
 
 import numpy as np
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import Paths, Settings, fingerprint
 from pipeline.errors import PipelineError
@@ -62,43 +61,52 @@ def run_id(cfg: Settings, data_key: str) -> str:
 
 # -- the records ------------------------------------------------------------------------------------
 
-def _a_date(value: float) -> float:
-    try:
-        datetime.fromtimestamp(value)
-    except (OverflowError, OSError, ValueError):
-        raise ValueError("not a time a date can be made of") from None
-    return value
+class Record:
+    """A JSON record of a run, a plain dataclass checked by pydantic when it is read (parse), strictly:
+    true is no number, 2.0 no whole number, NaN no number; keys it does not know are left out
+    (records of older and newer versions load). pydantic is imported only then, so a command that
+    reads no record starts as fast as before."""
 
-
-class Record(BaseModel):
-    """A JSON record of a run: strict types (true is no number, "3" is no whole number), finite
-    numbers; keys it does not know are ignored (records of older and newer versions load)."""
-
-    model_config = ConfigDict(strict=True, frozen=True, allow_inf_nan=False, extra="ignore",
-                              populate_by_name=True)
+    __pydantic_config__: ClassVar[dict[str, bool]] = {"strict": True, "allow_inf_nan": False}
+    FIELDS: ClassVar[dict[str, str]] = {}  # the file's name of a field -> the field's, where they differ
 
     @classmethod
     def parse(cls, made: Any, where: Path) -> Self:
         """The record of a file's contents; a PipelineError naming the run, the file and the fields
         that are missing or not valid."""
+        from pydantic import TypeAdapter, ValidationError
+
         named = f"{where.parent.name}/{where.name}"
         if not isinstance(made, dict):
             raise PipelineError(f"{named}: not a record")
-        try:
-            record = cls.model_validate(made)
+        names = {v: k for k, v in cls.FIELDS.items()}
+        values = {cls.FIELDS.get(k, k): v for k, v in cls.defaults(made).items()}
+        try:  # JSON (its strict mode takes an object for a dataclass), as the file held it
+            record = TypeAdapter(cls).validate_json(json.dumps(values))
         except ValidationError as exc:
-            bad = [str(e["loc"][0]) if e["loc"] else "the record" for e in exc.errors()]
+            bad = [names.get(str(e["loc"][0]), str(e["loc"][0])) if e["loc"] else "the record"
+                   for e in exc.errors()]
         else:
             bad = record.problems()
         if bad:
             raise PipelineError(f"{named}: missing or not valid: {', '.join(sorted(set(bad)))}")
         return record
 
+    @classmethod
+    def defaults(cls, made: dict[str, Any]) -> dict[str, Any]:
+        """What an older record lacks, filled in."""
+        return made
+
     def problems(self) -> list[str]:
         """Fields that are each valid, but not together."""
         return []
 
+    def dump(self) -> dict[str, Any]:
+        """The record as its file holds it."""
+        return {self.FIELDS.get(k, k): v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
+
+@dataclass(frozen=True)
 class KaggleOrigin(Record):
     """Where a run trained on Kaggle's machines came from (`make kaggle-run`)."""
 
@@ -111,47 +119,51 @@ class KaggleOrigin(Record):
         return f"https://www.kaggle.com/code/{self.kernel}"
 
 
+@dataclass(frozen=True)
 class RunRecord(Record):
     """run.json of a run (kind "run") or of a blend (kind "blend")."""
 
-    kind: Literal["run", "blend"] = "run"
     model: str  # the cell (rnn, gru, lstm), or "blend"
     oof_acc: float  # out-of-fold accuracy (a blend's weights were fitted on the same rows)
     oof_loss: float
     fold_min: float  # the lowest and highest per-fold accuracy
     fold_max: float
     seconds: float  # training and prediction (a blend: its members' too)
-    finished: Annotated[float, AfterValidator(_a_date)]  # time.time() when written
+    finished: float  # time.time() when written
     data: str  # the prepared data's key
-    n_folds: int = Field(validation_alias="folds", serialization_alias="folds")
+    n_folds: int  # `folds` in run.json
     fold_seed: int | None
+    kind: Literal["run", "blend"] = "run"
     source: str = "unknown"  # where input/ came from: kaggle, dir, sample or unknown
     device: str = ""
-    config: dict[str, Any] = {}  # a run's learned settings (and tta)
+    config: dict[str, Any] = field(default_factory=dict)  # a run's learned settings (and tta)
     seed: int | None = None
     tta: int = 0
     oof_acc_tta: float | None = None  # with TTA, the held-out accuracy of the same passes
     train_seconds: float | None = None
     oof_acc_honest: float | None = None  # a blend: each fold scored by weights fitted without it
-    weights: dict[str, int] = {}  # a blend: member id -> times picked
+    weights: dict[str, int] = field(default_factory=dict)  # a blend: member id -> times picked
     mean: str | None = None  # a blend: prob or logprob
     kept: str = ""  # the kept copy of its submission in submissions/
     key: str = ""  # the fingerprint of the inputs it was made from (the freshness rule)
     test_data: str = ""  # the test images' key alone (Prepared.test_key; "" in older records)
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, Any] = field(default_factory=dict)
     kaggle: KaggleOrigin | None = None  # trained on Kaggle (`make kaggle-run`), not here
+    FIELDS: ClassVar[dict[str, str]] = {"folds": "n_folds"}
 
-    @model_validator(mode="before")
     @classmethod
-    def _older(cls, made: Any) -> Any:
+    def defaults(cls, made: dict[str, Any]) -> dict[str, Any]:
         # Records from before FOLD_SEED kept the seed that drew the folds as seed.
-        if isinstance(made, dict):
-            return {"fold_seed": made.get("seed"),
-                    "model": "blend" if made.get("kind") == "blend" else "", **made}
-        return made
+        return {"fold_seed": made.get("seed"), "model": "blend" if made.get("kind") == "blend" else "",
+                **made}
 
     def problems(self) -> list[str]:
-        return ["key"] * (not self.key) + ["oof_acc_honest"] * (
+        try:
+            datetime.fromtimestamp(self.finished)
+            dated = True
+        except (OverflowError, OSError, ValueError):
+            dated = False
+        return ["finished"] * (not dated) + ["key"] * (not self.key) + ["oof_acc_honest"] * (
             self.kind == "blend" and self.oof_acc_honest is None)
 
     @property
@@ -169,6 +181,7 @@ class RunRecord(Record):
         return ", ".join(f"{k} x{v}" for k, v in self.weights.items())
 
 
+@dataclass(frozen=True)
 class FoldRecord(Record):
     """fold_<k>.json: a finished fold's best epoch, its held-out scores, its time and device, and
     (the freshness rule's) the inputs it was made from with their key."""
@@ -180,7 +193,7 @@ class FoldRecord(Record):
     seconds: float
     device: str
     trained_at: float
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, Any] = field(default_factory=dict)
     key: str = ""
 
 
@@ -276,7 +289,7 @@ class RunDir:
 
     def save(self, record: RunRecord) -> RunRecord:
         """Write run.json (the record is complete: its files were written before)."""
-        write_json(self.record, {"complete": True, **record.model_dump(by_alias=True)})
+        write_json(self.record, {"complete": True, **record.dump()})
         return record
 
     def ensemble(self, inputs: dict[str, Any], n_train: int, n_test: int) -> Output:
@@ -286,8 +299,9 @@ class RunDir:
 
     def finish(self, made: Output, record: RunRecord) -> RunRecord:
         """Write the record that makes the ensemble's files current."""
-        written = made.mark(complete=True, **record.model_dump(by_alias=True, exclude={"key", "inputs"}))
-        return record.model_copy(update={"key": written["key"], "inputs": written["inputs"]})
+        facts = {k: v for k, v in record.dump().items() if k not in ("key", "inputs")}
+        written = made.mark(complete=True, **facts)
+        return replace(record, key=written["key"], inputs=written["inputs"])
 
     def fold(self, fold: int) -> FoldRecord:
         """A finished fold's record; a PipelineError when it is missing or damaged."""
