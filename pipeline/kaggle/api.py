@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipeline.config import COMPETITION
 from pipeline.errors import PipelineError
 from pipeline.store.io import read_json
 
@@ -212,6 +211,8 @@ def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Pa
         raise PipelineError(f"the kaggle client stopped unexpectedly (exit code {proc.returncode})"
                             + (":\n  " + "\n  ".join(tail) if tail else ""))
     if result.get("error"):
+        from pipeline.config import COMPETITION  # not at import: the client's child needs none of it
+
         if refused is not None:
             refused(result)
         _raise_client_error(str(result["error"]), result, COMPETITION)
