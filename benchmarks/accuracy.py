@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import main as pipeline
 from pipeline.config import ROOT, TRUE, Paths, resolve
-from pipeline.store import ensemble
-from pipeline.store.artifacts import latest, load_prepared, run_dir, run_id
-from pipeline.store.ensemble import RunRecord
+from pipeline.store.data import load_prepared
+from pipeline.store.run import RunRecord, latest, run_dir, run_id
 
 DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "mnist-real" / "train.csv"
 VARIANTS = {
@@ -71,7 +70,7 @@ def cli(paths: Paths, quiet: bool, *args: str) -> None:
 
 
 def record(paths: Paths) -> RunRecord:
-    return ensemble.read(run_dir(paths, str(latest(paths))))
+    return run_dir(paths, str(latest(paths))).read()
 
 
 def screen_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: bool) -> dict[str, object]:
@@ -81,10 +80,9 @@ def screen_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: 
     given = {k: v for k, v in settings.items() if k != "preset"}
     cfg = resolve(preset=settings.get("preset"), overrides={**given, "folds": folds_n})
     name = run_id(cfg, load_prepared(paths).data_key)
-    fold = json.loads((paths.runs / name / "fold_0.json").read_text())
-    acc = float(fold["valid_acc"])
-    return {"oof_acc": acc, "error": 1 - acc, "minutes": float(fold["seconds"]) / 60,
-            "best_epoch": fold["best_epoch"], "run": name}
+    fold = run_dir(paths, name).fold(0)
+    return {"oof_acc": fold.valid_acc, "error": 1 - fold.valid_acc, "minutes": fold.seconds / 60,
+            "best_epoch": fold.best_epoch, "run": name}
 
 
 def run_variant(paths: Paths, settings: dict[str, str], folds_n: int, quiet: bool) -> dict[str, object]:

@@ -2,9 +2,9 @@
 
     python benchmarks/graph_check.py [--device cuda] [--epochs 2] [--rows 4100] [--out DIR]
 
-For each cell (and each with AMP) and each way of reading the digit, trains the same model from the same seed three
-times on synthetic data whose epochs end in a short batch: eager, eager again (the noise floor of
-nondeterministic GPU kernels), and graph-replayed. Prints the largest weight difference of each
+For each cell (and each with AMP) and each way of reading the digit, trains the same model from the
+same seed three times on synthetic data whose epochs end in a short batch: eager, eager again (the
+noise floor of nondeterministic GPU kernels), and graph-replayed. Prints the largest weight difference of each
 against the first run, the per-epoch losses and each path's speed; exits 1 if the graph-replayed
 run is further from the eager one than the noise floor allows (or a capture failed). On a CPU no
 graph is captured (the option is ignored there), so the script only checks itself.
@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.speed import sync, synthetic
-from pipeline.config import TrainConfig, resolve
+from pipeline.config import Settings, resolve
+from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import describe, resolve_device
 from pipeline.engine.step import TrainStep
@@ -39,7 +40,7 @@ VARIANTS = {"rnn": {}, "gru": {"model": "gru"}, "lstm": {"model": "lstm"}, "rnn+
             "rnn-both+amp": {"view": "both", "amp": True}, "rnn+ema": {"ema": 0.99}}
 
 
-def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+def fit(cfg: Settings, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
         failures: list[str]) -> tuple[dict, list[float], float, bool]:
     """Train from a fixed seed; returns the weights, per-epoch losses, samples/s, and if captured."""
     torch.manual_seed(0)
@@ -47,11 +48,11 @@ def fit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, device: to
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, len(images)))
     step = TrainStep(model, optimizer, scheduler, cfg, device, log=failures.append)
-    generator = torch.Generator(device=device).manual_seed(1)
+    state = FoldState(step, torch.Generator(device=device).manual_seed(1))
     rows = torch.arange(len(images), device=device)
     losses, started = [], time.perf_counter()
     for _ in range(cfg.epochs):
-        losses.append(train.train_epoch(step, images, labels, rows, cfg, generator)[0])
+        losses.append(train.train_epoch(state, images, labels, rows, cfg)[0])
     sync(device)
     rate = cfg.epochs * len(images) / (time.perf_counter() - started)
     weights = {k: v.detach().clone() for k, v in step.trained.state_dict().items()}  # EMA: the average

@@ -34,12 +34,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ROOT, Paths, TrainConfig, resolve
+from pipeline.config import ROOT, Paths, Settings, resolve
+from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
 from pipeline.engine.step import TrainStep
 from pipeline.stages import prepare, train
-from pipeline.store.artifacts import load_prepared
+from pipeline.store.data import load_prepared
 
 N_TRAIN, N_TEST = 42_000, 28_000
 RAW = "raw bound: nn.RNN step, resident tensors"
@@ -118,7 +119,7 @@ def tutorial_loop(images: np.ndarray, labels: np.ndarray, device: torch.device,
     return epoch
 
 
-def raw_step_loop(cfg: TrainConfig, device: torch.device, rows: int) -> Callable[[], None]:
+def raw_step_loop(cfg: Settings, device: torch.device, rows: int) -> Callable[[], None]:
     """nn.RNN + Linear, forward, backward and AdamW on one resident float batch: no data work."""
     rnn = nn.RNN(28, cfg.hidden, batch_first=True).to(device)
     head = nn.Linear(cfg.hidden, 10).to(device)
@@ -138,7 +139,7 @@ def raw_step_loop(cfg: TrainConfig, device: torch.device, rows: int) -> Callable
     return epoch
 
 
-def pipeline_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+def pipeline_loop(cfg: Settings, images: torch.Tensor, labels: torch.Tensor,
                   rows: int) -> Callable[[], None]:
     device = images.device
     torch.manual_seed(0)
@@ -146,17 +147,17 @@ def pipeline_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
     optimizer = train.make_optimizer(cfg, model)
     steps = train.steps_per_epoch(cfg, rows)
     scheduler = train.make_scheduler(replace(cfg, epochs=1000), optimizer, steps)
-    generator = torch.Generator(device=device).manual_seed(0)
     subset = torch.arange(rows, device=device)
     step = TrainStep(model, optimizer, scheduler, cfg, device)
+    state = FoldState(step, torch.Generator(device=device).manual_seed(0))
 
     def epoch() -> None:
-        train.train_epoch(step, images, labels, subset, cfg, generator)
+        train.train_epoch(state, images, labels, subset, cfg)
     epoch.step = step  # type: ignore[attr-defined]
     return epoch
 
 
-def raw_forward(cfg: TrainConfig, device: torch.device, n: int, models: int) -> Callable[[], None]:
+def raw_forward(cfg: Settings, device: torch.device, n: int, models: int) -> Callable[[], None]:
     rnns = [nn.RNN(28, cfg.hidden, batch_first=True).to(device).eval() for _ in range(models)]
     heads = [nn.Linear(cfg.hidden, 10).to(device).eval() for _ in range(models)]
     x = torch.randn(n, 28, 28, device=device)
@@ -170,7 +171,7 @@ def raw_forward(cfg: TrainConfig, device: torch.device, n: int, models: int) -> 
     return run
 
 
-def ensemble_predict(cfg: TrainConfig, test: torch.Tensor, models: int) -> Callable[[], None]:
+def ensemble_predict(cfg: Settings, test: torch.Tensor, models: int) -> Callable[[], None]:
     built = [build_model(cfg).to(test.device) for _ in range(models)]
 
     def run() -> None:
@@ -181,7 +182,7 @@ def ensemble_predict(cfg: TrainConfig, test: torch.Tensor, models: int) -> Calla
 
 # -- the benchmark --------------------------------------------------------------------------------
 
-def bench_training(cfg: TrainConfig, device: torch.device, rows: int, repeats: int,
+def bench_training(cfg: Settings, device: torch.device, rows: int, repeats: int,
                    data: tuple[np.ndarray, np.ndarray]) -> list[dict]:
     images_np, labels_np = data
     images = torch.from_numpy(images_np).to(device)
@@ -206,7 +207,7 @@ def bench_training(cfg: TrainConfig, device: torch.device, rows: int, repeats: i
     return results
 
 
-def bench_inference(cfg: TrainConfig, device: torch.device, repeats: int,
+def bench_inference(cfg: Settings, device: torch.device, repeats: int,
                     test_np: np.ndarray) -> list[dict]:
     models = 5  # the default number of folds
     test = torch.from_numpy(test_np).to(device)

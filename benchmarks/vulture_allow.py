@@ -10,3 +10,5 @@ mtime  # tarfile.TarInfo.mtime, set by assignment (the code's tarball has no tim
 page_size  # kagglesdk request fields, set by assignment before the call
 page_token
 version_label
+model_config  # pydantic's model settings, read by BaseModel
+_older  # a pydantic validator, called by BaseModel on validation

@@ -1,13 +1,9 @@
-"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage.
+"""Command line: ``python -m pipeline <stage> [options]``, one subcommand per stage, each building
+what it needs upstream (download -> prepare -> folds -> train -> predict), skipping what is current.
 
-Every stage builds what it needs upstream, skipping what is current, as Make users expect:
-download -> prepare -> folds -> train -> predict, then blend. The orchestration lives here; the
-stages (pipeline/stages/) only share the layers below them (tuning, kaggle, engine, store, options,
-config). The options are declared in pipeline/options.py and the settings in pipeline/config.py.
-With ``--make NAMES`` (what the Makefile passes), the options NAMES lists, those given on make's
-command line, are read from the variables the Makefile sets for them (DIGITS_OPT_<NAME>, holding the
-text as typed), so ``make train EPOCHS=5`` is ``--epochs 5``. Nothing else of the environment is
-read: a variable a shell exports under an option's name (SEED, MODEL, DEVICE...) changes nothing.
+With ``--make NAMES`` (what the Makefile passes), the options given on make's command line are read
+from the variables DIGITS_OPT_<NAME> (the text as typed): ``make train EPOCHS=5`` is ``--epochs 5``.
+Nothing else of the environment is read: a shell's SEED, MODEL or DEVICE changes nothing.
 """
 
 from __future__ import annotations
@@ -19,29 +15,85 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
+from functools import cached_property
 from typing import Any, Literal
+
+import numpy as np
 
 from pipeline.config import FALSE, TRUE, Paths, Settings, resolve
 from pipeline.errors import Interrupted, PipelineError
 from pipeline.kaggle import notebook
-from pipeline.options import EVERY, OPTIONS, SETTINGS_STAGES, Option, for_stage
+from pipeline.options import EVERY, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
-from pipeline.store import ensemble
-from pipeline.store.artifacts import (
-    Prepared,
+from pipeline.store.data import Prepared
+from pipeline.store.run import (
+    Plan,
     RunDir,
+    RunRecord,
     check_name,
+    complete,
     latest,
+    newest,
     run_dir,
     run_id,
     studies_dir,
 )
-from pipeline.store.ensemble import RunRecord, completed
 
-# Commands that write: one at a time per project (see lock.py). `runs` and `report` only read.
 WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "forget",
            "tune", "kaggle-run")
+
+
+class Command:
+    """What a command works on, each part made (or found current) when first asked for, in the order
+    of the stages: the data (download, prepare), its settings, the folds, the plan of its run."""
+
+    def __init__(self, args: argparse.Namespace, paths: Paths) -> None:
+        self.args, self.paths = args, paths
+        if args.stage in ("train", "predict", "distill") and args.run:
+            named_run(args, paths)  # before any data is made for it
+
+    def forced(self, *stages: str) -> bool:
+        """FORCE=1 redoes the named stages' work when the command is one of them."""
+        return self.args.force and self.args.stage in stages
+
+    def download(self) -> None:
+        from pipeline.stages import download
+
+        a = self.args
+        download.run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
+
+    @cached_property
+    def data(self) -> Prepared:
+        from pipeline.stages import prepare
+
+        self.download()
+        return prepare.run(self.paths, force=self.forced("prepare"))
+
+    @cached_property
+    def cfg(self) -> Settings:
+        return settings(self.args, self.paths, self.data)
+
+    @cached_property
+    def fold_of(self) -> np.ndarray:
+        from pipeline.stages import folds
+
+        return folds.run(self.cfg, self.paths, self.data)
+
+    @cached_property
+    def plan(self) -> Plan:
+        """The run of these settings on this data; distilled, with its teacher's rows."""
+        from pipeline.stages import distill
+
+        plan = self.plan_of()
+        if not self.cfg.teacher:
+            return plan
+        return replace(plan, pseudo=distill.pseudo_rows(self.paths, self.cfg, self.data, student=plan.run))
+
+    def plan_of(self) -> Plan:
+        """The run of these settings on this data, without a teacher's rows."""
+        return Plan(self.cfg, self.paths, run_dir(self.paths, run_id(self.cfg, self.data.data_key)),
+                    self.data, self.fold_of)
 
 
 # -- what each command does ------------------------------------------------------------------------
@@ -68,7 +120,7 @@ def named_run(args: argparse.Namespace, paths: Paths) -> RunDir:
     """The trained run RUN= names, with its settings (config.json); else a PipelineError saying what
     the folder is (`make runs` lists every folder, so RUN= names each the way it does)."""
     run = run_dir(paths, args.run)
-    if run.blend.is_file():
+    if run.is_blend:
         raise PipelineError(f"RUN={args.run} is a blend of other runs, not a trained run: "
                             f"`make {args.stage}` takes a run; `make blend` remakes a blend and "
                             f"`make report RUN={args.run}` draws it")
@@ -84,96 +136,44 @@ def named_run(args: argparse.Namespace, paths: Paths) -> RunDir:
 def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: Paths) -> str:
     """Why config.json and input/ no longer give RUN='s id: as exactly as its record can tell."""
     config = run.config.relative_to(paths.root)
-    try:
-        record = completed(run)
-    except PipelineError:
-        record = None
+    record = complete(run)
     if record is not None and record.data == data.data_key:
         edited = [f"{k.upper()}={v} (the run: {record.config.get(k)})" for k, v in cfg.learned().items()
                   if k in record.config and record.config[k] != v]
         return (f"RUN={name}: {config} no longer holds the settings the run was made with "
                 f"({', '.join(edited) or 'edited by hand'}); put them back, or `make train "
                 f"CONFIG={config}` trains the edited settings as a run of their own")
-    if record is not None:
-        return (f"RUN={name} was made from other data than input/*.csv now hold; `make train "
-                f"CONFIG={config}` trains its settings on this data")
-    return (f"RUN={name}: {config} and input/*.csv no longer give this run's id: its settings were "
-            f"edited, or the data changed since; `make train CONFIG={config}` trains those settings "
-            "on this data as a run of their own")
+    why = ("was made from other data than input/*.csv now hold" if record is not None else
+           f"is not what {config} and input/*.csv give any more (settings edited, or the data changed)")
+    return f"RUN={name} {why}; `make train CONFIG={config}` trains its settings on this data"
 
 
-def build_data(args: argparse.Namespace, paths: Paths) -> Prepared:
-    from pipeline.stages import download, prepare
+def _train(c: Command) -> None:
+    from pipeline.stages import train
 
-    download.run(paths, source=args.source, src_dir=args.dir, timeout=args.timeout,
-                 force=args.force and args.stage in ("download", "submit"))
-    return prepare.run(paths, force=args.force and args.stage == "prepare")
-
-
-def build_run(args: argparse.Namespace, paths: Paths) -> tuple[Settings, RunDir, Prepared, Any, list]:
-    """Data, folds and a trained run (each skipped when current)."""
-    from pipeline.stages import distill, folds, train
-
-    if getattr(args, "run", None):
-        named_run(args, paths)  # before any data is made for it
-
-    data = build_data(args, paths)
-    cfg = settings(args, paths, data)
-    fold_of = folds.run(cfg, paths, data)
-    run = run_dir(paths, run_id(cfg, data.data_key))
-    fold = getattr(args, "fold", None)
-    pseudo = distill.pseudo_rows(paths, cfg, data, student=run) if cfg.teacher else None
-    records = train.run(cfg, paths, run, data, fold_of, folds=None if fold is None else [fold],
-                        force=args.force and args.stage == "train", pseudo=pseudo)
-    return cfg, run, data, fold_of, records
+    train.run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
+    print(f"train: done: {c.plan.run.path.relative_to(c.paths.root)}")
 
 
-def build_prediction(args: argparse.Namespace, paths: Paths) -> tuple[RunDir, RunRecord]:
-    from pipeline.stages import predict
+def _predict(c: Command) -> RunRecord:
+    from pipeline.stages import predict, train
 
-    cfg, run, data, fold_of, records = build_run(args, paths)
-    return run, predict.run(cfg, paths, run, data, fold_of, records,
-                            force=args.force and args.stage == "predict")
-
-
-def _download(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline.stages import download
-
-    download.run(paths, source=args.source, src_dir=args.dir, force=args.force, timeout=args.timeout)
+    records = train.run(c.plan, force=c.forced("train"))
+    return predict.run(c.plan, records, force=c.forced("predict"))
 
 
-def _prepare(args: argparse.Namespace, paths: Paths) -> None:
-    build_data(args, paths)
-
-
-def _folds(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline.stages import folds
-
-    data = build_data(args, paths)
-    folds.run(settings(args, paths, data), paths, data)
-
-
-def _train(args: argparse.Namespace, paths: Paths) -> None:
-    _, run, *_ = build_run(args, paths)
-    print(f"train: done: {run.path.relative_to(paths.root)}")
-
-
-def _predict(args: argparse.Namespace, paths: Paths) -> None:
-    build_prediction(args, paths)
-
-
-def _submit(args: argparse.Namespace, paths: Paths) -> None:
+def _submit(c: Command) -> None:
     started = time.perf_counter()
-    run, _ = build_prediction(args, paths)
-    print(f"submit: done in {time.perf_counter() - started:.1f}s -> {paths.submission_csv} "
-          f"(run {run.id})")
+    _predict(c)
+    print(f"submit: done in {time.perf_counter() - started:.1f}s -> {c.paths.submission_csv} "
+          f"(run {c.plan.run.id})")
 
 
-def _distill(args: argparse.Namespace, paths: Paths) -> None:
-    if not args.teacher and not args.run:
-        args.teacher, said = default_teacher(paths)
-        print(f"distill: TEACHER={args.teacher} ({said}; TEACHER= picks another)")
-    _submit(args, paths)
+def _distill(c: Command) -> None:
+    if not c.args.teacher and not c.args.run:
+        c.args.teacher, said = default_teacher(c.paths)
+        print(f"distill: TEACHER={c.args.teacher} ({said}; TEACHER= picks another)")
+    _submit(c)
 
 
 def default_teacher(paths: Paths) -> tuple[str, str]:
@@ -181,100 +181,93 @@ def default_teacher(paths: Paths) -> tuple[str, str]:
     the words that say which; a PipelineError when there is none."""
     name = latest(paths)
     try:
-        if name is not None and completed(run_dir(paths, name)) is not None:
+        if name is not None and run_dir(paths, name).completed() is not None:
             return name, "the latest run or blend"
         why = "runs/latest names none" if name is None else f"runs/latest names {name}, not a complete run"
     except PipelineError:
         why = f"runs/latest names {name}, whose record is damaged"
-    newest = ensemble.newest(paths)
-    if newest is None:
+    found = newest(paths)
+    if found is None:
         raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
                             "blend first (`make submit`, `make blend`), or name one with TEACHER=")
-    return newest.id, f"the newest complete run or blend: {why}"
+    return found.id, f"the newest complete run or blend: {why}"
 
 
-def _blend(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline.stages import blend, folds
+def _blend(c: Command) -> None:
+    from pipeline.stages import blend
 
-    names = [check_name(n, "RUNS") for n in (args.runs or "").split()] or None
-    data = build_data(args, paths)
-    cfg = settings(args, paths, data)
-    fold_of = folds.run(cfg, paths, data)
-    blend.run(paths, data, fold_of, cfg.folds, cfg.fold_seed, names, mean=args.mean,
-              force=args.force, make_first=lambda: build_prediction(args, paths))
+    names = [check_name(n, "RUNS") for n in (c.args.runs or "").split()] or None
+    blend.run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean, force=c.args.force,
+              make_first=lambda: _predict(c))
 
 
-def _report(args: argparse.Namespace, paths: Paths) -> None:
+def _report(c: Command) -> None:
     from pipeline.stages import report
 
-    if args.study:
-        report.draw_study(paths, args.study, args.storage)
+    if c.args.study:
+        report.draw_study(c.paths, c.args.study, c.args.storage)
         return
-    report.run(paths, report.pick(paths, args.run))
+    report.run(c.paths, report.pick(c.paths, c.args.run))
 
 
-def _tune(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline.stages import folds, predict, train, tune
-    from pipeline.tuning.trial import Stages
+def _tune(c: Command) -> None:
+    from pipeline.stages import predict, train, tune
+    from pipeline.tuning.study import Job, Stages
 
-    data = build_data(args, paths)
-    cfg = settings(args, paths, data)
-    fold_of = folds.run(cfg, paths, data)
-    tune.run(paths, cfg, data, fold_of, Stages(train.run, predict.run), study=args.study,
-             trials=args.trials, workers=args.workers, url=args.storage, space_path=args.space,
-             tune_folds=args.tune_folds, pruner=args.pruner)
+    args = c.args
+    job = Job(c.paths.root, c.cfg, Stages(train.run, predict.run), args.study, args.trials,
+              args.storage, workers=args.workers, tune_folds=args.tune_folds, pruner=args.pruner)
+    tune.run(job, c.paths, c.data, c.fold_of, space=args.space)
 
 
-def _tune_status(args: argparse.Namespace, paths: Paths) -> None:
+def _tune_status(c: Command) -> None:
     from pipeline.tuning.study import status
 
-    print(status(paths, args.study, args.storage))
-    journal = studies_dir(paths) / args.study / "journal.log"
-    if not args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
+    print(status(c.paths, c.args.study, c.args.storage))
+    journal = studies_dir(c.paths) / c.args.study / "journal.log"
+    if not c.args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
         print(f"in a browser: optuna-dashboard {journal}")
 
 
-def _runs(args: argparse.Namespace, paths: Paths) -> None:
+def _runs(c: Command) -> None:
     from pipeline.stages import runs
 
-    runs.run(paths, sort=args.sort, fmt=args.format)
+    runs.run(c.paths, sort=c.args.sort, fmt=c.args.format)
 
 
-def _forget(args: argparse.Namespace, paths: Paths) -> None:
+def _forget(c: Command) -> None:
     from pipeline.stages import runs
 
-    if not args.run:
+    if not c.args.run:
         raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
                             "lists them)")
-    runs.forget(paths, args.run)
+    runs.forget(c.paths, c.args.run)
 
 
-def _upload(args: argparse.Namespace, paths: Paths) -> None:
+def _upload(c: Command) -> None:
     from pipeline.stages import upload
 
-    upload.run(paths, message=args.message, timeout=args.timeout, wait=args.wait)
+    upload.run(c.paths, message=c.args.message, timeout=c.args.timeout, wait=c.args.wait)
 
 
-def _kaggle_run(args: argparse.Namespace, paths: Paths) -> None:
-    from pipeline.stages import folds, kaggle_run
+def _kaggle_run(c: Command) -> None:
+    from pipeline.stages import kaggle_run
 
-    data = build_data(args, paths)
-    cfg = settings(args, paths, data)
-    fold_of = folds.run(cfg, paths, data)
-    kaggle_run.run(cfg, paths, data, fold_of, accelerator=args.accelerator, deadline=args.deadline,
+    args = c.args
+    kaggle_run.run(c.plan_of(), accelerator=args.accelerator, deadline=args.deadline,
                    timeout=args.timeout, keep=args.keep)
 
 
-def _quota(args: argparse.Namespace, paths: Paths) -> None:
+def _quota(c: Command) -> None:
     from pipeline.stages import kaggle_run
 
-    kaggle_run.quota(timeout=args.timeout)
+    kaggle_run.quota(timeout=c.args.timeout)
 
 
-def _lb(args: argparse.Namespace, paths: Paths) -> None:
+def _lb(c: Command) -> None:
     from pipeline.stages import upload
 
-    upload.leaderboard(paths, timeout=args.timeout, fmt=args.format)
+    upload.leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format)
 
 
 # -- the parser -----------------------------------------------------------------------------------
@@ -309,9 +302,9 @@ def add_option(parser: Any, option: Option, stage: str) -> None:
 
 # What each stage does, in the order `python -m pipeline --help` lists them.
 STAGES: dict[str, tuple[Any, str]] = {
-    "download": (_download, "put train.csv and test.csv into input/"),
-    "prepare": (_prepare, "validate the CSVs and cache them as uint8 arrays"),
-    "folds": (_folds, "write the stratified folds (input/folds.csv)"),
+    "download": (Command.download, "put train.csv and test.csv into input/"),
+    "prepare": (lambda c: c.data, "validate the CSVs and cache them as uint8 arrays"),
+    "folds": (lambda c: c.fold_of, "write the stratified folds (input/folds.csv)"),
     "train": (_train, "train the run of these settings (runs/<id>/); resumes"),
     "predict": (_predict, "the run's test predictions and submission (trains what is missing)"),
     "submit": (_submit, "every stage in order, each skipped when current"),
@@ -392,20 +385,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _locked(paths: Paths, args: argparse.Namespace) -> Any:
-    from pipeline.store.lock import project_lock
-
-    return project_lock(paths, f"make {args.stage}", nowait=args.nowait)
-
-
 @contextlib.contextmanager
 def library_warnings(verbose: bool) -> Iterator[None]:
     """The warnings of the libraries underneath (Optuna's ExperimentalWarning, PyTorch's, pandas')
     speak of code a user does not call, so they are hidden unless VERBOSE=1; the processes a stage
     starts (fold and trial workers) inherit the choice through PYTHONWARNINGS. A PYTHONWARNINGS the
     user set is left to rule."""
-    before = os.environ.get("PYTHONWARNINGS")
-    if before:
+    if os.environ.get("PYTHONWARNINGS"):
         yield
         return
     action: Literal["default", "ignore"] = "default" if verbose else "ignore"
@@ -415,10 +401,7 @@ def library_warnings(verbose: bool) -> Iterator[None]:
             warnings.simplefilter(action)
             yield
     finally:
-        if before is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = before
+        os.environ.pop("PYTHONWARNINGS", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,12 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         stage = args.stage
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
-        with library_warnings(getattr(args, "verbose", False)):
-            if args.stage in WRITERS:
-                with _locked(paths, args):
-                    args.handler(args, paths)
-            else:
-                args.handler(args, paths)
+        # Commands that write hold the project, one at a time (see lock.py); the others only read.
+        from pipeline.store.lock import project_lock
+
+        lock = project_lock(paths, f"make {stage}", args.nowait) if stage in WRITERS else None
+        with library_warnings(getattr(args, "verbose", False)), lock or contextlib.nullcontext():
+            args.handler(Command(args, paths))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

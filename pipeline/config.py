@@ -27,58 +27,19 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 COMPETITION = "digit-recognizer"
 
 
-@dataclass(frozen=True)
 class Paths:
-    """Where every stage reads and writes, relative to one root."""
+    """Where every stage reads and writes, relative to one root. also_submit: another folder the
+    current submission.csv is copied to (a Kaggle notebook's /kaggle/working, where its output and
+    "Submit" look; the command line sets it in a notebook)."""
 
-    root: Path = ROOT
-    # Another folder the current submission.csv is copied to: a Kaggle notebook's /kaggle/working,
-    # where its output and "Submit" look (the command line sets it in a notebook).
-    also_submit: Path | None = None
-
-    @property
-    def input(self) -> Path:
-        return self.root / "input"
-
-    @property
-    def train_csv(self) -> Path:
-        return self.input / "train.csv"
-
-    @property
-    def test_csv(self) -> Path:
-        return self.input / "test.csv"
-
-    @property
-    def source_json(self) -> Path:
-        return self.input / "source.json"
-
-    @property
-    def prepared(self) -> Path:
-        return self.input / "prepared"
-
-    @property
-    def folds_csv(self) -> Path:
-        return self.input / "folds.csv"
-
-    @property
-    def folds_json(self) -> Path:
-        return self.input / "folds.json"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def submissions(self) -> Path:
-        return self.root / "submissions"
-
-    @property
-    def submission_csv(self) -> Path:
-        return self.submissions / "submission.csv"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
+    def __init__(self, root: Path = ROOT, also_submit: Path | None = None) -> None:
+        self.root, self.also_submit = root, also_submit
+        self.input, self.runs, self.reports = root / "input", root / "runs", root / "reports"
+        self.train_csv, self.test_csv = self.input / "train.csv", self.input / "test.csv"
+        self.source_json, self.prepared = self.input / "source.json", self.input / "prepared"
+        self.folds_csv, self.folds_json = self.input / "folds.csv", self.input / "folds.json"
+        self.submissions = root / "submissions"
+        self.submission_csv = self.submissions / "submission.csv"
 
 
 NO_LEGACY = object()  # a setting every run has recorded since the first release
@@ -189,7 +150,6 @@ class Settings:
                 and values[f.name] != f.metadata["legacy"]}
 
 
-TrainConfig = Settings  # the name the rest of the code has long used
 
 # The settings that decide which rows each fold holds (folds.csv): part of every run's id, and never
 # searched inside one study, whose trials must all be scored on the same folds.

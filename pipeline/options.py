@@ -131,16 +131,18 @@ OPTIONS: tuple[Option, ...] = (
 ARGS = "any other option of a stage, e.g. ARGS=\"--fold 2\" (python -m pipeline <stage> --help lists them)"
 
 # The README's option tables: which settings and options share a row (each exactly once).
-SETTING_ROWS = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"), ("hidden", "layers"), ("bidirectional",), ("dropout", "orthogonal_init"),
+SETTING_ROWS: tuple[tuple[str, ...], ...] = (("model", "view"), ("rows_per_step", "readout", "nonlinearity"),
+                ("hidden", "layers", "bidirectional"), ("dropout", "orthogonal_init"),
                 ("folds", "fold_seed", "seed"), ("epochs", "batch", "drop_last"),
-                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing"), ("ema",),
+                ("optimizer", "weight_decay"), ("lr", "schedule"), ("clip", "label_smoothing", "ema"),
                 ("normalize", "augment"), ("rotate", "scale", "shift"), ("elastic", "elastic_sigma"),
                 ("teacher", "distill_temperature", "distill_threshold"), ("tta", "eval_batch"),
                 ("device", "jobs"), ("cuda_graph", "amp"))
-OPTION_ROWS = (("preset", "config"), ("run", "fold"), ("force",), ("runs", "mean"), ("source", "dir"),
-               ("timeout", "message", "wait"), ("accelerator", "deadline", "keep"),
-               ("trials", "workers"), ("study", "storage", "space"),
-               ("tune_folds", "pruner"), ("sort", "format"), ("nowait", "verbose"), ("root",))
+OPTION_ROWS: tuple[tuple[str, ...], ...] = (
+    ("preset", "config"), ("run", "fold", "force"), ("runs", "mean"), ("source", "dir"),
+    ("timeout", "message", "wait"), ("accelerator", "deadline", "keep"),
+    ("trials", "workers", "tune_folds", "pruner"), ("study", "storage", "space"), ("sort", "format"),
+    ("nowait", "verbose", "root"))
 
 
 def default(name: str) -> Any:
@@ -152,12 +154,15 @@ def for_stage(stage: str) -> list[Option]:
     return [o for o in OPTIONS if stage in o.stages]
 
 
-def shown(value: Any) -> str:
+def shown(value: Any, table: bool = False) -> str:
+    """A default as help shows it, or (table) as the README's tables quote it: names in backticks."""
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
-    return "" if value is None else str(value)
+    if value is None or (table and isinstance(value, Path)):
+        return ""
+    return f"`{value}`" if table and isinstance(value, str) and value else str(value)
 
 
 def _stages_text(option: Option) -> str:
@@ -195,17 +200,6 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def _shown_default(value: Any) -> str:
-    """A default as the README's tables quote it: names in backticks, numbers bare, on/off."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, str):
-        return f"`{value}`" if value else ""
-    if value is None or isinstance(value, Path):
-        return ""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _make_name(name: str, default: Any, flag: bool = False) -> str:
     if flag or default is False:
         return f"`{name.upper()}=1`"
@@ -229,7 +223,7 @@ def markdown(table: str) -> str:
             found = [declared[n] for n in group]
             rows.append(_row([_make_name(f.name, f.default) for f in found],
                              [_cli_flag(f.name, f.default) for f in found],
-                             [_shown_default(f.default) for f in found],
+                             [shown(f.default, table=True) for f in found],
                              "; ".join(f.metadata["help"] for f in found)))
         return "\n".join(rows)
     by_name = {o.name: o for o in OPTIONS}
@@ -239,7 +233,7 @@ def markdown(table: str) -> str:
                   else "") + o.help + (f" ({', '.join(o.choices)})" if o.choices else "") for o in chosen]
         rows.append(_row([_make_name(o.name, o.default, o.flag) if o.make else "" for o in chosen],
                          [f"`{o.flag_name}`" for o in chosen],
-                         [_shown_default(o.default) if not o.flag else "off" for o in chosen],
+                         [shown(o.default, table=True) if not o.flag else "off" for o in chosen],
                          "; ".join(texts)))
     rows.append(_row(["`ARGS`"], [""], [""], ARGS))
     return "\n".join(rows)

@@ -4,6 +4,7 @@ files use (the_run, snapshot, files, free_port, fake_run, copy_project, fresh_cl
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -30,9 +31,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Paths
-from pipeline.engine.models import MODELS
+from pipeline.engine.models import CELLS
 from pipeline.stages import prepare
-from pipeline.store.artifacts import PIXELS, RunDir, all_runs
+from pipeline.store.data import PIXELS
+from pipeline.store.run import RunDir, all_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--folds", "2", "--epochs", "2", "--hidden", "32")
@@ -107,6 +109,8 @@ def run_make(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, ch
 # Dummy credentials of the tests that run the real kaggle client against the fake server.
 DUMMY_USER = "fake-user"
 DUMMY_KEY = "dummy-key-0123456789abcdef"
+DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"
+DUMMY_BASIC = base64.b64encode(f"{DUMMY_USER}:{DUMMY_KEY}".encode()).decode()
 
 
 def client_env(home: Path, url: str) -> dict[str, str]:
@@ -296,12 +300,16 @@ def write_inputs(root: Path, train: bytes = CLEAN_TRAIN, test: bytes = CLEAN_TES
 OUTPUTS = {"skip": ("train.csv", "test.csv", ".lock"), "folders": False}
 
 
-def assert_one_clear_error(err: str, *words: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
+def assert_one_clear_error(result: subprocess.CompletedProcess[str] | str, *words: str) -> None:
+    """One message, `error: ...`, naming each of words: no traceback, no credential (a command's
+    result: with a non-zero exit)."""
+    err = result if isinstance(result, str) else result.stderr
+    assert isinstance(result, str) or result.returncode != 0, result
+    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err, err
     for word in words:
         assert word in err, f"{word!r} not in {err!r}"
+    for secret in (DUMMY_KEY, DUMMY_BASIC, DUMMY_TOKEN):
+        assert secret not in err + ("" if isinstance(result, str) else result.stdout)
 
 
 HEADER_TRAIN = "label," + ",".join(PIXELS)
@@ -342,9 +350,7 @@ JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.f
 
 
 def tiny_data() -> tuple[Any, Any]:
-    import numpy as np
-
-    from pipeline.store.artifacts import Prepared
+    from pipeline.store.data import Prepared
 
     labels = np.arange(20, dtype=np.uint8) % 10
     return (Prepared(np.zeros((20, 28, 28), np.uint8), labels, np.zeros((4, 28, 28), np.uint8), "d"),
@@ -364,7 +370,7 @@ def two_run_project(two_runs: Path, tmp_path: Path) -> Path:
     return copy_project(two_runs, tmp_path / "p")
 
 
-FAMILY = [dict(model=m) for m in MODELS] + [
+FAMILY = [dict(model=m) for m in CELLS] + [
     dict(model="rnn", layers=2, dropout=0.2), dict(model="gru", bidirectional=True),
     dict(model="lstm", layers=2, bidirectional=True),
     # How the network reads the digit: every view, framing and readout, and weight averaging.

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from pipeline.cli import build_parser
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
+from pipeline.options import MEANS
 from pipeline.stages import blend
-from pipeline.store import ensemble
-from pipeline.store.artifacts import RunDir, all_runs, write_probabilities
+from pipeline.store.run import RunDir, all_runs, write_probabilities
 
 
 @pytest.mark.slow
@@ -52,17 +52,13 @@ def test_the_readme_calls_only_the_real_mean_the_default() -> None:
 
 
 def test_a_one_run_blend_is_that_run_once() -> None:
-    import numpy as np
-
-    from pipeline.stages import blend
-
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 200)
     logits = rng.normal(size=(200, 10))
     logits[np.arange(200), labels] += 2
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     probs = np.round(probs * 0.999, 6)  # as read back from a CSV: rows need not sum to 1
-    for mean in blend.MEANS:
+    for mean in MEANS:
         assert blend.select(probs[None], labels, mean).tolist() == [1.0]
 
 
@@ -73,10 +69,6 @@ BLEND_FIELDS = [*RECORD_FIELDS, "key", "data", "folds", "seed"]
        change=st.dictionaries(st.sampled_from(BLEND_FIELDS), JSON, max_size=3))
 def test_blend_skips_a_damaged_run_in_words_and_keeps_the_good_one(
         tmp_path_factory: pytest.TempPathFactory, drop: set[str], change: dict[str, Any]) -> None:
-    import numpy as np
-
-    from pipeline.stages import blend
-
     root = tmp_path_factory.mktemp("blend")
     data, _ = tiny_data()
     for name in ("rnn-h32-e2-good00", "rnn-h32-e2-bad000"):
@@ -173,7 +165,6 @@ def test_blend_runs_names_are_checked(tmp_path: Path) -> None:
 
 def test_a_damaged_blend_folder_is_left_out_unsaid(tmp_path: Path) -> None:
     """Blends are never members; a damaged one is no run to remake with `make predict`."""
-    import numpy as np
 
     data, _ = tiny_data()
     good = RunDir(fake_run(tmp_path, "rnn-h32-e2-good00"))
@@ -193,7 +184,7 @@ def test_blend_on_a_fresh_project_makes_the_run_first(tmp_path: Path) -> None:
     assert "blend: no completed run on these folds yet: making the run of these settings first" \
         in result.stdout
     blends = [r for r in all_runs(Paths(tmp_path)) if r.id.startswith("blend-")]
-    assert len(blends) == 1 and ensemble.read(blends[0]).weights == {the_run(tmp_path).id: 1}
+    assert len(blends) == 1 and blends[0].read().weights == {the_run(tmp_path).id: 1}
     again = run_cli(tmp_path, "blend", *SAMPLE, *TINY)  # now there is a run: nothing is made
     assert "making the run" not in again.stdout and f"{blends[0].id} skipped" in again.stdout
 

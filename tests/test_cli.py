@@ -160,31 +160,6 @@ def test_an_edited_config_is_named_and_changed_data_is_said_to_be(run_copy: Path
 
 
 @pytest.mark.slow
-def test_options_exist_on_the_stage_clis() -> None:
-    for stage in ("folds", "train", "predict", "submit", "blend"):
-        text = run_cli(REPO, stage, "--help").stdout
-        for option in ("--model", "--view", "--epochs", "--folds", "--hidden", "--batch", "--lr",
-                       "--seed", "--device", "--preset", "--config"):
-            assert option in text, (stage, option)
-
-
-@pytest.mark.slow
-def test_make_help_lists_the_stages_and_every_setting() -> None:
-    from dataclasses import fields
-
-    from pipeline.config import Settings
-
-    result = run_make("help", check=True)
-    for target in ("submit", "download", "prepare", "folds", "train", "predict", "blend", "test",
-                   "test-fast", "upload", "lb", "report", "runs", "forget", "bench"):
-        assert f"  {target} " in result.stdout, target
-    for f in fields(Settings):
-        assert f"  {f.name.upper()} " in result.stdout, f.name
-    plain = run_make(check=True)
-    assert plain.stdout == result.stdout
-
-
-@pytest.mark.slow
 def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.cli import parse
 

@@ -17,16 +17,16 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import NO_LEGACY, PRESETS, Settings, TrainConfig, changed_settings, resolve
+from pipeline.config import NO_LEGACY, PRESETS, Settings, changed_settings, resolve
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import run_id
+from pipeline.store.run import run_id
 from pipeline.tuning import space as tune_space
 
 
 def test_changed_settings_are_the_hyperparameters_off_their_defaults() -> None:
-    cfg = TrainConfig(epochs=3, model="gru", device="cuda", jobs=4)
+    cfg = Settings(epochs=3, model="gru", device="cuda", jobs=4)
     assert changed_settings(cfg) == {"epochs": 3, "model": "gru"}
-    assert changed_settings(TrainConfig()) == {}
+    assert changed_settings(Settings()) == {}
 
 
 CONFIG_NAMES = ["preset", "hidden", "lr", "model", "augment", "device", "view", "seed"]
@@ -35,8 +35,6 @@ CONFIG_NAMES = ["preset", "hidden", "lr", "model", "augment", "device", "view", 
 @given(values=st.dictionaries(st.sampled_from(CONFIG_NAMES), VALUES, min_size=1, max_size=3))
 def test_any_config_file_gives_typed_settings_or_names_the_file(
         tmp_path_factory: pytest.TempPathFactory, values: dict[str, Any]) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path_factory.mktemp("config") / "settings.json"
     path.write_text(json.dumps(values))
     try:
@@ -49,8 +47,6 @@ def test_any_config_file_gives_typed_settings_or_names_the_file(
 
 
 def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path / "c.toml"
     path.write_text('preset = ["tuned"]\n')
     with pytest.raises(PipelineError, match=r"c\.toml: preset must be one of default, tutorial, best, tuned"):
@@ -59,8 +55,6 @@ def test_a_preset_that_is_not_a_string_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_a_config_or_space_file_that_is_not_text_is_named(tmp_path: Path, suffix: str) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path / f"binary{suffix}"
     path.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(PipelineError, match=re.escape(str(path))):
@@ -92,7 +86,7 @@ def test_tutorial_preset_is_the_tutorial_recipe() -> None:
         ("rnn", 150, 1, "adam", 1e-3, 64, 10)
     assert cfg.drop_last and not cfg.normalize and not cfg.augment
     assert cfg.schedule == "none" and cfg.clip == 0 and cfg.label_smoothing == 0
-    assert set(PRESETS["tutorial"]) <= set(TrainConfig().learned())
+    assert set(PRESETS["tutorial"]) <= set(Settings().learned())
 
 
 def test_config_layers_merge_in_order(tmp_path: Path) -> None:

@@ -21,16 +21,8 @@ from pipeline.cli import main
 from pipeline.config import Paths, resolve
 from pipeline.errors import PipelineError
 from pipeline.stages import distill
-from pipeline.store.artifacts import (
-    PIXELS,
-    Pseudo,
-    RunDir,
-    all_runs,
-    latest,
-    load_prepared,
-    write_probabilities,
-)
-from pipeline.store.ensemble import completed
+from pipeline.store.data import PIXELS, Pseudo, load_prepared
+from pipeline.store.run import RunDir, all_runs, latest, write_probabilities
 
 # A student that can memorise 200 noise images: wide enough, no augmentation, no smoothing.
 MEMORISE = ("--folds", "2", "--epochs", "40", "--hidden", "96", "--batch", "25", "--lr", "0.005",
@@ -108,7 +100,7 @@ def test_pseudo_rows_are_the_teachers_test_rows_tempered_and_thresholded(tmp_pat
     rows = distill.pseudo_rows(paths, cfg, data)
     keep = np.arange(30) % 3 != 0
     assert np.array_equal(rows.images, data.test_x[keep])
-    assert rows.key == completed(RunDir(paths.runs / teacher)).key
+    assert rows.key == RunDir(paths.runs / teacher).read().key
     soft = np.sqrt(probs[keep])
     np.testing.assert_allclose(rows.targets, soft / soft.sum(1, keepdims=True), rtol=1e-5)
     assert rows.targets[:, 0].max() < 0.82  # T = 2 softens

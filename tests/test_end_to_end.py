@@ -17,7 +17,7 @@ from conftest import (
 )
 
 from pipeline.config import Paths
-from pipeline.store.artifacts import LOG_COLUMNS, PROB_COLUMNS, latest
+from pipeline.store.run import LOG_COLUMNS, PROB_COLUMNS, latest
 from pipeline.store.submission import validate_file
 
 

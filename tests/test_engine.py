@@ -14,13 +14,13 @@ from conftest import (
     FAMILY,
 )
 
-from pipeline.config import TrainConfig
-from pipeline.engine import checkpoint
+from pipeline.config import Settings
 from pipeline.engine import step as step_module
 from pipeline.engine.augment import elastic_field, random_affine
-from pipeline.engine.models import build_model
+from pipeline.engine.checkpoint import FoldState
+from pipeline.engine.models import CELLS, build_model
 from pipeline.engine.runtime import predict_log_proba, resolve_device
-from pipeline.engine.step import WARMUP_STEPS, TrainStep, graph_wanted
+from pipeline.engine.step import TrainStep, graph_wanted
 from pipeline.errors import PipelineError
 from pipeline.stages import train
 
@@ -38,34 +38,21 @@ def test_elastic_field_is_smooth_and_scaled() -> None:
     assert step(weak) < 0.3 < step(rough)
 
 
-def test_elastic_distortion_moves_pixels_but_keeps_range_and_is_seeded() -> None:
+@pytest.mark.parametrize("move", [(15, 0.1, 3, 0.0, 4.0), (0, 0, 0, 34.0, 4.0)], ids=["affine", "elastic"])
+def test_augmentation_is_seeded_per_sample_and_keeps_shape_dtype_and_range(move: tuple[float, ...]) -> None:
     images = torch.zeros(8, 28, 28)
     images[:, 8:20, 12:16] = 255.0
-    moved = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
-    again = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 34.0, 4.0)
-    assert torch.equal(moved, again)
+    moved = random_affine(images, torch.Generator().manual_seed(1), *move)
+    torch.testing.assert_close(moved, random_affine(images, torch.Generator().manual_seed(1), *move))
+    assert moved.shape == images.shape and moved.dtype == images.dtype
     assert moved.min() >= 0 and moved.max() <= 255 + 1e-3
-    assert (moved - images).abs().mean() > 5
+    assert (moved - images).abs().mean() > 5 and not torch.equal(moved[0], moved[1])
     still = random_affine(images, torch.Generator().manual_seed(1), 0, 0, 0, 0.0, 4.0)
-    torch.testing.assert_close(still, images)
-
-
-def test_training_state_from_another_device_type_is_not_resumed(tmp_path: Path) -> None:
-    _load_state = checkpoint.load_state
-    path = tmp_path / "fold_0.last.pt"
-    torch.save({"key": "k", "device_type": "cuda", "history": []}, path)
-    assert _load_state(path, "k", torch.device("cpu")) is None
-    torch.save({"key": "k", "device_type": "cpu", "history": []}, path)
-    assert _load_state(path, "k", torch.device("cpu")) is not None
-    assert _load_state(path, "other", torch.device("cpu")) is None
+    torch.testing.assert_close(still, images, atol=1e-3, rtol=0)
 
 
 CPU = torch.device("cpu")
-
-
-CFG = TrainConfig(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
-
-
+CFG = Settings(hidden=12, batch=16, epochs=2, augment=True, clip=0.5)
 ROWS = 40  # two full batches and a short one of 8
 
 
@@ -75,66 +62,61 @@ def fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(step_module.CudaGraph, "failed", False)
 
 
-class ReplayGraph:
-    """A CPU stand-in for step.CudaGraph with a graph's semantics (see the module docstring).
+class BrokenGraph:
+    """A CPU stand-in for step.CudaGraph that never replays the step: its capture fails as a real
+    one can (fail), or its replay writes gradients other than the step's (differ)."""
 
-    fail: capture raises as a real one can; stale: replays add to the last gradients instead of
-    overwriting them (a graph captured wrongly).
-    """
-
-    def __init__(self, model: torch.nn.Module, fail: bool = False, stale: bool = False) -> None:
-        self.model, self.fail, self.stale = model, fail, stale
-        self.fn: Callable[[], None] | None = None
-        self.warmups = self.captures = self.replays = 0
+    def __init__(self, model: torch.nn.Module, fail: bool) -> None:
+        self.model, self.fail, self.replays = model, fail, 0
 
     @contextlib.contextmanager
     def warmup(self) -> Iterator[None]:
-        self.warmups += 1
         yield
 
-    def capture(self, fn: Callable[[], None]) -> None:
+    def capture(self, fn: Callable[[], object]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fail:  # as torch.cuda.graph fails: the cause, then capture_end's own error
             try:
                 raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
             except RuntimeError:
                 raise RuntimeError("CUDA error: operation failed due to a previous error during "
                                    "capture") from None
-        assert all(p.grad is None for p in self.model.parameters()), "captured with stale gradients"
-        self.fn = fn
-        self.captures += 1
+        return torch.zeros(()), torch.zeros((), dtype=torch.long)
 
     def replay(self) -> None:
-        for p in self.model.parameters():  # a replayed backward writes its gradients afresh
-            if p.grad is not None and not self.stale:
-                p.grad.zero_()
-            elif p.grad is None and self.stale:
-                p.grad = torch.ones_like(p)
         self.replays += 1
-        self.fn()
+        for p in self.model.parameters():
+            p.grad = torch.ones_like(p)
 
 
-def fit(cfg: TrainConfig, epochs: int, graph: Callable[[torch.nn.Module], ReplayGraph] | None = None,
-        logs: list[str] | None = None) -> tuple[torch.nn.Module, list[tuple[float, float]], TrainStep]:
+def new_state(cfg: Settings, graph: Callable[[torch.nn.Module], BrokenGraph] | None = None,
+              logs: list[str] | None = None) -> FoldState:
     torch.manual_seed(0)
     model = build_model(cfg)
-    images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(1))
-    labels = torch.randint(0, 10, (ROWS,), generator=torch.Generator().manual_seed(2))
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, ROWS))
-    made: list[ReplayGraph] = []
+    made: list[BrokenGraph] = []
 
-    def make_graph(device: torch.device) -> ReplayGraph:
-        made.append(graph(model))
+    def make_graph(device: torch.device) -> BrokenGraph:
+        made.append(graph(model))  # type: ignore[misc]
         return made[-1]
 
     step = TrainStep(model, optimizer, scheduler, cfg, CPU, make_graph=make_graph if graph else None,
                      log=(logs.append if logs is not None else print))
     step.made = made  # type: ignore[attr-defined]
-    generator = torch.Generator().manual_seed(3)
-    history = [train.train_epoch(step, images, labels, torch.arange(ROWS), cfg, generator)
-               for _ in range(epochs)]
-    return model, history, step
+    return FoldState(step, torch.Generator().manual_seed(3))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    return images, torch.randint(0, 10, (ROWS,), generator=torch.Generator().manual_seed(2))
+
+
+def fit(cfg: Settings, epochs: int, graph: Callable[[torch.nn.Module], BrokenGraph] | None = None,
+        logs: list[str] | None = None) -> tuple[torch.nn.Module, list[tuple[float, float]], TrainStep]:
+    state = new_state(cfg, graph, logs)
+    history = [train.train_epoch(state, *data(), torch.arange(ROWS), cfg) for _ in range(epochs)]
+    return state.step.model, history, state.step
 
 
 def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -142,74 +124,26 @@ def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
 
 
-def test_replayed_step_learns_exactly_what_the_eager_step_learns() -> None:
-    eager, eager_history, _ = fit(CFG, epochs=2)
-    graphed, graph_history, step = fit(CFG, epochs=2, graph=ReplayGraph)
-    assert_same_model(eager, graphed)
-    assert graph_history == eager_history
-    (g,) = step.made
-    # One capture for the whole run, after one warm-up, checked by one replay; then every full
-    # batch replays and short ones don't.
-    assert (g.warmups, g.captures, g.replays) == (1, 1, 1 + 2 * 2)
-
-
-def test_warmup_passes_leave_no_trace_in_sums_or_weights() -> None:
-    forwards: list[int] = []
-
-    def counting(model: torch.nn.Module) -> ReplayGraph:  # made at the first full batch
-        model.register_forward_hook(lambda *_: forwards.append(1))
-        return ReplayGraph(model)
-
-    graphed, history, _ = fit(replace(CFG, augment=False, epochs=1), epochs=1, graph=counting)
-    eager, eager_history, _ = fit(replace(CFG, augment=False, epochs=1), epochs=1)
-    # Warm-up, the check's replay, two full batches replayed and the short one run eagerly...
-    assert len(forwards) == WARMUP_STEPS + 1 + 2 + 1
-    # ...yet neither the weights nor the sums saw the extra passes.
-    assert history == eager_history
-    assert_same_model(eager, graphed)
-
-
-def test_gradients_keep_their_storage_once_captured() -> None:
-    _, _, step = fit(replace(CFG, epochs=3), epochs=1, graph=ReplayGraph)  # room for two more steps
-    pointers = [p.grad.data_ptr() for p in step.params]
-    # A short batch (eager) and then a full one (replayed): no gradient may be reallocated.
-    step(torch.rand(5, 28, 28) * 255, torch.randint(0, 10, (5,)))
-    step(torch.rand(16, 28, 28) * 255, torch.randint(0, 10, (16,)))
-    assert [p.grad.data_ptr() for p in step.params] == pointers
-
-
-def test_batches_reach_the_static_buffers() -> None:
-    _, _, step = fit(replace(CFG, epochs=3), epochs=1, graph=ReplayGraph)
-    x, y = torch.rand(16, 28, 28) * 255, torch.randint(0, 10, (16,))
-    step(x, y)
-    torch.testing.assert_close(step.static_x, x, rtol=0, atol=0)
-    assert torch.equal(step.static_y, y)
-
-
-def test_failed_capture_falls_back_to_the_eager_step() -> None:
+@pytest.mark.parametrize("fail", [True, False], ids=["capture-fails", "replay-differs"])
+def test_a_graph_that_fails_or_differs_leaves_the_eager_step_to_learn_alone(fail: bool) -> None:
+    """Neither the warm-up passes nor the check leave a trace: the fold learns what the eager step
+    learns; the graph is tried once, said once, and never used."""
     logs: list[str] = []
     eager, eager_history, _ = fit(CFG, epochs=2)
-    fell_back, history, step = fit(CFG, epochs=2, graph=lambda m: ReplayGraph(m, fail=True), logs=logs)
+    fell_back, history, step = fit(CFG, epochs=2, graph=lambda m: BrokenGraph(m, fail), logs=logs)
     assert_same_model(eager, fell_back)
     assert history == eager_history
-    assert len(step.made) == 1  # tried once, not on every batch
-    assert len(logs) == 1 and "capture failed (CUDA error: operation not permitted" in logs[0]
-    assert "more" not in logs[0]
-
-
-def test_a_replay_that_differs_from_the_eager_step_is_not_used() -> None:
-    logs: list[str] = []
-    eager, eager_history, _ = fit(CFG, epochs=2)
-    checked, history, step = fit(CFG, epochs=2, graph=lambda m: ReplayGraph(m, stale=True), logs=logs)
-    assert step.graph is None and step.made[0].replays == 1  # the check, and never again
-    assert len(logs) == 1 and "replay differs from the eager step" in logs[0]
-    assert_same_model(eager, checked)
-    assert history == eager_history
+    assert len(step.made) == 1 and step.graph is None and step.made[0].replays == (0 if fail else 1)
+    assert len(logs) == 1 and "training without it" in logs[0]
+    if fail:
+        assert "capture failed (CUDA error: operation not permitted" in logs[0] and "more" not in logs[0]
+    else:
+        assert "replay differs from the eager step" in logs[0]
 
 
 def test_a_failure_stops_later_folds_of_the_process_from_trying(monkeypatch: pytest.MonkeyPatch) -> None:
     logs: list[str] = []
-    fit(CFG, epochs=1, graph=lambda m: ReplayGraph(m, fail=True), logs=logs)
+    fit(CFG, epochs=1, graph=lambda m: BrokenGraph(m, fail=True), logs=logs)
     assert step_module.CudaGraph.failed
     monkeypatch.setattr(step_module, "graph_wanted", lambda cfg, device: True)  # as on a GPU
     model = build_model(CFG)
@@ -222,12 +156,12 @@ def test_a_failure_stops_later_folds_of_the_process_from_trying(monkeypatch: pyt
 
 def test_graph_only_where_it_is_safe_and_asked_for() -> None:
     cuda = torch.device("cuda")
-    assert graph_wanted(TrainConfig(cuda_graph=True), cuda)
-    assert not graph_wanted(TrainConfig(cuda_graph=False), cuda)
-    assert not graph_wanted(TrainConfig(cuda_graph=True), CPU)  # ignored off CUDA
+    assert graph_wanted(Settings(cuda_graph=True), cuda)
+    assert not graph_wanted(Settings(cuda_graph=False), cuda)
+    assert not graph_wanted(Settings(cuda_graph=True), CPU)  # ignored off CUDA
     # A replayed graph would reuse one dropout mask for ever.
-    assert not graph_wanted(TrainConfig(cuda_graph=True, layers=2, dropout=0.2), cuda)
-    assert graph_wanted(TrainConfig(cuda_graph=True, layers=2, dropout=0.0), cuda)
+    assert not graph_wanted(Settings(cuda_graph=True, layers=2, dropout=0.2), cuda)
+    assert graph_wanted(Settings(cuda_graph=True, layers=2, dropout=0.0), cuda)
 
 
 def test_cuda_graph_is_ignored_on_a_cpu() -> None:
@@ -238,19 +172,10 @@ def test_cuda_graph_is_ignored_on_a_cpu() -> None:
     assert asked_history == plain_history
 
 
-@pytest.mark.parametrize("model", ["gru", "lstm"])
-def test_replay_matches_eager_for_every_cell(model: str) -> None:
-    cfg = replace(CFG, model=model, epochs=1)
-    eager, eager_history, _ = fit(cfg, epochs=1)
-    graphed, history, _ = fit(cfg, epochs=1, graph=ReplayGraph)
-    assert_same_model(eager, graphed)
-    assert history == eager_history
-
-
 @pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_any_batch_size_gives_class_scores(settings: dict, batch: int) -> None:
-    model = build_model(TrainConfig(hidden=16, **settings)).eval()
+    model = build_model(Settings(hidden=16, **settings)).eval()
     images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         scores = model(images)
@@ -264,7 +189,7 @@ def test_any_batch_size_gives_class_scores(settings: dict, batch: int) -> None:
 @pytest.mark.parametrize("view", ["rows", "cols", "both"])
 @pytest.mark.parametrize("k", [1, 2, 4, 7, 14])
 def test_a_time_step_reads_k_pixel_rows_or_columns(view: str, k: int) -> None:
-    model = build_model(TrainConfig(hidden=8, normalize=False, view=view, rows_per_step=k)).eval()
+    model = build_model(Settings(hidden=8, normalize=False, view=view, rows_per_step=k)).eval()
     seen: dict[str, torch.Tensor] = {}
     for name in ("rnn", "rnn_cols"):
         if getattr(model, name) is not None:
@@ -287,10 +212,10 @@ def test_the_pooled_readout_sees_every_step_and_the_last_only_the_final_state() 
     """With readout last, only the final states reach the classifier; pool adds the mean and max of
     every step's output: three times the features per direction and sweep."""
     for view, sweeps in (("rows", 1), ("both", 2)):
-        last = build_model(TrainConfig(hidden=8, view=view, readout="last", bidirectional=True))
-        pool = build_model(TrainConfig(hidden=8, view=view, readout="pool", bidirectional=True))
+        last = build_model(Settings(hidden=8, view=view, readout="last", bidirectional=True))
+        pool = build_model(Settings(hidden=8, view=view, readout="pool", bidirectional=True))
         assert last.head.in_features == 8 * 2 * sweeps and pool.head.in_features == 3 * 8 * 2 * sweeps
-    model = build_model(TrainConfig(hidden=8, readout="pool", bidirectional=False)).eval()
+    model = build_model(Settings(hidden=8, readout="pool", bidirectional=False)).eval()
     features: list[torch.Tensor] = []
     model.head.register_forward_hook(lambda mod, inp, out: features.append(inp[0]))
     outputs: list[torch.Tensor] = []
@@ -301,9 +226,13 @@ def test_the_pooled_readout_sees_every_step_and_the_last_only_the_final_state() 
     torch.testing.assert_close(features[0], torch.cat([steps[:, -1], steps.mean(1), steps.amax(1)], 1))
 
 
+def test_every_cell_settings_name_is_a_model() -> None:
+    assert tuple(CELLS) == Settings.__dataclass_fields__["model"].metadata["choices"]
+
+
 def test_model_runs_on_the_device_it_is_on() -> None:
     device = resolve_device("auto")
-    model = build_model(TrainConfig(hidden=8)).to(device)
+    model = build_model(Settings(hidden=8)).to(device)
     out = model(torch.zeros(2, 28, 28, dtype=torch.uint8, device=device))
     assert out.device.type == device.type
 
@@ -315,27 +244,8 @@ def test_explicit_missing_device_is_an_error() -> None:
         resolve_device("cuda")
 
 
-def test_augmentation_keeps_shape_dtype_and_range() -> None:
-    images = torch.randint(0, 256, (32, 28, 28)).float()
-    moved = random_affine(images, torch.Generator().manual_seed(0), rotate=15, scale=0.1, shift=3)
-    assert moved.shape == images.shape and moved.dtype == images.dtype
-    assert moved.min() >= 0 and moved.max() <= 255
-    assert not torch.equal(moved, images)
-    still = random_affine(images, torch.Generator().manual_seed(0), rotate=0, scale=0, shift=0)
-    torch.testing.assert_close(still, images, atol=1e-3, rtol=0)
-
-
-def test_augmentation_is_seeded_and_per_sample() -> None:
-    images = torch.zeros(4, 28, 28)
-    images[:, 10:18, 12:16] = 255
-    a = random_affine(images, torch.Generator().manual_seed(5), 10, 0.1, 2)
-    b = random_affine(images, torch.Generator().manual_seed(5), 10, 0.1, 2)
-    torch.testing.assert_close(a, b)
-    assert not torch.equal(a[0], a[1])
-
-
 def test_no_augmentation_at_evaluation() -> None:
-    cfg = TrainConfig(hidden=8, augment=True)
+    cfg = Settings(hidden=8, augment=True)
     model = build_model(cfg)
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
     first = predict_log_proba(model, images, cfg, seed=1)
@@ -346,7 +256,7 @@ def test_no_augmentation_at_evaluation() -> None:
 
 
 def test_test_time_augmentation_averages_seeded_passes() -> None:
-    cfg = TrainConfig(hidden=8)
+    cfg = Settings(hidden=8)
     model = build_model(cfg)
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
     plain = predict_log_proba(model, images, cfg)
@@ -375,7 +285,7 @@ def test_fast_sampling_grid_equals_affine_grid() -> None:
 def test_fused_normalisation_equals_the_formula() -> None:
     from pipeline.engine.models import PIXEL_MEAN, PIXEL_STD
 
-    model = build_model(TrainConfig(hidden=8)).eval()
+    model = build_model(Settings(hidden=8)).eval()
     seen = []
     model.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
@@ -383,26 +293,12 @@ def test_fused_normalisation_equals_the_formula() -> None:
     torch.testing.assert_close(seen[0], ((images.float() / 255 - PIXEL_MEAN) / PIXEL_STD).view(4, 14, 56))
 
 
-def new_step(cfg: TrainConfig) -> TrainStep:
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    optimizer = train.make_optimizer(cfg, model)
-    scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, ROWS))
-    return TrainStep(model, optimizer, scheduler, cfg, CPU)
-
-
-def data() -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(1))
-    return images, torch.randint(0, 10, (ROWS,), generator=torch.Generator().manual_seed(2))
-
-
 def test_weight_averaging_keeps_the_moving_average_of_every_step() -> None:
     """EMA=d: after each step the average becomes d * average + (1 - d) * weights (the first step's
     weights start it); the model evaluated and kept is the average, and training is unchanged."""
     cfg = replace(CFG, ema=0.6, augment=False)
     plain, _, _ = fit(replace(cfg, ema=0.0), epochs=1)
-    step, (images, labels) = new_step(cfg), data()
+    step, (images, labels) = new_state(cfg).step, data()
     order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(3))
     average: dict[str, torch.Tensor] = {}
     for start in range(0, ROWS, cfg.batch):
@@ -416,16 +312,26 @@ def test_weight_averaging_keeps_the_moving_average_of_every_step() -> None:
         torch.testing.assert_close(value, average[name], msg=name)
 
 
-def test_weight_averaging_resumes_where_it_stopped(tmp_path: Path) -> None:
-    """The saved training state holds the average: a resumed fold continues it exactly."""
-    cfg, path, rows = replace(CFG, ema=0.9), tmp_path / "state.pt", torch.arange(ROWS)
-    whole, generator = new_step(cfg), torch.Generator().manual_seed(3)
-    for _ in range(2):
-        train.train_epoch(whole, *data(), rows, cfg, generator)
-    half, generator = new_step(cfg), torch.Generator().manual_seed(3)
-    train.train_epoch(half, *data(), rows, cfg, generator)
-    checkpoint.save_state(path, "k", half, generator, [], {}, {}, 0.0)
-    resumed, generator = new_step(cfg), torch.Generator()
-    checkpoint.resume(checkpoint.load_state(path, "k", CPU) or {}, resumed, generator)
-    train.train_epoch(resumed, *data(), rows, cfg, generator)
-    assert_same_model(resumed.trained, whole.trained)
+def test_a_fold_state_restored_whole_continues_exactly(tmp_path: Path) -> None:
+    """The saved state holds everything (weights, optimizer, schedule, generators, the weight
+    average, the log and the best weights): a restored fold continues exactly; another key or
+    device type starts the fold again."""
+    cfg, path = replace(CFG, ema=0.9), tmp_path / "state.pt"
+
+    def epoch(state: FoldState) -> None:  # the training loss stands in for the held-out one
+        loss, _ = train.train_epoch(state, *data(), torch.arange(ROWS), cfg)
+        state.end_epoch({"epoch": state.epoch + 1, "valid_acc": 0.5, "valid_loss": loss}, 1.0)
+
+    whole, half, resumed = new_state(cfg), new_state(cfg), new_state(replace(cfg, lr=0.1))
+    epoch(whole)
+    epoch(whole)
+    epoch(half)
+    half.save(path, "k")
+    assert not resumed.restore(path, "other") and resumed.restore(path, "k") and resumed.epoch == 1
+    epoch(resumed)
+    assert_same_model(resumed.step.trained, whole.step.trained)
+    assert (resumed.history, resumed.best, resumed.elapsed) == (whole.history, whole.best, 2.0)
+    for name, tensor in whole.best_weights.items():
+        assert torch.equal(resumed.best_weights[name], tensor), name
+    torch.save({**torch.load(path, weights_only=True), "device_type": "cuda"}, path)
+    assert not new_state(cfg).restore(path, "k")  # random states of one device type fit no other

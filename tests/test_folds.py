@@ -16,7 +16,7 @@ from conftest import (
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.stages.folds import assign
-from pipeline.store.artifacts import RunDir
+from pipeline.store.run import RunDir
 
 
 @pytest.mark.slow
@@ -37,7 +37,8 @@ def test_folds_and_runs_follow_the_data_and_seed(run_copy: Path) -> None:
 
 def test_the_fold_settings_are_in_every_run_id_and_in_the_folds_record() -> None:
     from pipeline.config import FOLD_SETTINGS
-    from pipeline.store.artifacts import folds_inputs, run_id
+    from pipeline.store.data import folds_inputs
+    from pipeline.store.run import run_id
 
     base = Settings()
     for name in FOLD_SETTINGS:
@@ -61,7 +62,6 @@ def test_one_class_gets_a_warning(tmp_path: Path) -> None:
     assert "WARNING: train.csv has no rows of digit(s) 0, 1, 2, 4, 5, 6, 7, 8, 9" in result.stdout
     rare = run_cli(tmp_path, "folds", "--folds", "20", check=False)
     assert rare.returncode == 1 and "use fewer folds" in rare.stderr
-    from pipeline.stages.folds import assign
 
     with pytest.raises(PipelineError) as error:
         assign(np.array([3] * 12 + [5]), 2, 0)

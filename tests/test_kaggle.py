@@ -7,7 +7,6 @@ NO_PROXY. Nothing can reach the network beyond 127.0.0.1, and no real key can be
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -24,9 +23,12 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    DUMMY_BASIC,
     DUMMY_KEY,
+    DUMMY_TOKEN,
     DUMMY_USER,
     REPO,
+    assert_one_clear_error,
     client_env,
     closed_port,
     fresh_clone,
@@ -42,14 +44,8 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import api as kaggle_api
 from pipeline.stages import download
 from pipeline.store import ledger
-from pipeline.store.artifacts import latest
+from pipeline.store.run import latest
 from pipeline.store.submission import COMPETITION_TEST_ROWS
-
-DUMMY_TOKEN = "KGAT_dummy0123456789abcdef"
-
-
-DUMMY_BASIC = base64.b64encode(f"{DUMMY_USER}:{DUMMY_KEY}".encode()).decode()
-
 
 RULES_URL = "https://www.kaggle.com/competitions/digit-recognizer/rules"
 
@@ -113,17 +109,6 @@ def assert_no_secret(result: subprocess.CompletedProcess) -> None:
     for text in (result.stdout, result.stderr):
         for secret in (DUMMY_KEY, DUMMY_BASIC, DUMMY_TOKEN):
             assert secret not in text
-
-
-def assert_fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
-    """Non-zero exit with exactly one message, naming what to do."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert result.stderr.startswith("error: "), result.stderr
-    assert result.stderr.count("error:") == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for phrase in phrases:
-        assert phrase in result.stderr
-    assert_no_secret(result)
 
 
 def with_sizes(data: bytes, size: int) -> bytes:
@@ -280,7 +265,7 @@ def test_download_failure_leaves_input_as_it_was(case: str, root: Path, env: dic
     before = snapshot(root / "input")  # hidden entries included: no temporary folder may remain
     started = time.monotonic()
     result = download_kaggle(root, env, "--force", timeout=HANG_TIMEOUT if case in HANGS else 30)
-    assert_fails(result, *phrases)
+    assert_one_clear_error(result, *phrases)
     assert result.stdout == ""  # nothing from the client (its auth help, say) gets through
     assert snapshot(root / "input") == before
     assert time.monotonic() - started < 20
@@ -291,7 +276,7 @@ def test_failed_download_without_input_folder_leaves_none(root: Path, env: dict[
                                                           fake: FakeKaggle) -> None:
     (root / "input").rmdir()
     fake.zip_bytes = ARCHIVE[: len(ARCHIVE) // 2]
-    assert_fails(download_kaggle(root, env), "truncated or corrupt")
+    assert_one_clear_error(download_kaggle(root, env), "truncated or corrupt")
     assert not (root / "input").exists()
 
 
@@ -305,7 +290,7 @@ def test_no_credential_reaches_the_output_even_when_verbose(root: Path, env: dic
     # A server that echoes the credentials back in an error must not get them printed either.
     fake.api_error = (500, f"bad request, Authorization: Basic {DUMMY_BASIC} key={DUMMY_KEY}")
     result = download_kaggle(root, env, "--force")
-    assert_fails(result, "HTTP 500")
+    assert_one_clear_error(result, "HTTP 500")
     assert "[redacted]" in result.stderr
 
 
@@ -394,7 +379,7 @@ def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], 
     setup, phrases = UPLOAD_FAILURES[case]
     setup(fake)
     result = upload(root, env, timeout=HANG_TIMEOUT if case in HANGS else 30)
-    assert_fails(result, *phrases)
+    assert_one_clear_error(result, *phrases)
     assert result.stdout == ""
 
 
@@ -404,14 +389,14 @@ def test_upload_refuses_a_submission_of_the_sample(record: str, root: Path, env:
                                                    fake: FakeKaggle, submission: Path) -> None:
     (root / "runs" / "latest").write_text("rnn-h8-e1-000000\n")
     (root / record).write_text('{"source": "sample"}\n')
-    assert_fails(upload(root, env), "built-in sample", record)
+    assert_one_clear_error(upload(root, env), "built-in sample", record)
     assert fake.requests == []
 
 
 @pytest.mark.slow
 def test_upload_refuses_an_empty_message(root: Path, env: dict[str, str], fake: FakeKaggle,
                                          submission: Path) -> None:
-    assert_fails(upload(root, env, "  "), 'MESSAGE="')
+    assert_one_clear_error(upload(root, env, "  "), 'MESSAGE="')
     assert fake.requests == []
 
 
@@ -420,7 +405,7 @@ def test_upload_refuses_an_invalid_submission(root: Path, env: dict[str, str], f
                                               submission: Path) -> None:
     lines = submission.read_text().splitlines(keepends=True)
     submission.write_text("".join(lines[:-1]))
-    assert_fails(upload(root, env), f"expected {COMPETITION_TEST_ROWS}")
+    assert_one_clear_error(upload(root, env), f"expected {COMPETITION_TEST_ROWS}")
     assert fake.requests == []
 
 
@@ -499,7 +484,7 @@ def test_make_upload_lb_and_runs_as_a_new_user_types_them(made_here: tuple[Path,
 def test_a_scoring_error_is_reported_and_recorded(root: Path, env: dict[str, str], fake: FakeKaggle,
                                                   submission: Path) -> None:
     fake.score_script = ["pending", "error"]
-    assert_fails(upload(root, env), "could not score it", "Submission CSV Not Found")
+    assert_one_clear_error(upload(root, env), "could not score it", "Submission CSV Not Found")
     found = ledger.uploads(Paths(root))[4242]
     assert found["status"] == "error" and found["error"] == "Submission CSV Not Found"
 
@@ -591,7 +576,7 @@ def test_wait_zero_does_not_ask_for_the_score(root: Path, env: dict[str, str], f
 @pytest.mark.slow
 def test_a_wait_out_of_range_is_refused_before_anything_is_sent(root: Path, env: dict[str, str],
                                                                 fake: FakeKaggle, submission: Path) -> None:
-    assert_fails(upload(root, env, wait=-1), "WAIT=-1", "3600")
+    assert_one_clear_error(upload(root, env, wait=-1), "WAIT=-1", "3600")
     assert fake.requests == []
 
 
@@ -605,7 +590,7 @@ def test_lb_failure_is_reported(setup: Callable[[FakeKaggle, dict[str, str]], No
                                 root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
     setup(fake, env)
     result = run_cli(root, "lb", "--timeout", "30", env=env, **CLIENT)
-    assert_fails(result, *phrases)
+    assert_one_clear_error(result, *phrases)
     assert result.stdout == ""
 
 

@@ -47,9 +47,9 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import kernels, remote
 from pipeline.kaggle.remote import MANIFEST
 from pipeline.stages import kaggle_run as kaggle_run_stage
-from pipeline.store import ensemble, ledger, sample
-from pipeline.store.artifacts import latest, load_prepared, run_id
-from pipeline.store.ensemble import KaggleOrigin
+from pipeline.store import ledger, sample
+from pipeline.store.data import load_prepared
+from pipeline.store.run import KaggleOrigin, RunRecord, latest, run_id
 from pipeline.store.submission import COMPETITION_TEST_ROWS
 
 SETTINGS = {"epochs": 2, "folds": 2, "hidden": 16}
@@ -127,9 +127,9 @@ def test_make_kaggle_run_trains_on_kaggle_and_brings_the_run_home(trip: Trip) ->
     paths = Paths(trip.clone)
     run = the_run(trip.clone)
     assert run.id == run_id(resolve(overrides=SETTINGS), load_prepared(paths).data_key)
-    record = ensemble.read(run)
+    record = run.read()
     (slug,) = trip.fake.deleted
-    assert record.kaggle == KaggleOrigin(f"fake-user/{slug}", 1, "NvidiaTeslaT4")
+    assert record.kaggle == KaggleOrigin(kernel=f"fake-user/{slug}", version=1, accelerator="NvidiaTeslaT4")
     assert record.source == "kaggle" and record.device.startswith("cpu")
     # Every file the session wrote came home as it was (run.json gained where it was trained).
     for name, data in trip.output.items():
@@ -340,7 +340,8 @@ def test_lost_answers_and_other_files_in_the_output_do_not_stop_a_landing(projec
                                                    "sub/notes.txt", ".hidden"}), "kaggle.log"}
     fetched = {path.rsplit("/", 1)[1] for method, path in fake.requests if method == "GET"}
     assert fetched == set(json.loads(fake.replay_files[MANIFEST])["files"]) | {MANIFEST}
-    assert ensemble.read(run).kaggle == KaggleOrigin(f"fake-user/{fake.deleted[0]}", 1, "none")
+    origin = KaggleOrigin(kernel=f"fake-user/{fake.deleted[0]}", version=1, accelerator="none")
+    assert run.read().kaggle == origin
     assert Paths(project).submission_csv.read_bytes() == run.submission.read_bytes()
 
 
@@ -536,10 +537,10 @@ def test_the_gpu_check_on_a_session_without_a_usable_gpu(monkeypatch: pytest.Mon
 def test_a_damaged_kaggle_fact_in_a_record_is_named(made: Any, trip: Trip) -> None:
     run = the_run(trip.clone)
     record = json.loads(run.record.read_text())
-    assert ensemble.parse(record, run.record).kaggle is not None
+    assert RunRecord.parse(record, run.record).kaggle is not None
     with pytest.raises(PipelineError, match="kaggle"):
-        ensemble.parse({**record, "kaggle": made}, run.record)
-    assert ensemble.parse({k: v for k, v in record.items() if k != "kaggle"}, run.record).kaggle is None
+        RunRecord.parse({**record, "kaggle": made}, run.record)
+    assert RunRecord.parse({k: v for k, v in record.items() if k != "kaggle"}, run.record).kaggle is None
 
 
 def test_quota_text_and_log_text() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "pipeline"
 # Each layer may import the layers after it, never one before it (cli wires the stages together).
-LAYERS = ["cli", "stages", "tuning", "kaggle", "engine", "store", "page", "options", "config", "errors"]
+LAYERS = ["cli", "stages", "tuning", "kaggle", "engine", "store", "options", "config", "errors"]
 
 
 def layer_of(module: str) -> str:

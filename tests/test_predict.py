@@ -20,13 +20,13 @@ from pipeline.config import Paths
 from pipeline.engine.runtime import predict_log_proba
 from pipeline.errors import PipelineError
 from pipeline.stages.predict import average_probabilities
-from pipeline.store.artifacts import latest
+from pipeline.store.run import latest
 
 
 @pytest.mark.slow
 def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
     from pipeline.engine import checkpoint
-    from pipeline.store.artifacts import load_prepared
+    from pipeline.store.data import load_prepared
 
     result = run_cli(run_copy, "predict", "--tta", "2", *TINY)
     run = the_run(run_copy)
@@ -55,8 +55,6 @@ def test_tta_reports_its_own_out_of_fold_accuracy(run_copy: Path) -> None:
 
 @pytest.mark.slow
 def test_truncated_predictions_are_rebuilt_and_never_blended(run_copy: Path) -> None:
-    from conftest import TINY, run_cli, the_run
-
     run = the_run(run_copy)
     run.oof.write_text("".join(run.oof.read_text().splitlines(keepends=True)[:40]))
     refused = run_cli(run_copy, "blend", "--runs", run.id, *SAMPLE, *TINY, check=False)
@@ -70,8 +68,6 @@ def test_truncated_predictions_are_rebuilt_and_never_blended(run_copy: Path) -> 
 
 @pytest.mark.slow
 def test_a_run_json_missing_a_field_is_rebuilt_by_predict(run_copy: Path) -> None:
-    from conftest import TINY, run_cli, the_run
-
     run = the_run(run_copy)
     record = json.loads(run.record.read_text())
     del record["fold_min"]

@@ -41,7 +41,8 @@ from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import prepare
-from pipeline.store.artifacts import PIXELS, RunDir, load_prepared
+from pipeline.store.data import PIXELS, load_prepared
+from pipeline.store.run import RunDir
 
 
 def cell(tab: Table, line: int, col: int, value: str) -> bytes:
@@ -59,7 +60,7 @@ def expected_arrays(labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Paths:
+def project_paths(tmp_path: Path) -> Paths:
     """Clean CSVs, a valid prepared cache, and a model, log and submission of an earlier run."""
     paths = write_inputs(tmp_path)
     prepare.run(paths)
@@ -224,34 +225,34 @@ BAD = [
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
-def test_bad_file_is_named_precisely_and_changes_nothing(project: Paths, case: Bad,
+def test_bad_file_is_named_precisely_and_changes_nothing(project_paths: Paths, case: Bad,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    before = snapshot(project.root, **OUTPUTS)
-    target = project.train_csv if case.file == "train" else project.test_csv
+    before = snapshot(project_paths.root, **OUTPUTS)
+    target = project_paths.train_csv if case.file == "train" else project_paths.test_csv
     target.write_bytes(case.build())
-    result = run_cli(project.root, "prepare", check=False)
+    result = run_cli(project_paths.root, "prepare", check=False)
     code, _, err = result.returncode, result.stdout, result.stderr
     assert code != 0
     words = [f"{case.file}.csv", f"line {case.line}", f"column {case.column}", *case.words]
     if case.name is not None:
         words.append(case.name)
     assert_one_clear_error(err, *words)
-    assert snapshot(project.root, **OUTPUTS) == before
+    assert snapshot(project_paths.root, **OUTPUTS) == before
     # and the cache written before still loads for whoever needs it
-    assert load_prepared(project).train_x.shape == (N_TRAIN, 28, 28)
+    assert load_prepared(project_paths).train_x.shape == (N_TRAIN, 28, 28)
 
 
-def test_both_files_bad_reports_train_first(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
+def test_both_files_bad_reports_train_first(project_paths: Paths, capsys: pytest.CaptureFixture[str]) -> None:
     """The two files are read at once; the message is still always about train.csv first."""
-    before = snapshot(project.root, **OUTPUTS)
-    project.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
-    project.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
-    result = run_cli(project.root, "prepare", check=False)
+    before = snapshot(project_paths.root, **OUTPUTS)
+    project_paths.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
+    project_paths.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
+    result = run_cli(project_paths.root, "prepare", check=False)
     code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
     assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
     assert "test.csv" not in err
-    assert snapshot(project.root, **OUTPUTS) == before
+    assert snapshot(project_paths.root, **OUTPUTS) == before
 
 
 @pytest.mark.parametrize("case_id", ["non-numeric", "row-too-short", "label-in-test"])
@@ -451,34 +452,34 @@ def test_count_duplicates_is_exact() -> None:
     assert prepare.count_duplicates(images) == 3
 
 
-def test_unwritable_cache_folder(project: Paths, capsys: pytest.CaptureFixture[str]) -> None:
-    project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")  # changed: the cache must be rebuilt
-    mode = project.prepared.stat().st_mode
-    project.prepared.chmod(0o500)
+def test_unwritable_cache_folder(project_paths: Paths, capsys: pytest.CaptureFixture[str]) -> None:
+    project_paths.train_csv.write_bytes(CLEAN_TRAIN + b"\n")  # changed: the cache must be rebuilt
+    mode = project_paths.prepared.stat().st_mode
+    project_paths.prepared.chmod(0o500)
     try:
-        if os.access(project.prepared, os.W_OK):
+        if os.access(project_paths.prepared, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
-        before = snapshot(project.root, **OUTPUTS)
-        result = run_cli(project.root, "prepare", check=False)
+        before = snapshot(project_paths.root, **OUTPUTS)
+        result = run_cli(project_paths.root, "prepare", check=False)
         code, _, err = result.returncode, result.stdout, result.stderr
         assert code == 1
-        assert_one_clear_error(err, str(project.prepared), "cannot write")
-        assert snapshot(project.root, **OUTPUTS) == before
+        assert_one_clear_error(err, str(project_paths.prepared), "cannot write")
+        assert snapshot(project_paths.root, **OUTPUTS) == before
     finally:
-        project.prepared.chmod(mode)
+        project_paths.prepared.chmod(mode)
 
 
-def test_unwritable_cache_folder_simulated(project: Paths, monkeypatch: pytest.MonkeyPatch,
+def test_unwritable_cache_folder_simulated(project_paths: Paths, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The same check where chmod cannot bite (root, some CI): the folder reports no write access."""
-    project.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
-    before = snapshot(project.root, **OUTPUTS)
-    monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project.prepared)
-    result = run_cli(project.root, "prepare", check=False)
+    project_paths.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
+    before = snapshot(project_paths.root, **OUTPUTS)
+    monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project_paths.prepared)
+    result = run_cli(project_paths.root, "prepare", check=False)
     code, _, err = result.returncode, result.stdout, result.stderr
     assert code == 1
-    assert_one_clear_error(err, f"{project.prepared}: cannot write here")
-    assert snapshot(project.root, **OUTPUTS) == before
+    assert_one_clear_error(err, f"{project_paths.prepared}: cannot write here")
+    assert snapshot(project_paths.root, **OUTPUTS) == before
 
 
 def test_cache_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -517,22 +518,22 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_corrupt_cache_is_noticed_and_rebuilt(project: Paths, corruption: str,
+def test_corrupt_cache_is_noticed_and_rebuilt(project_paths: Paths, corruption: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    key = load_prepared(project).data_key
+    key = load_prepared(project_paths).data_key
     name, damage = CORRUPTIONS[corruption]
-    damage(project.prepared / name)
+    damage(project_paths.prepared / name)
     if name != "meta.json":
-        with pytest.raises(PipelineError, match=str(project.prepared)):
-            load_prepared(project)
+        with pytest.raises(PipelineError, match=str(project_paths.prepared)):
+            load_prepared(project_paths)
     # A later stage that needs the cache notices the damage and rebuilds it first.
-    result = run_cli(project.root, "folds", "--folds", "2", check=False)
+    result = run_cli(project_paths.root, "folds", "--folds", "2", check=False)
     code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, err
     reason = "meta.json is missing or unreadable" if name == "meta.json" else "damaged"
     assert f"prepare: reruns: {reason}" in out
-    assert load_prepared(project).data_key == key
-    result = run_cli(project.root, "prepare", check=False)
+    assert load_prepared(project_paths).data_key == key
+    result = run_cli(project_paths.root, "prepare", check=False)
     code, out, _ = result.returncode, result.stdout, result.stderr
     assert code == 0 and "prepare: skipped: train.csv and test.csv unchanged" in out
 

@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import report
-from pipeline.store.artifacts import RunDir
+from pipeline.store.run import RunDir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -107,8 +107,8 @@ def test_confusion_matrix_counts_every_train_row(tiny_run: Paths) -> None:
     run = report.load_run(tiny_run, the_run(tiny_run.root))
     matrix = report.oof_confusion(run)
     assert matrix.shape == (10, 10)
-    assert matrix.sum() == len(run.train_y) == len(np.load(tiny_run.prepared / "train_x.npy"))
-    assert (matrix.sum(1) == np.bincount(run.train_y, minlength=10)).all()
+    assert matrix.sum() == len(run.data.train_y) == len(np.load(tiny_run.prepared / "train_x.npy"))
+    assert (matrix.sum(1) == np.bincount(run.data.train_y, minlength=10)).all()
     cv = pd.read_csv(the_run(tiny_run.root).cv, dtype={"fold": str})
     oof_acc = float(cv.loc[cv["fold"] == "all", "valid_acc"].iloc[0])
     assert np.trace(matrix) / matrix.sum() == pytest.approx(oof_acc)
@@ -136,11 +136,8 @@ def test_confident_mistakes_are_wrong_and_surest_first() -> None:
     probs[1, 0] = 1.0  # right
     probs[2, 3], probs[2, 2] = 0.9, 0.1  # label 2 -> 3 at 0.9
     probs[3, 5], probs[3, 4] = 0.5, 0.5  # tie: argmax takes the first, 4, which is right
-    oof = pd.DataFrame(probs, columns=report.PROB_COLUMNS)
-    oof.insert(0, "label", [0, 0, 2, 4])
-    oof.insert(0, "row", [10, 11, 12, 13])
-    mistakes = report.confident_mistakes(oof)
-    assert mistakes["row"].tolist() == [12, 10]
+    mistakes = report.confident_mistakes(probs, np.array([0, 0, 2, 4]))
+    assert mistakes["row"].tolist() == [2, 0]
     assert mistakes["predicted"].tolist() == [3, 1]
     assert mistakes["confidence"].tolist() == pytest.approx([0.9, 0.6])
 
@@ -156,7 +153,7 @@ def test_report_shows_the_settings_the_ensemble_was_trained_with(tiny_run: Paths
                                                                  tmp_path: Path) -> None:
     paths = copy_run(tiny_run, tmp_path)
     run = the_run(paths.root)
-    assert report.load_run(paths, run).config["hidden"] == 32
+    assert report.load_run(paths, run).record.config["hidden"] == 32
     text = draw(paths).read_text(encoding="utf-8")
     assert run.id in text and "<td class=l>hidden</td><td class=l>32</td>" in text
 
@@ -181,37 +178,15 @@ def test_report_refuses_predictions_of_other_data(tiny_run: Paths, tmp_path: Pat
 @pytest.mark.slow
 def test_a_run_without_mistakes_still_gets_its_figure(tiny_run: Paths, tmp_path: Path) -> None:
     run = report.load_run(tiny_run, the_run(tiny_run.root))
-    none = report.confident_mistakes(run.oof).head(0)
+    none = report.confident_mistakes(run.oof, run.data.train_y).head(0)
     name = report.plot_mistakes(run, none, tmp_path / "mistakes.png")
     width, height = png_size(tmp_path / name)
     assert 100 <= width <= 4000 and 100 <= height <= 4000
 
 
-@pytest.mark.parametrize("latest", [None, "garbage/\n", "rnn-h32-e2-gone00"])
-def test_report_without_a_usable_latest_names_the_runs_and_trains_nothing(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], latest: str | None) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-aaaaaa")
-    fake_run(tmp_path, "gru-h32-e2-bbbbbb")
-    if latest is not None:
-        (tmp_path / "runs" / "latest").write_text(latest)
-    assert main(["--root", str(tmp_path), "report"]) == 1
-    err = capsys.readouterr().err
-    assert "make report RUN=<id>" in err and "rnn-h32-e2-aaaaaa" in err and "gru-h32-e2-bbbbbb" in err
-    assert "RUN=rnn-h32-e2-gone00:" not in err  # never a RUN= the user did not give
-    assert not (tmp_path / "input").exists() and not (tmp_path / "reports").exists()
-
-
-def test_report_with_no_run_at_all_says_how_to_make_one(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--root", str(tmp_path), "report"]) == 1
-    assert "make submit" in capsys.readouterr().err and not (tmp_path / "input").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: str) -> None:
-    from conftest import the_run
-
     run = the_run(run_copy)
     text = run.cv.read_text()
     run.cv.write_text("fold,valid\nx,\x01\n" if damage == "garbage" else text.splitlines()[0] + "\n"
@@ -224,50 +199,44 @@ def test_a_damaged_cv_table_stops_the_report_in_words(run_copy: Path, damage: st
 def test_a_blend_report_headlines_the_honest_accuracy() -> None:
     from types import SimpleNamespace
 
-    import numpy as np
-    import pandas as pd
-
-    from pipeline.stages import report
-    from pipeline.store.ensemble import RunRecord
+    from pipeline.store.run import RunRecord
 
     cv = pd.DataFrame({"fold": ["0", "1", "all"], "valid_acc": [0.9, 0.9, 0.95]})
     blend = RunRecord(kind="blend", model="blend", oof_acc=0.95, oof_loss=0.2, fold_min=0.9,
-                      fold_max=0.9, seconds=1.0, finished=1.7e9, data="d", folds=2, fold_seed=42,
+                      fold_max=0.9, seconds=1.0, finished=1.7e9, data="d", n_folds=2, fold_seed=42,
                       oof_acc_honest=0.91, weights={"a": 1, "b": 2})
-    run = SimpleNamespace(cv=cv, name="blend-x", train_y=np.zeros(4), source="sample", record=blend)
-    text = report._summary(run, Paths())
-    assert "<b>OOF accuracy:</b> 0.9100 honest" in text and "in-sample 0.9500" in text
+    run = SimpleNamespace(cv=cv, folder=RunDir(Path("runs/blend-x")), oof=np.zeros((4, 10)), record=blend)
+    said = dict(report.facts(run))  # type: ignore[arg-type]
+    assert said["OOF accuracy"].startswith("0.9100 honest") and "in-sample 0.9500" in said["OOF accuracy"]
 
 
-def test_without_latest_a_damaged_run_never_hides_the_complete_ones(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    fake_run(tmp_path, "rnn-h32-e2-bad000", key="")  # complete, but its record is damaged
-    assert main(["--root", str(tmp_path), "report"]) == 1
+GOOD, OTHER, BAD = "rnn-h32-e2-good00", "gru-h32-e2-bbbbbb", "rnn-h32-e2-bad000"
+PICK = [f"{BAD}/run.json: not valid JSON", "damaged"], ["no complete run", "not a complete run"]
+PICKS = {  # runs (None: a record cut short), runs/latest, RUN=; what the error says, and never says
+    "no-latest": ({GOOD: {}, OTHER: {}, BAD: {"key": ""}}, None, [],
+                  ["make report RUN=<id>", "runs/latest is missing", GOOD, OTHER], [BAD]),
+    "latest-garbage": ({GOOD: {}, OTHER: {}}, "garbage/\n", [], ["make report RUN=<id>", GOOD, OTHER], []),
+    "latest-gone": ({GOOD: {}, OTHER: {}}, "rnn-h32-e2-gone00", [], ["make report RUN=<id>", GOOD, OTHER],
+                    ["RUN=rnn-h32-e2-gone00:"]),  # never a RUN= the user did not give
+    "no-run-at-all": ({}, None, [], ["make submit"], []),
+    "latest-damaged": ({GOOD: {}, BAD: {"fold_min": "x"}}, BAD, [], [GOOD, f"runs/latest names {BAD}, "
+                       f"whose record is damaged", f"{BAD}/run.json: missing or not valid: fold_min"], []),
+    "latest-truncated": ({GOOD: {}, BAD: None}, BAD, [], *PICK),
+    "named-truncated": ({GOOD: {}, BAD: None}, BAD, ["--run", BAD], *PICK),
+}
+
+
+@pytest.mark.parametrize("case", list(PICKS))
+def test_a_report_without_a_run_to_draw_says_why_and_makes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    runs, latest, named, said, unsaid = PICKS[case]
+    for name, changes in runs.items():
+        record = fake_run(tmp_path, name, **(changes or {})) / "run.json"
+        if changes is None:
+            record.write_bytes(record.read_bytes()[:40])
+    if latest is not None:
+        (tmp_path / "runs" / "latest").write_text(latest)
+    assert main(["--root", str(tmp_path), "report", *named]) == 1
     err = capsys.readouterr().err
-    assert "runs/latest is missing" in err and "rnn-h32-e2-good00" in err
-    assert "rnn-h32-e2-bad000" not in err
-
-
-def test_a_damaged_latest_run_is_named_with_its_field(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    fake_run(tmp_path, "rnn-h32-e2-bad000", fold_min="x")
-    (tmp_path / "runs" / "latest").write_text("rnn-h32-e2-bad000\n")
-    assert main(["--root", str(tmp_path), "report"]) == 1
-    err = capsys.readouterr().err
-    assert "runs/latest names rnn-h32-e2-bad000, whose record is damaged" in err
-    assert "rnn-h32-e2-bad000/run.json: missing or not valid: fold_min" in err and "rnn-h32-e2-good00" in err
-
-
-@pytest.mark.parametrize("named", [True, False])
-def test_a_truncated_record_is_reported_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                named: bool) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
-    record.write_bytes(record.read_bytes()[:40])
-    (tmp_path / "runs" / "latest").write_text("rnn-h32-e2-bad000\n")
-    assert main(["--root", str(tmp_path), "report", *(["--run", "rnn-h32-e2-bad000"] if named else [])]) == 1
-    err = capsys.readouterr().err
-    assert "rnn-h32-e2-bad000/run.json: not valid JSON" in err and "damaged" in err, err
-    assert "no complete run" not in err and "not a complete run" not in err
+    assert all(words in err for words in said) and not any(words in err for words in unsaid), err
+    assert not (tmp_path / "input").exists() and not (tmp_path / "reports").exists()

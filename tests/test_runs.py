@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
 from pipeline.stages import runs
-from pipeline.store.artifacts import all_runs, check_name, latest
+from pipeline.store.run import all_runs, check_name, latest
 
 
 def test_forget_refuses_the_studies_and_runs_never_lists_them(tmp_path: Path,
@@ -60,19 +60,23 @@ def test_one_damaged_run_is_named_and_never_hides_the_others(
     assert "rnn-h32-e2-good00" in text and "rnn-h32-e2-bad000" in text
 
 
-def test_make_runs_names_the_damaged_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("damage", ["a-field", "truncated"])
+def test_make_runs_names_the_damaged_folders_and_lists_every_one(tmp_path: Path, damage: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     fake_run(tmp_path, "rnn-h32-e2-good00")
-    bad = fake_run(tmp_path, "rnn-h32-e2-bad000")
-    record = json.loads((bad / "run.json").read_text())
-    del record["fold_min"]
-    (bad / "run.json").write_text(json.dumps(record))
+    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
+    made = json.loads(record.read_text())
+    del made["fold_min"]
+    # Truncated: a write cut short, not JSON any more: damaged rather than incomplete.
+    record.write_bytes(record.read_bytes()[:40] if damage == "truncated" else json.dumps(made).encode())
     (tmp_path / "runs" / "rnn-h32-e2-good00" / "config.json").write_text("[1, 2]")
     assert main(["--root", str(tmp_path), "runs"]) == 0
     out, err = capsys.readouterr()
-    assert ("rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: missing or not valid: "
-            "fold_min)") in err
+    said = "not valid JSON" if damage == "truncated" else "missing or not valid: fold_min"
+    assert f"rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: {said}" in err
+    assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in err
     assert "rnn-h32-e2-good00: damaged record (config.json is not a table of settings)" in err
-    assert "(damaged record)" in out and "2 run(s)" in out
+    assert "(damaged record)" in out and "(not complete)" not in out and "2 run(s)" in out
 
 
 @pytest.mark.slow
@@ -113,18 +117,6 @@ def test_names_that_would_leave_runs_are_refused(name: str, tmp_path: Path) -> N
     result = run_cli(tmp_path / "two_run_project", "forget", "--run", name, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (victim / "keep.txt").read_text() == "mine"
-
-
-def test_a_truncated_record_is_named_damaged_not_incomplete(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    fake_run(tmp_path, "rnn-h32-e2-good00")
-    record = fake_run(tmp_path, "rnn-h32-e2-bad000") / "run.json"
-    record.write_bytes(record.read_bytes()[:40])  # a write cut short: not JSON any more
-    assert main(["--root", str(tmp_path), "runs"]) == 0
-    out, err = capsys.readouterr()
-    assert "rnn-h32-e2-bad000: damaged record (rnn-h32-e2-bad000/run.json: not valid JSON" in err
-    assert "make predict RUN=rnn-h32-e2-bad000 FORCE=1" in err
-    assert "(damaged record)" in out and "(not complete)" not in out
 
 
 def test_runs_and_run_say_the_same_of_a_folder_without_settings(

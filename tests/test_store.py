@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import Paths, TrainConfig
+from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.store import ledger
 from pipeline.store.io import replace_together, staged_files
@@ -59,66 +59,40 @@ def test_made_by_names_the_run_whose_submission_is_current(tmp_path: Path) -> No
     assert ledger.made_by(paths) == ("rnn-late", None)
 
 
-def failing_second_rename(monkeypatch: pytest.MonkeyPatch, name: str,
-                          error: BaseException | None = None) -> None:
-    """os.replace fails (disk full, or error) when a staged file called name is renamed into place."""
+FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize(("old", "error", "raised"), [
+    (True, FULL, r"test.csv: cannot write \(No space left.*as they were"),
+    (True, KeyboardInterrupt(), None),  # passed on as it is, after the files are put back
+    (False, FULL, "cannot write"),
+], ids=["disk-full", "interrupted", "into-an-empty-folder"])
+def test_a_failed_second_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     old: bool, error: BaseException, raised: str) -> None:
+    """train.csv and test.csv are replaced together or not at all, whatever stops the second rename."""
+    folder = tmp_path / "input"
+    before = {"train.csv": "old train", "test.csv": "old test"} if old else {}
+    for name, text in before.items():
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
     real = os.replace
 
     def replace(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
-        if Path(src).name == name and ".staging-" in str(src):
-            raise error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if Path(src).name == "test.csv" and ".staging-" in str(src):
+            raise error
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-
-
-def test_failed_rename_puts_both_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "input"
-    folder.mkdir()
-    (folder / "train.csv").write_text("old train")
-    (folder / "test.csv").write_text("old test")
-    failing_second_rename(monkeypatch, "test.csv")
-    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
-        staged[0].write_text("new train")
-        staged[1].write_text("new test")
-        with pytest.raises(PipelineError, match=r"test.csv: cannot write \(No space left.*as they were"):
-            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
-    assert (folder / "train.csv").read_text() == "old train"
-    assert (folder / "test.csv").read_text() == "old test"
-    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]  # nothing left over
-
-
-def test_interrupt_between_the_renames_puts_both_files_back(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "input"
-    folder.mkdir()
-    (folder / "train.csv").write_text("old train")
-    (folder / "test.csv").write_text("old test")
-    failing_second_rename(monkeypatch, "test.csv", KeyboardInterrupt())
-    with staged_files(folder, ["train.csv", "test.csv"]) as staged:
-        staged[0].write_text("new train")
-        staged[1].write_text("new test")
-        with pytest.raises(KeyboardInterrupt):  # passed on as it is, after the files are put back
-            replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
-    assert (folder / "train.csv").read_text() == "old train"
-    assert (folder / "test.csv").read_text() == "old test"
-    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv"]
-
-
-def test_failed_rename_into_an_empty_folder_leaves_neither(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "input"
-    failing_second_rename(monkeypatch, "test.csv")
     with staged_files(folder, ["train.csv", "test.csv"]) as staged:
         for path in staged:
             path.write_text("new")
-        with pytest.raises(PipelineError):
+        with pytest.raises(PipelineError if raised else KeyboardInterrupt, match=raised):
             replace_together([(staged[0], folder / "train.csv"), (staged[1], folder / "test.csv")])
-    assert list(folder.iterdir()) == []
+    assert {p.name: p.read_text() for p in folder.iterdir()} == before  # and nothing left over
 
 
 def entry(submission: str, **config: object) -> dict[str, object]:
-    return {"model": "rnn", "config": {**asdict(TrainConfig()), **config}, "oof_acc": 0.9876,
+    return {"model": "rnn", "config": {**asdict(Settings()), **config}, "oof_acc": 0.9876,
             "seconds": 83.2, "device": "cpu (4 threads)", "submission": submission,
             "source": "sample"}
 
@@ -136,22 +110,6 @@ def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None
     lines = ledger.runs_path(paths).read_bytes().split(b"\n")
     assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
     assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in
-
-
-def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
-    from pipeline.errors import PipelineError
-    from pipeline.store.ensemble import check_cv
-
-    path = tmp_path / "rnn-x" / "cv.csv"
-    path.parent.mkdir()
-    good = "fold,best_epoch,valid_loss,valid_acc\n0,1,0.3,0.9\n1,2,0.3,0.9\nall,,0.3,0.9\n"
-    path.write_text(good)
-    assert len(check_cv(path, 2)) == 3
-    for damaged in (good[:60], good.replace("0.9\n1", "x\n1"), "\x00\x01", "a,b\n1,2\n",
-                    good.replace("all", "2")):
-        path.write_text(damaged)
-        with pytest.raises(PipelineError, match=r"cv\.csv: .*make predict RUN=rnn-x FORCE=1"):
-            check_cv(path, 2)
 
 
 def _submission(labels: list[int]) -> pd.DataFrame:

@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -38,19 +40,16 @@ from conftest import (
 )
 
 from pipeline.cli import main
-from pipeline.config import Paths, Settings, TrainConfig, resolve
+from pipeline.config import Paths, Settings, resolve
 from pipeline.engine import checkpoint
+from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import predict_log_proba
 from pipeline.engine.step import TrainStep
 from pipeline.errors import PipelineError
 from pipeline.stages import train
-from pipeline.store.artifacts import (
-    RunDir,
-    all_runs,
-    load_prepared,
-    run_id,
-)
+from pipeline.store.data import load_prepared, read_folds
+from pipeline.store.run import Plan, RunDir, all_runs, run_id
 
 TINY_CPU = ["--folds", "2", "--epochs", "1", "--hidden", "8", "--batch", "8", "--device", "cpu",
         "--no-augment", "--eval-batch", "64"]
@@ -71,49 +70,53 @@ def run_dir(trained: Path, tmp_path: Path) -> Paths:
     return Paths(copy_project(trained, tmp_path / "run"))
 
 
-CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
-    "garbage": lambda p: p.write_bytes(b"garbage, not a checkpoint\x00" * 10),
-    "empty": lambda p: p.write_bytes(b""),
-    "truncated": lambda p: p.write_bytes(p.read_bytes()[:300]),
+def weights_of_another_model(path: Path, **other: object) -> None:
+    """Weights that do not fit the settings the checkpoint says (hidden 8, rnn)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["state_dict"] = build_model(replace(resolve(overrides=payload["config"]), **other)).state_dict()
+    torch.save(payload, path)
+
+
+CHECKPOINT_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "garbage": (lambda p: p.write_bytes(b"garbage, not a checkpoint\x00" * 10), "corrupt"),
+    "empty": (lambda p: p.write_bytes(b""), "corrupt"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:300]), "corrupt"),
+    "hidden-16": (lambda p: weights_of_another_model(p, hidden=16), "weights do not fit"),
+    "gru": (lambda p: weights_of_another_model(p, model="gru"), "weights do not fit"),
 }
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
-def test_corrupt_checkpoint_is_named(run_dir: Paths, damage: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """A damaged model is named as the reason its fold retrains; the other fold is kept."""
+def test_a_damaged_checkpoint_is_named_and_only_its_fold_retrains(run_dir: Paths, damage: str) -> None:
     run = the_run(run_dir.root)
-    CHECKPOINT_DAMAGE[damage](run.model(0))
-    fold1 = run.model(1).read_bytes()
-    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
-    code, out, err = result.returncode, result.stdout, result.stderr
-    assert code == 0, err
-    assert f"train: fold 0 reruns: damaged ({run.model(0)}: corrupt" in out
-    assert "train: fold 1 skipped" in out
-    assert run.model(1).read_bytes() == fold1
+    change, said = CHECKPOINT_DAMAGE[damage]
+    change(run.model(0))
+    kept = run.model(1).read_bytes()
+    out = run_cli(run_dir.root, "predict", *TINY_CPU).stdout
+    assert f"train: fold 0 reruns: damaged ({run.model(0)}: {said}" in out
+    assert "train: fold 1 skipped" in out and run.model(1).read_bytes() == kept
     assert run_dir.submission_csv.is_file()
 
 
-@pytest.mark.parametrize("other", [{"hidden": 16}, {"model": "gru"}], ids=["hidden-16", "gru"])
-def test_mismatched_checkpoint_is_named(run_dir: Paths, other: dict[str, object],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from dataclasses import replace
+def test_make_train_reaches_the_backward_pass_in_seven_calls(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training loop reads top to bottom (docs/engine.md): from the command line's entry to
+    loss.backward() on a CPU, main -> the train command -> train.run -> train_fold -> train_epoch ->
+    the step -> its forward-backward -> backward: seven calls."""
+    chains: list[list[str]] = []
+    real = torch.Tensor.backward
 
-    import torch
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        stack = traceback.extract_stack()[:-1]
+        entry = max(i for i, f in enumerate(stack) if f.name == "main" and f.filename.endswith("cli.py"))
+        chains.append([f.name for f in stack[entry:]])
+        real(self, *args, **kwargs)
 
-    from pipeline.engine.checkpoint import config_of
-    from pipeline.engine.models import build_model
-
-    path = the_run(run_dir.root).model(1)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    wrong = build_model(replace(config_of(path, payload), **other))
-    payload["state_dict"] = wrong.state_dict()  # the config still says hidden 8, rnn
-    torch.save(payload, path)
-    result = run_cli(run_dir.root, "predict", *TINY_CPU, check=False)
-    code, out, err = result.returncode, result.stdout, result.stderr
-    assert code == 0, err
-    assert f"train: fold 1 reruns: damaged ({path}: weights do not fit" in out
-    assert "train: fold 0 skipped" in out and run_dir.submission_csv.is_file()
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    write_inputs(tmp_path)
+    assert main(["--root", str(tmp_path), "train", *TINY_CPU]) == 0
+    assert chains and all(chain == ["main", "_train", "run", "train_fold", "train_epoch", "__call__",
+                                    "_forward_backward"] for chain in chains)
 
 
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])
@@ -146,19 +149,12 @@ def test_disk_full_during_training_loses_nothing_and_the_rerun_resumes(
     err = capsys.readouterr().err
     assert "fold_0.state.pt: cannot write (No space left on device)" in err
     run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
-    state = checkpoint.load_state(run / "fold_0.state.pt", _key(run), checkpoint.torch.device("cpu"))
-    assert state is not None and len(state["history"]) == 2  # the last good state, intact
+    state = torch.load(run / "fold_0.state.pt", weights_only=True)
+    assert len(state["history"]) == 2  # the last good state, intact
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert main(["--root", str(tmp_path), "train", *options]) == 0
     assert "fold 0: resuming after epoch 2 of 4" in capsys.readouterr().out
-
-
-def _key(run: Path) -> str:
-    from pipeline.stages.train import state_key
-    from pipeline.store.artifacts import RunDir, read_folds
-
-    return state_key(RunDir(run), 0, read_folds(Paths(run.parent.parent)))
 
 
 @pytest.mark.slow
@@ -336,17 +332,13 @@ def test_corrupt_training_state_restarts_the_fold(run_copy: Path) -> None:
 
 @pytest.mark.slow
 def test_models_trained_on_other_folds_are_never_current(run_copy: Path) -> None:
-    from conftest import the_run
-
-    from pipeline.errors import PipelineError
-    from pipeline.stages import folds, train
-    from pipeline.store.artifacts import load_prepared, read_folds
+    from pipeline.stages import folds
 
     paths, run = Paths(run_copy), the_run(run_copy)
-    labels = load_prepared(paths).train_y.astype("int64")
-    assert train.fold_stale(run, 0, read_folds(paths)) == ""
-    other = folds.assign(labels, 2, 7)  # seed 7's folds, not the run's seed 42
-    assert "trained on other folds" in train.fold_stale(run, 0, other)
+    plan = Plan(resolve(file=run.config), paths, run, load_prepared(paths), read_folds(paths))
+    assert train.fold_output(plan, 0).stale() == ""
+    other = folds.assign(plan.data.train_y.astype("int64"), 2, 7)  # seed 7's folds, not the run's 42
+    assert "trained on other folds" in train.fold_output(replace(plan, fold_of=other), 0).stale()
     with pytest.raises(PipelineError, match=r"FOLDS=3, but the folds given hold 2"):
         train.check_settings(replace(Settings(), folds=3), read_folds(paths))
 
@@ -362,21 +354,6 @@ def test_train_of_a_blend_says_it_is_a_blend(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "input").exists()
 
 
-def test_folds_trained_at_once_write_whole_lines_never_bars(monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
-    from pipeline.stages import train
-
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    progress = train.Progress(1, 3, 0, position=1)
-    assert progress.bar is None
-    progress.update({"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "valid_loss": 0.4,
-                     "valid_acc": 0.85, "seconds": 1.0, "samples_per_s": 100.0})
-    out = capsys.readouterr().out
-    assert out.startswith("fold 1 epoch   1/3") and out.endswith("samples/s\n") and out.count("\n") == 1
-
-
 @pytest.mark.slow
 def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
     """2 epochs x 2 steps: OneCycleLR would divide by zero; PRESET=tutorial shows as such."""
@@ -390,7 +367,7 @@ def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
 
 @pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
-    cfg = TrainConfig(hidden=16, batch=16, epochs=1, **settings)
+    cfg = Settings(hidden=16, batch=16, epochs=1, **settings)
     torch.manual_seed(0)
     model = build_model(cfg)
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
@@ -398,9 +375,8 @@ def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, 40))
-    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
-    loss, acc = train.train_epoch(step, images, labels, torch.arange(40), cfg,
-                                  torch.Generator().manual_seed(0))
+    state = FoldState(TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu")), torch.Generator())
+    loss, acc = train.train_epoch(state, images, labels, torch.arange(40), cfg)
     assert math.isfinite(loss) and 0 <= acc <= 1
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     log_probs = predict_log_proba(model, images, cfg)
@@ -410,7 +386,7 @@ def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "none"])
 def test_schedule_runs_to_its_end(schedule: str) -> None:
-    cfg = TrainConfig(schedule=schedule, epochs=3, lr=0.01)
+    cfg = Settings(schedule=schedule, epochs=3, lr=0.01)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     scheduler = train.make_scheduler(cfg, optimizer, steps_per_epoch=7)
     lrs = []
@@ -425,7 +401,7 @@ def test_schedule_runs_to_its_end(schedule: str) -> None:
 
 
 def test_clipping_bounds_the_gradient_norm() -> None:
-    cfg = TrainConfig(hidden=16, batch=20, clip=0.05, augment=False, lr=1e-3)
+    cfg = Settings(hidden=16, batch=20, clip=0.05, augment=False, lr=1e-3)
     model = build_model(cfg)
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, 2)
@@ -438,13 +414,13 @@ def test_clipping_bounds_the_gradient_norm() -> None:
     optimizer.register_step_pre_hook(record)
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
-    step = TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu"))
-    train.train_epoch(step, images, labels, torch.arange(40), cfg, torch.Generator().manual_seed(0))
+    state = FoldState(TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu")), torch.Generator())
+    train.train_epoch(state, images, labels, torch.arange(40), cfg)
     assert len(norms) == 2 and max(norms) <= 0.05 * (1 + 1e-4)
 
 
 def test_short_last_batch_is_used_unless_dropped() -> None:
-    cfg = TrainConfig(batch=64)
+    cfg = Settings(batch=64)
     assert train.steps_per_epoch(cfg, 130) == 3
     assert train.steps_per_epoch(replace(cfg, drop_last=True), 130) == 2
     with pytest.raises(PipelineError, match="larger than"):
@@ -473,8 +449,14 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch: pytest
     plain = train.Progress(fold=3, epochs=10, start=0)
     plain.update(ROW)
     plain.close()
+    monkeypatch.setattr(sys, "stderr", terminal)  # folds trained at once write whole lines, no bars
+    parallel = train.Progress(fold=1, epochs=3, start=0, position=1)
+    parallel.update(ROW)
     out = capsys.readouterr().out
     assert "fold 3 epoch   1/10" in out and "valid_acc 0.9123" in out
+    assert parallel.bar is None and out.endswith("samples/s\nfold 1 epoch   1/3  train_loss 0.5000  "
+                                                 "train_acc 0.8000  valid_loss 0.4000  valid_acc 0.9123  "
+                                                 "0.5s  1000 samples/s\n")
 
 
 NEWER = ("rows_per_step", "readout", "nonlinearity", "ema")  # settings older pipelines never recorded

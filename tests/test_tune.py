@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -33,11 +34,10 @@ from hypothesis import strategies as st
 from pipeline.config import Paths, Settings, validate
 from pipeline.errors import PipelineError
 from pipeline.stages import tune
-from pipeline.store.artifacts import all_runs
-from pipeline.store.ensemble import completed
+from pipeline.store.run import all_runs, run_id
 from pipeline.tuning import space as tune_space
 from pipeline.tuning import study as tune_study
-from pipeline.tuning.trial import Stages
+from pipeline.tuning.study import Job, Stages
 
 SECRET = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=4, max_size=20)
 
@@ -82,10 +82,6 @@ SPACE_NAMES = ["hidden", "lr", "model", "augment", "dropout", "label_smoothing",
     st.sampled_from(["choices", "low", "high", "log", "step"]), VALUES, max_size=4))
 def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
         tmp_path_factory: pytest.TempPathFactory, name: str, entry: dict[str, Any]) -> None:
-    import optuna
-
-    from pipeline.errors import PipelineError
-
     path = tmp_path_factory.mktemp("space") / "space.toml"
     path.write_text(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items()))
     try:
@@ -111,8 +107,6 @@ def test_any_space_entry_is_accepted_and_samplable_or_refused_in_words(
 ])
 def test_the_reported_space_mistakes_name_file_key_and_what_is_expected(
         tmp_path: Path, text: str, words: str) -> None:
-    from pipeline.errors import PipelineError
-
     path = tmp_path / "space.toml"
     path.write_text(text)
     with pytest.raises(PipelineError, match=re.escape(words)) as caught:
@@ -128,19 +122,14 @@ class FakeStages:
         self.runs: list[str] = []
         self.interrupt_at = interrupt_at
 
-    def train(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
-              folds: list[int], on_epoch: Any = None) -> list[dict[str, Any]]:
-        if len(self.runs) == self.interrupt_at:
-            self.runs.append(run.id)
+    def train(self, plan: Any, fold_ids: list[int], on_epoch: Any = None) -> list[Any]:
+        self.runs.append(plan.run.id)
+        if len(self.runs) - 1 == self.interrupt_at:
             raise KeyboardInterrupt
-        self.runs.append(run.id)
-        return [{"fold": f, "valid_acc": 1 - abs(cfg.lr - 3e-3)} for f in folds]
+        return [SimpleNamespace(fold=f, valid_acc=1 - abs(plan.cfg.lr - 3e-3)) for f in fold_ids]
 
-    def predict(self, cfg: Settings, paths: Paths, run: Any, data: Any, fold_of: Any,
-                records: list[dict[str, Any]], publish: bool = True) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(oof_acc=records[0]["valid_acc"])
+    def predict(self, plan: Any, records: list[Any], publish: bool = True) -> Any:
+        return SimpleNamespace(oof_acc=records[0].valid_acc)
 
 
 def study_of(root: Path, **options: Any) -> Any:
@@ -152,8 +141,8 @@ def study_of(root: Path, **options: Any) -> Any:
     data, fold_of = tiny_data()
     stages = options.pop("stages", FakeStages())
     base = options.pop("base", replace(Settings(), folds=2, epochs=2))
-    summary = tune.run(Paths(root), base, data, fold_of, Stages(stages.train, stages.predict),
-                       study="s", space_path=space, **{"trials": 3, **options})
+    job = Job(root, base, Stages(stages.train, stages.predict), "s", **{"trials": 3, **options})
+    summary = tune.run(job, Paths(root), data, fold_of, space)
     return summary, stages
 
 
@@ -184,8 +173,6 @@ def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
     assert "1 waiting" in tune_study.status(Paths(tmp_path), "s", None)
     assert tune_study.requeue_stopped(made, journal=True) == 0  # queued once, however often asked
     _, stages = study_of(tmp_path, trials=2)
-    from pipeline.store.artifacts import run_id
-
     killed_run = run_id(replace(Settings(), folds=2, epochs=2, lr=killed.params["lr"]), "d")
     assert stages.runs[0] == killed_run  # the killed trial's run is the one trained (resumed) next
     trials = trials_of(tmp_path)
@@ -207,8 +194,6 @@ def test_an_interrupted_study_writes_its_summary_and_resumes_the_trial(tmp_path:
 
 @pytest.mark.parametrize("other", [{"tune_folds": 0}, {"pruner": "none"}, {"tune_folds": 2}])
 def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) -> None:
-    from pipeline.errors import PipelineError
-
     study_of(tmp_path, trials=1, tune_folds=1)
     with pytest.raises(PipelineError, match=r"STUDY=s scores its trials with TUNE_FOLDS=1, "
                                             r"PRUNER=median; this command asks"):
@@ -219,11 +204,6 @@ def test_a_study_refuses_another_scoring(tmp_path: Path, other: dict[str, Any]) 
 
 @pytest.mark.slow
 def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None:
-    import signal
-    import time
-
-    from conftest import SAMPLE, run_cli, start_cli
-
     run_cli(tmp_path, "folds", *SAMPLE, "--folds", "2")
     (tmp_path / "space.toml").write_text("[lr]\nlow = 1e-3\nhigh = 1e-2\n")
     proc = start_cli(tmp_path, "tune", "--trials", "6", "--workers", "2", "--tune-folds", "1",
@@ -246,8 +226,6 @@ def test_a_second_worker_waits_for_the_run_another_trial_trains(tmp_path: Path) 
     import threading
 
     from filelock import FileLock
-
-    from pipeline.store.artifacts import run_id
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "space.toml").write_text("[lr]\nchoices = [0.002]\n")
@@ -318,7 +296,7 @@ def test_a_tiny_study_writes_best_toml_and_its_trials_are_runs(project: Path) ->
     best = project / "runs" / "tune" / "rnn" / "best.toml"
     text = best.read_text()
     assert "make submit CONFIG=runs/tune/rnn/best.toml" in text and "hidden = " in text
-    runs = {r.id for r in all_runs(Paths(project)) if completed(r)}
+    runs = {r.id for r in all_runs(Paths(project)) if r.completed()}
     trial_runs = {t.user_attrs["run"] for t in study(project).get_trials()}
     assert trial_runs <= runs and trial_runs  # every trial trained all folds: a complete run
     assert "study rnn: 3 complete" in run_cli(project, "tune-status").stdout

@@ -9,7 +9,7 @@ weights so far: the finished model is replaced only when a new one is finished. 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import Settings, resolve
 from pipeline.engine.models import build_model
+from pipeline.engine.step import TrainStep
 from pipeline.errors import PipelineError
 from pipeline.store.io import atomic_path
 
@@ -27,8 +28,14 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """A finished model written by this pipeline, loaded safely."""
+def save_finished(path: Path, model: nn.Module, cfg: Settings, best: dict[str, Any]) -> None:
+    """A finished model: its weights (on the CPU), its settings and its best epoch."""
+    save(path, {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": asdict(cfg), **best})
+
+
+def model_from(path: Path) -> tuple[nn.Module, Settings]:
+    """Rebuild the model a finished checkpoint describes (loaded safely) and load its weights."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found")
     try:
@@ -38,26 +45,10 @@ def load(path: Path) -> dict[str, Any]:
                             f"{type(exc).__name__})") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline")
-    return payload
-
-
-def finished(model: nn.Module, cfg: Settings, best: dict[str, Any]) -> dict[str, Any]:
-    """The payload of a finished model: weights (on the CPU), settings and the best epoch."""
-    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": asdict(cfg), **best}
-
-
-def config_of(path: Path, payload: dict[str, Any]) -> Settings:
     try:
-        return resolve(overrides=payload["config"])
+        cfg = resolve(overrides=payload["config"])
     except PipelineError as exc:
         raise PipelineError(f"{path}: its settings are not valid here ({exc})") from exc
-
-
-def model_from(path: Path) -> tuple[nn.Module, Settings]:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    payload = load(path)
-    cfg = config_of(path, payload)
     model = build_model(cfg)
     try:
         model.load_state_dict(payload["state_dict"])
@@ -69,22 +60,67 @@ def model_from(path: Path) -> tuple[nn.Module, Settings]:
 
 # -- the resumable state of a fold in training ----------------------------------------------------
 
-def save_state(path: Path, key: str, step: Any, generator: torch.Generator,
-               history: list[dict[str, Any]], best: dict[str, Any], best_weights: dict[str, Any],
-               elapsed: float) -> None:
-    device = step.device
-    save(path, {
-        "key": key, "model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
-        "scheduler": step.scheduler.state_dict(), "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(), "history": history, "best": best,
-        "best_weights": best_weights, "elapsed": elapsed, "device_type": device.type,
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "average": step.average.state_dict() if step.average is not None else None,
-    })
+@dataclass
+class FoldState:
+    """A fold in training, whole: its step (model, optimizer, schedule, weight average), its random
+    generator, its log so far, its best epoch with that epoch's weights, and the time spent. Saved
+    whole at the end of every epoch and restored whole, so a resumed fold ends exactly where an
+    uninterrupted one would."""
+
+    step: TrainStep
+    generator: torch.Generator
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, valid_acc, valid_loss
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    @property
+    def epoch(self) -> int:
+        """The epochs done."""
+        return len(self.history)
+
+    def end_epoch(self, row: dict[str, Any], seconds: float) -> None:
+        """Log the epoch, and keep its weights when it is the best so far (accuracy, then loss)."""
+        self.history.append(row)
+        self.elapsed += seconds
+        if not self.best or (row["valid_acc"], -row["valid_loss"]) > (self.best["valid_acc"],
+                                                                      -self.best["valid_loss"]):
+            self.best = {k: row[k] for k in ("epoch", "valid_acc", "valid_loss")}
+            weights = self.step.trained.state_dict()
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
+
+    def save(self, path: Path, key: str) -> None:
+        step, device = self.step, self.step.device
+        save(path, {
+            "key": key, "model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": self.history, "best": self.best,
+            "best_weights": self.best_weights, "elapsed": self.elapsed, "device_type": device.type,
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "average": step.average.state_dict() if step.average is not None else None,
+        })
+
+    def restore(self, path: Path, key: str) -> bool:
+        """Load the saved state of this very fold, if there is one; whether there was."""
+        saved, step = load_state(path, key, self.step.device), self.step
+        if saved is None:
+            return False
+        step.model.load_state_dict(saved["model"])
+        step.optimizer.load_state_dict(saved["optimizer"])
+        step.scheduler.load_state_dict(saved["scheduler"])
+        if step.average is not None and saved.get("average") is not None:
+            step.average.load_state_dict(saved["average"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if step.device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], step.device)
+        self.history, self.best = saved["history"], saved["best"]
+        self.best_weights, self.elapsed = saved["best_weights"], saved["elapsed"]
+        return True
 
 
 def load_state(path: Path, key: str, device: torch.device) -> dict[str, Any] | None:
-    """The resumable state of this very training run, or None (a stale one is ignored)."""
+    """The saved state of this very training run, or None (a stale one is ignored)."""
     if not path.is_file():
         return None
     try:
@@ -100,16 +136,3 @@ def load_state(path: Path, key: str, device: torch.device) -> dict[str, Any] | N
               "starting the fold again")
         return None
     return state
-
-
-def resume(state: dict[str, Any], step: Any, generator: torch.Generator) -> None:
-    """Load a saved state into the model, optimizer, schedule and random generators."""
-    step.model.load_state_dict(state["model"])
-    step.optimizer.load_state_dict(state["optimizer"])
-    step.scheduler.load_state_dict(state["scheduler"])
-    if step.average is not None and state.get("average") is not None:
-        step.average.load_state_dict(state["average"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if step.device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], step.device)

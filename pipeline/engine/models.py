@@ -15,8 +15,6 @@ the state is always created on the device of the input.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -25,6 +23,7 @@ from pipeline.config import Settings
 # Mean and standard deviation of MNIST pixels scaled to [0, 1].
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
 SIDE = 28
+# The recurrent cells MODEL= names (config.py lists the same names for its choices).
 CELLS: dict[str, type[nn.RNN] | type[nn.GRU] | type[nn.LSTM]] = {
     "rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -32,22 +31,19 @@ CELLS: dict[str, type[nn.RNN] | type[nn.GRU] | type[nn.LSTM]] = {
 class RecurrentClassifier(nn.Module):
     """One recurrent stack per sweep over the image, then a linear layer on what the readout keeps."""
 
-    def __init__(self, cell: str = "rnn", hidden: int = 128, layers: int = 1,
-                 bidirectional: bool = False, dropout: float = 0.0, normalize: bool = True,
-                 orthogonal_init: bool = True, classes: int = 10, view: str = "rows",
-                 rows_per_step: int = 1, readout: str = "last", nonlinearity: str = "tanh") -> None:
+    def __init__(self, cfg: Settings, classes: int = 10) -> None:
         super().__init__()
-        self.normalize = normalize
+        hidden, layers, view, k = cfg.hidden, cfg.layers, cfg.view, cfg.rows_per_step
+        self.normalize, self.rows_per_step, self.pool = cfg.normalize, k, cfg.readout == "pool"
         self.sweeps = ("rows", "cols") if view == "both" else (view,)
-        self.rows_per_step, self.pool = rows_per_step, readout == "pool"
-        self.directions = 2 if bidirectional else 1
-        extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+        self.directions = 2 if cfg.bidirectional else 1
+        extra = {"nonlinearity": cfg.nonlinearity} if cfg.model == "rnn" else {}
 
         def stack() -> nn.Module:
-            rnn = CELLS[cell](input_size=SIDE * rows_per_step, hidden_size=hidden, num_layers=layers,
-                              batch_first=True, bidirectional=bidirectional,
-                              dropout=dropout if layers > 1 else 0.0, **extra)
-            if orthogonal_init:
+            rnn = CELLS[cfg.model](input_size=SIDE * k, hidden_size=hidden, num_layers=layers,
+                                   batch_first=True, bidirectional=cfg.bidirectional,
+                                   dropout=cfg.dropout if layers > 1 else 0.0, **extra)
+            if cfg.orthogonal_init:
                 # Orthogonal recurrent weights keep the gradient's scale through the time steps.
                 for name, weight in rnn.named_parameters():
                     if name.startswith("weight_hh"):
@@ -87,18 +83,6 @@ class RecurrentClassifier(nn.Module):
         return torch.cat([last, outputs.mean(1), outputs.amax(1)], 1)
 
 
-def _factory(cell: str) -> Callable[[Settings], nn.Module]:
-    def build(cfg: Settings) -> nn.Module:
-        return RecurrentClassifier(cell, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout,
-                                   cfg.normalize, cfg.orthogonal_init, view=cfg.view,
-                                   rows_per_step=cfg.rows_per_step, readout=cfg.readout,
-                                   nonlinearity=cfg.nonlinearity)
-    return build
-
-
-MODELS: dict[str, Callable[[Settings], nn.Module]] = {name: _factory(name) for name in CELLS}
-
-
 def build_model(cfg: Settings) -> nn.Module:
-    """A fresh model for the config (one per fold, never shared)."""
-    return MODELS[cfg.model](cfg)
+    """A fresh model for the settings (one per fold, never shared)."""
+    return RecurrentClassifier(cfg)

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.config import TrainConfig
+from pipeline.config import Settings
 from pipeline.engine.runtime import autocast
 
 WARMUP_STEPS = 3  # eager passes on the capture stream before capture (cuDNN plans, workspaces)
+Outputs = tuple[torch.Tensor, torch.Tensor]  # a step's summed loss and count of right answers
 
 
 class CudaGraph:
@@ -57,12 +58,13 @@ class CudaGraph:
         finally:
             current.wait_stream(self.stream)
 
-    def capture(self, fn: Callable[[], None]) -> None:
+    def capture(self, fn: Callable[[], Outputs]) -> Outputs:
+        """Capture fn; returns its outputs, tensors each replay writes anew."""
         current = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.device(self.device), torch.cuda.graph(self.graph, pool=self.pool,
                                                                   stream=self.stream):
-                fn()
+                return fn()
         except BaseException:
             # A failed capture_end skips torch.cuda.graph's own clean-up: put the stream back and
             # end the allocator's capture into the graph's pool, as torch.cuda.use_mem_pool does.
@@ -76,20 +78,20 @@ class CudaGraph:
         self.graph.replay()
 
 
-def graph_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+def graph_wanted(cfg: Settings, device: torch.device) -> bool:
     """Whether the step is captured: asked for, on CUDA, and with nothing random inside the step."""
     return cfg.cuda_graph and device.type == "cuda" and not (cfg.dropout > 0 and cfg.layers > 1)
 
 
 class TrainStep:
-    """Calls one step per batch and keeps the epoch's loss and accuracy sums on the device.
+    """One training step per call: forward, loss, backward, clipping, update, schedule.
 
-    make_graph: builds the capture backend (CudaGraph on CUDA; the tests pass a stand-in that
-    replays the captured function eagerly, to check the bookkeeping around capture on a CPU).
+    make_graph: builds the capture backend (CudaGraph on CUDA; the tests pass stand-ins that fail,
+    to check on a CPU that a failed capture or check falls back to the eager step).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: Settings,
                  device: torch.device, make_graph: Callable[[torch.device], CudaGraph] | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
@@ -102,52 +104,40 @@ class TrainStep:
                 make_graph = CudaGraph
         self.make_graph = make_graph
         self.graph: CudaGraph | None = None
-        self.static_x: torch.Tensor | None = None
-        self.static_y: torch.Tensor | None = None
+        self.static_x = self.static_y = torch.empty(0)
+        self.static_out: Outputs = (torch.empty(0), torch.empty(0))
         self.log = log
         # Weight averaging (EMA=): an exponential moving average of the weights after every step.
         self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
                                      use_buffers=True) if cfg.ema > 0 else None
-        # Sums stay on the device: reading them back each step would stall a GPU.
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.seen = 0
 
-    def reset(self) -> None:
-        """Start the sums of a new epoch (in place: a captured graph adds into these tensors)."""
-        self.loss_sum.zero_()
-        self.correct.zero_()
-        self.seen = 0
-
-    def means(self) -> tuple[float, float]:
-        """Mean training loss and accuracy since reset (one host sync)."""
-        return self.loss_sum.item() / self.seen, self.correct.item() / self.seen
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Outputs:
+        """A step on the batch; returns its summed loss and its count of right answers, on the
+        device (from a replay, the graph's own tensors: add them up before the next step)."""
         full = len(x) == self.cfg.batch
         if full and self.graph is None and self.make_graph is not None:
             self._capture(x, y)
         if full and self.graph is not None:
-            assert self.static_x is not None and self.static_y is not None  # set by the capture
             self.static_x.copy_(x)
             self.static_y.copy_(y)
             self.graph.replay()
+            out = self.static_out
         else:
             # Once a graph owns the gradient tensors they must keep their addresses.
             self.optimizer.zero_grad(set_to_none=self.graph is None)
-            self._forward_backward(x, y)
+            out = self._forward_backward(x, y)
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
             self.average.update_parameters(self.model)
-        self.seen += len(y)
+        return out
 
     @property
     def trained(self) -> torch.nn.Module:
         """The model to evaluate and keep: the weight average when there is one."""
         return self.model if self.average is None else self.average.module
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> Outputs:
         # Autocast's weight cache would hold tensors from outside the graph's memory: off in graphs.
         with autocast(self.device, self.cfg.amp, cache=self.make_graph is None):
             logits = self.model(x).float()
@@ -155,16 +145,15 @@ class TrainStep:
         loss.backward()
         if self.cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
-        self.loss_sum += loss.detach() * len(y)
         # y: class indices, or class probabilities (distillation's soft targets).
-        self.correct += (logits.detach().argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
+        right = (logits.detach().argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
+        return loss.detach() * len(y), right
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Warm up, capture and check on the first full batch; on any failure, carry on eagerly."""
         assert self.make_graph is not None
         graph = self.make_graph(self.device)
         self.static_x, self.static_y = x.clone(), y.clone()
-        sums = self.loss_sum.clone(), self.correct.clone()
         step = lambda: self._forward_backward(self.static_x, self.static_y)  # noqa: E731
         try:
             with graph.warmup():
@@ -175,7 +164,7 @@ class TrainStep:
             # Captured with no gradients, the backward writes fresh ones (in the graph's memory)
             # on every replay instead of adding to the last step's.
             self.optimizer.zero_grad(set_to_none=True)
-            graph.capture(step)
+            self.static_out = graph.capture(step)
             graph.replay()
             problem = _differs(self.params, expected)
         except RuntimeError as exc:
@@ -189,9 +178,6 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)  # before the graph (and its memory) goes
         else:
             self.graph = graph
-        # Warm-up passes and the check are not training steps: no trace in the epoch's sums.
-        self.loss_sum.copy_(sums[0])
-        self.correct.copy_(sums[1])
 
 
 def _grad(param: torch.Tensor) -> torch.Tensor:

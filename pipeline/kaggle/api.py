@@ -131,8 +131,7 @@ def download_competition(competition: str, dest: Path, timeout: float) -> dict[s
     _warn_if_readable()
     files = dest / "archive"
     files.mkdir()
-    result = _run_client(["download", competition, str(files)], dest, timeout, progress_dir=files)
-    _raise_if_failed(result, competition)
+    _run_client(["download", competition, str(files)], dest, timeout, progress_dir=files)
     archive = _the_archive(files, competition)
     return unpack(archive, dest, ("train.csv", "test.csv"))
 
@@ -141,14 +140,12 @@ def submit(competition: str, csv_path: Path, message: str, workdir: Path, timeou
     """Submit a CSV; returns Kaggle's (reference, message). A reference of 0 means it was refused."""
     _warn_if_readable()
     result = _run_client(["submit", competition, str(csv_path), message], workdir, timeout)
-    _raise_if_failed(result, competition)
     return int(result.get("ref") or 0), str(result.get("message") or "")
 
 
 def submissions(competition: str, workdir: Path, timeout: float) -> list[dict[str, Any]]:
     """The competition's submissions of this account, newest first (see _submission_record)."""
     result = _run_client(["submissions", competition], workdir, timeout)
-    _raise_if_failed(result, competition)
     return [s for s in result.get("submissions", []) if isinstance(s, dict)]
 
 
@@ -165,7 +162,6 @@ def wait_for_score(competition: str, ref: int, wait: float, workdir: Path,
     interval = min(10.0, max(0.5, wait / 20))
     result = _run_client(["wait", competition, str(ref), repr(wait), repr(interval), str(beats / "beat")],
                          workdir, timeout, progress_dir=beats)
-    _raise_if_failed(result, competition)
     return dict(result.get("submission") or {"ref": ref, "status": "pending", "found": False})
 
 
@@ -187,9 +183,10 @@ def _client_env() -> dict[str, str]:
 
 
 def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None,
-                module: str = "pipeline.kaggle.api") -> dict:
+                module: str = "pipeline.kaggle.api", refused: Callable[[dict], None] | None = None) -> dict:
     """Run `python -m <module> <op> <result file> <args...>` (the op: args[0]) and return what it
-    wrote; a PipelineError when it is silent for timeout seconds or writes nothing."""
+    wrote; a PipelineError when it is silent for timeout seconds, writes nothing, or tells of an
+    error (in refused's words first, when given)."""
     if not timeout > 0:
         raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
     result_file = workdir / "client-result.json"
@@ -213,6 +210,12 @@ def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Pa
         tail = scrub(b"".join(output).decode("utf-8", "replace")).strip().splitlines()[-5:]
         raise PipelineError(f"the kaggle client stopped unexpectedly (exit code {proc.returncode})"
                             + (":\n  " + "\n  ".join(tail) if tail else ""))
+    if result.get("error"):
+        from pipeline.config import COMPETITION  # not at import: the client's child needs none of it
+
+        if refused is not None:
+            refused(result)
+        _raise_client_error(str(result["error"]), result, COMPETITION)
     return result
 
 
@@ -237,12 +240,6 @@ def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path | None) -> 
             raise PipelineError(f"Kaggle did not answer for {timeout:g} s, so the pipeline gave up. "
                                 "Check your network connection and retry; on a slow link allow "
                                 "longer with TIMEOUT=<seconds> (--timeout)")
-
-
-def _raise_if_failed(result: dict, competition: str) -> None:
-    error = result.get("error")
-    if error:
-        _raise_client_error(error, result, competition)
 
 
 def _raise_client_error(error: str, result: dict, competition: str) -> NoReturn:

@@ -152,20 +152,17 @@ class Quota:
 
 
 def _call(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None) -> dict:
-    result = api._run_client(args, workdir, timeout, progress_dir, module=MODULE)
-    if result.get("error"):
-        _raise(result)
-    return result
+    return api._run_client(args, workdir, timeout, progress_dir, module=MODULE, refused=_refused)
 
 
-def _raise(result: dict) -> None:
-    detail = api.scrub(str(result.get("detail", ""))).strip()
+def _refused(result: dict) -> None:
+    """A kernel call Kaggle refused with HTTP 403 says what a GPU kernel needs."""
     if result.get("error") == "http" and result.get("status") == 403:
+        detail = api.scrub(str(result.get("detail", ""))).strip()
         raise PipelineError(f"Kaggle refused (HTTP 403: {detail or 'no detail'}). Running a kernel on a "
                             "GPU needs a phone-verified account (https://www.kaggle.com/settings) and "
                             f"the rules of '{COMPETITION}' accepted (https://www.kaggle.com/"
                             f"competitions/{COMPETITION}/rules)")
-    api._raise_client_error(str(result["error"]), result, COMPETITION)
 
 
 def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Path,

@@ -24,7 +24,7 @@ from pipeline.config import COMPETITION  # standard library only, as this module
 MIN_KAGGLE = "1.7"  # the client built on kagglesdk (pyproject.toml asks for the same)
 # import name -> pip name, for what `make submit` needs.
 REQUIRED = {"torch": "torch", "numpy": "numpy", "pandas": "pandas", "sklearn": "scikit-learn",
-            "tqdm": "tqdm", "matplotlib": "matplotlib", "filelock": "filelock"}
+            "tqdm": "tqdm", "matplotlib": "matplotlib", "filelock": "filelock", "pydantic": "pydantic"}
 # import name -> (pip name, what needs it): the rest works without them.
 OPTIONAL = {"kaggle": ("kaggle", "make upload, make lb, SOURCE=kaggle"),
             "six": ("six", "make upload, make lb, SOURCE=kaggle"), "optuna": ("optuna", "make tune"),

@@ -21,12 +21,21 @@ import numpy as np
 
 from pipeline.config import Paths, fingerprint
 from pipeline.errors import PipelineError
-from pipeline.options import MEANS, default
-from pipeline.store import ensemble
-from pipeline.store.artifacts import STUDIES, Prepared, RunDir, all_runs, data_source, needs_rerun, run_dir
-from pipeline.store.ensemble import RunRecord, log_loss
+from pipeline.options import default
+from pipeline.store import ledger
+from pipeline.store.data import Prepared, data_source
 from pipeline.store.io import write_json
-from pipeline.store.ledger import publish
+from pipeline.store.run import (
+    BLEND,
+    STUDIES,
+    RunDir,
+    RunRecord,
+    all_runs,
+    complete,
+    log_loss,
+    run_dir,
+    scores,
+)
 
 MAX_STEPS = 100  # picks in all; a blend of a few runs settles long before
 
@@ -82,7 +91,7 @@ class Member(NamedTuple):
     test: np.ndarray
 
 
-def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
+def candidates(paths: Paths, data: Prepared, n_folds: int, fold_seed: int,
                names: list[str] | None) -> tuple[list[Member], list[str]]:
     """The runs to blend, and the reasons others were left out (blends are left out unsaid)."""
     chosen: list[Member] = []
@@ -90,11 +99,11 @@ def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
     pool = [run_dir(paths, n) for n in names] if names else all_runs(paths)
     for run in pool:
         try:
-            member = _member(run, data, folds, fold_seed, named=bool(names))
+            member = _member(run, data, n_folds, fold_seed, named=bool(names))
         except PipelineError as exc:
             if names:
                 raise PipelineError(f"RUNS: {run.id} cannot be blended: {exc}; the runs must share "
-                                    f"the current data and folds ({folds} folds, FOLD_SEED "
+                                    f"the current data and folds ({n_folds} folds, FOLD_SEED "
                                     f"{fold_seed})") from None
             skipped.append(f"{run.id}: {exc}")
             continue
@@ -103,43 +112,40 @@ def candidates(paths: Paths, data: Prepared, folds: int, fold_seed: int,
     return chosen, skipped
 
 
-def _member(run: RunDir, data: Prepared, folds: int, fold_seed: int, named: bool) -> Member | None:
+def _member(run: RunDir, data: Prepared, n_folds: int, fold_seed: int, named: bool) -> Member | None:
     """The run as a blend member; None for a blend; a PipelineError saying why it cannot be one."""
     if named and run.id == STUDIES:
         raise PipelineError("the tuning studies' folder, not a run")
     if named and not run.path.is_dir():
         raise PipelineError("no such run")
-    if run.blend.is_file():  # a blend folder, even a damaged one
+    if run.is_blend:  # even a damaged one
         if named:
             raise PipelineError("a blend itself")
         return None
     try:
-        record = ensemble.completed(run)
+        record = run.completed()
     except PipelineError as exc:
-        raise PipelineError(f"damaged: {exc}; {ensemble.remake(run)}") from None
+        raise PipelineError(f"damaged: {exc}; {run.remake()}") from None
     if record is None:
         raise PipelineError("not complete (still training, or never predicted)")
-    if record.is_blend:
-        raise PipelineError("a blend itself")
     if record.data != data.data_key:
         raise PipelineError("made from other data than input/*.csv now hold")
-    if (record.folds, record.fold_seed) != (folds, fold_seed):
-        raise PipelineError(f"on other folds ({record.folds} folds, FOLD_SEED {record.fold_seed})")
+    if (record.n_folds, record.fold_seed) != (n_folds, fold_seed):
+        raise PipelineError(f"on other folds ({record.n_folds} folds, FOLD_SEED {record.fold_seed})")
     try:
-        probs = ensemble.check_probabilities(run, len(data.train_y), len(data.test_x))
+        probs = run.probabilities(len(data.train_y), len(data.test_x))
     except PipelineError as exc:
         raise PipelineError(f"damaged: {exc}") from None
     return Member(run, record, *probs)
 
 
-def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed: int,
+def run(paths: Paths, data: Prepared, fold_of: np.ndarray, fold_seed: int,
         names: list[str] | None = None, mean: str = default("mean"), force: bool = False,
         make_first: Callable[[], object] | None = None) -> RunRecord:
     """Blend the chosen runs (default: every completed run on these data and folds) into a
     submission; returns the blend's record. make_first: makes a run when none is there to blend."""
-    if mean not in MEANS:
-        raise PipelineError(f"MEAN={mean!r}: must be one of {', '.join(MEANS)}")
-    chosen, skipped = candidates(paths, data, folds, fold_seed, names)
+    n_folds = int(fold_of.max()) + 1
+    chosen, skipped = candidates(paths, data, n_folds, fold_seed, names)
     for line in skipped:
         print(f"blend: skipped {line}")
     # Only a project without any run gets one made: where runs are skipped, the settings that
@@ -147,18 +153,15 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
     if not chosen and names is None and make_first is not None and not all_runs(paths):
         print("blend: no completed run on these folds yet: making the run of these settings first")
         make_first()
-        chosen, _ = candidates(paths, data, folds, fold_seed, names)
+        chosen, _ = candidates(paths, data, n_folds, fold_seed, names)
     if not chosen:
-        raise PipelineError(nothing_to_blend(paths, data, folds, fold_seed))
-    members = {m.run.id: m.record.key for m in chosen}
-    inputs = {"members": members, "mean": mean, "data": data.data_key}
-    out = RunDir(paths.runs / f"blend-{fingerprint(inputs)[:6]}")
-    why = needs_rerun(f"blend: {out.id}", out.record, inputs, [out.oof, out.test, out.cv, out.submission],
-                      check=lambda: ensemble.check(out, len(data.train_y), len(data.test_x)), force=force,
-                      current="the same runs, unchanged")
-    record = ensemble.finish(out, inputs, _blend(paths, out, chosen, data, fold_of, mean)) if why \
-        else ensemble.read(out)
-    record = publish(paths, out, record, len(data.test_x), new=bool(why))
+        raise PipelineError(nothing_to_blend(paths, data, n_folds, fold_seed))
+    inputs = {"members": {m.run.id: m.record.key for m in chosen}, "mean": mean, "data": data.data_key}
+    out = RunDir(paths.runs / f"{BLEND}{fingerprint(inputs)[:6]}")
+    made = out.ensemble(inputs, len(data.train_y), len(data.test_x))
+    why = made.rerun(f"blend: {out.id}", "the same runs, unchanged", force)
+    record = out.finish(made, _blend(paths, out, chosen, data, fold_of, mean)) if why else out.read()
+    record = ledger.publish(paths, out, record, len(data.test_x), new=bool(why))
     print(f"blend: {record.members()}")
     print(f"blend: OOF accuracy {record.accuracy:.4f} honest (selection refitted without "
           f"each fold), {record.oof_acc:.4f} in-sample; wrote {paths.submission_csv} "
@@ -166,20 +169,17 @@ def run(paths: Paths, data: Prepared, fold_of: np.ndarray, folds: int, fold_seed
     return record
 
 
-def nothing_to_blend(paths: Paths, data: Prepared, folds: int, fold_seed: int) -> str:
+def nothing_to_blend(paths: Paths, data: Prepared, n_folds: int, fold_seed: int) -> str:
     """Why there is nothing to blend, with the settings that blend the runs there are."""
     others = set()
     for run in all_runs(paths):
-        try:
-            record = ensemble.completed(run)
-        except PipelineError:
-            continue
-        if record is not None and not record.is_blend and record.data == data.data_key:
-            others.add((record.folds, record.fold_seed))
+        record = complete(run)
+        if record is not None and not run.is_blend and record.data == data.data_key:
+            others.add((record.n_folds, record.fold_seed))
     said = "".join(f"`make blend FOLDS={k} FOLD_SEED={seed}` blends those on {k} folds (FOLD_SEED "
                    f"{seed}); " for k, seed in sorted(others, key=str))
-    return (f"blend: no completed run on the current data and folds ({folds} folds, FOLD_SEED "
-            f"{fold_seed}); {said}`make submit FOLDS={folds} FOLD_SEED={fold_seed}` (with the settings "
+    return (f"blend: no completed run on the current data and folds ({n_folds} folds, FOLD_SEED "
+            f"{fold_seed}); {said}`make submit FOLDS={n_folds} FOLD_SEED={fold_seed}` (with the settings "
             "you want) makes one on these folds")
 
 
@@ -191,13 +191,13 @@ def _blend(paths: Paths, out: RunDir, chosen: list[Member], data: Prepared, fold
     counts = select(oofs, labels, mean)
     honest = honest_accuracy(oofs, labels, fold_of, mean)
     blended_oof = combine(oofs, counts, mean)
-    cv = ensemble.write(out, blended_oof, combine(tests, counts, mean), labels, fold_of)
+    cv = out.write(blended_oof, combine(tests, counts, mean), labels, fold_of)
     weights = {m.run.id: int(c) for m, c in zip(chosen, counts, strict=True) if c}
     write_json(out.blend, {"weights": weights, "mean": mean,
                            "considered": [m.run.id for m in chosen]})
     return RunRecord(
-        kind="blend", model="blend", **ensemble.scores(cv),
+        kind="blend", model="blend", **scores(cv),
         seconds=sum(m.record.seconds for m in chosen) + time.perf_counter() - started,
-        finished=time.time(), data=data.data_key, test_data=data.test_key, folds=int(fold_of.max()) + 1,
+        finished=time.time(), data=data.data_key, test_data=data.test_key, n_folds=int(fold_of.max()) + 1,
         fold_seed=chosen[0].record.fold_seed, source=data_source(paths), weights=weights, mean=mean,
         oof_acc_honest=honest)

@@ -15,10 +15,8 @@ import numpy as np
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.store import ensemble
-from pipeline.store.artifacts import Prepared, Pseudo, RunDir, check_name, read_probabilities, run_dir
-from pipeline.store.ensemble import RunRecord
-from pipeline.store.io import read_json
+from pipeline.store.data import Prepared, Pseudo
+from pipeline.store.run import RunDir, RunRecord, check_name, read_probabilities, run_dir
 
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -36,24 +34,18 @@ def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared, student: RunDir | N
     teacher stay usable (a Pseudo of no rows, with the teacher's recorded key)."""
     teacher = run_dir(paths, check_name(cfg.teacher, "TEACHER"))
     try:
-        record = ensemble.completed(teacher)
+        record = teacher.completed()
     except PipelineError as exc:
         raise PipelineError(f"TEACHER={cfg.teacher}: its record is damaged ({exc}); "
-                            f"{ensemble.remake(teacher)}") from None
+                            f"{teacher.remake()}") from None
     if record is None:
-        recorded = trained_with(student, cfg) if student is not None else None
-        if student is None or recorded is None:
-            raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "
-                                f"{paths.runs}; `make runs` lists them")
-        print(f"distill: TEACHER={cfg.teacher} is gone (forgotten?); the folds {student.id} trained "
-              "with it stay as they are (a fold to train would need the teacher)")
-        return recorded
+        return _gone(paths, cfg, student)
     same_data(cfg, record, data)
     ids, probs = read_probabilities(teacher.test, "ImageId")
     if len(ids) != len(data.test_x) or not np.isfinite(probs).all() or (probs < 0).any() \
             or (probs.sum(1) <= 0).any():
         raise PipelineError(f"{teacher.test}: expected {len(data.test_x)} rows of probabilities; "
-                            f"{ensemble.remake(teacher)}")
+                            f"{teacher.remake()}")
     confidence = probs.max(1)
     keep = confidence >= cfg.distill_threshold
     if not keep.any():
@@ -93,16 +85,14 @@ def keeps_nothing(threshold: float, confidence: np.ndarray) -> str:
             f"{int((confidence >= lower).sum())} (nothing was trained)")
 
 
-def trained_with(student: RunDir, cfg: Settings) -> Pseudo | None:
-    """The teacher's key the student's trained folds recorded (one key, or None): what keeps them
-    current once the teacher itself is gone."""
-    keys = set()
-    for fold in range(cfg.folds):
-        made = read_json(student.fold_record(fold))
-        inputs = made.get("inputs") if isinstance(made, dict) else None
-        if isinstance(inputs, dict) and isinstance(inputs.get("teacher"), str):
-            keys.add(inputs["teacher"])
-    if len(keys) != 1:
-        return None
+def _gone(paths: Paths, cfg: Settings, student: RunDir | None) -> Pseudo:
+    """The teacher is gone: the folds the student trained with it stay current (a Pseudo of no rows
+    with the teacher's key they recorded); without such folds, a PipelineError."""
+    key = student.teacher_key(cfg.folds) if student is not None else None
+    if student is None or key is None:
+        raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "
+                            f"{paths.runs}; `make runs` lists them")
+    print(f"distill: TEACHER={cfg.teacher} is gone (forgotten?); the folds {student.id} trained "
+          "with it stay as they are (a fold to train would need the teacher)")
     return Pseudo(images=np.zeros((0, 28, 28), np.uint8), targets=np.zeros((0, 10), np.float32),
-                  key=keys.pop(), teacher_gone=True)
+                  key=key, teacher_gone=True)

@@ -19,19 +19,17 @@ from typing import Any
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
 from pipeline.kaggle import notebook
-from pipeline.options import SOURCES, default
+from pipeline.options import default
 from pipeline.store import sample
-from pipeline.store.artifacts import SAMPLE_BANNER, data_source
-from pipeline.store.io import read_json, replace_together, staged_files, write_json
+from pipeline.store.data import SAMPLE_BANNER, data_source, source_record
+from pipeline.store.io import replace_together, staged_files, write_json
 
 
 def run(paths: Paths, source: str = default("source"), src_dir: Path | None = None, force: bool = False,
         timeout: float = default("timeout")) -> str:
     """Fetch the competition files; returns the source used."""
-    if source not in SOURCES:
-        raise PipelineError(f"download: source must be one of {', '.join(SOURCES)}, got {source!r}")
     present = [p for p in (paths.train_csv, paths.test_csv) if p.exists()]
-    record = read_json(paths.source_json) or {}
+    record = source_record(paths)
     attached = notebook.competition_input() if source == "auto" else None
     if attached and (len(present) < 2 or force or record.get("source") == "sample"):
         # Inside a Kaggle notebook the competition's files are attached: copy them (the input
@@ -41,17 +39,8 @@ def run(paths: Paths, source: str = default("source"), src_dir: Path | None = No
         source, src_dir, force = "dir", attached, force or len(present) == 2
     if source == "dir":
         _check_dir(src_dir)
-    other = record.get("source") not in (None, source) or (
-        source == "dir" and record.get("dir") not in (None, str(src_dir)))
-    if len(present) == 2 and not force and source != "auto" and other:
-        if record["source"] == "sample":  # the built-in sample is no loss: replace it
-            print(f"download: replacing the built-in sample in input/ with SOURCE={source}")
-            force = True
-        else:
-            where = f"the folder {record['dir']}" if record.get("dir") else f"SOURCE={record['source']}"
-            wanted = f"the folder {src_dir}" if source == "dir" else f"SOURCE={source}"
-            print(f"download: WARNING: input/ holds files from {where}, not from {wanted}; "
-                  "they are kept. Add FORCE=1 to replace them")
+    if len(present) == 2 and not force and source != "auto":
+        force = _replaces_the_sample(record, source, src_dir)
     if len(present) == 2 and not force:
         used = data_source(paths)
         print(f"download: keeping input/train.csv and input/test.csv already present "
@@ -93,6 +82,23 @@ def run(paths: Paths, source: str = default("source"), src_dir: Path | None = No
         print(f"download: the files input/ held before are kept in {backup.relative_to(paths.root)}/")
     write_json(paths.source_json, {"source": source, **({"dir": str(src_dir)} if src_dir else {})})
     return source
+
+
+def _replaces_the_sample(record: dict[str, Any], source: str, src_dir: Path | None) -> bool:
+    """input/ holds both files: whether they are the built-in sample that another source asked for
+    replaces (as FORCE=1 would; saying so); files from another source than asked are kept, with a
+    warning."""
+    if record.get("source") in (None, source) and not (
+            source == "dir" and record.get("dir") not in (None, str(src_dir))):
+        return False
+    if record["source"] == "sample":  # the built-in sample is no loss: replace it
+        print(f"download: replacing the built-in sample in input/ with SOURCE={source}")
+        return True
+    where = f"the folder {record['dir']}" if record.get("dir") else f"SOURCE={record['source']}"
+    wanted = f"the folder {src_dir}" if source == "dir" else f"SOURCE={source}"
+    print(f"download: WARNING: input/ holds files from {where}, not from {wanted}; "
+          "they are kept. Add FORCE=1 to replace them")
+    return False
 
 
 def _fetch(paths: Paths, source: str, src_dir: Path | None, timeout: float) -> None:

@@ -7,7 +7,8 @@ import pandas as pd
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import Prepared, folds_inputs, mark_current, needs_rerun, read_folds
+from pipeline.store.data import Prepared, folds_inputs, read_folds
+from pipeline.store.fresh import Output
 from pipeline.store.io import write_csv
 
 
@@ -34,7 +35,6 @@ def assign(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 
 def run(cfg: Settings, paths: Paths, data: Prepared) -> np.ndarray:
     """Write input/folds.csv (row,label,fold) unless it is current; returns the fold of every row."""
-    inputs = folds_inputs(data.data_key, cfg)
     found: list[np.ndarray] = []
 
     def check() -> None:
@@ -44,13 +44,13 @@ def run(cfg: Settings, paths: Paths, data: Prepared) -> np.ndarray:
                                 f"{len(data.train_y)} rows")
         found.append(fold_of)
 
-    if not needs_rerun("folds:", paths.folds_json, inputs, [paths.folds_csv], check,
-                       current=f"{cfg.folds} folds (FOLD_SEED {cfg.fold_seed}) of the same data"):
+    made = Output(paths.folds_json, folds_inputs(data.data_key, cfg), [paths.folds_csv], check)
+    if not made.rerun("folds:", f"{cfg.folds} folds (FOLD_SEED {cfg.fold_seed}) of the same data"):
         return found[0]
     fold_of = assign(data.train_y.astype(np.int64), cfg.folds, cfg.fold_seed)
     frame = pd.DataFrame({"row": np.arange(len(fold_of)), "label": data.train_y, "fold": fold_of})
     write_csv(paths.folds_csv, frame)
-    mark_current(paths.folds_json, inputs, folds=cfg.folds, seed=cfg.fold_seed)
+    made.mark(folds=cfg.folds, seed=cfg.fold_seed)
     sizes = np.bincount(fold_of)
     print(f"folds: {cfg.folds} stratified folds of {sizes.min()}-{sizes.max()} rows "
           f"(FOLD_SEED {cfg.fold_seed})")

@@ -36,18 +36,11 @@ from pipeline.kaggle import kernels
 from pipeline.kaggle.api import scrub
 from pipeline.kaggle.remote import MANIFEST, MANIFEST_FORMAT, sha256
 from pipeline.options import T4, default
-from pipeline.store import ensemble
-from pipeline.store.artifacts import (
-    Prepared,
-    RunDir,
-    data_source,
-    read_probabilities,
-    run_dir,
-    run_id,
-)
-from pipeline.store.ensemble import KaggleOrigin, RunRecord
+from pipeline.store import ledger
+from pipeline.store.data import data_source
 from pipeline.store.io import read_json
-from pipeline.store.ledger import format_seconds, publish
+from pipeline.store.ledger import format_seconds
+from pipeline.store.run import KaggleOrigin, Plan, RunDir, RunRecord, read_probabilities
 
 MAX_SESSION = 12 * 3600.0  # Kaggle ends every session after 12 hours
 MAX_POLL = 30.0  # seconds between two status calls, at most
@@ -99,15 +92,14 @@ def check_request(cfg: Settings, paths: Paths, accelerator: str, deadline: float
                             "input/; then `make kaggle-run` again")
 
 
-def run(cfg: Settings, paths: Paths, data: Prepared, fold_of: np.ndarray,
-        accelerator: str = default("accelerator"), deadline: float = default("deadline"),
+def run(plan: Plan, accelerator: str = default("accelerator"), deadline: float = default("deadline"),
         timeout: float = default("timeout"), keep: bool = False) -> RunRecord | None:
-    """Train the run of cfg on Kaggle and bring it into runs/<id>/; returns its record (None when
+    """Train the plan's run on Kaggle and bring it into runs/<id>/; returns its record (None when
     this project already holds the run, complete: nothing is pushed)."""
+    cfg, run, data = plan.cfg, plan.run, plan.data
     accelerator = "none" if accelerator.lower() == "none" else accelerator
-    check_request(cfg, paths, accelerator, deadline)
-    run = run_dir(paths, run_id(cfg, data.data_key))
-    if ensemble.completed(run) is not None:
+    check_request(cfg, plan.paths, accelerator, deadline)
+    if run.completed() is not None:
         print(f"kaggle-run: {run.id} is already here, complete: nothing to train on Kaggle "
               "(`make submit` with the same settings makes its submission the current one)")
         return None
@@ -130,8 +122,8 @@ def run(cfg: Settings, paths: Paths, data: Prepared, fold_of: np.ndarray,
             pushed = kernels.push(script, slug, accelerator, deadline, work, timeout)
             print(f"kaggle-run: version {pushed.version} of {pushed.url or pushed.kernel} is on its way")
             follow(pushed, deadline, work, timeout)
-            origin = KaggleOrigin(pushed.kernel, pushed.version, accelerator)
-            record = bring_home(pushed, origin, code, cfg, paths, data, fold_of, work, timeout)
+            origin = KaggleOrigin(kernel=pushed.kernel, version=pushed.version, accelerator=accelerator)
+            record = bring_home(pushed, origin, code, plan, work, timeout)
         finally:
             _let_go(slug, keep, work, timeout)
     return record
@@ -253,11 +245,11 @@ def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
 
 # -- bringing the run home ---------------------------------------------------------------------------
 
-def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, cfg: Settings, paths: Paths,
-               data: Prepared, fold_of: np.ndarray, work: Path, timeout: float) -> RunRecord:
+def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Plan, work: Path,
+               timeout: float) -> RunRecord:
     """Fetch the files the session's manifest names into a staging folder, check every one, and
     move the run into runs/<id>/ only when all of it is right; publish its submission."""
-    target = run_dir(paths, run_id(cfg, data.data_key))
+    target, paths, data = plan.run, plan.paths, plan.data
     staging = Path(tempfile.mkdtemp(prefix=".kaggle-", dir=paths.runs))
     try:
         # The listing, and the manifest with it (to a name of ours: nothing else is fetched yet).
@@ -281,8 +273,8 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, cfg: Set
               f"({sum(f['size'] for f in files.values()) / 1e6:.1f} MB)")
         kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()],
                       work, timeout)
-        record = _checked(staged, files, cfg, data, fold_of)
-        record = ensemble.save(staged, replace(record, kaggle=origin, source=data_source(paths)))
+        record = _checked(staged, files, plan)
+        record = staged.save(replace(record, kaggle=origin, source=data_source(paths)))
         (staged.path / "kaggle.log").write_text(scrub(found.log), encoding="utf-8")
         try:
             os.rename(staged.path, target.path)
@@ -291,7 +283,11 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, cfg: Set
                                 "was brought home") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _publish(paths, target, record, data)
+    record = ledger.publish(paths, target, record, len(data.test_x), new=True)
+    print(f"kaggle-run: {target.id}: OOF accuracy {record.oof_acc:.4f}, trained on Kaggle "
+          f"({record.device}); brought home to {target.path.relative_to(paths.root)}; wrote "
+          f"{paths.submission_csv} (kept as submissions/{record.kept})")
+    return record
 
 
 def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, dict[str, Any]]:
@@ -320,8 +316,7 @@ def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, d
     return files
 
 
-def _checked(staged: RunDir, files: dict[str, dict[str, Any]], cfg: Settings, data: Prepared,
-             fold_of: np.ndarray) -> RunRecord:
+def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> RunRecord:
     """The staged run's record once every file matches the manifest and the run is complete, of
     this data and of these folds; else a PipelineError (the staging folder is then removed)."""
     for name, facts in files.items():
@@ -334,26 +329,19 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], cfg: Settings, da
             raise PipelineError(f"{name} came back with another SHA-256 than its manifest's (damaged on "
                                 "the way): nothing was brought home")
     try:
-        record = ensemble.check(staged, len(data.train_y), len(data.test_x))
-        for k in range(cfg.folds):
+        record = staged.check(len(plan.data.train_y), len(plan.data.test_x))
+        for k in range(plan.cfg.folds):
             rows, _ = read_probabilities(staged.oof_fold(k), "row")
-            if not np.array_equal(np.sort(rows.astype(np.int64)), np.flatnonzero(fold_of == k)):
+            if not np.array_equal(np.sort(rows.astype(np.int64)), np.flatnonzero(plan.fold_of == k)):
                 raise PipelineError(f"{staged.oof_fold(k).name} holds out other rows than fold {k} "
                                     "of input/folds.csv")
     except PipelineError as exc:
         raise PipelineError(f"what came back is not a complete run of these folds ({exc}): nothing "
                             "was brought home") from None
-    if record.data != data.data_key or (record.folds, record.fold_seed) != (cfg.folds, cfg.fold_seed):
+    if record.data != plan.data.data_key or (record.n_folds, record.fold_seed) != (plan.cfg.folds,
+                                                                                  plan.cfg.fold_seed):
         raise PipelineError("what came back was made from other data or folds than input/ holds: "
                             "nothing was brought home")
-    return record
-
-
-def _publish(paths: Paths, run: RunDir, record: RunRecord, data: Prepared) -> RunRecord:
-    record = publish(paths, run, record, len(data.test_x), new=True)
-    print(f"kaggle-run: {run.id}: OOF accuracy {record.oof_acc:.4f}, trained on Kaggle "
-          f"({record.device}); brought home to {run.path.relative_to(paths.root)}; wrote "
-          f"{paths.submission_csv} (kept as submissions/{record.kept})")
     return record
 
 

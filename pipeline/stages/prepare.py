@@ -36,7 +36,8 @@ import numpy as np
 
 from pipeline.config import Paths
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import PIXELS, Prepared, load_prepared, needs_rerun, save_prepared
+from pipeline.store.data import PIXELS, Prepared, load_prepared, save_prepared
+from pipeline.store.fresh import Output
 
 _DIGITS_AND_SEPARATORS = b"0123456789,\r\n"
 _PADDING = b' \t"'  # what a spreadsheet may put around a number; both paths strip it the same way
@@ -352,7 +353,7 @@ def _check_inputs_exist(paths: Paths) -> None:
                                 "puts both there")
 
 
-def class_warning(labels: np.ndarray, folds: int = 2) -> str:
+def class_warning(labels: np.ndarray, n_folds: int = 2) -> str:
     """A warning when the labels cannot make a useful digit classifier, else ''."""
     counts = np.bincount(labels.astype(np.int64), minlength=10)
     missing = [d for d in range(10) if counts[d] == 0]
@@ -360,7 +361,7 @@ def class_warning(labels: np.ndarray, folds: int = 2) -> str:
         return (f"train.csv has no rows of digit(s) {', '.join(map(str, missing))}: the models can "
                 "never predict them, and the out-of-fold accuracy says nothing about them; add rows "
                 "of every digit")
-    few = [d for d in range(10) if counts[d] < max(folds, 5)]
+    few = [d for d in range(10) if counts[d] < max(n_folds, 5)]
     if few:
         return (f"digit(s) {', '.join(f'{d} ({counts[d]} rows)' for d in few)} have very few rows: "
                 "their accuracy will be noise; add rows of those digits")
@@ -370,11 +371,10 @@ def class_warning(labels: np.ndarray, folds: int = 2) -> str:
 def run(paths: Paths, force: bool = False) -> Prepared:
     """Validate both CSVs and write the cache unless it is current; returns the prepared data."""
     _check_inputs_exist(paths)
-    inputs = _inputs(paths)
-    record = paths.prepared / "meta.json"
     data: list[Prepared] = []
-    if not needs_rerun("prepare:", record, inputs, check=lambda: data.append(load_prepared(paths)),
-                       force=force, current="train.csv and test.csv unchanged"):
+    made = Output(paths.prepared / "meta.json", _inputs(paths),
+                  check=lambda: data.append(load_prepared(paths)))
+    if not made.rerun("prepare:", "train.csv and test.csv unchanged", force):
         return data[0]
     _check_writable(paths.prepared)
     # pandas' parser releases the GIL, so the two files are read at once (faster on 2 cores);
@@ -387,8 +387,7 @@ def run(paths: Paths, force: bool = False) -> Prepared:
         train_x, train_y = train_job.result()
         test_x, _ = test_job.result()
     assert train_y is not None
-    arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x}
-    key = save_prepared(paths, arrays, inputs)
+    prepared = save_prepared(paths, {"train_x": train_x, "train_y": train_y, "test_x": test_x}, made)
     dupes = count_duplicates(train_x)
     note = f"; {dupes} duplicate train images kept" if dupes else ""
     counts = np.bincount(train_y, minlength=10)
@@ -397,4 +396,4 @@ def run(paths: Paths, force: bool = False) -> Prepared:
     warning = class_warning(train_y)
     if warning:
         print(f"prepare: WARNING: {warning}")
-    return Prepared(**arrays, data_key=key)
+    return prepared

@@ -8,24 +8,23 @@ be copied or zipped as a whole.
 
 from __future__ import annotations
 
-import html
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import Paths, Settings, changed_settings
 from pipeline.errors import PipelineError
-from pipeline.page import CSS
-from pipeline.page import pyplot as _pyplot
-from pipeline.store import ensemble
-from pipeline.store.artifacts import PROB_COLUMNS, RunDir, all_runs, latest, load_prepared, run_dir
-from pipeline.store.ensemble import RunRecord
-from pipeline.store.io import atomic_path, atomic_write_text, read_json
+from pipeline.store.data import Prepared, load_prepared
+from pipeline.store.io import atomic_path, atomic_write_text
 from pipeline.store.ledger import format_seconds
+from pipeline.store.run import RunDir, RunRecord, all_runs, complete, latest, run_dir
+
+if TYPE_CHECKING:
+    from markupsafe import Markup
 
 CLASSES = 10
 MISTAKES = 32  # images in the grid of confident mistakes: enough to see a pattern, few enough to read
@@ -35,49 +34,27 @@ MAX_PIXELS = 3800  # the tallest figure we draw; many folds shrink the resolutio
 
 @dataclass
 class Run:
-    """Everything the report shows, read from the run's files."""
+    """Everything the report shows, read (and checked) from the run's files."""
 
-    cv: pd.DataFrame  # cv.csv: one row per fold and the overall row fold == "all"
-    config: dict[str, Any]  # the run's settings
-    histories: dict[int, pd.DataFrame]  # fold -> fold_{k}.csv (none for a blend)
-    oof: pd.DataFrame  # row, label, p0..p9 of every train row, sorted by row
-    train_x: np.ndarray  # uint8 (N, 28, 28)
-    train_y: np.ndarray  # uint8 (N,)
-    test_pred: np.ndarray  # predicted test labels (test.csv's most likely digits)
-    test_from: str  # which files test_pred came from
-    source: str  # where input/ came from: kaggle, dir, sample or unknown
-    record: RunRecord  # the run's run.json
-    name: str = ""  # the run's id
+    folder: RunDir
+    record: RunRecord  # its run.json
+    cv: pd.DataFrame  # cv.csv: a row per fold, then the row `all`
+    histories: dict[int, pd.DataFrame]  # fold -> its log per epoch (none for a blend)
+    oof: np.ndarray  # (N, 10): every train row's out-of-fold probabilities, in order
+    test_pred: np.ndarray  # the test rows' most likely digits (test.csv)
+    data: Prepared  # the prepared images and labels the run was made from
 
     @property
-    def folds(self) -> list[int]:
+    def fold_ids(self) -> list[int]:
         return sorted(self.histories)
-
-    @property
-    def oof_pred(self) -> np.ndarray:
-        return self.oof[PROB_COLUMNS].to_numpy().argmax(1)
-
-
-# -- reading the run ---------------------------------------------------------------------------
-
-
-def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing ({what}); `make predict RUN={path.parent.name}` "
-                            "completes the run")
-    try:
-        return pd.read_csv(path, **kwargs)
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable CSV ({exc}); "
-                            f"{ensemble.remake(RunDir(path.parent))}") from exc
 
 
 def load_run(paths: Paths, run: RunDir) -> Run:
-    """Read a run's files; a clear PipelineError when it is missing or incomplete."""
+    """Read a run's files; a clear PipelineError when it is missing, incomplete or damaged."""
     try:
-        record = ensemble.completed(run)
+        record = run.completed()
     except PipelineError as exc:
-        raise PipelineError(f"RUN={run.id}: its record is damaged ({exc}); {ensemble.remake(run)}") from None
+        raise PipelineError(f"RUN={run.id}: its record is damaged ({exc}); {run.remake()}") from None
     if record is None:
         raise PipelineError(f"RUN={run.id}: no complete run of that name in {paths.runs} (`make runs` "
                             "lists them)")
@@ -85,28 +62,21 @@ def load_run(paths: Paths, run: RunDir) -> Run:
     if record.data != data.data_key:
         raise PipelineError(f"RUN={run.id} was made from other data than input/*.csv now hold, so "
                             "its mistakes cannot be drawn from them")
-    if not run.cv.is_file():
-        _read_csv(run.cv, "the cross-validation table")  # names the missing file
-    cv = ensemble.check_cv(run.cv, record.folds)
-    folds = [int(f) for f in cv["fold"] if f != "all"]
-    histories = {k: _read_csv(run.log(k), f"the training log of fold {k}") for k in folds
-                 if not record.is_blend}
-    oof = _read_csv(run.oof, "out-of-fold predictions").sort_values("row", ignore_index=True)
-    _check_oof(run, oof, data.train_y)
-    test_pred = _read_csv(run.test, "test predictions")[PROB_COLUMNS].to_numpy().argmax(1)
-    config = record.config or read_json(run.config) or {}
-    return Run(cv=cv, config=config, histories=histories, oof=oof, train_x=data.train_x,
-               train_y=data.train_y, test_pred=test_pred, test_from=f"runs/{run.id}/test.csv",
-               source=record.source, record=record, name=run.id)
+    cv = run.cv_table(record.n_folds)
+    histories = {} if run.is_blend else {k: _log(run, k) for k in range(record.n_folds)}
+    oof, test = run.probabilities(len(data.train_y), len(data.test_x))
+    return Run(run, record, cv, histories, oof, test.argmax(1), data)
 
 
-def _check_oof(run: RunDir, oof: pd.DataFrame, train_y: np.ndarray) -> None:
-    """The OOF rows must be exactly the train rows, with their labels, or the images would lie."""
-    rows = oof["row"].to_numpy()
-    if len(rows) != len(train_y) or not np.array_equal(rows, np.arange(len(train_y))) or \
-            not np.array_equal(oof["label"].to_numpy(), train_y.astype(np.int64)):
-        raise PipelineError(f"{run.oof}: does not match the {len(train_y)} prepared train rows and "
-                            f"their labels; {ensemble.remake(run)}")
+def _log(run: RunDir, fold: int) -> pd.DataFrame:
+    if not run.log(fold).is_file():
+        raise PipelineError(f"{run.log(fold)}: missing (the training log of fold {fold}); "
+                            f"`make train RUN={run.id} FORCE=1` remakes it")
+    try:
+        return pd.read_csv(run.log(fold))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise PipelineError(f"{run.log(fold)}: not a readable CSV ({exc}); `make train RUN={run.id} "
+                            "FORCE=1` remakes it") from exc
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -124,7 +94,7 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = C
 
 def oof_confusion(run: Run) -> np.ndarray:
     """The out-of-fold confusion matrix of a run (sums to its number of train rows)."""
-    return confusion_matrix(run.oof["label"].to_numpy(), run.oof_pred)
+    return confusion_matrix(run.data.train_y, run.oof.argmax(1))
 
 
 def per_class(matrix: np.ndarray) -> pd.DataFrame:
@@ -136,10 +106,9 @@ def per_class(matrix: np.ndarray) -> pd.DataFrame:
                              "precision": correct / predicted})
 
 
-def confident_mistakes(oof: pd.DataFrame, limit: int = MISTAKES) -> pd.DataFrame:
+def confident_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int = MISTAKES) -> pd.DataFrame:
     """The wrong out-of-fold predictions the ensemble was surest of: row, label, predicted, confidence."""
-    probs = oof[PROB_COLUMNS].to_numpy()
-    frame = pd.DataFrame({"row": oof["row"].to_numpy(), "label": oof["label"].to_numpy(),
+    frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels.astype(np.int64),
                           "predicted": probs.argmax(1), "confidence": probs.max(1)})
     wrong = frame[frame["label"] != frame["predicted"]]
     return wrong.sort_values(["confidence", "row"], ascending=[False, True]).head(limit)
@@ -154,17 +123,21 @@ def class_balance(train_y: np.ndarray, test_pred: np.ndarray) -> pd.DataFrame:
                          "test predicted": share(test_pred)})
 
 
-def changed_config(config: dict[str, Any]) -> dict[str, bool]:
-    """For each config field, whether it is a hyperparameter changed from its default."""
-    changed = changed_settings(config)
-    return {name: name in changed for name in config}
-
-
 # -- the figures -------------------------------------------------------------------------------
+
+def pyplot() -> Any:
+    """pyplot on the file-only Agg backend, chosen here so importing the package never touches it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 
 def _save(fig: Any, path: Path, height_in: float) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=min(DPI, MAX_PIXELS / height_in))
@@ -175,14 +148,14 @@ def _save(fig: Any, path: Path, height_in: float) -> str:
 
 def plot_learning_curves(run: Run, path: Path) -> str:
     """One row per fold: loss and accuracy by epoch, train and validation, best epoch marked."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
     best = {int(f): e for f, e in zip(run.cv["fold"], epochs, strict=True) if f != "all"}
-    height = 2.4 * len(run.folds) + 0.4
-    fig, axes = plt.subplots(len(run.folds), 2, figsize=(10, height), squeeze=False)
-    for (ax_loss, ax_acc), k in zip(axes, run.folds, strict=True):
+    height = 2.4 * len(run.fold_ids) + 0.4
+    fig, axes = plt.subplots(len(run.fold_ids), 2, figsize=(10, height), squeeze=False)
+    for (ax_loss, ax_acc), k in zip(axes, run.fold_ids, strict=True):
         log = run.histories[k]
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             ax.plot(log["epoch"], log[f"train_{metric}"], "o-", ms=3, label="train")
@@ -200,7 +173,7 @@ def plot_learning_curves(run: Run, path: Path) -> str:
 
 def plot_confusion(matrix: np.ndarray, path: Path) -> str:
     """Colour by the share of each true class, so rare classes read as clearly as common ones."""
-    plt = _pyplot()
+    plt = pyplot()
     shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -218,15 +191,11 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> str:
     return _save(fig, path, 6)
 
 
-def plot_per_class(table: pd.DataFrame, path: Path) -> str:
-    plt = _pyplot()
+def plot_bars(frame: pd.DataFrame, path: Path, xlabel: str, ylabel: str, **bars: Any) -> str:
+    """Bars per class (one colour per other column, side by side): pandas' own bar plot."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(table["class"], table["accuracy"].fillna(0), color="tab:blue")
-    low = float(np.nanmin(table["accuracy"])) if table["accuracy"].notna().any() else 0.0
-    ax.set_ylim(max(0.0, low - 0.05), 1.0)
-    ax.set_xticks(table["class"])
-    ax.set_xlabel("true class")
-    ax.set_ylabel("out-of-fold accuracy")
+    frame.plot.bar(x="class", ax=ax, rot=0, xlabel=xlabel, ylabel=ylabel, **bars)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path, 3.5)
@@ -237,7 +206,7 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
 
     One montage in one axes: 32 separate axes would take seconds to lay out.
     """
-    plt = _pyplot()
+    plt = pyplot()
     cols, cell_w, cell_h, band = 8, 34, 46, 16  # pixels per cell; the band above a digit holds its text
     nrows = max(1, -(-len(mistakes) // cols))
     canvas = np.zeros((nrows * cell_h, cols * cell_w), np.uint8)
@@ -245,7 +214,7 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(cols * 1.25, height))
     for i, m in enumerate(mistakes.itertuples()):
         top, left = (i // cols) * cell_h, (i % cols) * cell_w
-        canvas[top + band:top + band + 28, left + 3:left + 31] = run.train_x[m.row]
+        canvas[top + band:top + band + 28, left + 3:left + 31] = run.data.train_x[m.row]
         ax.text(left + cell_w / 2, top + band / 2, f"row {m.row}\n{m.label} → {m.predicted} "
                 f"({m.confidence:.0%})", ha="center", va="center", fontsize=7)
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
@@ -258,108 +227,86 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
     return _save(fig, path, height)
 
 
-def plot_balance(balance: pd.DataFrame, path: Path) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    series = [c for c in balance.columns if c != "class"]
-    width = 0.8 / len(series)
-    for i, name in enumerate(series):
-        ax.bar(balance["class"] + (i - (len(series) - 1) / 2) * width, balance[name], width,
-               label=name)
-    ax.set_xticks(balance["class"])
-    ax.set_xlabel("class")
-    ax.set_ylabel("share of rows")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path, 3.5)
-
-
 # -- the page ----------------------------------------------------------------------------------
 
+# One template for both pages (a run's and a study's); Jinja2 escapes every value put into it.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>digits: {{ title }}</title><style>
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;border:1px solid #eee}
+.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em 1em}.changed{font-weight:bold;
+background:#eef6ff}code{background:#f3f3f3;padding:0 .2em}</style></head><body>
+{% if study %}<h1>Study {{ study }}</h1><pre>{{ status }}</pre>
+{% for name, src, why in figures %}<h2>{{ name }}</h2>{% if src %}<img src="{{ src }}" alt="{{ name }}">
+{% else %}<p>not drawn yet ({{ why }})</p>{% endif %}{% endfor %}
+{% else %}<h1>Run report</h1><p>{{ root }}, written {{ written }}</p>
+{% if sample %}<p class=warn>This run used the built-in SAMPLE (scikit-learn's digits), not the competition
+data: its numbers say nothing about the leaderboard.</p>{% endif %}
+<ul>{% for name, value in facts %}<li><b>{{ name }}:</b> {{ value }}</li>{% endfor %}</ul>
+<h2>Cross-validation (cv.csv)</h2>{{ cv }}
+{% for title, key, alt, text in figures %}<h2>{{ title }}</h2>{% if text %}<p>{{ text }}</p>{% endif %}
+<img src="{{ images[key] }}" alt="{{ alt }}">{% if key == "per_class" %}{{ per_class }}{% endif %}
+{% endfor %}<h2>Settings (config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
+<table><tr><th>setting</th><th>this run</th><th>default</th></tr>
+{% for name, value, default, changed in settings %}<tr{% if changed %} class=changed{% endif %}><td class=l>{{
+name }}</td><td class=l>{{ value }}</td><td class=l>{{ default }}</td></tr>{% endfor %}</table>{% endif %}
+</body></html>
+"""
+FIGURES = (  # a run page's figures: title, image, alt text, note
+    ("Learning curves", "curves", "learning curves per fold", ""),
+    ("Out-of-fold confusion matrix", "confusion", "confusion matrix",
+     "Rows are the true class, columns the predicted one."),
+    ("Per-class accuracy", "per_class", "per-class accuracy", ""),
+    ("Most confident out-of-fold mistakes", "mistakes", "most confident mistakes",
+     "{n} shown, surest first; row counts the images of input/train.csv from 0 (it is on line row + 2 "
+     "of the file)."),
+    ("Class balance: train labels and test predictions", "balance", "class balance",
+     "Test predictions: {test_from}."))
 
 
+def page(**values: Any) -> str:
+    from jinja2 import Environment
 
-def _cell(value: Any, digits: int) -> str:
-    if pd.isna(value):
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}"
-    return html.escape(str(value))
+    return Environment(autoescape=True).from_string(PAGE).render(**values)
 
 
-def html_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
-    """A plain HTML table; floats get 4 decimals unless `digits` names the column."""
-    digits = digits or {}
-    places = [digits.get(str(c), 4) for c in frame.columns]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v, d)}</td>" for v, d in zip(row, places, strict=True))
-                   + "</tr>" for row in frame.itertuples(index=False))
-    return f"<table><tr>{head}</tr>{body}</table>"
+def table(frame: pd.DataFrame, **digits: int) -> Markup:
+    """A plain HTML table of a frame; floats get 4 decimals unless digits names the column."""
+    from markupsafe import Markup
+
+    return Markup(frame.to_html(index=False, border=0, na_rep="", float_format="{:.4f}".format,
+                                formatters={c: f"{{:.{n}f}}".format for c, n in digits.items()}))
 
 
-def config_table(config: dict[str, Any]) -> str:
-    changed = changed_config(config)
-    defaults = asdict(Settings())
-    rows = "".join(
-        f"<tr{' class=changed' if changed[k] else ''}><td class=l>{html.escape(k)}</td>"
-        f"<td class=l>{html.escape(str(v))}</td><td class=l>{html.escape(str(defaults.get(k, '')))}</td></tr>"
-        for k, v in sorted(config.items()))
-    return f"<table><tr><th>setting</th><th>this run</th><th>default</th></tr>{rows}</table>"
-
-
-def _summary(run: Run, paths: Paths) -> str:
+def facts(run: Run) -> list[tuple[str, str]]:
+    """The run at a glance, for the top of its page."""
+    record = run.record
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
-    record = run.record
-    facts = [("run", run.name), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
-             ("model", record.model), ("train rows", str(len(run.train_y))),
-             ("data source", run.source), ("device", record.where),
-             ("time", format_seconds(record.seconds))]
+    said = [("run", run.folder.id), ("OOF accuracy", f"{acc:.4f}"), ("folds", str(len(run.cv) - 1)),
+            ("model", record.model), ("train rows", str(len(run.oof))), ("data source", record.source),
+            ("device", record.where), ("time", format_seconds(record.seconds))]
     if record.kaggle:
-        facts.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
-                      f"{record.kaggle.version}, {record.kaggle.accelerator})"))
-    if record.is_blend:  # the honest figure first, as make runs shows it
-        facts[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
-                    f"without each fold; in-sample {acc:.4f})")
-        facts.append(("members", record.members()))
-    if record.kept:
-        facts.append(("submission", f"submissions/{record.kept}"))
-    items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in facts)
-    return f"<ul>{items}</ul>"
+        said.append(("trained on Kaggle", f"kernel {record.kaggle.url} (version "
+                     f"{record.kaggle.version}, {record.kaggle.accelerator})"))
+    if run.folder.is_blend:  # the honest figure first, as make runs shows it
+        said[1] = ("OOF accuracy", f"{record.accuracy:.4f} honest (selection refitted "
+                   f"without each fold; in-sample {acc:.4f})")
+        said.append(("members", record.members()))
+    return said + ([("submission", f"submissions/{record.kept}")] if record.kept else [])
 
 
 def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.DataFrame,
            mistakes: pd.DataFrame) -> str:
-    warn = ("<p class=warn>This run used the built-in SAMPLE (scikit-learn's digits), not the "
-            "competition data: its numbers say nothing about the leaderboard.</p>"
-            if run.source == "sample" else "")
-    balance_note = f"Test predictions: {html.escape(run.test_from)}."
-
-    def img(key: str, alt: str) -> str:
-        return f'<img src="{html.escape(images[key])}" alt="{html.escape(alt)}">'
-
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>digits: run report</title>
-<style>{CSS}</style></head><body>
-<h1>Run report</h1>
-<p>{html.escape(str(paths.root))}, written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
-{warn}{_summary(run, paths)}
-<h2>Cross-validation (cv.csv)</h2>{html_table(run.cv, {"seconds": 1})}
-{f'<h2>Learning curves</h2>{img("curves", "learning curves per fold")}' if "curves" in images else ""}
-<h2>Out-of-fold confusion matrix</h2><p>Rows are the true class, columns the predicted one.</p>
-{img("confusion", "confusion matrix")}
-<h2>Per-class accuracy</h2>{img("per_class", "per-class accuracy")}{html_table(per_class_frame)}
-<h2>Most confident out-of-fold mistakes</h2>
-<p>{len(mistakes)} shown, surest first; <i>row</i> counts the images of input/train.csv from 0
-(it is on line row + 2 of the file).</p>
-{img("mistakes", "most confident mistakes")}
-<h2>Class balance: train labels and test predictions</h2><p>{balance_note}</p>
-{img("balance", "class balance")}
-<h2>Settings (config.json)</h2><p>Settings that differ from the defaults are highlighted.</p>
-{config_table(run.config)}
-</body></html>
-"""
+    config = run.record.config or run.folder.settings()
+    changed, defaults = changed_settings(config), asdict(Settings())
+    notes = {"n": len(mistakes), "test_from": f"runs/{run.folder.id}/test.csv"}
+    return page(title="run report", root=paths.root, written=time.strftime("%Y-%m-%d %H:%M:%S"),
+                sample=run.record.source == "sample", facts=facts(run), cv=table(run.cv, seconds=1),
+                figures=[(t, k, a, n.format(**notes)) for t, k, a, n in FIGURES if k in images],
+                images=images, per_class=table(per_class_frame),
+                settings=[(k, v, defaults.get(k, ""), k in changed) for k, v in sorted(config.items())])
 
 
 def pick(paths: Paths, name: str | None) -> RunDir:
@@ -371,27 +318,19 @@ def pick(paths: Paths, name: str | None) -> RunDir:
     why = "runs/latest is missing or unreadable" if name is None else ""
     if name is not None:
         try:
-            if ensemble.completed(run_dir(paths, name)) is None:
+            if run_dir(paths, name).completed() is None:
                 why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
         except PipelineError as exc:
             why = f"runs/latest names {name}, whose record is damaged ({exc})"
     if not why:
         assert name is not None
         return run_dir(paths, name)
-    done = [r.id for r in all_runs(paths) if _complete(r)]
+    done = [r.id for r in all_runs(paths) if complete(r) is not None]
     if not done:
         raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
                             "`make submit` makes one")
     raise PipelineError(f"report: {why}; name the run to draw: `make report RUN=<id>`, one of "
                         f"{', '.join(done)}")
-
-
-def _complete(run: RunDir) -> bool:
-    """Complete, and not damaged (a listing goes on past a damaged run)."""
-    try:
-        return ensemble.completed(run) is not None
-    except PipelineError:
-        return False
 
 
 def run(paths: Paths, run_dir: RunDir) -> Path:
@@ -400,7 +339,7 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
     try:
         return _draw(paths, run_dir, started)
     except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
-        fix = ensemble.remake(run_dir) if run_dir.id.startswith("blend-") else (
+        fix = run_dir.remake() if run_dir.is_blend else (
             f"`make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
             f"`make train RUN={run_dir.id} FORCE=1` its models")
         raise PipelineError(f"RUN={run_dir.id}: a file of the run is damaged ({type(exc).__name__}: "
@@ -408,27 +347,29 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
 
 
 def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
-    data = load_run(paths, run_dir)
-    out = paths.reports
-    matrix = oof_confusion(data)
+    run, out = load_run(paths, run_dir), paths.reports
+    matrix = oof_confusion(run)
     per_class_frame = per_class(matrix)
-    mistakes = confident_mistakes(data.oof)
+    mistakes = confident_mistakes(run.oof, run.data.train_y)
+    accuracy = per_class_frame[["class", "accuracy"]].fillna(0)
+    low = max(0.0, float(np.nan_to_num(per_class_frame["accuracy"].min(), nan=0.05)) - 0.05)
     images = {
-        **({"curves": plot_learning_curves(data, out / "learning_curves.png")} if data.histories
-           else {}),
+        **({"curves": plot_learning_curves(run, out / "learning_curves.png")} if run.histories else {}),
         "confusion": plot_confusion(matrix, out / "confusion_matrix.png"),
-        "per_class": plot_per_class(per_class_frame, out / "per_class_accuracy.png"),
-        "mistakes": plot_mistakes(data, mistakes, out / "confident_mistakes.png"),
-        "balance": plot_balance(class_balance(data.train_y, data.test_pred), out / "class_balance.png"),
+        "per_class": plot_bars(accuracy, out / "per_class_accuracy.png", "true class",
+                               "out-of-fold accuracy", legend=False, ylim=(low, 1)),
+        "mistakes": plot_mistakes(run, mistakes, out / "confident_mistakes.png"),
+        "balance": plot_bars(class_balance(run.data.train_y, run.test_pred), out / "class_balance.png",
+                             "class", "share of rows"),
     }
-    page = out / "index.html"
-    atomic_write_text(page, render(data, paths, images, per_class_frame, mistakes))
+    written = out / "index.html"
+    atomic_write_text(written, render(run, paths, images, per_class_frame, mistakes))
     accuracy = f"{np.trace(matrix) / matrix.sum():.4f}"
-    if data.record.is_blend:
-        accuracy = f"{data.record.accuracy:.4f} honest, {accuracy} in-sample"
-    print(f"report: {run_dir.id}: wrote {page} and {len(images)} figures in "
+    if run_dir.is_blend:
+        accuracy = f"{run.record.accuracy:.4f} honest, {accuracy} in-sample"
+    print(f"report: {run_dir.id}: wrote {written} and {len(images)} figures in "
           f"{time.perf_counter() - started:.1f}s (OOF accuracy {accuracy})")
-    return page
+    return written
 
 
 # -- a tuning study --------------------------------------------------------------------------------
@@ -441,8 +382,7 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
     from pipeline.tuning.study import load, status
 
     made = load(paths, study, url)
-    text = status(paths, study, url, made)
-    plt = _pyplot()
+    plt = pyplot()
     out = paths.reports / f"study-{study}"
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -451,20 +391,17 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
         try:
             axes = draw(made)
         except (ValueError, RuntimeError) as exc:  # importances need two complete trials and more
-            figures.append(f"<p>{name}: not drawn yet ({html.escape(str(exc))})</p>")
+            figures.append((name, "", str(exc)))
             continue
         figure: Any = axes.figure  # a Figure (mypy also allows a SubFigure, which has no savefig)
         figure.set_size_inches(8, 4.5)
         figure.tight_layout()
         figure.savefig(out / f"{name}.png", dpi=100)
         plt.close(figure)
-        figures.append(f'<h2>{name}</h2><img src="{name}.png" alt="{name}">')
-    page = out / "index.html"
-    atomic_write_text(page, f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>digits: study {html.escape(study)}</title>
-<style>{CSS}</style></head><body><h1>Study {html.escape(study)}</h1>
-<pre>{html.escape(text)}</pre>{''.join(figures)}</body></html>
-""")
-    print(f"report: study {study}: wrote {page}")
-    return page
+        figures.append((name, f"{name}.png", ""))
+    written = out / "index.html"
+    atomic_write_text(written, page(title=f"study {study}", study=study, figures=figures,
+                                    status=status(paths, study, url, made)))
+    print(f"report: study {study}: wrote {written}")
+    return written
 

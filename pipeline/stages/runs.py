@@ -9,10 +9,7 @@ from typing import Any
 
 from pipeline.config import Paths, describe_changes
 from pipeline.errors import PipelineError
-from pipeline.options import FORMATS, SORTS, default
-from pipeline.store import ensemble
-from pipeline.store.artifacts import STUDIES, RunDir, all_runs, latest, run_dir
-from pipeline.store.io import read_json
+from pipeline.options import default
 from pipeline.store.ledger import (
     format_seconds,
     format_table,
@@ -20,6 +17,7 @@ from pipeline.store.ledger import (
     score_text,
     warn_damaged,
 )
+from pipeline.store.run import STUDIES, RunDir, all_runs, latest, run_dir
 
 COLUMNS = ("run", "model", "changed settings", "OOF acc", "LB", "log loss", "fold spread", "time",
            "device", "source", "size", "finished")
@@ -42,7 +40,7 @@ def rows(paths: Paths, sort: str = default("sort")) -> list[dict[str, Any]]:
             out.append(_row(run, board))
         except PipelineError as exc:
             # One damaged folder is named, and the others are still shown.
-            print(f"runs: {run.id}: damaged record ({exc}); {ensemble.remake(run)}, "
+            print(f"runs: {run.id}: damaged record ({exc}); {run.remake()}, "
                   f"`make forget RUN={run.id}` deletes it", file=sys.stderr)
             out.append({**dict.fromkeys(COLUMNS, ""), "run": run.id, "size": size_text(run.size()),
                         "finished": "(damaged record)", "_acc": -2.0, "_time": 0.0})
@@ -52,17 +50,15 @@ def rows(paths: Paths, sort: str = default("sort")) -> list[dict[str, Any]]:
 
 def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
     """The table's row of one run folder; a PipelineError when its record is damaged."""
-    record = ensemble.completed(run)
-    config = read_json(run.config) or {}
-    if not isinstance(config, dict):
-        raise PipelineError(f"{run.config.name} is not a table of settings")
+    record = run.completed()
+    config = run.settings()
     if record is None:
         state = "(not complete)" if run.config.is_file() else "(interrupted, settings not recorded)"
         return {"run": run.id, "model": config.get("model", ""), "changed settings":
                 describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
                 "fold spread": "", "time": "", "device": "", "source": "",
                 "size": size_text(run.size()), "finished": state, "_acc": -1.0, "_time": 0.0}
-    if record.is_blend:
+    if run.is_blend:
         changed = "blend: " + record.members().replace(", ", " ")
         acc = f"{record.accuracy:.4f} (in-sample {record.oof_acc:.4f})"
     else:
@@ -92,10 +88,6 @@ def table(paths: Paths, sort: str = default("sort"), fmt: str = default("format"
 
 def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
     """Print the table of runs; returns it."""
-    if sort not in SORTS:
-        raise PipelineError(f"SORT={sort!r}: must be one of {', '.join(SORTS)}")
-    if fmt not in FORMATS:
-        raise PipelineError(f"FORMAT={fmt!r}: must be one of {', '.join(FORMATS)}")
     warn_damaged(paths, "runs")
     text = table(paths, sort, fmt)
     sys.stdout.write(text + "\n")

@@ -1,11 +1,13 @@
 """The train stage: one model per fold of a run, with a CSV log, the best epoch's weights and
 out-of-fold predictions, all in the run's folder.
 
-Per epoch, in order: shuffle (and augment on the device), step through the batches, evaluate on the
-fold's held-out rows, keep the best weights, save the resumable state, rewrite the log. A killed run
-loses at most the epoch in progress; the rerun resumes with the same optimizer, schedule and random
-state, so it ends exactly where an uninterrupted run would. The finished model is written only when
-the fold is finished, so a retrain (FORCE=1) never leaves a half-trained model in its place.
+train_fold reads top to bottom as it runs: the fold's rows on the device; its state (model,
+optimizer, schedule, random generator, the log so far, the best weights: one FoldState) made, or
+resumed whole from its last saved epoch; then per epoch: shuffle and augment on the device, step
+through the batches, evaluate on the held-out rows, keep the best weights, save the state, rewrite
+the log. A killed run loses at most the epoch in progress, and its rerun ends exactly where an
+uninterrupted run would. The finished model is written only when the fold is finished, so a retrain
+(FORCE=1) never leaves a half-trained model in its place.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,27 +26,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Paths, Settings, fingerprint, resolve
+from pipeline.config import Settings, fingerprint, resolve
 from pipeline.engine import checkpoint
 from pipeline.engine.augment import augment
+from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import describe, predict_log_proba, resolve_device
 from pipeline.engine.step import TrainStep, graph_wanted
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import (
-    LOG_COLUMNS,
-    Prepared,
-    Pseudo,
-    RunDir,
-    digest,
-    load_prepared,
-    mark_current,
-    needs_rerun,
-    read_folds,
-    read_probabilities,
-    write_probabilities,
-)
-from pipeline.store.io import read_json, write_csv, write_json
+from pipeline.store.data import digest
+from pipeline.store.fresh import Output
+from pipeline.store.io import write_csv, write_json
+from pipeline.store.run import LOG_COLUMNS, FoldRecord, Plan, read_probabilities, write_probabilities
+
+# (fold, epoch, valid accuracy) after each saved epoch; tuning reports there, and may stop the fold.
+OnEpoch = Callable[[int, int, float], None]
 
 
 def make_optimizer(cfg: Settings, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -78,6 +73,17 @@ def steps_per_epoch(cfg: Settings, n_rows: int) -> int:
     return steps
 
 
+def new_state(cfg: Settings, fold: int, n_rows: int, device: torch.device) -> FoldState:
+    """A fold's state before its first epoch: a fresh model, its optimizer and schedule, seeded."""
+    torch.manual_seed(cfg.seed * 1000 + fold)
+    model = build_model(cfg).to(device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, n_rows))
+    step = TrainStep(model, optimizer, scheduler, cfg, device,
+                     log=lambda message: print(f"fold {fold}: {message}"))
+    return FoldState(step, torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold))
+
+
 def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cfg: Settings,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The epoch's shuffled (and augmented) training images as float, with their labels.
@@ -94,15 +100,20 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
     return x, labels[order]
 
 
-def train_epoch(step: TrainStep, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-                cfg: Settings, generator: torch.Generator) -> tuple[float, float]:
+def train_epoch(state: FoldState, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                cfg: Settings) -> tuple[float, float]:
     """One pass over the fold's training rows; returns mean loss and accuracy."""
-    step.model.train()
-    step.reset()
-    x_epoch, y_epoch = epoch_batches(images, labels, rows, cfg, generator)
-    for start in range(0, steps_per_epoch(cfg, len(rows)) * cfg.batch, cfg.batch):
-        step(x_epoch[start:start + cfg.batch], y_epoch[start:start + cfg.batch])
-    return step.means()
+    state.step.model.train()
+    x, y = epoch_batches(images, labels, rows, cfg, state.generator)
+    seen = min(steps_per_epoch(cfg, len(rows)) * cfg.batch, len(rows))
+    # The sums stay on the device: reading them back each step would stall a GPU.
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for start in range(0, seen, cfg.batch):
+        loss, right = state.step(x[start:start + cfg.batch], y[start:start + cfg.batch])
+        loss_sum += loss
+        correct += right
+    return loss_sum.item() / seen, correct.item() / seen
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -144,102 +155,82 @@ class Progress:
             self.bar.close()
 
 
-def fold_inputs(run: RunDir, fold: int, pseudo: Pseudo | None = None) -> dict[str, Any]:
-    """What a fold's model is made from: its run (settings and data, by the run id), its fold and,
-    when distilled, the teacher's predictions."""
-    inputs: dict[str, Any] = {"run": run.id, "fold": fold}
-    if pseudo is not None:
-        inputs["teacher"] = pseudo.key
-    return inputs
+@dataclass(frozen=True)
+class FoldRows:
+    """A fold's data on the training device: every image (distilled: the test images after the
+    train images), the training targets (class indices, or distilled class probabilities), the
+    training rows, and the held-out rows with their images and labels. The training rows never
+    include a held-out row."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    train_rows: torch.Tensor
+    valid_rows: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
 
 
-def training_set(data: Prepared, fold_of: np.ndarray, fold: int, pseudo: Pseudo | None,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, training targets, training rows, held-out rows) of a fold, on the device.
-
-    The targets are class indices, or with pseudo rows class probabilities (one-hot for labelled
-    rows), and the images then hold the test images after the train images. The held-out rows are
-    train rows of the fold only; the training rows never include one of them."""
+def fold_rows(plan: Plan, fold: int, device: torch.device) -> FoldRows:
+    data, pseudo = plan.data, plan.pseudo
+    # The whole data set lives on the device as uint8; batches are indexed there.
     images = torch.from_numpy(data.train_x).to(device)
-    targets = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
-    train_rows = torch.from_numpy(np.flatnonzero(fold_of != fold)).to(device)
-    valid_rows = torch.from_numpy(np.flatnonzero(fold_of == fold)).to(device)
+    labels = torch.from_numpy(data.train_y.astype(np.int64)).to(device)
+    train_rows = torch.from_numpy(np.flatnonzero(plan.fold_of != fold)).to(device)
+    valid_rows = torch.from_numpy(np.flatnonzero(plan.fold_of == fold)).to(device)
+    targets = labels
     if pseudo is not None and len(pseudo.images):
         n = len(data.train_x)
         images = torch.cat([images, torch.from_numpy(pseudo.images).to(device)])
-        targets = torch.cat([F.one_hot(targets, 10).float(),
+        targets = torch.cat([F.one_hot(labels, 10).float(),
                              torch.from_numpy(pseudo.targets.astype(np.float32)).to(device)])
         train_rows = torch.cat([train_rows, torch.arange(n, n + len(pseudo.images), device=device)])
-    return images, targets, train_rows, valid_rows
+    return FoldRows(images, targets, train_rows, valid_rows, images[valid_rows], labels[valid_rows])
 
 
-def state_key(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | None = None) -> str:
-    """The key of a fold's resumable state: its run and fold, and the rows it holds out, so a saved
-    state resumes only on the rows it was trained on."""
-    return fingerprint({**fold_inputs(run, fold, pseudo), "held out": digest({"rows": fold_of == fold})})
+def fold_inputs(plan: Plan, fold: int) -> dict[str, Any]:
+    """What a fold's model is made from: its run (settings and data, by the run id), its fold and,
+    when distilled, the teacher's predictions."""
+    teacher = {} if plan.pseudo is None else {"teacher": plan.pseudo.key}
+    return {"run": plan.run.id, "fold": fold, **teacher}
 
 
-def train_fold(cfg: Settings, run: RunDir, fold: int, data: Prepared, fold_of: np.ndarray,
-               device: torch.device, bar_position: int | None = None,
-               on_epoch: Callable[[int, int, float], None] | None = None,
-               pseudo: Pseudo | None = None) -> dict[str, Any]:
-    """Train one fold (resuming its saved state if there is one); returns its record.
+def state_key(plan: Plan, fold: int) -> str:
+    """The key of a fold's resumable state: its inputs and the rows it holds out, so a saved state
+    resumes only on the rows it was trained on."""
+    return fingerprint({**fold_inputs(plan, fold), "held out": digest({"rows": plan.fold_of == fold})})
 
-    on_epoch(fold, epoch, valid_acc) is called after each epoch is saved (tuning reports there, and
-    may stop the fold by raising)."""
-    key = state_key(run, fold, fold_of, pseudo)
-    torch.manual_seed(cfg.seed * 1000 + fold)
-    model = build_model(cfg).to(device)
-    # The whole data set lives on the device as uint8; batches are indexed there.
-    images, targets, train_rows, valid_rows = training_set(data, fold_of, fold, pseudo, device)
-    valid_x = images[valid_rows]
-    valid_y = torch.from_numpy(data.train_y.astype(np.int64)).to(device)[valid_rows]
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch(cfg, len(train_rows)))
-    step = TrainStep(model, optimizer, scheduler, cfg, device,
-                     log=lambda message: print(f"fold {fold}: {message}"))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-    best_weights: dict[str, torch.Tensor] = {}
-    elapsed = 0.0
-    state = checkpoint.load_state(run.state(fold), key, device)
-    if state:
-        checkpoint.resume(state, step, generator)
-        history, best, best_weights, elapsed = (state["history"], state["best"],
-                                                state["best_weights"], state["elapsed"])
-        print(f"fold {fold}: resuming after epoch {len(history)} of {cfg.epochs}")
 
-    progress = Progress(fold, cfg.epochs, len(history), bar_position)
+def train_fold(plan: Plan, fold: int, device: torch.device, on_epoch: OnEpoch | None = None,
+               bar: int | None = None) -> FoldRecord:
+    """Train one fold, resuming its saved state if there is one; returns its record."""
+    cfg, run = plan.cfg, plan.run
+    rows = fold_rows(plan, fold, device)
+    state, key = new_state(cfg, fold, len(rows.train_rows), device), state_key(plan, fold)
+    if state.restore(run.state(fold), key):
+        print(f"fold {fold}: resuming after epoch {state.epoch} of {cfg.epochs}")
+    progress = Progress(fold, cfg.epochs, state.epoch, bar)
     try:
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            started = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            train_loss, train_acc = train_epoch(step, images, targets, train_rows, cfg, generator)
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            started, lr = time.perf_counter(), state.step.scheduler.get_last_lr()[0]
+            train_loss, train_acc = train_epoch(state, rows.images, rows.targets, rows.train_rows, cfg)
             train_seconds = time.perf_counter() - started
-            valid_loss, valid_acc, _ = evaluate(step.trained, valid_x, valid_y, cfg)
+            valid_loss, valid_acc, _ = evaluate(state.step.trained, rows.valid_x, rows.valid_y, cfg)
             _check_finite(fold, epoch, train_loss, valid_loss)
             seconds = time.perf_counter() - started
-            elapsed += seconds
-            history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                            "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
-                            "seconds": round(seconds, 3),
-                            "samples_per_s": round(len(train_rows) / max(train_seconds, 1e-9), 1)})
-            if not best or (valid_acc, -valid_loss) > (best["valid_acc"], -best["valid_loss"]):
-                best = {"epoch": epoch, "valid_acc": valid_acc, "valid_loss": valid_loss}
-                best_weights = {k: v.detach().cpu().clone() for k, v in step.trained.state_dict().items()}
-            checkpoint.save_state(run.state(fold), key, step, generator, history, best, best_weights,
-                                  elapsed)
+            state.end_epoch({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                             "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
+                             "seconds": round(seconds, 3), "samples_per_s": round(
+                                 len(rows.train_rows) / max(train_seconds, 1e-9), 1)}, seconds)
+            state.save(run.state(fold), key)
             if not run.config.is_file():  # with the first state that resumes: RUN=<id> resumes it
                 write_json(run.config, asdict(cfg))
-            write_csv(run.log(fold), pd.DataFrame(history, columns=LOG_COLUMNS))
-            progress.update(history[-1])
+            write_csv(run.log(fold), pd.DataFrame(state.history, columns=LOG_COLUMNS))
+            progress.update(state.history[-1])
             if on_epoch is not None:
                 on_epoch(fold, epoch, valid_acc)
     finally:
         progress.close()
-    return _finish(cfg, run, fold, model, best, best_weights, elapsed, device, valid_x, valid_y,
-                   valid_rows, pseudo)
+    return _finish(plan, fold, state, rows)
 
 
 def _check_finite(fold: int, epoch: int, train_loss: float, valid_loss: float) -> None:
@@ -250,42 +241,37 @@ def _check_finite(fold: int, epoch: int, train_loss: float, valid_loss: float) -
             "nothing of this epoch was saved")
 
 
-def _finish(cfg: Settings, run: RunDir, fold: int, model: torch.nn.Module, best: dict[str, Any],
-            best_weights: dict[str, torch.Tensor], elapsed: float, device: torch.device,
-            valid_x: torch.Tensor, valid_y: torch.Tensor, valid_rows: torch.Tensor,
-            pseudo: Pseudo | None) -> dict[str, Any]:
+def _finish(plan: Plan, fold: int, state: FoldState, rows: FoldRows) -> FoldRecord:
     """The best epoch's weights become the finished model; its out-of-fold predictions go beside it."""
-    model.load_state_dict(best_weights)
-    _, _, log_probs = evaluate(model, valid_x, valid_y, cfg)
+    run, model, best = plan.run, state.step.model, state.best
+    model.load_state_dict(state.best_weights)
+    _, _, log_probs = evaluate(model, rows.valid_x, rows.valid_y, plan.cfg)
     write_probabilities(run.oof_fold(fold), log_probs.exp().cpu().numpy(),
-                        {"row": valid_rows.cpu().numpy(), "label": valid_y.cpu().numpy()})
-    checkpoint.save(run.model(fold), checkpoint.finished(model, cfg, best))
-    record = {"fold": fold, "best_epoch": best["epoch"], "valid_loss": best["valid_loss"],
-              "valid_acc": best["valid_acc"], "seconds": round(elapsed, 2),
-              "device": describe(device), "trained_at": time.time()}
-    mark_current(run.fold_record(fold), fold_inputs(run, fold, pseudo), **record)
+                        {"row": rows.valid_rows.cpu().numpy(), "label": rows.valid_y.cpu().numpy()})
+    checkpoint.save_finished(run.model(fold), model, plan.cfg, best)
+    made = fold_output(plan, fold).mark(
+        fold=fold, best_epoch=best["epoch"], valid_loss=best["valid_loss"], valid_acc=best["valid_acc"],
+        seconds=round(state.elapsed, 2), device=describe(state.step.device), trained_at=time.time())
     run.state(fold).unlink(missing_ok=True)
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
-          f"valid_loss {best['valid_loss']:.4f}, {elapsed:.1f}s")
-    return record
+          f"valid_loss {best['valid_loss']:.4f}, {state.elapsed:.1f}s")
+    return FoldRecord(**{k: v for k, v in made.items()})
 
 
-def fold_stale(run: RunDir, fold: int, fold_of: np.ndarray, pseudo: Pseudo | None = None,
-               force: bool = False) -> str:
-    """Why the fold must be trained (said in one line), '' when its finished model, its out-of-fold
-    predictions and record are current and the model held out exactly the rows the folds give this
-    fold now (a model trained on other folds is never current)."""
+def fold_output(plan: Plan, fold: int) -> Output:
+    """A fold's finished model, out-of-fold predictions and record, as the freshness rule sees
+    them: a model that held out other rows than the folds give this fold now is never current."""
+    run = plan.run
 
     def check() -> None:
         checkpoint.model_from(run.model(fold))
-        rows, _ = read_probabilities(run.oof_fold(fold), "row")
-        if not np.array_equal(np.sort(rows.astype(np.int64)), np.flatnonzero(fold_of == fold)):
+        held_out, _ = read_probabilities(run.oof_fold(fold), "row")
+        if not np.array_equal(np.sort(held_out.astype(np.int64)), np.flatnonzero(plan.fold_of == fold)):
             raise PipelineError(f"{run.oof_fold(fold).name}: trained on other folds than "
-                                f"{len(np.unique(fold_of))} folds of input/folds.csv give")
+                                f"{len(np.unique(plan.fold_of))} folds of input/folds.csv give")
 
-    return needs_rerun(f"train: fold {fold}", run.fold_record(fold), fold_inputs(run, fold, pseudo),
-                       [run.model(fold), run.oof_fold(fold)], check=check, force=force,
-                       current="its model is current")
+    return Output(run.fold_record(fold), fold_inputs(plan, fold), (run.model(fold), run.oof_fold(fold)),
+                  check)
 
 
 def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
@@ -299,50 +285,43 @@ def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
     steps_per_epoch(cfg, smallest)
 
 
-def run(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
-        folds: list[int] | None = None, force: bool = False,
-        on_epoch: Callable[[int, int, float], None] | None = None,
-        pseudo: Pseudo | None = None) -> list[dict[str, Any]]:
+def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
+        on_epoch: OnEpoch | None = None) -> list[FoldRecord]:
     """Train every fold of the run, or only those given, skipping the current ones (force: retrain
-    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn).
-    pseudo: distillation's extra rows (the run's TEACHER's test predictions)."""
-    n_folds = cfg.folds
-    for fold in folds or []:
+    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn)."""
+    cfg, n_folds = plan.cfg, plan.cfg.folds
+    for fold in fold_ids or []:
         if not 0 <= fold < n_folds:
-            raise PipelineError(f"FOLD={fold}: no fold {fold} in this run; its folds are 0 to "
-                                f"{n_folds - 1}")
-    folds = list(range(n_folds)) if folds is None else folds
+            raise PipelineError(f"FOLD={fold}: no fold {fold} in this run; its folds are 0 to {n_folds - 1}")
+    fold_ids = list(range(n_folds)) if fold_ids is None else fold_ids
     device = resolve_device(cfg.device)  # before anything is written: a wrong DEVICE changes nothing
-    if cfg.teacher and pseudo is None:
+    if cfg.teacher and plan.pseudo is None:
         raise PipelineError(f"TEACHER={cfg.teacher}: a distilled run trains on its teacher's test "
                             "predictions; `make distill TEACHER=...` (or `make submit`) gives them")
-    check_settings(cfg, fold_of)
-    todo = []
-    for k in folds:
-        if fold_stale(run_dir, k, fold_of, pseudo, force=force):
-            todo.append(k)
-    if todo and pseudo is not None and pseudo.teacher_gone:
+    check_settings(cfg, plan.fold_of)
+    todo = [k for k in fold_ids if fold_output(plan, k).rerun(f"train: fold {k}", "its model is current",
+                                                               force)]
+    jobs = _jobs(plan, todo, device, on_epoch)
+    if jobs > 1:
+        _run_parallel(plan, todo, device, jobs)
+    else:
+        for k in todo:
+            train_fold(plan, k, device, on_epoch)
+    if not plan.run.config.is_file():  # written with a fold's first saved epoch, never before
+        write_json(plan.run.config, asdict(cfg))
+    return [plan.run.fold(k) for k in fold_ids]
+
+
+def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch | None) -> int:
+    """How many folds train at once (0: none to train), said in one line with where."""
+    cfg = plan.cfg
+    if todo and plan.pseudo is not None and plan.pseudo.teacher_gone:
         raise PipelineError(f"TEACHER={cfg.teacher}: no such run or blend any more (forgotten?), and "
-                            f"folds {todo} of {run_dir.id} need its test predictions to train, so they "
+                            f"folds {todo} of {plan.run.id} need its test predictions to train, so they "
                             "cannot be trained; distill from another teacher (TEACHER=<id>; `make runs` "
                             "lists them)")
-    if todo:
-        _train_folds(cfg, paths, run_dir, data, fold_of, todo, device, on_epoch, pseudo)
-    if not run_dir.config.is_file():  # written with a fold's first saved epoch, never before
-        write_json(run_dir.config, asdict(cfg))
-    return [read_fold_record(run_dir, k) for k in folds]
-
-
-def read_fold_record(run: RunDir, fold: int) -> dict[str, Any]:
-    record = read_json(run.fold_record(fold))
-    if not isinstance(record, dict):
-        raise PipelineError(f"{run.fold_record(fold)}: missing or unreadable")
-    return record
-
-
-def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, fold_of: np.ndarray,
-                 todo: list[int], device: torch.device,
-                 on_epoch: Callable[[int, int, float], None] | None, pseudo: Pseudo | None) -> None:
+    if not todo:
+        return 0
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
@@ -351,35 +330,31 @@ def _train_folds(cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared, f
     graphs = ", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = min(cfg.jobs or (len(todo) if device.type == "cuda" else 1), len(todo))
-    if jobs > 1 and on_epoch is None:
-        _run_parallel(cfg, paths, run_dir, todo, device, jobs, graphs, pseudo)
-        return
-    print(f"train: {run_dir.id}: folds {todo} on {describe(device)}{graphs}")
-    for k in todo:
-        train_fold(cfg, run_dir, k, data, fold_of, device, on_epoch=on_epoch, pseudo=pseudo)
+    jobs = 1 if on_epoch is not None else jobs
+    if jobs == 1:
+        print(f"train: {plan.run.id}: folds {todo} on {describe(device)}{graphs}")
+        return 1
+    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
+    where = describe(device, max(1, torch.get_num_threads() // jobs))
+    print(f"train: {plan.run.id}: {jobs} folds at a time on {where}" + (" each" if device.type == "cpu"
+          else "") + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
+    return jobs
 
 
-def _run_parallel(cfg: Settings, paths: Paths, run_dir: RunDir, todo: list[int], device: torch.device,
-                  jobs: int, graphs: str, pseudo: Pseudo | None) -> None:
+def _run_parallel(plan: Plan, todo: list[int], device: torch.device, jobs: int) -> None:
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
-    where = describe(device, threads) + (" each" if device.type == "cpu" else "")
-    print(f"train: {run_dir.id}: {jobs} folds at a time on {where}"
-          + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        tasks = [pool.submit(_fold_worker, asdict(cfg), str(paths.root), run_dir.id, k,
-                             f"cuda:{i % gpus}" if gpus > 1 else str(device), threads, i, pseudo)
-                 for i, k in enumerate(todo)]
+        tasks = [pool.submit(_fold_worker, plan, k, f"cuda:{i % gpus}" if gpus > 1 else str(device),
+                             threads, i) for i, k in enumerate(todo)]
         for task in tasks:
             task.result()
 
 
-def _fold_worker(cfg_fields: dict[str, Any], root: str, run_id: str, fold: int, device: str,
-                 threads: int, position: int, pseudo: Pseudo | None) -> dict[str, Any]:
+def _fold_worker(plan: Plan, fold: int, device: str, threads: int, position: int) -> FoldRecord:
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
-    paths = Paths(Path(root))
     # The settings come from another process: checked as the command line checks them.
-    return train_fold(resolve(overrides=cfg_fields), RunDir(paths.runs / run_id), fold, load_prepared(paths),
-                      read_folds(paths), torch.device(device), position, pseudo=pseudo)
+    plan = replace(plan, cfg=resolve(overrides=asdict(plan.cfg)))
+    return train_fold(plan, fold, torch.device(device), bar=position)

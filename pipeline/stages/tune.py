@@ -25,22 +25,20 @@ from typing import Any
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.options import default
-from pipeline.store.artifacts import Prepared, check_name, studies_dir
+from pipeline.store.data import Prepared
 from pipeline.store.io import atomic_write_text, write_json
-from pipeline.tuning.space import load_space
-from pipeline.tuning.study import open_study, requeue_stopped
-from pipeline.tuning.trial import Job, Stages, optimize, worker
+from pipeline.store.run import check_name, studies_dir
+from pipeline.tuning.study import Job, open_study, requeue_stopped
+from pipeline.tuning.trial import optimize, worker
 
 
-def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stages, study: str,
-        trials: int, workers: int = default("workers"), url: str | None = None,
-        space_path: Path | None = None, tune_folds: int = default("tune_folds"),
-        pruner: str = default("pruner")) -> dict[str, Any]:
-    """Run trials until the study has `trials` finished ones (complete or pruned); returns a summary."""
+def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None = None) -> dict[str, Any]:
+    """Run trials until the study has job.trials finished ones (complete or pruned), searching the
+    space file (default: tune.toml); returns a summary."""
     import optuna
     from optuna.trial import TrialState
 
+    base, study, trials, workers, tune_folds = job.base, job.study, job.trials, job.workers, job.tune_folds
     check_name(study, "STUDY")
     if base.teacher:
         raise PipelineError(f"TEACHER={base.teacher}: a study's trials are not distilled runs; tune "
@@ -48,12 +46,11 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stag
     for name, value, low in (("TRIALS", trials, 1), ("WORKERS", workers, 1), ("TUNE_FOLDS", tune_folds, 0)):
         if value < low:
             raise PipelineError(f"{name}={value} is out of range; it must be a whole number from {low}")
-    space = load_space(space_path or paths.root / "tune.toml")
+    job = job.with_space(space)
     # One worker on its own storage is reproducible (SEED); workers sharing a study must not all
     # draw the same settings, so they draw unseeded.
-    made = open_study(paths, study, url, space, pruner, base,
-                      seed=base.seed if workers == 1 and not url else None, tune_folds=tune_folds)
-    requeue_stopped(made, journal=not url)
+    made = open_study(paths, job, seed=base.seed if workers == 1 and not job.url else None)
+    requeue_stopped(made, journal=not job.url)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     have = len(made.get_trials(deepcopy=False, states=finished))
     started = time.perf_counter()
@@ -63,11 +60,10 @@ def run(paths: Paths, base: Settings, data: Prepared, fold_of: Any, stages: Stag
     else:
         print(f"tune: study {study}: {have} finished trials, running until {trials} "
               f"({workers} worker(s), {'TUNE_FOLDS=' + str(tune_folds) if tune_folds else 'all folds'}, "
-              f"pruner {pruner})")
+              f"pruner {job.pruner})")
         # Each worker runs its share of what is missing; the callback stops all at the study's total
         # (several machines on one database may overshoot it by a trial or so each).
         shares = [(trials - have) // workers + (i < (trials - have) % workers) for i in range(workers)]
-        job = Job(paths.root, base, space, study, url, trials, tune_folds, pruner, workers, stages)
         try:
             if workers > 1:
                 _run_workers(job, shares)

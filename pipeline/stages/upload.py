@@ -16,10 +16,10 @@ from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.options import FORMATS, default
+from pipeline.options import default
 from pipeline.store import ledger
-from pipeline.store.artifacts import data_source, latest, run_dir
-from pipeline.store.io import read_json
+from pipeline.store.data import data_source
+from pipeline.store.run import latest, run_dir
 from pipeline.store.submission import COMPETITION_TEST_ROWS, validate_file
 
 SUBMISSIONS_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/submissions"
@@ -97,8 +97,6 @@ def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeou
 def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = default("format")) -> str:
     """Print the account's submissions with where each came from; records scores that arrived
     for uploads still pending in the record. Returns the text printed."""
-    if fmt not in FORMATS:
-        raise PipelineError(f"FORMAT={fmt!r}: must be one of table, csv")
     from pipeline.kaggle import api as kaggle_api
 
     with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:
@@ -137,10 +135,9 @@ def _refuse_sample(paths: Paths) -> None:
     """The submission's data must not be the built-in sample, by either record of where it came from."""
     name = latest(paths)
     records = {str(paths.source_json): data_source(paths)}
-    # Read as plain JSON, not as a RunRecord: even a damaged record that says "sample" stops it.
-    made = read_json(run_dir(paths, name).record) if name else None
-    if isinstance(made, dict):
-        records[f"runs/{name}/run.json"] = str(made.get("source"))
+    # Even a damaged record that says "sample" stops it.
+    if name and (source := run_dir(paths, name).source()) is not None:
+        records[f"runs/{name}/run.json"] = source
     for where, source in records.items():
         if source == "sample":
             raise PipelineError(

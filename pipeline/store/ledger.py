@@ -31,10 +31,8 @@ from typing import Any
 
 from pipeline.config import Paths, changed_settings
 from pipeline.errors import PipelineError
-from pipeline.store import ensemble
-from pipeline.store.artifacts import RunDir, latest, set_latest
-from pipeline.store.ensemble import RunRecord
 from pipeline.store.io import write_csv
+from pipeline.store.run import RunDir, RunRecord, latest, set_latest
 from pipeline.store.submission import validate_file
 
 
@@ -225,7 +223,7 @@ def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
         kept = _unique(paths.submissions / f"{time.strftime('%Y%m%d-%H%M%S')}-{record.model}"
                        f"-cv{record.accuracy:.4f}{mark}.csv")
         write_csv(kept, frame)
-        record = ensemble.save(run, replace(record, kept=kept.name))
+        record = run.save(replace(record, kept=kept.name))
         add(paths, {"run": run.id, "model": record.model, "config": record.config,
                     "oof_acc": record.oof_acc, "oof_acc_tta": record.oof_acc_tta,
                     "oof_acc_honest": record.oof_acc_honest, "tta": record.tta,

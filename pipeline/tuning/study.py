@@ -1,18 +1,58 @@
-"""A study: where it is stored (a journal in runs/tune/<study>/, or a database shared by several
-machines, with retries and heartbeats), how it is opened or continued, its stopped trials queued
-again, and its status.
+"""A study: what is asked of it (Job), where it is stored (a journal in runs/tune/<study>/, or a
+database shared by several machines, with retries and heartbeats), how it is opened or continued,
+its stopped trials queued again, and its status. The train and predict stages come from the command
+line (Stages), so no stage imports another.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
-from pipeline.options import PRUNERS
-from pipeline.store.artifacts import check_name, studies_dir
+from pipeline.options import default
+from pipeline.store.run import FoldRecord, RunRecord, check_name, studies_dir
+from pipeline.tuning.space import Space, load_space
+
+
+@dataclass(frozen=True)
+class Stages:
+    """train.run (the plan's given folds, reporting each epoch; raising optuna.TrialPruned there
+    stops the fold) and predict.run (the run's record: its oof_acc is the trial's score)."""
+
+    train: Callable[..., list[FoldRecord]]
+    predict: Callable[..., RunRecord]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A study to run, as the command line asks for it: everything a trial process needs to run its
+    share (but the data, which it loads itself)."""
+
+    root: Path
+    base: Settings
+    stages: Stages
+    study: str
+    trials: int  # the study's total of finished trials, where every worker stops
+    url: str | None = None
+    space: Space = field(default_factory=dict)
+    workers: int = default("workers")
+    tune_folds: int = default("tune_folds")
+    pruner: str = default("pruner")
+
+    def with_space(self, path: Path | None) -> Job:
+        """The job with its search space read and checked (default: the project's tune.toml)."""
+        return replace(self, space=load_space(path or self.root / "tune.toml"))
+
+    def fold_ids(self, cfg: Settings) -> list[int]:
+        """The folds a trial trains and is scored on."""
+        return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
+
 
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
 
@@ -104,10 +144,10 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
     raise AssertionError("unreachable")
 
 
-def scoring(base: Settings, tune_folds: int, pruner: str) -> dict[str, Any]:
+def scoring(job: Job) -> dict[str, Any]:
     """How a study's trials are scored: on their first k folds (k = all of them when TUNE_FOLDS=0)
     and which pruner stops them. Trials scored otherwise cannot be ranked against each other."""
-    return {"scored on folds": min(tune_folds or base.folds, base.folds), "pruner": pruner}
+    return {"scored on folds": len(job.fold_ids(job.base)), "pruner": job.pruner}
 
 
 def _words(scored: dict[str, Any], base: Settings) -> str:
@@ -116,9 +156,7 @@ def _words(scored: dict[str, Any], base: Settings) -> str:
     return f"{folds}, PRUNER={scored.get('pruner')}"
 
 
-def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
-               pruner: str, base: Settings, seed: int | None = None,
-               tune_folds: int = 0) -> Any:
+def open_study(paths: Paths, job: Job, seed: int | None = None) -> Any:
     """The study, made or continued; refused when it was made with another space, base or scoring.
 
     seed: the sampler's, mixed with the number of trials the study already has, so a continued
@@ -127,18 +165,17 @@ def open_study(paths: Paths, study: str, url: str | None, space: dict[str, Any],
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
-    if pruner not in PRUNERS:
-        raise PipelineError(f"PRUNER={pruner!r}: must be one of {', '.join(PRUNERS)}")
+    study, base = job.study, job.base
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30),
                "wilcoxon": optuna.pruners.WilcoxonPruner(p_threshold=0.1),
                "none": optuna.pruners.NopPruner()}
-    made = optuna.create_study(storage=storage(paths, study, url), study_name=study,
-                               direction="maximize", load_if_exists=True, pruner=pruners[pruner])
+    made = optuna.create_study(storage=storage(paths, study, job.url), study_name=study,
+                               direction="maximize", load_if_exists=True, pruner=pruners[job.pruner])
     have = len(made.get_trials(deepcopy=False))
     made.sampler = optuna.samplers.TPESampler(
         n_startup_trials=8, seed=None if seed is None else (seed * 1_000_003 + have) % 2**32)
-    described = json.dumps({"space": space, "base": base.learned()}, sort_keys=True, default=str)
-    scored = scoring(base, tune_folds, pruner)
+    described = json.dumps({"space": job.space, "base": base.learned()}, sort_keys=True, default=str)
+    scored = scoring(job)
     recorded = made.user_attrs.get("space")
     if recorded is None:
         made.set_user_attr("space", described)

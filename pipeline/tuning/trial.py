@@ -1,71 +1,20 @@
 """One trial: the settings it draws, the run it trains (and scores), and the worker processes that
-run trials.
-
-How a trial trains and scores is a typed contract (Stages: the train and predict stages' run
-functions), given by the command line, so no stage imports another. A worker process gets one
-frozen Job: everything it needs but the data, which it loads itself.
-"""
+run trials (each given the study's Job: everything but the data, which it loads itself)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import Paths, Settings, resolve, validate
 from pipeline.errors import PipelineError
-from pipeline.store.artifacts import Prepared, RunDir, run_dir, run_id
-from pipeline.store.ensemble import RunRecord
-from pipeline.tuning.space import Space, suggest
-from pipeline.tuning.study import open_study, progress
-
-# (fold, epoch, valid accuracy) after each epoch; raising optuna.TrialPruned stops the fold.
-OnEpoch = Callable[[int, int, float], None]
-
-
-class TrainRun(Protocol):
-    """The train stage: trains the run's given folds (reporting each epoch), returns their records."""
-
-    def __call__(self, cfg: Settings, paths: Paths, run_dir: RunDir, data: Prepared,
-                 fold_of: np.ndarray, folds: list[int] | None = None, force: bool = False,
-                 on_epoch: OnEpoch | None = None) -> list[dict[str, Any]]: ...
-
-
-class PredictRun(Protocol):
-    """The predict stage: the run's ensemble and its record (oof_acc: the trial's score)."""
-
-    def __call__(self, cfg: Settings, paths: Paths, run: RunDir, data: Prepared, fold_of: np.ndarray,
-                 folds: list[dict[str, Any]], force: bool = False, publish: bool = True) -> RunRecord: ...
-
-
-@dataclass(frozen=True)
-class Stages:
-    train: TrainRun
-    predict: PredictRun
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a trial process needs to run its share of a study."""
-
-    root: Path
-    base: Settings
-    space: Space
-    study: str
-    url: str | None
-    trials: int  # the study's total of finished trials, where every worker stops
-    tune_folds: int
-    pruner: str
-    workers: int
-    stages: Stages
-
-    def folds(self, cfg: Settings) -> list[int]:
-        """The folds a trial trains and is scored on."""
-        return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
+from pipeline.store.data import Prepared, load_prepared, read_folds
+from pipeline.store.run import FoldRecord, Plan, RunDir, run_dir, run_id
+from pipeline.tuning.space import suggest
+from pipeline.tuning.study import Job, open_study, progress
 
 
 class Objective:
@@ -107,7 +56,8 @@ class Objective:
     def _train(self, trial: Any, cfg: Settings, run: RunDir) -> float:
         import optuna
 
-        stages, pruner, folds = self.job.stages, self.job.pruner, self.job.folds(cfg)
+        stages, pruner, fold_ids = self.job.stages, self.job.pruner, self.job.fold_ids(cfg)
+        plan = Plan(cfg, self.paths, run, self.data, self.fold_of)
 
         def on_epoch(fold: int, epoch: int, valid_acc: float) -> None:
             if pruner == "wilcoxon":
@@ -117,19 +67,17 @@ class Objective:
                 trial.set_user_attr("outcome", f"pruned at fold {fold} epoch {epoch}")
                 raise optuna.TrialPruned()
 
-        records = []
-        for fold in folds:  # fold by fold, so the Wilcoxon pruner can stop between them
-            records += stages.train(cfg, self.paths, run, self.data, self.fold_of, folds=[fold],
-                                    on_epoch=on_epoch)
+        records: list[FoldRecord] = []
+        for fold in fold_ids:  # fold by fold, so the Wilcoxon pruner can stop between them
+            records += stages.train(plan, [fold], on_epoch=on_epoch)
             if pruner == "wilcoxon":
-                trial.report(records[-1]["valid_acc"], fold)
+                trial.report(records[-1].valid_acc, fold)
                 if trial.should_prune():
                     trial.set_user_attr("outcome", f"pruned after fold {fold}")
                     raise optuna.TrialPruned()
-        if len(folds) == cfg.folds:
-            made = stages.predict(cfg, self.paths, run, self.data, self.fold_of, records, publish=False)
-            return float(made.oof_acc)
-        return sum(r["valid_acc"] for r in records) / len(records)
+        if len(fold_ids) == cfg.folds:
+            return float(stages.predict(plan, records, publish=False).oof_acc)
+        return sum(r.valid_acc for r in records) / len(records)
 
 
 def optimize(made: Any, job: Job, paths: Paths, data: Prepared, fold_of: np.ndarray,
@@ -150,16 +98,13 @@ def worker(job: Job, share: int) -> None:
 
     import torch
 
-    from pipeline.store.artifacts import load_prepared, read_folds
-
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
         # The base settings come from another process: checked as the command line checks them.
         job = replace(job, base=resolve(overrides=asdict(job.base)))
         paths = Paths(job.root)
-        made = open_study(paths, job.study, job.url, job.space, job.pruner, job.base,
-                          tune_folds=job.tune_folds)
+        made = open_study(paths, job)
         optimize(made, job, paths, load_prepared(paths), read_folds(paths), share)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

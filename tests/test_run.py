@@ -1,10 +1,9 @@
-"""The ensemble's files and record (pipeline/store/ensemble.py): one writer for predict and blend,
-one reader for everyone, one log loss."""
+"""A run's folder (pipeline/store/run.py): the ensemble's files, one writer for predict and blend,
+one reader for everyone; its typed records; one log loss."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,13 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss as sklearn_log_loss
 
 from pipeline.errors import PipelineError
-from pipeline.store import ensemble
-from pipeline.store.artifacts import RunDir
-from pipeline.store.ensemble import RunRecord
+from pipeline.store.run import FoldRecord, RunDir, RunRecord, log_loss, scores
 
 
 def record(**changes: object) -> RunRecord:
     values = dict(kind="run", model="rnn", oof_acc=0.9, oof_loss=0.3, fold_min=0.89, fold_max=0.91,
-                  seconds=3.0, finished=1.7e9, data="d", folds=2, fold_seed=42, key="k")
-    return RunRecord(**{**values, **changes})
+                  seconds=3.0, finished=1.7e9, data="d", n_folds=2, fold_seed=42, key="k")
+    return RunRecord(**{**values, **changes})  # type: ignore[arg-type]
 
 
 @given(rows=st.integers(1, 40), seed=st.integers(0, 2**16), scale=st.floats(0.01, 100))
@@ -32,7 +29,7 @@ def test_log_loss_is_scikit_learns(rows: int, seed: int, scale: float) -> None:
     labels = rng.integers(0, 10, rows)
     probs[0, labels[0]] = 0.0  # a zero probability of the true class is clipped, not infinite
     expected = sklearn_log_loss(labels, probs / probs.sum(1, keepdims=True), labels=list(range(10)))
-    assert ensemble.log_loss(probs, labels) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert log_loss(probs, labels) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 def test_the_writer_makes_files_the_readers_accept(tmp_path: Path) -> None:
@@ -41,20 +38,21 @@ def test_the_writer_makes_files_the_readers_accept(tmp_path: Path) -> None:
     fold_of = np.arange(12) % 3
     oof, test = rng.dirichlet(np.ones(10), 12), rng.dirichlet(np.ones(10), 7)
     out = RunDir(tmp_path / "runs" / "r")
-    cv = ensemble.write(out, oof, test, labels, fold_of,
-                        fold_facts=[{"best_epoch": k + 1, "seconds": 1.5} for k in range(3)])
-    back_oof, back_test = ensemble.check_probabilities(out, 12, 7)
+    facts = [FoldRecord(fold=k, best_epoch=k + 1, valid_loss=0.3, valid_acc=0.9, seconds=1.5, device="cpu",
+                        trained_at=1.7e9) for k in range(3)]
+    cv = out.write(oof, test, labels, fold_of, facts)
+    back_oof, back_test = out.probabilities(12, 7)
     np.testing.assert_allclose(back_oof, oof, rtol=1e-5)
     np.testing.assert_allclose(back_test, test, rtol=1e-5)
-    table = ensemble.check_cv(out.cv, 3)
+    table = out.cv_table(3)
     assert list(table["fold"]) == ["0", "1", "2", "all"] and list(cv["best_epoch"][:3]) == [1, 2, 3]
     for k in range(3):
         held = fold_of == k
         assert table["valid_acc"][k] == pytest.approx((oof[held].argmax(1) == labels[held]).mean())
-    assert table["valid_loss"].iloc[-1] == pytest.approx(ensemble.log_loss(oof, labels), rel=1e-6)
+    assert table["valid_loss"].iloc[-1] == pytest.approx(log_loss(oof, labels), rel=1e-6)
     per_fold = [(oof[fold_of == k].argmax(1) == labels[fold_of == k]).mean() for k in range(3)]
-    assert ensemble.scores(cv) == pytest.approx({
-        "oof_acc": (oof.argmax(1) == labels).mean(), "oof_loss": ensemble.log_loss(oof, labels),
+    assert scores(cv) == pytest.approx({
+        "oof_acc": (oof.argmax(1) == labels).mean(), "oof_loss": log_loss(oof, labels),
         "fold_min": min(per_fold), "fold_max": max(per_fold)})
     assert list(cv.columns) == ["fold", "best_epoch", "valid_loss", "valid_acc", "rows", "seconds"]
     assert list(cv["seconds"]) == [1.5, 1.5, 1.5, 4.5]
@@ -67,21 +65,21 @@ def test_a_record_round_trips_and_ignores_keys_it_does_not_know(tmp_path: Path) 
     run = RunDir(tmp_path)
     for path in (run.oof, run.test, run.submission):
         path.write_text("x\n")
-    made = ensemble.finish(run, {"a": 1}, record(weights={}, config={"hidden": 8}))
+    made = run.finish(run.ensemble({"a": 1}, 0, 0), record(weights={}, config={"hidden": 8}))
     assert made.key and made.inputs == {"a": 1}
-    assert ensemble.completed(run) == made
+    assert run.completed() == made
     on_disk = json.loads(run.record.read_text())
     run.record.write_text(json.dumps({**on_disk, "from_a_newer_version": [1]}))
-    assert ensemble.read(run) == made
+    assert run.read() == made
     del on_disk["fold_seed"]  # records from before FOLD_SEED: their seed drew the folds
     run.record.write_text(json.dumps({**on_disk, "seed": 7}))
-    assert ensemble.read(run).fold_seed == 7
+    assert run.read().fold_seed == 7
 
 
-def test_a_blend_ranks_by_its_honest_accuracy() -> None:
+def test_a_blend_ranks_by_its_honest_accuracy_and_is_told_by_its_folder() -> None:
     blend = record(kind="blend", model="blend", oof_acc=0.99, oof_acc_honest=0.95, weights={"a": 2, "b": 1})
-    assert blend.is_blend and blend.accuracy == 0.95 and blend.members() == "a x2, b x1"
-    assert record().accuracy == 0.9 and not record().is_blend
+    assert blend.accuracy == 0.95 and blend.members() == "a x2, b x1" and record().accuracy == 0.9
+    assert RunDir(Path("runs/blend-abc123")).is_blend and not RunDir(Path("runs/rnn-h8-e1-abc123")).is_blend
 
 
 # Values no field accepts (None is fine only for the optional numbers, which are left out here).
@@ -92,29 +90,30 @@ INVALID = st.one_of(st.none(), st.just(float("nan")), st.booleans(), st.lists(st
                               "key", "folds", "kind", "config", "weights", "device", "source"]),
        value=INVALID)
 def test_a_damaged_record_names_its_folder_file_and_field(field: str, value: object) -> None:
-    made = {"complete": True, **asdict(record())}
+    made = {"complete": True, **record().dump()}
     made[field] = value
     if field in ("device", "source", "config", "weights") and value is None:
         made[field] = 5  # a present field of the wrong type (None is not written for these)
     with pytest.raises(PipelineError, match=rf"^x/run\.json: missing or not valid: .*\b{field}\b"):
-        ensemble.parse(made, Path("runs/x/run.json"))
+        RunRecord.parse(made, Path("runs/x/run.json"))
 
 
 def test_a_finished_time_no_date_can_be_made_of_is_damaged() -> None:
     for finished in (1e300, -1e20):
         with pytest.raises(PipelineError, match="finished"):
-            ensemble.parse({**asdict(record()), "finished": finished}, Path("runs/x/run.json"))
+            RunRecord.parse({**record().dump(), "finished": finished},
+                            Path("runs/x/run.json"))
 
 
 def test_records_written_by_the_previous_version_load() -> None:
     """run.json files as the earlier predict and blend wrote them (tests/data/old_*.json)."""
     data = Path(__file__).parent / "data"
-    run = ensemble.parse(json.loads((data / "old_run.json").read_text()), data / "old_run.json")
-    assert (run.kind, run.model, run.folds, run.fold_seed, run.oof_acc_tta) == ("run", "rnn", 5, 42, None)
+    run = RunRecord.parse(json.loads((data / "old_run.json").read_text()), data / "old_run.json")
+    assert (run.kind, run.model, run.n_folds, run.fold_seed, run.oof_acc_tta) == ("run", "rnn", 5, 42, None)
     assert run.accuracy == run.oof_acc == pytest.approx(0.98345, abs=1e-5) and run.config["hidden"] == 128
     assert run.kept.endswith(".csv") and run.inputs["tta"] == 0 and run.key
-    blend = ensemble.parse(json.loads((data / "old_blend.json").read_text()), data / "old_blend.json")
-    assert blend.is_blend and len(blend.weights) == 4 and blend.mean == "logprob"
+    blend = RunRecord.parse(json.loads((data / "old_blend.json").read_text()), data / "old_blend.json")
+    assert blend.kind == "blend" and len(blend.weights) == 4 and blend.mean == "logprob"
     assert blend.accuracy == blend.oof_acc_honest == pytest.approx(0.9896, abs=1e-4)
 
 
@@ -123,8 +122,22 @@ def test_rewriting_an_ensemble_unmarks_it_until_its_record_is_written(tmp_path: 
     rng = np.random.default_rng(1)
     labels, fold_of = np.arange(6) % 3, np.arange(6) % 2
     out = RunDir(tmp_path / "r")
-    ensemble.write(out, rng.dirichlet(np.ones(10), 6), rng.dirichlet(np.ones(10), 3), labels, fold_of)
-    ensemble.finish(out, {"tta": 0}, record())
-    assert ensemble.completed(out) is not None
-    ensemble.write(out, rng.dirichlet(np.ones(10), 6), rng.dirichlet(np.ones(10), 3), labels, fold_of)
-    assert ensemble.completed(out) is None and not out.record.exists()
+    out.write(rng.dirichlet(np.ones(10), 6), rng.dirichlet(np.ones(10), 3), labels, fold_of)
+    out.finish(out.ensemble({"tta": 0}, 6, 3), record())
+    assert out.completed() is not None
+    out.write(rng.dirichlet(np.ones(10), 6), rng.dirichlet(np.ones(10), 3), labels, fold_of)
+    assert out.completed() is None and not out.record.exists()
+
+
+def test_a_cv_table_is_checked_row_by_row(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "rnn-x")
+    path = run.cv
+    path.parent.mkdir()
+    good = "fold,best_epoch,valid_loss,valid_acc\n0,1,0.3,0.9\n1,2,0.3,0.9\nall,,0.3,0.9\n"
+    path.write_text(good)
+    assert len(run.cv_table(2)) == 3
+    for damaged in (good[:60], good.replace("0.9\n1", "x\n1"), "\x00\x01", "a,b\n1,2\n",
+                    good.replace("all", "2")):
+        path.write_text(damaged)
+        with pytest.raises(PipelineError, match=r"cv\.csv: .*make predict RUN=rnn-x FORCE=1"):
+            run.cv_table(2)
