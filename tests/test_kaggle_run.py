@@ -113,6 +113,7 @@ def session_log(trip: Trip) -> str:
     return "".join(entry["data"] for entry in trip.log)
 
 
+@pytest.mark.slow
 def test_make_kaggle_run_trains_on_kaggle_and_brings_the_run_home(trip: Trip) -> None:
     out = trip.result.stdout + trip.result.stderr
     assert trip.result.returncode == 0, out + session_log(trip)
@@ -141,6 +142,7 @@ def test_make_kaggle_run_trains_on_kaggle_and_brings_the_run_home(trip: Trip) ->
     assert not [p for p in paths.runs.iterdir() if p.name.startswith(".kaggle")]  # no staging left
 
 
+@pytest.mark.slow
 def test_the_push_is_a_private_script_with_the_competition_on_a_t4_and_no_secret(trip: Trip) -> None:
     (pushed,) = [body for method, body in trip.fake.calls if method == "SaveKernel"]
     assert pushed["isPrivate"] is True and pushed["enableInternet"] is False
@@ -163,6 +165,7 @@ def test_the_push_is_a_private_script_with_the_competition_on_a_t4_and_no_secret
     assert manifest["code"] == hashlib.sha256(code).hexdigest()
 
 
+@pytest.mark.slow
 def test_runs_quota_upload_blend_and_submit_take_it_as_their_own(trip: Trip) -> None:
     """The README's lines after a Kaggle run, through make in the clone."""
     run = the_run(trip.clone)
@@ -291,6 +294,7 @@ DAMAGED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(DAMAGED))
 def test_damaged_or_incomplete_output_lands_nothing(case: str, project: Path, fake: FakeKaggle) -> None:
     change, phrase = DAMAGED[case]
@@ -309,6 +313,7 @@ def _manifest_names(name: str) -> Any:
         {name: {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "name"), [(_listed("../x"), "../x"), (_manifest_names("../x"), "../x")],
                          ids=["listed", "in-the-manifest"])
 def test_a_returned_file_outside_the_runs_folder_is_refused(change: Any, name: str, project: Path,
@@ -325,6 +330,7 @@ def test_names_that_could_leave_the_folder_are_not_safe(name: str) -> None:
     assert not kernels.safe_name(name)
 
 
+@pytest.mark.slow
 def test_lost_answers_and_other_files_in_the_output_do_not_stop_a_landing(project: Path,
                                                                           fake: FakeKaggle) -> None:
     """Two status calls go unanswered (503), and the output holds more than the run (Kaggle's own
@@ -350,6 +356,7 @@ def test_listed_names_that_could_leave_the_folder_are_seen(name: str) -> None:
     assert kernels.escapes(name)
 
 
+@pytest.mark.slow
 def test_the_files_of_a_run_have_safe_names(trip: Trip) -> None:
     assert all(kernels.safe_name(name) and not kernels.escapes(name) for name in trip.output)
 
@@ -376,6 +383,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_refused_push_stops_with_kaggles_words(case: str, project: Path, fake: FakeKaggle) -> None:
     setup, phrases = REFUSED[case]
@@ -386,6 +394,7 @@ def test_a_refused_push_stops_with_kaggles_words(case: str, project: Path, fake:
     assert "GetKernelSessionStatus" not in methods and methods[-1] == "DeleteKernel"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("used", ["108000s", "107990s"], ids=["used-up", "nearly-used-up"])
 def test_quota_clearly_below_the_runs_need_refuses_to_start(used: str, project: Path,
                                                             fake: FakeKaggle) -> None:
@@ -397,6 +406,7 @@ def test_quota_clearly_below_the_runs_need_refuses_to_start(used: str, project: 
     assert fake.methods() == ["GetAcceleratorQuotaStatistics"]
 
 
+@pytest.mark.slow
 def test_an_error_on_kaggle_shows_its_message_and_the_logs_tail(project: Path, fake: FakeKaggle) -> None:
     fake.kernel_mode = "fail"
     fake.fail_log = [{"stream_name": "stdout", "time": 1.0, "data": f"line {i}\n"} for i in range(40)] + [
@@ -409,6 +419,7 @@ def test_an_error_on_kaggle_shows_its_message_and_the_logs_tail(project: Path, f
     assert "| line 5\n" not in result.stderr  # the tail, not the whole log
 
 
+@pytest.mark.slow
 def test_a_kernel_that_never_finishes_is_deleted_at_the_deadline(project: Path, fake: FakeKaggle) -> None:
     fake.kernel_mode = "never"
     started = time.monotonic()
@@ -418,6 +429,7 @@ def test_a_kernel_that_never_finishes_is_deleted_at_the_deadline(project: Path, 
     assert next(b for m, b in fake.calls if m == "SaveKernel")["sessionTimeoutSeconds"] == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_waiting_deletes_the_kernel(project: Path, fake: FakeKaggle) -> None:
     fake.kernel_mode = "never"
     process = start_cli(project, "kaggle-run", *CLI_SETTINGS, "--accelerator", "none", env=dict(os.environ),
@@ -434,6 +446,7 @@ def test_ctrl_c_while_waiting_deletes_the_kernel(project: Path, fake: FakeKaggle
     nothing_here(project)
 
 
+@pytest.mark.slow
 def test_keep_leaves_the_kernel_and_says_so(project: Path, fake: FakeKaggle) -> None:
     fake.kernel_mode = "never"
     result = kaggle_run(project, "--accelerator", "none", "--deadline", "1", "--keep")
@@ -441,6 +454,7 @@ def test_keep_leaves_the_kernel_and_says_so(project: Path, fake: FakeKaggle) -> 
     assert fake.deleted == [] and len(fake.running()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "phrase"), [
     (("--accelerator", "NvidiaTeslaP100"), "the P100 cannot run"),
     (("--accelerator", "TpuV5E8"), "not on TPUs"),
@@ -453,6 +467,7 @@ def test_what_could_not_come_back_is_refused_before_anything_is_sent(
     assert fake.requests == []
 
 
+@pytest.mark.slow
 def test_the_built_in_sample_is_refused_before_anything_is_sent(project: Path, fake: FakeKaggle) -> None:
     (project / "input" / "source.json").write_text('{"source": "sample"}\n')
     assert_refused(kaggle_run(project), fake, project, "built-in sample", "SOURCE=kaggle FORCE=1",
@@ -460,6 +475,7 @@ def test_the_built_in_sample_is_refused_before_anything_is_sent(project: Path, f
     assert fake.requests == []
 
 
+@pytest.mark.slow
 def test_a_run_already_here_is_not_pushed_again(trip: Trip, project: Path, fake: FakeKaggle) -> None:
     run = the_run(trip.clone)
     (project / "runs").mkdir()
@@ -530,6 +546,7 @@ def test_the_gpu_check_on_a_session_without_a_usable_gpu(monkeypatch: pytest.Mon
     assert problem and "has an NVIDIA GPU, but its PyTorch" in problem
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("made", [
     {"kernel": "u/k", "version": "1", "accelerator": "none"}, {"kernel": "u/k"}, ["u/k"],
     {"kernel": 3, "version": 1, "accelerator": "none"}, {"kernel": "u/k", "version": True,
