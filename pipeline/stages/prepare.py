@@ -53,10 +53,6 @@ def to_images(flat: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, 28, 28))
 
 
-def expected_columns(labelled: bool) -> list[str]:
-    return (["label"] if labelled else []) + PIXELS
-
-
 # -- reading and validating one CSV --------------------------------------------------------------
 
 def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -85,17 +81,8 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
         _diagnose(path, data[body_start:end], names)
         raise PipelineError(f"{path}: could not be parsed as a competition CSV (line 2 onwards, column 1 "
                             f"({names[0]})): expected comma-separated integers")
-    if labelled:
-        label_at = names.index("label")
-        labels = np.ascontiguousarray(values[:, label_at])
-    else:
-        label_at, labels = None, None
-    canonical = [n for n in names if n != "label"] == PIXELS
-    if canonical:
-        pixels = np.delete(values, label_at, axis=1) if label_at is not None else values
-    else:
-        pixels = values[:, [names.index(n) for n in PIXELS]]
-    return to_images(pixels), labels
+    labels = np.ascontiguousarray(values[:, names.index("label")]) if labelled else None
+    return to_images(values[:, [names.index(n) for n in PIXELS]]), labels
 
 
 def _first_line_end(data: bytes, start: int) -> tuple[int, int]:
@@ -117,7 +104,7 @@ def _show(name: str, quote: bool = False) -> str:
 
 
 def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
-    expected = expected_columns(labelled)
+    expected = (["label"] if labelled else []) + PIXELS
     what = ("train.csv's header label,pixel0,...,pixel783" if labelled
             else "test.csv's header pixel0,...,pixel783")
     where = f"{path}: line 1"
@@ -320,11 +307,7 @@ def count_duplicates(images: np.ndarray) -> int:
 
 def _inputs(paths: Paths) -> dict[str, list[int]]:
     """What the cache is made from: each CSV's size and modification time."""
-    out = {}
-    for path in (paths.train_csv, paths.test_csv):
-        stat = path.stat()
-        out[path.name] = [stat.st_size, stat.st_mtime_ns]
-    return out
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (paths.train_csv, paths.test_csv)}
 
 
 def _check_writable(folder: Path) -> None:

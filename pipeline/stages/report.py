@@ -135,10 +135,10 @@ def pyplot() -> Any:
     return plt
 
 
-
 def _save(fig: Any, path: Path, height_in: float) -> str:
     plt = pyplot()
     try:
+        fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=min(DPI, MAX_PIXELS / height_in))
     finally:
@@ -167,7 +167,6 @@ def plot_learning_curves(run: Run, path: Path) -> str:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         ax_acc.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
     return _save(fig, path, height)
 
 
@@ -181,13 +180,9 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> str:
         if count:
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                     color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(matrix)))
-    ax.set_yticks(range(len(matrix)))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"out-of-fold confusion matrix ({matrix.sum()} train rows)")
+    ax.set(xticks=range(len(matrix)), yticks=range(len(matrix)), xlabel="predicted", ylabel="true",
+           title=f"out-of-fold confusion matrix ({matrix.sum()} train rows)")
     fig.colorbar(image, ax=ax, label="share of the true class")
-    fig.tight_layout()
     return _save(fig, path, 6)
 
 
@@ -197,7 +192,6 @@ def plot_bars(frame: pd.DataFrame, path: Path, xlabel: str, ylabel: str, **bars:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     frame.plot.bar(x="class", ax=ax, rot=0, xlabel=xlabel, ylabel=ylabel, **bars)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path, 3.5)
 
 
@@ -223,7 +217,6 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
                 fontsize=12)
     ax.set_title("true → predicted (confidence)", fontsize=9)
     ax.axis("off")
-    fig.tight_layout()
     return _save(fig, path, height)
 
 
@@ -314,17 +307,14 @@ def pick(paths: Paths, name: str | None) -> RunDir:
     when runs/latest cannot be drawn it says why and which runs there are instead."""
     if name:
         return run_dir(paths, name)
-    name = latest(paths)
-    why = "runs/latest is missing or unreadable" if name is None else ""
+    name, why = latest(paths), "runs/latest is missing or unreadable"
     if name is not None:
         try:
-            if run_dir(paths, name).completed() is None:
-                why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
+            if run_dir(paths, name).completed() is not None:
+                return run_dir(paths, name)
+            why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
         except PipelineError as exc:
             why = f"runs/latest names {name}, whose record is damaged ({exc})"
-    if not why:
-        assert name is not None
-        return run_dir(paths, name)
     done = [r.id for r in all_runs(paths) if complete(r) is not None]
     if not done:
         raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
@@ -382,7 +372,7 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
     from pipeline.tuning.study import load, status
 
     made = load(paths, study, url)
-    plt = pyplot()
+    pyplot()  # the file-only backend, before Optuna's plots draw
     out = paths.reports / f"study-{study}"
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -393,12 +383,8 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
         except (ValueError, RuntimeError) as exc:  # importances need two complete trials and more
             figures.append((name, "", str(exc)))
             continue
-        figure: Any = axes.figure  # a Figure (mypy also allows a SubFigure, which has no savefig)
-        figure.set_size_inches(8, 4.5)
-        figure.tight_layout()
-        figure.savefig(out / f"{name}.png", dpi=100)
-        plt.close(figure)
-        figures.append((name, f"{name}.png", ""))
+        axes.figure.set_size_inches(8, 4.5)
+        figures.append((name, _save(axes.figure, out / f"{name}.png", 4.5), ""))
     written = out / "index.html"
     atomic_write_text(written, page(title=f"study {study}", study=study, figures=figures,
                                     status=status(paths, study, url, made)))
