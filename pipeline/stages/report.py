@@ -383,8 +383,9 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
         except (ValueError, RuntimeError) as exc:  # importances need two complete trials and more
             figures.append((name, "", str(exc)))
             continue
-        axes.figure.set_size_inches(8, 4.5)
-        figures.append((name, _save(axes.figure, out / f"{name}.png", 4.5), ""))
+        figure: Any = axes.figure  # a Figure (mypy also allows a SubFigure, which has no savefig)
+        figure.set_size_inches(8, 4.5)
+        figures.append((name, _save(figure, out / f"{name}.png", 4.5), ""))
     written = out / "index.html"
     atomic_write_text(written, page(title=f"study {study}", study=study, figures=figures,
                                     status=status(paths, study, url, made)))
