@@ -39,11 +39,8 @@ def elastic_field(batch: int, height: int, width: int, alpha: float, sigma: floa
 
 def random_affine(images: torch.Tensor, generator: torch.Generator, rotate: float, scale: float,
                   shift: float, elastic: float = 0.0, elastic_sigma: float = 4.0) -> torch.Tensor:
-    """Rotate (degrees), zoom (relative) and shift (pixels) each image of (B, 28, 28) at random, and
-    with elastic > 0 also distort it elastically (strength elastic, smoothness elastic_sigma).
-
-    Values keep their range (bilinear interpolation, zeros outside); shape and dtype are kept.
-    """
+    """Rotate (degrees), zoom (relative), shift (pixels) and, with elastic > 0, distort each image of
+    (B, 28, 28) at random. Bilinear, zeros outside: range, shape and dtype are kept."""
     batch, height, width = images.shape
     u = torch.rand(batch, 4, generator=generator, device=images.device) * 2 - 1
     angle = u[:, 0] * math.radians(rotate)

@@ -62,10 +62,8 @@ def model_from(path: Path) -> tuple[nn.Module, Settings]:
 
 @dataclass
 class FoldState:
-    """A fold in training, whole: its step (model, optimizer, schedule, weight average), its random
-    generator, its log so far, its best epoch with that epoch's weights, and the time spent. Saved
-    whole at the end of every epoch and restored whole, so a resumed fold ends exactly where an
-    uninterrupted one would."""
+    """A fold in training, whole (step, generator, log, best epoch and its weights, time spent): saved
+    after every epoch and restored whole, so a resumed fold ends where an uninterrupted one would."""
 
     step: TrainStep
     generator: torch.Generator
@@ -75,8 +73,7 @@ class FoldState:
     elapsed: float = 0.0
 
     @property
-    def epoch(self) -> int:
-        """The epochs done."""
+    def epoch(self) -> int:  # the epochs done
         return len(self.history)
 
     def end_epoch(self, row: dict[str, Any], seconds: float) -> None:

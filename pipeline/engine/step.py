@@ -84,11 +84,8 @@ def graph_wanted(cfg: Settings, device: torch.device) -> bool:
 
 
 class TrainStep:
-    """One training step per call: forward, loss, backward, clipping, update, schedule.
-
-    make_graph: builds the capture backend (CudaGraph on CUDA; the tests pass stand-ins that fail,
-    to check on a CPU that a failed capture or check falls back to the eager step).
-    """
+    """One training step per call. make_graph: builds the capture backend (CudaGraph on CUDA; the
+    tests pass stand-ins that fail, to check on a CPU that the eager step takes over)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: Settings,

@@ -114,6 +114,5 @@ def summary_table(cv: pd.DataFrame, fold_records: list[FoldRecord]) -> str:
     """The run at a glance: per fold and overall accuracy, loss, time and device."""
     devices = [f.device for f in fold_records]
     table = cv.assign(device=[*devices, ", ".join(sorted(set(devices)))])
-    table["valid_loss"] = table["valid_loss"].map("{:.4f}".format)
-    table["valid_acc"] = table["valid_acc"].map("{:.4f}".format)
-    return table.to_string(index=False)
+    four = "{:.4f}".format
+    return table.to_string(index=False, formatters={"valid_loss": four, "valid_acc": four})

@@ -1,23 +1,15 @@
 """The prepare stage: competition CSVs -> validated uint8 arrays in input/prepared/.
 
-Pixel k of a CSV row lands at image row k // 28, column k % 28, and image row r is time step r of
-the recurrent models. Columns are matched by name, so pixel columns in another order still land in
-the right place.
+Pixel k of a CSV row (columns matched by name) lands at image row k // 28, column k % 28, and image
+row r is time step r of the recurrent models.
 
-Parsing takes a fast path: the bytes are checked to hold only digits, commas, line ends (and the
-spaces, tabs and quotes a spreadsheet may add), then pandas' C parser reads them straight into uint8,
-which rejects anything outside 0-255 or not a whole number. Only when that fails does a slow scanner
-walk the file line by line (a regular expression for clean lines, cell by cell for the others) to name
-the first problem: one message with the file, the line number an editor shows, the column number and
-name, what was expected and what was found. Both paths accept exactly the same cells: ASCII digits,
-optionally quoted or padded with spaces; "12.0", "+3", "-0" and "1e2" are rejected, not rounded.
-What real files hold still loads: a UTF-8 byte-order mark, Windows (CRLF) or old Mac (CR) line ends,
-no final newline, blank lines at the very end, quoted header names. A blank line in the middle is an
-error (it is usually a sign of two files pasted together).
-
-Duplicate images are kept (they are real data) and counted: rows are compared as raw bytes in a set,
-exact, and much faster than np.unique(axis=0).
-
+Parsing takes a fast path: a byte check (digits, commas, line ends, the padding a spreadsheet may
+add), then pandas' C parser straight into uint8. Only when that fails does a slow scanner walk the
+file to name the first problem: the file, the line an editor shows, the column number and name, what
+was expected and what was found. Both paths accept exactly the same cells: ASCII digits, optionally
+quoted or padded; "12.0", "+3", "-0" and "1e2" are rejected, not rounded. A UTF-8 byte-order mark,
+CRLF or CR line ends, no final newline and blank lines at the end still load; a blank line in the
+middle is an error (usually two files pasted together). Duplicate images are kept and counted.
 Nothing is written until both files have passed, so bad input leaves an existing cache untouched.
 """
 
@@ -194,9 +186,7 @@ def _content_end(data: bytes, start: int) -> int:
 
 def _fast_parse(data: bytes, body_start: int, end: int, names: list[str],
                 path: Path | None = None) -> np.ndarray | None:
-    """The rows data[body_start:end] as uint8 (rows, columns) in header order, or None if anything is off.
-
-    path: the file data was read from; pandas parses a file by name much faster than from memory."""
+    """data[body_start:end] as uint8 in header order, or None; path: the file (read faster by name)."""
     import pandas as pd
 
     # translate keeps the order of what it does not delete, so the header's leftovers come first;
@@ -298,7 +288,7 @@ def _check_cell(where: str, name: str, cell: str) -> None:
 
 
 def count_duplicates(images: np.ndarray) -> int:
-    """How many images repeat an earlier one exactly (they are kept: they are real data)."""
+    """How many images repeat an earlier one exactly: raw bytes in a set, faster than np.unique."""
     flat = np.ascontiguousarray(images.reshape(len(images), -1))
     return len(flat) - len(set(map(bytes, flat)))
 

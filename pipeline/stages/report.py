@@ -81,15 +81,12 @@ def _log(run: RunDir, fold: int) -> pd.DataFrame:
 
 # -- the numbers -------------------------------------------------------------------------------
 
-
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = CLASSES) -> np.ndarray:
     """Counts: row = true class, column = predicted class."""
     from sklearn.metrics import confusion_matrix as sk_confusion
 
-    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
-    if labels.shape != predicted.shape:
-        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    return sk_confusion(labels, predicted, labels=list(range(classes)))
+    return sk_confusion(np.asarray(labels, np.int64), np.asarray(predicted, np.int64),
+                        labels=list(range(classes)))
 
 
 def oof_confusion(run: Run) -> np.ndarray:
@@ -116,11 +113,9 @@ def confident_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int = MISTA
 
 def class_balance(train_y: np.ndarray, test_pred: np.ndarray) -> pd.DataFrame:
     """The share of each class in the train labels and in the test predictions."""
-    def share(labels: np.ndarray) -> np.ndarray:
-        return np.bincount(np.asarray(labels, np.int64), minlength=CLASSES) / max(len(labels), 1)
-
-    return pd.DataFrame({"class": np.arange(CLASSES), "train": share(train_y),
-                         "test predicted": share(test_pred)})
+    train, test = (np.bincount(np.asarray(y, np.int64), minlength=CLASSES) / max(len(y), 1)
+                   for y in (train_y, test_pred))
+    return pd.DataFrame({"class": np.arange(CLASSES), "train": train, "test predicted": test})
 
 
 # -- the figures -------------------------------------------------------------------------------
@@ -196,10 +191,8 @@ def plot_bars(frame: pd.DataFrame, path: Path, xlabel: str, ylabel: str, **bars:
 
 
 def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
-    """The images themselves, so a wrong label in the data looks different from a model error.
-
-    One montage in one axes: 32 separate axes would take seconds to lay out.
-    """
+    """The images themselves, so a wrong label in the data looks different from a model error: one
+    montage in one axes (32 separate axes would take seconds to lay out)."""
     plt = pyplot()
     cols, cell_w, cell_h, band = 8, 34, 46, 16  # pixels per cell; the band above a digit holds its text
     nrows = max(1, -(-len(mistakes) // cols))

@@ -1,13 +1,9 @@
 """The train stage: one model per fold of a run, with a CSV log, the best epoch's weights and
 out-of-fold predictions, all in the run's folder.
 
-train_fold reads top to bottom as it runs: the fold's rows on the device; its state (model,
-optimizer, schedule, random generator, the log so far, the best weights: one FoldState) made, or
-resumed whole from its last saved epoch; then per epoch: shuffle and augment on the device, step
-through the batches, evaluate on the held-out rows, keep the best weights, save the state, rewrite
-the log. A killed run loses at most the epoch in progress, and its rerun ends exactly where an
-uninterrupted run would. The finished model is written only when the fold is finished, so a retrain
-(FORCE=1) never leaves a half-trained model in its place.
+The fold's state is saved whole after every epoch: a killed run loses at most the epoch in progress,
+and its rerun ends exactly where an uninterrupted run would. The finished model is written only when
+the fold is finished, so a retrain (FORCE=1) never leaves a half-trained model in its place.
 """
 
 from __future__ import annotations
@@ -86,11 +82,8 @@ def new_state(cfg: Settings, fold: int, n_rows: int, device: torch.device) -> Fo
 
 def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cfg: Settings,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The epoch's shuffled (and augmented) training images as float, with their labels.
-
-    Gathering and augmenting the whole epoch in a few large calls, instead of a dozen small ones
-    per batch, takes the data work off the per-step path: a batch is then a slice (a view).
-    """
+    """The epoch's shuffled (and augmented) images as float, with their labels: the whole epoch in a
+    few large calls takes the data work off the per-step path (a batch is then a view)."""
     order = rows[torch.randperm(len(rows), generator=generator, device=rows.device)]
     x = images[order].float()
     if cfg.augment:
@@ -157,10 +150,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class FoldRows:
-    """A fold's data on the training device: every image (distilled: the test images after the
-    train images), the training targets (class indices, or distilled class probabilities), the
-    training rows, and the held-out rows with their images and labels. The training rows never
-    include a held-out row."""
+    """A fold's data on the training device. Distilled: the test images follow the train images, and
+    the targets are class probabilities. The training rows never include a held-out row."""
 
     images: torch.Tensor
     targets: torch.Tensor
@@ -255,7 +246,7 @@ def _finish(plan: Plan, fold: int, state: FoldState, rows: FoldRows) -> FoldReco
     run.state(fold).unlink(missing_ok=True)
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
           f"valid_loss {best['valid_loss']:.4f}, {state.elapsed:.1f}s")
-    return FoldRecord(**{k: v for k, v in made.items()})
+    return FoldRecord(**made)
 
 
 def fold_output(plan: Plan, fold: int) -> Output:

@@ -19,9 +19,7 @@ Space = dict[str, dict[str, Any]]
 
 
 def load_space(path: Path) -> Space:
-    """The space file, checked: every key a setting that changes learning (and not one that moves
-    the folds), every entry of the right types, every range non-empty and inside the setting's own
-    range. Choices come back as values of the setting's type."""
+    """The space file, checked as the module says."""
     try:
         space = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -1,7 +1,6 @@
 """A study: what is asked of it (Job), where it is stored (a journal in runs/tune/<study>/, or a
-database shared by several machines, with retries and heartbeats), how it is opened or continued,
-its stopped trials queued again, and its status. The train and predict stages come from the command
-line (Stages), so no stage imports another.
+database shared by several machines, with retries and heartbeats), its stopped trials queued again,
+and its status. The train and predict stages come from the command line, so no stage imports another.
 """
 
 from __future__ import annotations
@@ -89,28 +88,24 @@ def hide_password(url: str, text: str | None = None) -> str:
     return text
 
 
-def _library_password(url: str) -> str | None:
-    """The password as SQLAlchemy (which Optuna's database storage uses) reads the URL."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).password
-    except Exception:  # not a URL it can read: it has no password to show either
-        return None
-
-
 def check_url(url: str) -> None:
     """Refuse, before connecting, a URL whose password the database library would read otherwise
-    than the user wrote it: a second '@' ends it early (SQLAlchemy reads a password up to the first
-    '@', and the rest of it would become the host name that the driver's errors print)."""
+    than the user wrote it: a second '@' ends it early (SQLAlchemy, which Optuna's database storage
+    uses, reads a password up to the first '@', and the rest of it would become the host name that
+    the driver's errors print)."""
     from urllib.parse import unquote
 
-    shown = hide_password(url)
+    from sqlalchemy.engine import make_url
+
+    shown, password = hide_password(url), _password(url)
     if url.count("@") > 1:
         raise PipelineError(f"STORAGE={shown}: '@' appears {url.count('@')} times, so the password "
                             f"cannot be told from the host; {ESCAPES}")
-    password = _password(url)
-    if password is not None and _library_password(url) != unquote(password):
+    try:
+        read = make_url(url).password
+    except Exception:  # not a URL it can read: it has no password to show either
+        read = None
+    if password is not None and read != unquote(password):
         raise PipelineError(f"STORAGE={shown}: the database library would not read the password "
                             f"written after the user name; {ESCAPES}")
 
@@ -158,10 +153,7 @@ def _words(scored: dict[str, Any], base: Settings) -> str:
 
 def open_study(paths: Paths, job: Job, seed: int | None = None) -> Any:
     """The study, made or continued; refused when it was made with another space, base or scoring.
-
-    seed: the sampler's, mixed with the number of trials the study already has, so a continued
-    study draws new settings rather than those of its first session again (and stays reproducible).
-    """
+    seed: mixed with the trials so far, so a continued study draws new settings, reproducibly."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
@@ -195,12 +187,9 @@ def open_study(paths: Paths, job: Job, seed: int | None = None) -> Any:
 
 
 def requeue_stopped(made: Any, journal: bool) -> int:
-    """Trials a stopped worker left behind are tried again, their settings queued (so their run
-    resumes where it stopped): with the embedded journal, trials left running by a killed process
-    (marked failed first); with any storage, trials a Ctrl-C interrupted. Each is queued once.
-
-    Only called under the project lock, when no other command of this project can be running one.
-    """
+    """Trials a stopped worker left behind are queued again once (their run resumes): those a Ctrl-C
+    interrupted and, on the journal, those a killed process left running (marked failed first).
+    Called under the project lock, when no other command of this project can be running one."""
     from optuna.trial import TrialState
 
     trials = made.get_trials(deepcopy=False)
@@ -227,7 +216,6 @@ def requeue_stopped(made: Any, journal: bool) -> int:
 
 
 def load(paths: Paths, study: str, url: str | None) -> Any:
-    """An existing study, or a clear error."""
     import optuna
 
     check_name(study, "STUDY")
@@ -235,10 +223,9 @@ def load(paths: Paths, study: str, url: str | None) -> Any:
     if not url and not (studies_dir(paths) / study / "journal.log").is_file():
         raise PipelineError(f"STUDY={study}: no such study in {studies_dir(paths)}")
     try:
-        made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
+        return optuna.load_study(study_name=study, storage=storage(paths, study, url))
     except KeyError:
         raise PipelineError(f"STUDY={study}: no such study in that storage") from None
-    return made
 
 
 def status(paths: Paths, study: str, url: str | None, made: Any = None) -> str:
