@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    FAMILY,
-)
+from conftest import FAMILY
 
 from pipeline.config import Settings
 from pipeline.engine import step as step_module
