@@ -1,10 +1,6 @@
-"""Save, load and resume: a fold's finished model and the state of a fold still in training.
-
-A finished model (`fold_<k>.pt`) holds the best epoch's weights and the settings that built them,
-so predict rebuilds each model from its file alone. The resumable state (`fold_<k>.state.pt`)
-holds everything an interrupted fold needs to carry on exactly where it stopped, including the best
-weights so far: the finished model is replaced only when a new one is finished. Every load uses
-`weights_only=True` (tensors and plain data only).
+"""A fold's finished model (`fold_<k>.pt`: the best weights and the settings that built them, so
+predict rebuilds it from its file alone) and the resumable state of a fold in training
+(`fold_<k>.state.pt`). Every load uses `weights_only=True` (tensors and plain data only).
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Distillation: a run that learns from the labelled train rows and from the test rows labelled by a
-teacher (a run or a blend): the teacher's averaged test probabilities, tempered, as soft targets.
-
-Honest by construction: the extra rows are test rows only. A fold's model never trains on its own
-held-out train rows, nor on the teacher's out-of-fold probabilities of train rows (those came from
-teacher models that saw this fold's held-out rows), so its out-of-fold accuracy stays an estimate of
-unseen digits.
+"""Distillation: a run that learns from the labelled train rows and from the test rows, with the
+teacher's (a run's or a blend's) tempered test probabilities as soft targets. Honest by construction:
+the extra rows are test rows only (the teacher's out-of-fold probabilities came from models that saw
+this fold's held-out rows), so the out-of-fold accuracy stays an estimate of unseen digits.
 """
 
 from __future__ import annotations
@@ -28,10 +25,8 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared, student: RunDir | None = None) -> Pseudo:
-    """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets.
-
-    student: the distilled run; when its teacher is gone (forgotten), the folds it trained with that
-    teacher stay usable (a Pseudo of no rows, with the teacher's recorded key)."""
+    """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets;
+    student: the distilled run, whose folds stay usable when the teacher is gone (see _gone)."""
     teacher = run_dir(paths, check_name(cfg.teacher, "TEACHER"))
     try:
         record = teacher.completed()

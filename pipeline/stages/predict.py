@@ -1,9 +1,5 @@
-"""The predict stage: a run's fold models -> test probabilities -> averaged ensemble -> submission.
-
-Also gathers the run's out-of-fold predictions (oof.csv) and the per-fold table (cv.csv): the honest
-estimate of the ensemble's accuracy (with TTA, also the held-out accuracy with the same augmented
-passes). The run's submission becomes submissions/submission.csv, with a kept copy named by time,
-model and CV score.
+"""The predict stage: a run's fold models -> averaged test probabilities -> submission (a kept copy
+named by time, model and CV score), with the out-of-fold predictions (oof.csv) and cv.csv.
 """
 
 from __future__ import annotations

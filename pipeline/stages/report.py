@@ -1,9 +1,6 @@
-"""The report: reports/index.html and its figures, drawn from the files of the latest run.
-
-Nothing is retrained or re-predicted: the figures come from the run's folder (per-epoch curves, cv.csv,
-config.json, out-of-fold and test probabilities) and the prepared train images. The PNGs
-sit next to index.html and are referenced by relative name, so the folder opens from disk and can
-be copied or zipped as a whole.
+"""The report: reports/index.html and its figures, drawn from a run's files and the prepared images
+(nothing is retrained). The PNGs sit next to index.html, referenced by relative name, so the folder
+opens from disk and can be copied or zipped whole.
 """
 
 from __future__ import annotations
@@ -43,10 +40,6 @@ class Run:
     oof: np.ndarray  # (N, 10): every train row's out-of-fold probabilities, in order
     test_pred: np.ndarray  # the test rows' most likely digits (test.csv)
     data: Prepared  # the prepared images and labels the run was made from
-
-    @property
-    def fold_ids(self) -> list[int]:
-        return sorted(self.histories)
 
 
 def load_run(paths: Paths, run: RunDir) -> Run:
@@ -148,9 +141,10 @@ def plot_learning_curves(run: Run, path: Path) -> str:
 
     epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
     best = {int(f): e for f, e in zip(run.cv["fold"], epochs, strict=True) if f != "all"}
-    height = 2.4 * len(run.fold_ids) + 0.4
-    fig, axes = plt.subplots(len(run.fold_ids), 2, figsize=(10, height), squeeze=False)
-    for (ax_loss, ax_acc), k in zip(axes, run.fold_ids, strict=True):
+    folds = sorted(run.histories)
+    height = 2.4 * len(folds) + 0.4
+    fig, axes = plt.subplots(len(folds), 2, figsize=(10, height), squeeze=False)
+    for (ax_loss, ax_acc), k in zip(axes, folds, strict=True):
         log = run.histories[k]
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             ax.plot(log["epoch"], log[f"train_{metric}"], "o-", ms=3, label="train")

@@ -324,11 +324,6 @@ def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch |
     jobs = 1 if on_epoch is not None else jobs
     if jobs == 1:
         print(f"train: {plan.run.id}: folds {todo} on {describe(device)}{graphs}")
-        return 1
-    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
-    where = describe(device, max(1, torch.get_num_threads() // jobs))
-    print(f"train: {plan.run.id}: {jobs} folds at a time on {where}" + (" each" if device.type == "cpu"
-          else "") + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
     return jobs
 
 
@@ -336,6 +331,10 @@ def _run_parallel(plan: Plan, todo: list[int], device: torch.device, jobs: int) 
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
+    graphs = ", steps replayed from CUDA graphs" if graph_wanted(plan.cfg, device) else ""
+    spread = f", spread over {gpus} GPUs" if gpus > 1 else ""
+    print(f"train: {plan.run.id}: {jobs} folds at a time on {describe(device, threads)}"
+          f"{' each' if device.type == 'cpu' else ''}{spread}{graphs}")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         tasks = [pool.submit(_fold_worker, plan, k, f"cuda:{i % gpus}" if gpus > 1 else str(device),
                              threads, i) for i, k in enumerate(todo)]

@@ -1,8 +1,6 @@
-"""The search space of `make tune` (tune.toml): which settings a study searches, and how.
-
-Every key is a setting that changes what a model learns (never one that moves the folds), every entry
-has the right types, every range is non-empty and inside the setting's own range, and choices come
-back as values of the setting's type.
+"""The search space of `make tune` (tune.toml), checked: every key a setting that changes what a
+model learns (never one that moves the folds), every range non-empty and inside the setting's own,
+every entry of the right types; choices come back as values of the setting's type.
 """
 
 from __future__ import annotations
