@@ -133,8 +133,7 @@ def _member(run: RunDir, data: Prepared, n_folds: int, fold_seed: int, named: bo
 def run(paths: Paths, data: Prepared, fold_of: np.ndarray, fold_seed: int,
         names: list[str] | None = None, mean: str = default("mean"), force: bool = False,
         make_first: Callable[[], object] | None = None) -> RunRecord:
-    """Blend the chosen runs (default: every completed run on these data and folds) into a
-    submission; returns the blend's record. make_first: makes a run when none is there to blend."""
+    """Blend the named runs (default: all on these data and folds); make_first: makes one if none."""
     n_folds = int(fold_of.max()) + 1
     chosen, skipped = candidates(paths, data, n_folds, fold_seed, names)
     for line in skipped:

@@ -29,7 +29,6 @@ from pipeline.store.run import (
 
 
 def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
-    """The ensemble: the mean of the folds' class probabilities."""
     if not per_fold:
         raise PipelineError("predict: no fold predictions to average")
     return np.mean(np.stack(per_fold), axis=0)
@@ -37,8 +36,7 @@ def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
 
 def run(plan: Plan, fold_records: list[FoldRecord], force: bool = False,
         publish: bool = True) -> RunRecord:
-    """Predict with the run's finished folds unless current; publish its submission (unless not
-    asked to: a tuning trial); returns the run's record. fold_records: what train returned."""
+    """Predict with the run's finished folds unless current; publish (unless a tuning trial)."""
     cfg, paths, run, data = plan.cfg, plan.paths, plan.run, plan.data
     made = run.ensemble({"folds": [f.trained_at for f in fold_records], "tta": cfg.tta, "amp": cfg.amp,
                          "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None},

@@ -49,11 +49,6 @@ def to_images(flat: np.ndarray) -> np.ndarray:
 
 def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Read train.csv (labelled) or test.csv; returns uint8 images and uint8 labels (or None)."""
-    path = Path(path)
-    if path.is_dir():
-        raise PipelineError(f"{path}: is a folder; expected the competition's CSV file")
-    if not path.is_file():
-        raise PipelineError(f"{path}: file not found")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -101,12 +96,9 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
             else "test.csv's header pixel0,...,pixel783")
     where = f"{path}: line 1"
     kind = _binary_kind(raw)
-    if kind:
-        raise PipelineError(f"{where}, column 1: expected {what}, found {kind}")
-    problem = _not_text(raw)
+    problem = (1, kind) if kind else _not_text(raw)
     if problem:
-        col, found = problem
-        raise PipelineError(f"{where}, column {col}: expected {what}, found {found}")
+        raise PipelineError(f"{where}, column {problem[0]}: expected {what}, found {problem[1]}")
     line = raw.decode("utf-8")
     if not line.strip():
         raise PipelineError(f"{where}, column 1: expected {what}, found an empty line")

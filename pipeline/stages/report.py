@@ -105,7 +105,6 @@ def confident_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int = MISTA
 
 
 def class_balance(train_y: np.ndarray, test_pred: np.ndarray) -> pd.DataFrame:
-    """The share of each class in the train labels and in the test predictions."""
     train, test = (np.bincount(np.asarray(y, np.int64), minlength=CLASSES) / max(len(y), 1)
                    for y in (train_y, test_pred))
     return pd.DataFrame({"class": np.arange(CLASSES), "train": train, "test predicted": test})
@@ -260,7 +259,6 @@ def table(frame: pd.DataFrame, **digits: int) -> Markup:
 
 
 def facts(run: Run) -> list[tuple[str, str]]:
-    """The run at a glance, for the top of its page."""
     record = run.record
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
@@ -290,8 +288,7 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 
 
 def pick(paths: Paths, name: str | None) -> RunDir:
-    """The run to draw: the one named, else runs/latest. A report only reads: it never trains, so
-    when runs/latest cannot be drawn it says why and which runs there are instead."""
+    """The run named, else runs/latest; a report never trains, so without one it lists the runs."""
     if name:
         return run_dir(paths, name)
     name, why = latest(paths), "runs/latest is missing or unreadable"
@@ -312,9 +309,8 @@ def pick(paths: Paths, name: str | None) -> RunDir:
 
 def run(paths: Paths, run_dir: RunDir) -> Path:
     """Write reports/index.html and its figures for a run; returns the page's path."""
-    started = time.perf_counter()
     try:
-        return _draw(paths, run_dir, started)
+        return _draw(paths, run_dir)
     except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
         fix = run_dir.remake() if run_dir.is_blend else (
             f"`make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
@@ -323,8 +319,8 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
                             f"{exc}); {fix}") from exc
 
 
-def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
-    run, out = load_run(paths, run_dir), paths.reports
+def _draw(paths: Paths, run_dir: RunDir) -> Path:
+    started, run, out = time.perf_counter(), load_run(paths, run_dir), paths.reports
     matrix = oof_confusion(run)
     per_class_frame = per_class(matrix)
     mistakes = confident_mistakes(run.oof, run.data.train_y)
@@ -352,8 +348,7 @@ def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
 # -- a tuning study --------------------------------------------------------------------------------
 
 def draw_study(paths: Paths, study: str, url: str | None) -> Path:
-    """reports/study-<name>/index.html: the optimisation history and the parameter importances,
-    drawn by Optuna's own matplotlib plots."""
+    """reports/study-<name>/index.html: Optuna's own plots of the history and the importances."""
     from optuna.visualization import matplotlib as plots
 
     from pipeline.tuning.study import load, status

@@ -179,15 +179,13 @@ def fold_rows(plan: Plan, fold: int, device: torch.device) -> FoldRows:
 
 
 def fold_inputs(plan: Plan, fold: int) -> dict[str, Any]:
-    """What a fold's model is made from: its run (settings and data, by the run id), its fold and,
-    when distilled, the teacher's predictions."""
+    """What a fold's model is made from: its run (by id), its fold and any teacher's predictions."""
     teacher = {} if plan.pseudo is None else {"teacher": plan.pseudo.key}
     return {"run": plan.run.id, "fold": fold, **teacher}
 
 
 def state_key(plan: Plan, fold: int) -> str:
-    """The key of a fold's resumable state: its inputs and the rows it holds out, so a saved state
-    resumes only on the rows it was trained on."""
+    """A saved state resumes only with the same inputs and the same held-out rows."""
     return fingerprint({**fold_inputs(plan, fold), "held out": digest({"rows": plan.fold_of == fold})})
 
 
@@ -250,8 +248,7 @@ def _finish(plan: Plan, fold: int, state: FoldState, rows: FoldRows) -> FoldReco
 
 
 def fold_output(plan: Plan, fold: int) -> Output:
-    """A fold's finished model, out-of-fold predictions and record, as the freshness rule sees
-    them: a model that held out other rows than the folds give this fold now is never current."""
+    """A fold's outputs: never current when they held out other rows than the folds give now."""
     run = plan.run
 
     def check() -> None:
@@ -278,8 +275,7 @@ def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
 
 def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
         on_epoch: OnEpoch | None = None) -> list[FoldRecord]:
-    """Train every fold of the run, or only those given, skipping the current ones (force: retrain
-    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn)."""
+    """Train the run's folds (or those given) that are not current (force: all); their records."""
     cfg, n_folds = plan.cfg, plan.cfg.folds
     for fold in fold_ids or []:
         if not 0 <= fold < n_folds:

@@ -23,8 +23,7 @@ from pipeline.tuning.trial import optimize, worker
 
 
 def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None = None) -> dict[str, Any]:
-    """Run trials until the study has job.trials finished ones (complete or pruned), searching the
-    space file (default: tune.toml); returns a summary."""
+    """Run trials until the study has job.trials finished (complete or pruned); returns a summary."""
     from optuna.trial import TrialState
 
     base, study, trials, workers, tune_folds = job.base, job.study, job.trials, job.workers, job.tune_folds
@@ -66,8 +65,7 @@ def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None
 
 
 def _run_workers(job: Job, shares: list[int]) -> None:
-    """WORKERS=n trial processes. A Ctrl-C (or a SIGINT to this process alone) reaches every worker:
-    each marks its trial interrupted and stops; then this one stops too."""
+    """WORKERS=n trial processes; a Ctrl-C (or a SIGINT to this one alone) stops every worker."""
     import signal
     from concurrent.futures import ProcessPoolExecutor, wait
     from multiprocessing import get_context

@@ -17,7 +17,6 @@ Space = dict[str, dict[str, Any]]
 
 
 def load_space(path: Path) -> Space:
-    """The space file, checked as the module says."""
     try:
         space = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -21,8 +21,7 @@ from pipeline.tuning.space import Space, load_space
 
 @dataclass(frozen=True)
 class Stages:
-    """train.run (the plan's given folds, reporting each epoch; raising optuna.TrialPruned there
-    stops the fold) and predict.run (the run's record: its oof_acc is the trial's score)."""
+    """train.run (optuna.TrialPruned raised in on_epoch stops the fold) and predict.run."""
 
     train: Callable[..., list[FoldRecord]]
     predict: Callable[..., RunRecord]
@@ -30,8 +29,7 @@ class Stages:
 
 @dataclass(frozen=True)
 class Job:
-    """A study to run, as the command line asks for it: everything a trial process needs to run its
-    share (but the data, which it loads itself)."""
+    """A study to run: everything a trial process needs (but the data, which it loads itself)."""
 
     root: Path
     base: Settings
@@ -49,7 +47,6 @@ class Job:
         return replace(self, space=load_space(path or self.root / "tune.toml"))
 
     def fold_ids(self, cfg: Settings) -> list[int]:
-        """The folds a trial trains and is scored on."""
         return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
 
 
@@ -73,9 +70,8 @@ def _password(url: str) -> str | None:
 
 
 def hide_password(url: str, text: str | None = None) -> str:
-    """text (the url itself by default) with no part of the url's password, as written or decoded
-    (%40 -> @, as a driver may print it). The database library reads no other password: check_url
-    refuses, before connecting, a URL it would read otherwise."""
+    """text (default: the url) with no part of the url's password, as written or decoded (%40 -> @,
+    as a driver may print it); check_url refuses a URL the database library would read otherwise."""
     password = _password(url)
     text = url if text is None else text
     if password is None:
@@ -89,10 +85,9 @@ def hide_password(url: str, text: str | None = None) -> str:
 
 
 def check_url(url: str) -> None:
-    """Refuse, before connecting, a URL whose password the database library would read otherwise
-    than the user wrote it: a second '@' ends it early (SQLAlchemy, which Optuna's database storage
-    uses, reads a password up to the first '@', and the rest of it would become the host name that
-    the driver's errors print)."""
+    """Refuse, before connecting, a URL whose password SQLAlchemy (Optuna's database library) would
+    read otherwise than written: it ends a password at the first '@', and the rest would become the
+    host name that the driver's errors print."""
     from urllib.parse import unquote
 
     from sqlalchemy.engine import make_url
@@ -140,8 +135,7 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
 
 
 def scoring(job: Job) -> dict[str, Any]:
-    """How a study's trials are scored: on their first k folds (k = all of them when TUNE_FOLDS=0)
-    and which pruner stops them. Trials scored otherwise cannot be ranked against each other."""
+    """How a study's trials are scored (trials scored otherwise cannot be ranked together)."""
     return {"scored on folds": len(job.fold_ids(job.base)), "pruner": job.pruner}
 
 
@@ -229,7 +223,6 @@ def load(paths: Paths, study: str, url: str | None) -> Any:
 
 
 def status(paths: Paths, study: str, url: str | None, made: Any = None) -> str:
-    """Trials so far by state, and the best five."""
     from optuna.trial import TrialState
 
     made = made or load(paths, study, url)
@@ -253,10 +246,9 @@ def progress(made: Any, trial: Any) -> None:
     """One line per finished trial: number, settings, score or where it was pruned, time."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
         if trial.datetime_complete and trial.datetime_start else float("nan")
-    settings = params_text(trial.params)
-    if trial.state.name == "COMPLETE":
-        outcome = f"{trial.value:.4f}"
-    else:  # a pruned trial's value is its last report, not a score: say where it stopped instead
-        outcome = str(trial.user_attrs.get("outcome", trial.state.name.lower()))
-    print(f"tune: trial {trial.number:>3}  {outcome:<22}  {seconds:6.1f}s  {settings}", flush=True)
+    # A pruned trial's value is its last report, not a score: say where it stopped instead.
+    outcome = f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else str(
+        trial.user_attrs.get("outcome", trial.state.name.lower()))
+    print(f"tune: trial {trial.number:>3}  {outcome:<22}  {seconds:6.1f}s  {params_text(trial.params)}",
+          flush=True)
 
