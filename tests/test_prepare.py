@@ -445,27 +445,20 @@ def test_count_duplicates_is_exact() -> None:
     assert prepare.count_duplicates(images) == 3
 
 
-def test_unwritable_cache_folder(project_paths: Paths) -> None:
+@pytest.mark.parametrize("how", ["chmod", "simulated"])
+def test_unwritable_cache_folder(project_paths: Paths, monkeypatch: pytest.MonkeyPatch,
+                                 request: pytest.FixtureRequest, how: str) -> None:
+    """Simulated where chmod cannot bite (root, some CI): the folder reports no write access."""
     project_paths.train_csv.write_bytes(CLEAN_TRAIN + b"\n")  # changed: the cache must be rebuilt
-    mode = project_paths.prepared.stat().st_mode
-    project_paths.prepared.chmod(0o500)
-    try:
+    if how == "simulated":
+        monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project_paths.prepared)
+    else:
+        mode = project_paths.prepared.stat().st_mode
+        request.addfinalizer(lambda: project_paths.prepared.chmod(mode))
+        project_paths.prepared.chmod(0o500)
         if os.access(project_paths.prepared, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
-        before = snapshot(project_paths.root, **OUTPUTS)
-        result = run_cli(project_paths.root, "prepare", check=False)
-        assert result.returncode == 1
-        assert_one_clear_error(result.stderr, str(project_paths.prepared), "cannot write")
-        assert snapshot(project_paths.root, **OUTPUTS) == before
-    finally:
-        project_paths.prepared.chmod(mode)
-
-
-def test_unwritable_cache_folder_simulated(project_paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same check where chmod cannot bite (root, some CI): the folder reports no write access."""
-    project_paths.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
     before = snapshot(project_paths.root, **OUTPUTS)
-    monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project_paths.prepared)
     result = run_cli(project_paths.root, "prepare", check=False)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, f"{project_paths.prepared}: cannot write here")
