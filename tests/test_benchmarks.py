@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import (
-    REPO,
-)
+from conftest import REPO
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:

@@ -9,17 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import (
-    JSON,
-    RECORD_FIELDS,
-    REPO,
-    SAMPLE,
-    TINY,
-    fake_run,
-    run_cli,
-    the_run,
-    tiny_data,
-)
+from conftest import JSON, RECORD_FIELDS, REPO, SAMPLE, TINY, fake_run, run_cli, the_run, tiny_data
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -8,14 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import (
-    SAMPLE,
-    TINY,
-    fake_run,
-    run_cli,
-    the_run,
-    tiny_data,
-)
+from conftest import SAMPLE, TINY, fake_run, run_cli, the_run, tiny_data
 
 from pipeline.cli import main
 from pipeline.config import Paths, resolve

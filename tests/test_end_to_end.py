@@ -9,12 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import (
-    TINY,
-    files,
-    run_cli,
-    the_run,
-)
+from conftest import TINY, files, run_cli, the_run
 
 from pipeline.config import Paths
 from pipeline.store.run import LOG_COLUMNS, PROB_COLUMNS, latest

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    FAMILY,
-)
+from conftest import FAMILY
 
 from pipeline.config import Settings
 from pipeline.engine import step as step_module
@@ -244,22 +242,14 @@ def test_explicit_missing_device_is_an_error() -> None:
         resolve_device("cuda")
 
 
-def test_no_augmentation_at_evaluation() -> None:
+def test_no_augmentation_at_evaluation_unless_test_time_augmentation_averages_seeded_passes() -> None:
     cfg = Settings(hidden=8, augment=True)
     model = build_model(cfg)
-    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
-    first = predict_log_proba(model, images, cfg, seed=1)
-    second = predict_log_proba(model, images, cfg, seed=2)
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(first, model(images).log_softmax(1), atol=1e-5, rtol=0)
-
-
-def test_test_time_augmentation_averages_seeded_passes() -> None:
-    cfg = Settings(hidden=8)
-    model = build_model(cfg)
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
-    plain = predict_log_proba(model, images, cfg)
+    plain = predict_log_proba(model, images, cfg, seed=1)
+    torch.testing.assert_close(plain, predict_log_proba(model, images, cfg, seed=2), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain, model(images).log_softmax(1), atol=1e-5, rtol=0)
     tta = predict_log_proba(model, images, cfg, tta=3, seed=1)
     torch.testing.assert_close(tta.exp().sum(1), torch.ones(12))
     assert not torch.allclose(tta, plain)

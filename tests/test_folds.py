@@ -8,10 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import (
-    TINY,
-    run_cli,
-)
+from conftest import TINY, run_cli
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError

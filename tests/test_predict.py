@@ -9,12 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import (
-    SAMPLE,
-    TINY,
-    run_cli,
-    the_run,
-)
+from conftest import SAMPLE, TINY, run_cli, the_run
 
 from pipeline.config import Paths
 from pipeline.engine.runtime import predict_log_proba

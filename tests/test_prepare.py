@@ -225,33 +225,30 @@ BAD = [
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
-def test_bad_file_is_named_precisely_and_changes_nothing(project_paths: Paths, case: Bad,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_file_is_named_precisely_and_changes_nothing(project_paths: Paths, case: Bad) -> None:
     before = snapshot(project_paths.root, **OUTPUTS)
     target = project_paths.train_csv if case.file == "train" else project_paths.test_csv
     target.write_bytes(case.build())
     result = run_cli(project_paths.root, "prepare", check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code != 0
+    assert result.returncode != 0
     words = [f"{case.file}.csv", f"line {case.line}", f"column {case.column}", *case.words]
     if case.name is not None:
         words.append(case.name)
-    assert_one_clear_error(err, *words)
+    assert_one_clear_error(result.stderr, *words)
     assert snapshot(project_paths.root, **OUTPUTS) == before
     # and the cache written before still loads for whoever needs it
     assert load_prepared(project_paths).train_x.shape == (N_TRAIN, 28, 28)
 
 
-def test_both_files_bad_reports_train_first(project_paths: Paths, capsys: pytest.CaptureFixture[str]) -> None:
+def test_both_files_bad_reports_train_first(project_paths: Paths) -> None:
     """The two files are read at once; the message is still always about train.csv first."""
     before = snapshot(project_paths.root, **OUTPUTS)
     project_paths.train_csv.write_bytes(cell(table(True), 20, 3, "x"))
     project_paths.test_csv.write_bytes(cell(table(False), 5, 5, "y"))  # both files take the slow path
     result = run_cli(project_paths.root, "prepare", check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code == 1
-    assert_one_clear_error(err, "train.csv: line 20, column 3 (pixel1)")
-    assert "test.csv" not in err
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, "train.csv: line 20, column 3 (pixel1)")
+    assert "test.csv" not in result.stderr
     assert snapshot(project_paths.root, **OUTPUTS) == before
 
 
@@ -281,27 +278,24 @@ def test_bad_input_is_fast_to_diagnose(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("missing", ["train", "test"])
-def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str) -> None:
     paths = write_inputs(tmp_path)
     gone, other = ((paths.train_csv, paths.test_csv) if missing == "train"
                    else (paths.test_csv, paths.train_csv))
     gone.unlink()
     result = run_cli(tmp_path, "prepare", check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code == 1
-    assert_one_clear_error(err, str(gone), "not found", f"{other.name} is present",
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, str(gone), "not found", f"{other.name} is present",
                            "nothing is filled in", "make download FORCE=1")
     assert not gone.exists() and not paths.prepared.exists() and not paths.source_json.exists()
 
 
-def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path) -> None:
     """`make prepare` on a fresh clone builds what it needs: the download (here, the sample)."""
     result = run_cli(tmp_path, "prepare", check=False)
-    code, out, err = result.returncode, result.stdout, result.stderr
-    assert code == 0, err
-    assert "download: source auto -> sample" in out and "prepare: reruns: not made yet" in out
+    assert result.returncode == 0, result.stderr
+    assert "download: source auto -> sample" in result.stdout
+    assert "prepare: reruns: not made yet" in result.stdout
     assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
 
 
@@ -313,14 +307,13 @@ def test_missing_file_through_a_real_process(tmp_path: Path) -> None:
     assert_one_clear_error(result.stderr, "test.csv", "train.csv is present")
 
 
-def test_csv_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_csv_that_is_a_folder(tmp_path: Path) -> None:
     paths = write_inputs(tmp_path)
     paths.train_csv.unlink()
     paths.train_csv.mkdir()
     result = run_cli(tmp_path, "prepare", check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code == 1
-    assert_one_clear_error(err, "train.csv", "folder")
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, "train.csv", "folder")
 
 
 def _shuffled_columns(labelled: bool) -> bytes:
@@ -377,7 +370,7 @@ def test_real_world_variants_load_like_the_clean_file(tmp_path: Path, variant: s
         assert labels is None
 
 
-def test_variants_through_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_variants_through_the_command_line(tmp_path: Path) -> None:
     clean = write_inputs(tmp_path / "clean")
     assert main(["--root", str(clean.root), "prepare"]) == 0
     odd = write_inputs(tmp_path / "odd", GOOD["bom-crlf-no-final-newline"](CLEAN_TRAIN, True),
@@ -452,43 +445,32 @@ def test_count_duplicates_is_exact() -> None:
     assert prepare.count_duplicates(images) == 3
 
 
-def test_unwritable_cache_folder(project_paths: Paths, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("how", ["chmod", "simulated"])
+def test_unwritable_cache_folder(project_paths: Paths, monkeypatch: pytest.MonkeyPatch,
+                                 request: pytest.FixtureRequest, how: str) -> None:
+    """Simulated where chmod cannot bite (root, some CI): the folder reports no write access."""
     project_paths.train_csv.write_bytes(CLEAN_TRAIN + b"\n")  # changed: the cache must be rebuilt
-    mode = project_paths.prepared.stat().st_mode
-    project_paths.prepared.chmod(0o500)
-    try:
+    if how == "simulated":
+        monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project_paths.prepared)
+    else:
+        mode = project_paths.prepared.stat().st_mode
+        request.addfinalizer(lambda: project_paths.prepared.chmod(mode))
+        project_paths.prepared.chmod(0o500)
         if os.access(project_paths.prepared, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
-        before = snapshot(project_paths.root, **OUTPUTS)
-        result = run_cli(project_paths.root, "prepare", check=False)
-        code, _, err = result.returncode, result.stdout, result.stderr
-        assert code == 1
-        assert_one_clear_error(err, str(project_paths.prepared), "cannot write")
-        assert snapshot(project_paths.root, **OUTPUTS) == before
-    finally:
-        project_paths.prepared.chmod(mode)
-
-
-def test_unwritable_cache_folder_simulated(project_paths: Paths, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """The same check where chmod cannot bite (root, some CI): the folder reports no write access."""
-    project_paths.train_csv.write_bytes(CLEAN_TRAIN + b"\n")
     before = snapshot(project_paths.root, **OUTPUTS)
-    monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != project_paths.prepared)
     result = run_cli(project_paths.root, "prepare", check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code == 1
-    assert_one_clear_error(err, f"{project_paths.prepared}: cannot write here")
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, f"{project_paths.prepared}: cannot write here")
     assert snapshot(project_paths.root, **OUTPUTS) == before
 
 
-def test_cache_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_folder_that_is_a_file(tmp_path: Path) -> None:
     paths = write_inputs(tmp_path)
     paths.prepared.write_bytes(b"not a folder")
     result = run_cli(tmp_path, "prepare", check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code == 1
-    assert_one_clear_error(err, str(paths.prepared), "is a file", "folder")
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, str(paths.prepared), "is a file", "folder")
     assert paths.prepared.read_bytes() == b"not a folder"
 
 
@@ -518,8 +500,7 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_corrupt_cache_is_noticed_and_rebuilt(project_paths: Paths, corruption: str,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_cache_is_noticed_and_rebuilt(project_paths: Paths, corruption: str) -> None:
     key = load_prepared(project_paths).data_key
     name, damage = CORRUPTIONS[corruption]
     damage(project_paths.prepared / name)
@@ -528,14 +509,12 @@ def test_corrupt_cache_is_noticed_and_rebuilt(project_paths: Paths, corruption: 
             load_prepared(project_paths)
     # A later stage that needs the cache notices the damage and rebuilds it first.
     result = run_cli(project_paths.root, "folds", "--folds", "2", check=False)
-    code, out, err = result.returncode, result.stdout, result.stderr
-    assert code == 0, err
+    assert result.returncode == 0, result.stderr
     reason = "meta.json is missing or unreadable" if name == "meta.json" else "damaged"
-    assert f"prepare: reruns: {reason}" in out
+    assert f"prepare: reruns: {reason}" in result.stdout
     assert load_prepared(project_paths).data_key == key
     result = run_cli(project_paths.root, "prepare", check=False)
-    code, out, _ = result.returncode, result.stdout, result.stderr
-    assert code == 0 and "prepare: skipped: train.csv and test.csv unchanged" in out
+    assert result.returncode == 0 and "prepare: skipped: train.csv and test.csv unchanged" in result.stdout
 
 
 CLEAN = HEADER_TEST + "\n" + "\n".join(",".join(str((r * 31 + c * 7) % 256 if c % 5 == 0 else 0)

@@ -42,10 +42,8 @@ from conftest import (
 from pipeline.cli import main
 from pipeline.config import Paths, Settings, resolve
 from pipeline.engine import checkpoint
-from pipeline.engine.checkpoint import FoldState
 from pipeline.engine.models import build_model
 from pipeline.engine.runtime import predict_log_proba
-from pipeline.engine.step import TrainStep
 from pipeline.errors import PipelineError
 from pipeline.stages import train
 from pipeline.store.data import load_prepared, read_folds
@@ -120,12 +118,11 @@ def test_make_train_reaches_the_backward_pass_in_seven_calls(tmp_path: Path,
 
 
 @pytest.mark.parametrize("fold", ["7", "2", "-1"])
-def test_fold_out_of_range(run_dir: Paths, fold: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fold_out_of_range(run_dir: Paths, fold: str) -> None:
     before = snapshot(run_dir.root, **OUTPUTS)
     result = run_cli(run_dir.root, "train", "--fold", fold, *TINY_CPU, check=False)
-    code, _, err = result.returncode, result.stdout, result.stderr
-    assert code == 1
-    assert_one_clear_error(err, f"fold {fold}", "0 to 1")
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, f"fold {fold}", "0 to 1")
     assert snapshot(run_dir.root, **OUTPUTS) == before
 
 
@@ -169,12 +166,9 @@ def test_forced_retraining_of_one_fold_repeats_it_exactly(run_copy: Path) -> Non
     assert run.model(1).read_bytes() == fold1
 
 
-TRAINED = ("runs", "submissions")
-
-
 def fresh_outputs(root: Path) -> Path:
     """Keep the prepared data and folds of a run, drop everything trained."""
-    for name in TRAINED:
+    for name in ("runs", "submissions"):
         shutil.rmtree(root / name, ignore_errors=True)
     return root
 
@@ -368,14 +362,11 @@ def test_few_steps_onecycle_and_preset_in_runs(two_run_project: Path) -> None:
 @pytest.mark.parametrize("settings", FAMILY, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_every_family_member_trains_a_step_and_predicts(settings: dict) -> None:
     cfg = Settings(hidden=16, batch=16, epochs=1, **settings)
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    state = train.new_state(cfg, 0, 40, torch.device("cpu"))
+    model = state.step.model
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = train.make_optimizer(cfg, model)
-    scheduler = train.make_scheduler(cfg, optimizer, train.steps_per_epoch(cfg, 40))
-    state = FoldState(TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu")), torch.Generator())
     loss, acc = train.train_epoch(state, images, labels, torch.arange(40), cfg)
     assert math.isfinite(loss) and 0 <= acc <= 1
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
@@ -402,19 +393,16 @@ def test_schedule_runs_to_its_end(schedule: str) -> None:
 
 def test_clipping_bounds_the_gradient_norm() -> None:
     cfg = Settings(hidden=16, batch=20, clip=0.05, augment=False, lr=1e-3)
-    model = build_model(cfg)
-    optimizer = train.make_optimizer(cfg, model)
-    scheduler = train.make_scheduler(cfg, optimizer, 2)
+    state = train.new_state(cfg, 0, 40, torch.device("cpu"))
     norms = []
 
     def record(opt: torch.optim.Optimizer, *_: object) -> None:
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-    optimizer.register_step_pre_hook(record)
+    state.step.optimizer.register_step_pre_hook(record)
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
-    state = FoldState(TrainStep(model, optimizer, scheduler, cfg, torch.device("cpu")), torch.Generator())
     train.train_epoch(state, images, labels, torch.arange(40), cfg)
     assert len(norms) == 2 and max(norms) <= 0.05 * (1 + 1e-4)
 

@@ -18,16 +18,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import (
-    SAMPLE,
-    VALUES,
-    closed_port,
-    copy_project,
-    free_port,
-    run_cli,
-    start_cli,
-    tiny_data,
-)
+from conftest import SAMPLE, VALUES, closed_port, copy_project, free_port, run_cli, start_cli, tiny_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -147,7 +138,7 @@ def study_of(root: Path, **options: Any) -> Any:
 
 
 def trials_of(root: Path) -> list[Any]:
-    return tune_study.load(Paths(root), "s", None).get_trials(deepcopy=False)
+    return study(root, "s").get_trials(deepcopy=False)
 
 
 def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: Path) -> None:
@@ -165,7 +156,7 @@ def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: P
 def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     study_of(tmp_path, trials=1)
-    made = tune_study.load(Paths(tmp_path), "s", None)
+    made = study(tmp_path, "s")
     killed = made.ask()  # as a SIGKILLed worker leaves it: running, never told
     killed.suggest_float("lr", 1e-4, 1e-2, log=True)
     killed.set_user_attr("run", "rnn-h128-e2-killed")
@@ -215,7 +206,7 @@ def test_sigint_to_a_two_worker_study_stops_every_worker(tmp_path: Path) -> None
     proc.send_signal(signal.SIGINT)  # to the tune process alone, not its workers
     _, err = proc.communicate(timeout=90)  # the workers stop too, not after every trial
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    made = tune_study.load(Paths(tmp_path), "rnn", None)
+    made = study(tmp_path)
     states = [t.state.name for t in made.get_trials(deepcopy=False)]
     assert "RUNNING" not in states and states.count("FAIL") == 2, states
     assert all(t.user_attrs.get("outcome") == "interrupted" for t in made.get_trials()
@@ -278,11 +269,7 @@ def run_tune(root: Path, *args: str, check: bool = True) -> subprocess.Completed
 
 
 def study(root: Path, name: str = "rnn") -> optuna.Study:
-    from optuna.storages.journal import JournalFileBackend
-
-    log = str(root / "runs" / "tune" / name / "journal.log")
-    return optuna.load_study(study_name=name,
-                             storage=optuna.storages.JournalStorage(JournalFileBackend(log)))
+    return tune_study.load(Paths(root), name, None)
 
 
 def states(made: optuna.Study) -> list[str]:

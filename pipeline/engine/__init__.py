@@ -1,2 +1,1 @@
-"""The training engine: the recurrent models, the compiled train step, augmentation, batched
-inference and checkpoints. It knows nothing of stages or run folders."""
+"""The models, the train step, augmentation, inference and checkpoints; no stages, no run folders."""

@@ -13,8 +13,7 @@ from pipeline.config import Settings
 
 
 def blur_matrix(size: int, sigma: float, device: torch.device) -> torch.Tensor:
-    """(size, size) matrix M with M @ v the Gaussian blur (std sigma pixels, 3 sigma each side,
-    normalised, zeros beyond the edge) of a length-size vector v: a blur of an image X is
+    """M with M @ v the Gaussian blur (3 sigma each side, zeros beyond) of v: an image X blurs as
     M @ X @ M.T, two small matrix products, far cheaper on a CPU than a wide convolution."""
     radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
@@ -39,11 +38,8 @@ def elastic_field(batch: int, height: int, width: int, alpha: float, sigma: floa
 
 def random_affine(images: torch.Tensor, generator: torch.Generator, rotate: float, scale: float,
                   shift: float, elastic: float = 0.0, elastic_sigma: float = 4.0) -> torch.Tensor:
-    """Rotate (degrees), zoom (relative) and shift (pixels) each image of (B, 28, 28) at random, and
-    with elastic > 0 also distort it elastically (strength elastic, smoothness elastic_sigma).
-
-    Values keep their range (bilinear interpolation, zeros outside); shape and dtype are kept.
-    """
+    """Rotate (degrees), zoom (relative), shift (pixels) and, with elastic > 0, distort each image of
+    (B, 28, 28) at random. Bilinear, zeros outside: range, shape and dtype are kept."""
     batch, height, width = images.shape
     u = torch.rand(batch, 4, generator=generator, device=images.device) * 2 - 1
     angle = u[:, 0] * math.radians(rotate)
@@ -67,6 +63,5 @@ def random_affine(images: torch.Tensor, generator: torch.Generator, rotate: floa
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, cfg: Settings) -> torch.Tensor:
-    """The run's augmentation (its affine and elastic settings) of a batch of images."""
     return random_affine(images, generator, cfg.rotate, cfg.scale, cfg.shift, cfg.elastic,
                          cfg.elastic_sigma)

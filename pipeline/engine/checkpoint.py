@@ -1,10 +1,6 @@
-"""Save, load and resume: a fold's finished model and the state of a fold still in training.
-
-A finished model (`fold_<k>.pt`) holds the best epoch's weights and the settings that built them,
-so predict rebuilds each model from its file alone. The resumable state (`fold_<k>.state.pt`)
-holds everything an interrupted fold needs to carry on exactly where it stopped, including the best
-weights so far: the finished model is replaced only when a new one is finished. Every load uses
-`weights_only=True` (tensors and plain data only).
+"""A fold's finished model (`fold_<k>.pt`: the best weights and the settings that built them, so
+predict rebuilds it from its file alone) and the resumable state of a fold in training
+(`fold_<k>.state.pt`). Every load uses `weights_only=True` (tensors and plain data only).
 """
 
 from __future__ import annotations
@@ -62,10 +58,8 @@ def model_from(path: Path) -> tuple[nn.Module, Settings]:
 
 @dataclass
 class FoldState:
-    """A fold in training, whole: its step (model, optimizer, schedule, weight average), its random
-    generator, its log so far, its best epoch with that epoch's weights, and the time spent. Saved
-    whole at the end of every epoch and restored whole, so a resumed fold ends exactly where an
-    uninterrupted one would."""
+    """A fold in training, whole (step, generator, log, best epoch and its weights, time spent): saved
+    after every epoch and restored whole, so a resumed fold ends where an uninterrupted one would."""
 
     step: TrainStep
     generator: torch.Generator
@@ -75,8 +69,7 @@ class FoldState:
     elapsed: float = 0.0
 
     @property
-    def epoch(self) -> int:
-        """The epochs done."""
+    def epoch(self) -> int:  # the epochs done
         return len(self.history)
 
     def end_epoch(self, row: dict[str, Any], seconds: float) -> None:

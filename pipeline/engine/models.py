@@ -8,9 +8,8 @@ How the network reads the digit is part of the recipe:
 - readout: the classifier sees the last states (last), or pool: them with the mean and the max of
   every step's output over time, so what the network saw at each row reaches the classifier.
 
-The vanilla RNN of the tutorial is the default cell; GRU and LSTM share the same wrapper. Unlike
-the tutorial's model, no hidden state is built by hand, so any batch size works (1 included) and
-the state is always created on the device of the input.
+The vanilla RNN is the default cell; GRU and LSTM share the wrapper. No hidden state is built by
+hand, so any batch size works and the state is made on the device of the input.
 """
 
 from __future__ import annotations

@@ -13,11 +13,8 @@ from pipeline.errors import PipelineError
 def resolve_device(name: str) -> torch.device:
     """auto: CUDA, then Apple MPS, then CPU. An explicit device must exist."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:

@@ -1,19 +1,13 @@
 """One training step (forward, loss, backward, clipping, update, schedule), eager or from a CUDA graph.
 
-A small RNN's step is dozens of tiny kernels; on a GPU the time goes into launching them, not into
-running them. With ``cuda_graph`` (the default) on a CUDA device, the forward, loss, backward and
-clipping of a full batch are captured once and replayed: one launch per step instead of about sixty.
-The optimizer (fused AdamW on CUDA) and the learning-rate schedule stay outside the graph, unchanged,
-so both paths run the same kernels on the same numbers and learn the same model.
-
-What the graph needs, and how it is kept:
-- fixed addresses: each batch is copied into a static input buffer; the gradients the captured
-  backward writes are never set to None afterwards (an eager step zeroes them in place);
-- fixed shapes: only full batches replay; a short last batch runs eagerly;
-- no randomness inside the step, so that a replay can be checked against the eager step: a model
-  with dropout between stacked layers trains eagerly (augmentation is per epoch, outside the step).
-The first replay is checked against the last eager warm-up pass on the same batch and weights: if
-its gradients differ, or capture fails, the fold says why and trains without the graph.
+A small RNN's step is dozens of tiny kernels whose launches, not their work, take a GPU's time. With
+``cuda_graph`` on CUDA, the forward, loss, backward and clipping of a full batch are captured once
+and replayed: one launch per step. The optimizer and the schedule stay outside the graph, so both
+paths run the same kernels on the same numbers. The graph needs fixed addresses (a static input
+buffer; gradients never set to None), fixed shapes (a short last batch runs eagerly) and no
+randomness inside the step (dropout between stacked layers trains eagerly), so that the first replay
+can be checked against the last eager warm-up pass: if it differs, or capture fails, the fold says
+why and trains without the graph.
 """
 
 from __future__ import annotations
@@ -84,11 +78,8 @@ def graph_wanted(cfg: Settings, device: torch.device) -> bool:
 
 
 class TrainStep:
-    """One training step per call: forward, loss, backward, clipping, update, schedule.
-
-    make_graph: builds the capture backend (CudaGraph on CUDA; the tests pass stand-ins that fail,
-    to check on a CPU that a failed capture or check falls back to the eager step).
-    """
+    """One training step per call. make_graph: builds the capture backend (CudaGraph on CUDA; the
+    tests pass stand-ins that fail, to check on a CPU that the eager step takes over)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: Settings,

@@ -1,14 +1,8 @@
-"""The blend stage: several runs' probabilities, weighted on their out-of-fold predictions.
-
-Greedy forward selection with replacement (Caruana et al., ICML 2004): start from the run with the
-lowest out-of-fold log loss, then repeatedly add the run (possibly one already in) whose addition
-lowers the blend's out-of-fold log loss most; stop when no addition helps. A run's weight is how
-often it was picked. Weights chosen on the same rows they are scored on flatter the blend, so an
-honest estimate is reported too: for each fold, the selection is refitted on the other folds' rows
-and scored on that fold's rows.
-
-Only runs on the same data and the same folds can be blended: their out-of-fold predictions then
-cover the same rows, each row predicted by models that never saw it.
+"""The blend stage: several runs' probabilities, weighted by greedy forward selection with
+replacement on their out-of-fold log loss (Caruana et al., ICML 2004); a run's weight is how often
+it was picked. Weights chosen on the rows they are scored on flatter the blend, so an honest estimate
+is reported too: each fold scored by a selection refitted on the other folds. Only runs on the same
+data and folds can be blended: each row is then predicted by models that never saw it.
 """
 
 from __future__ import annotations
@@ -59,11 +53,8 @@ def select(probs: np.ndarray, labels: np.ndarray, mean: str = "prob") -> np.ndar
     counts[int(np.argmin(losses))] = 1
     current = min(losses)
     for _ in range(MAX_STEPS):
-        trials = []
-        for m in range(len(probs)):
-            trial = counts.copy()
-            trial[m] += 1
-            trials.append(log_loss(combine(probs, trial, mean), labels))
+        # The blend with one more pick of each run in turn (a row of the identity adds it).
+        trials = [log_loss(combine(probs, counts + pick, mean), labels) for pick in np.eye(len(probs))]
         m = int(np.argmin(trials))
         if trials[m] >= current - 1e-9:
             break
@@ -142,8 +133,7 @@ def _member(run: RunDir, data: Prepared, n_folds: int, fold_seed: int, named: bo
 def run(paths: Paths, data: Prepared, fold_of: np.ndarray, fold_seed: int,
         names: list[str] | None = None, mean: str = default("mean"), force: bool = False,
         make_first: Callable[[], object] | None = None) -> RunRecord:
-    """Blend the chosen runs (default: every completed run on these data and folds) into a
-    submission; returns the blend's record. make_first: makes a run when none is there to blend."""
+    """Blend the named runs (default: all on these data and folds); make_first: makes one if none."""
     n_folds = int(fold_of.max()) + 1
     chosen, skipped = candidates(paths, data, n_folds, fold_seed, names)
     for line in skipped:

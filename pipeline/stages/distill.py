@@ -1,10 +1,7 @@
-"""Distillation: a run that learns from the labelled train rows and from the test rows labelled by a
-teacher (a run or a blend): the teacher's averaged test probabilities, tempered, as soft targets.
-
-Honest by construction: the extra rows are test rows only. A fold's model never trains on its own
-held-out train rows, nor on the teacher's out-of-fold probabilities of train rows (those came from
-teacher models that saw this fold's held-out rows), so its out-of-fold accuracy stays an estimate of
-unseen digits.
+"""Distillation: a run that learns from the labelled train rows and from the test rows, with the
+teacher's (a run's or a blend's) tempered test probabilities as soft targets. Honest by construction:
+the extra rows are test rows only (the teacher's out-of-fold probabilities came from models that saw
+this fold's held-out rows), so the out-of-fold accuracy stays an estimate of unseen digits.
 """
 
 from __future__ import annotations
@@ -28,10 +25,8 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared, student: RunDir | None = None) -> Pseudo:
-    """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets.
-
-    student: the distilled run; when its teacher is gone (forgotten), the folds it trained with that
-    teacher stay usable (a Pseudo of no rows, with the teacher's recorded key)."""
+    """The teacher's test rows with at least DISTILL_THRESHOLD confidence, and their soft targets;
+    student: the distilled run, whose folds stay usable when the teacher is gone (see _gone)."""
     teacher = run_dir(paths, check_name(cfg.teacher, "TEACHER"))
     try:
         record = teacher.completed()
@@ -61,17 +56,13 @@ def same_data(cfg: Settings, record: RunRecord, data: Prepared) -> None:
     """The teacher must have been made from the data now in input/; else say which file differs."""
     if record.data == data.data_key:
         return
-    again = (f"make the teacher again on this data (a run: `make submit CONFIG=runs/{cfg.teacher}/"
-             "config.json`; a blend: `make blend`) and name it with TEACHER=")
-    if record.test_data and record.test_data == data.test_key:
-        raise PipelineError(f"TEACHER={cfg.teacher} was made from another input/train.csv than the one "
-                            "there now (input/test.csv is the same): its models learned from other "
-                            f"labelled rows; {again}")
-    if record.test_data:
-        raise PipelineError(f"TEACHER={cfg.teacher} was made from another input/test.csv: its test "
-                            f"predictions are of other digits; {again}")
-    raise PipelineError(f"TEACHER={cfg.teacher} was made from other data than input/*.csv now hold; "
-                        f"{again}")
+    differs = "other data than input/*.csv now hold" if not record.test_data else (
+        "another input/train.csv than the one there now (input/test.csv is the same): its models "
+        "learned from other labelled rows" if record.test_data == data.test_key else
+        "another input/test.csv: its test predictions are of other digits")
+    raise PipelineError(f"TEACHER={cfg.teacher} was made from {differs}; make the teacher again on "
+                        f"this data (a run: `make submit CONFIG=runs/{cfg.teacher}/config.json`; a "
+                        "blend: `make blend`) and name it with TEACHER=")
 
 
 def keeps_nothing(threshold: float, confidence: np.ndarray) -> str:
@@ -86,8 +77,7 @@ def keeps_nothing(threshold: float, confidence: np.ndarray) -> str:
 
 
 def _gone(paths: Paths, cfg: Settings, student: RunDir | None) -> Pseudo:
-    """The teacher is gone: the folds the student trained with it stay current (a Pseudo of no rows
-    with the teacher's key they recorded); without such folds, a PipelineError."""
+    """The folds the student trained with a teacher now gone stay current (a Pseudo of no rows)."""
     key = student.teacher_key(cfg.folds) if student is not None else None
     if student is None or key is None:
         raise PipelineError(f"TEACHER={cfg.teacher}: no completed run or blend of that name in "

@@ -1,9 +1,5 @@
-"""The predict stage: a run's fold models -> test probabilities -> averaged ensemble -> submission.
-
-Also gathers the run's out-of-fold predictions (oof.csv) and the per-fold table (cv.csv): the honest
-estimate of the ensemble's accuracy (with TTA, also the held-out accuracy with the same augmented
-passes). The run's submission becomes submissions/submission.csv, with a kept copy named by time,
-model and CV score.
+"""The predict stage: a run's fold models -> averaged test probabilities -> submission (a kept copy
+named by time, model and CV score), with the out-of-fold predictions (oof.csv) and cv.csv.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ from pipeline.store.run import (
 
 
 def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
-    """The ensemble: the mean of the folds' class probabilities."""
     if not per_fold:
         raise PipelineError("predict: no fold predictions to average")
     return np.mean(np.stack(per_fold), axis=0)
@@ -41,8 +36,7 @@ def average_probabilities(per_fold: list[np.ndarray]) -> np.ndarray:
 
 def run(plan: Plan, fold_records: list[FoldRecord], force: bool = False,
         publish: bool = True) -> RunRecord:
-    """Predict with the run's finished folds unless current; publish its submission (unless not
-    asked to: a tuning trial); returns the run's record. fold_records: what train returned."""
+    """Predict with the run's finished folds unless current; publish (unless a tuning trial)."""
     cfg, paths, run, data = plan.cfg, plan.paths, plan.run, plan.data
     made = run.ensemble({"folds": [f.trained_at for f in fold_records], "tta": cfg.tta, "amp": cfg.amp,
                          "data": data.data_key, "tta_seed": cfg.seed if cfg.tta else None},
@@ -114,6 +108,5 @@ def summary_table(cv: pd.DataFrame, fold_records: list[FoldRecord]) -> str:
     """The run at a glance: per fold and overall accuracy, loss, time and device."""
     devices = [f.device for f in fold_records]
     table = cv.assign(device=[*devices, ", ".join(sorted(set(devices)))])
-    table["valid_loss"] = table["valid_loss"].map("{:.4f}".format)
-    table["valid_acc"] = table["valid_acc"].map("{:.4f}".format)
-    return table.to_string(index=False)
+    four = "{:.4f}".format
+    return table.to_string(index=False, formatters={"valid_loss": four, "valid_acc": four})

@@ -1,23 +1,15 @@
 """The prepare stage: competition CSVs -> validated uint8 arrays in input/prepared/.
 
-Pixel k of a CSV row lands at image row k // 28, column k % 28, and image row r is time step r of
-the recurrent models. Columns are matched by name, so pixel columns in another order still land in
-the right place.
+Pixel k of a CSV row (columns matched by name) lands at image row k // 28, column k % 28, and image
+row r is time step r of the recurrent models.
 
-Parsing takes a fast path: the bytes are checked to hold only digits, commas, line ends (and the
-spaces, tabs and quotes a spreadsheet may add), then pandas' C parser reads them straight into uint8,
-which rejects anything outside 0-255 or not a whole number. Only when that fails does a slow scanner
-walk the file line by line (a regular expression for clean lines, cell by cell for the others) to name
-the first problem: one message with the file, the line number an editor shows, the column number and
-name, what was expected and what was found. Both paths accept exactly the same cells: ASCII digits,
-optionally quoted or padded with spaces; "12.0", "+3", "-0" and "1e2" are rejected, not rounded.
-What real files hold still loads: a UTF-8 byte-order mark, Windows (CRLF) or old Mac (CR) line ends,
-no final newline, blank lines at the very end, quoted header names. A blank line in the middle is an
-error (it is usually a sign of two files pasted together).
-
-Duplicate images are kept (they are real data) and counted: rows are compared as raw bytes in a set,
-exact, and much faster than np.unique(axis=0).
-
+Parsing takes a fast path: a byte check (digits, commas, line ends, the padding a spreadsheet may
+add), then pandas' C parser straight into uint8. Only when that fails does a slow scanner walk the
+file to name the first problem: the file, the line an editor shows, the column number and name, what
+was expected and what was found. Both paths accept exactly the same cells: ASCII digits, optionally
+quoted or padded; "12.0", "+3", "-0" and "1e2" are rejected, not rounded. A UTF-8 byte-order mark,
+CRLF or CR line ends, no final newline and blank lines at the end still load; a blank line in the
+middle is an error (usually two files pasted together). Duplicate images are kept and counted.
 Nothing is written until both files have passed, so bad input leaves an existing cache untouched.
 """
 
@@ -53,19 +45,10 @@ def to_images(flat: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, 28, 28))
 
 
-def expected_columns(labelled: bool) -> list[str]:
-    return (["label"] if labelled else []) + PIXELS
-
-
 # -- reading and validating one CSV --------------------------------------------------------------
 
 def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Read train.csv (labelled) or test.csv; returns uint8 images and uint8 labels (or None)."""
-    path = Path(path)
-    if path.is_dir():
-        raise PipelineError(f"{path}: is a folder; expected the competition's CSV file")
-    if not path.is_file():
-        raise PipelineError(f"{path}: file not found")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -85,17 +68,8 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
         _diagnose(path, data[body_start:end], names)
         raise PipelineError(f"{path}: could not be parsed as a competition CSV (line 2 onwards, column 1 "
                             f"({names[0]})): expected comma-separated integers")
-    if labelled:
-        label_at = names.index("label")
-        labels = np.ascontiguousarray(values[:, label_at])
-    else:
-        label_at, labels = None, None
-    canonical = [n for n in names if n != "label"] == PIXELS
-    if canonical:
-        pixels = np.delete(values, label_at, axis=1) if label_at is not None else values
-    else:
-        pixels = values[:, [names.index(n) for n in PIXELS]]
-    return to_images(pixels), labels
+    labels = np.ascontiguousarray(values[:, names.index("label")]) if labelled else None
+    return to_images(values[:, [names.index(n) for n in PIXELS]]), labels
 
 
 def _first_line_end(data: bytes, start: int) -> tuple[int, int]:
@@ -117,17 +91,14 @@ def _show(name: str, quote: bool = False) -> str:
 
 
 def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
-    expected = expected_columns(labelled)
+    expected = (["label"] if labelled else []) + PIXELS
     what = ("train.csv's header label,pixel0,...,pixel783" if labelled
             else "test.csv's header pixel0,...,pixel783")
     where = f"{path}: line 1"
     kind = _binary_kind(raw)
-    if kind:
-        raise PipelineError(f"{where}, column 1: expected {what}, found {kind}")
-    problem = _not_text(raw)
+    problem = (1, kind) if kind else _not_text(raw)
     if problem:
-        col, found = problem
-        raise PipelineError(f"{where}, column {col}: expected {what}, found {found}")
+        raise PipelineError(f"{where}, column {problem[0]}: expected {what}, found {problem[1]}")
     line = raw.decode("utf-8")
     if not line.strip():
         raise PipelineError(f"{where}, column 1: expected {what}, found an empty line")
@@ -207,9 +178,7 @@ def _content_end(data: bytes, start: int) -> int:
 
 def _fast_parse(data: bytes, body_start: int, end: int, names: list[str],
                 path: Path | None = None) -> np.ndarray | None:
-    """The rows data[body_start:end] as uint8 (rows, columns) in header order, or None if anything is off.
-
-    path: the file data was read from; pandas parses a file by name much faster than from memory."""
+    """data[body_start:end] as uint8 in header order, or None; path: the file (read faster by name)."""
     import pandas as pd
 
     # translate keeps the order of what it does not delete, so the header's leftovers come first;
@@ -311,7 +280,7 @@ def _check_cell(where: str, name: str, cell: str) -> None:
 
 
 def count_duplicates(images: np.ndarray) -> int:
-    """How many images repeat an earlier one exactly (they are kept: they are real data)."""
+    """How many images repeat an earlier one exactly: raw bytes in a set, faster than np.unique."""
     flat = np.ascontiguousarray(images.reshape(len(images), -1))
     return len(flat) - len(set(map(bytes, flat)))
 
@@ -320,11 +289,7 @@ def count_duplicates(images: np.ndarray) -> int:
 
 def _inputs(paths: Paths) -> dict[str, list[int]]:
     """What the cache is made from: each CSV's size and modification time."""
-    out = {}
-    for path in (paths.train_csv, paths.test_csv):
-        stat = path.stat()
-        out[path.name] = [stat.st_size, stat.st_mtime_ns]
-    return out
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (paths.train_csv, paths.test_csv)}
 
 
 def _check_writable(folder: Path) -> None:

@@ -1,9 +1,6 @@
-"""The report: reports/index.html and its figures, drawn from the files of the latest run.
-
-Nothing is retrained or re-predicted: the figures come from the run's folder (per-epoch curves, cv.csv,
-config.json, out-of-fold and test probabilities) and the prepared train images. The PNGs
-sit next to index.html and are referenced by relative name, so the folder opens from disk and can
-be copied or zipped as a whole.
+"""The report: reports/index.html and its figures, drawn from a run's files and the prepared images
+(nothing is retrained). The PNGs sit next to index.html, referenced by relative name, so the folder
+opens from disk and can be copied or zipped whole.
 """
 
 from __future__ import annotations
@@ -44,10 +41,6 @@ class Run:
     test_pred: np.ndarray  # the test rows' most likely digits (test.csv)
     data: Prepared  # the prepared images and labels the run was made from
 
-    @property
-    def fold_ids(self) -> list[int]:
-        return sorted(self.histories)
-
 
 def load_run(paths: Paths, run: RunDir) -> Run:
     """Read a run's files; a clear PipelineError when it is missing, incomplete or damaged."""
@@ -81,15 +74,12 @@ def _log(run: RunDir, fold: int) -> pd.DataFrame:
 
 # -- the numbers -------------------------------------------------------------------------------
 
-
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = CLASSES) -> np.ndarray:
     """Counts: row = true class, column = predicted class."""
     from sklearn.metrics import confusion_matrix as sk_confusion
 
-    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
-    if labels.shape != predicted.shape:
-        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    return sk_confusion(labels, predicted, labels=list(range(classes)))
+    return sk_confusion(np.asarray(labels, np.int64), np.asarray(predicted, np.int64),
+                        labels=list(range(classes)))
 
 
 def oof_confusion(run: Run) -> np.ndarray:
@@ -115,12 +105,9 @@ def confident_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int = MISTA
 
 
 def class_balance(train_y: np.ndarray, test_pred: np.ndarray) -> pd.DataFrame:
-    """The share of each class in the train labels and in the test predictions."""
-    def share(labels: np.ndarray) -> np.ndarray:
-        return np.bincount(np.asarray(labels, np.int64), minlength=CLASSES) / max(len(labels), 1)
-
-    return pd.DataFrame({"class": np.arange(CLASSES), "train": share(train_y),
-                         "test predicted": share(test_pred)})
+    train, test = (np.bincount(np.asarray(y, np.int64), minlength=CLASSES) / max(len(y), 1)
+                   for y in (train_y, test_pred))
+    return pd.DataFrame({"class": np.arange(CLASSES), "train": train, "test predicted": test})
 
 
 # -- the figures -------------------------------------------------------------------------------
@@ -135,10 +122,10 @@ def pyplot() -> Any:
     return plt
 
 
-
 def _save(fig: Any, path: Path, height_in: float) -> str:
     plt = pyplot()
     try:
+        fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=min(DPI, MAX_PIXELS / height_in))
     finally:
@@ -153,9 +140,10 @@ def plot_learning_curves(run: Run, path: Path) -> str:
 
     epochs = pd.to_numeric(run.cv.get("best_epoch", pd.Series([None] * len(run.cv))), errors="coerce")
     best = {int(f): e for f, e in zip(run.cv["fold"], epochs, strict=True) if f != "all"}
-    height = 2.4 * len(run.fold_ids) + 0.4
-    fig, axes = plt.subplots(len(run.fold_ids), 2, figsize=(10, height), squeeze=False)
-    for (ax_loss, ax_acc), k in zip(axes, run.fold_ids, strict=True):
+    folds = sorted(run.histories)
+    height = 2.4 * len(folds) + 0.4
+    fig, axes = plt.subplots(len(folds), 2, figsize=(10, height), squeeze=False)
+    for (ax_loss, ax_acc), k in zip(axes, folds, strict=True):
         log = run.histories[k]
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             ax.plot(log["epoch"], log[f"train_{metric}"], "o-", ms=3, label="train")
@@ -167,7 +155,6 @@ def plot_learning_curves(run: Run, path: Path) -> str:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         ax_acc.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
     return _save(fig, path, height)
 
 
@@ -181,13 +168,9 @@ def plot_confusion(matrix: np.ndarray, path: Path) -> str:
         if count:
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                     color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(matrix)))
-    ax.set_yticks(range(len(matrix)))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"out-of-fold confusion matrix ({matrix.sum()} train rows)")
+    ax.set(xticks=range(len(matrix)), yticks=range(len(matrix)), xlabel="predicted", ylabel="true",
+           title=f"out-of-fold confusion matrix ({matrix.sum()} train rows)")
     fig.colorbar(image, ax=ax, label="share of the true class")
-    fig.tight_layout()
     return _save(fig, path, 6)
 
 
@@ -197,15 +180,12 @@ def plot_bars(frame: pd.DataFrame, path: Path, xlabel: str, ylabel: str, **bars:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     frame.plot.bar(x="class", ax=ax, rot=0, xlabel=xlabel, ylabel=ylabel, **bars)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path, 3.5)
 
 
 def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
-    """The images themselves, so a wrong label in the data looks different from a model error.
-
-    One montage in one axes: 32 separate axes would take seconds to lay out.
-    """
+    """The images themselves, so a wrong label in the data looks different from a model error: one
+    montage in one axes (32 separate axes would take seconds to lay out)."""
     plt = pyplot()
     cols, cell_w, cell_h, band = 8, 34, 46, 16  # pixels per cell; the band above a digit holds its text
     nrows = max(1, -(-len(mistakes) // cols))
@@ -223,7 +203,6 @@ def plot_mistakes(run: Run, mistakes: pd.DataFrame, path: Path) -> str:
                 fontsize=12)
     ax.set_title("true → predicted (confidence)", fontsize=9)
     ax.axis("off")
-    fig.tight_layout()
     return _save(fig, path, height)
 
 
@@ -280,7 +259,6 @@ def table(frame: pd.DataFrame, **digits: int) -> Markup:
 
 
 def facts(run: Run) -> list[tuple[str, str]]:
-    """The run at a glance, for the top of its page."""
     record = run.record
     overall = run.cv[run.cv["fold"] == "all"]
     acc = float(overall["valid_acc"].iloc[0]) if len(overall) else float("nan")
@@ -310,21 +288,17 @@ def render(run: Run, paths: Paths, images: dict[str, str], per_class_frame: pd.D
 
 
 def pick(paths: Paths, name: str | None) -> RunDir:
-    """The run to draw: the one named, else runs/latest. A report only reads: it never trains, so
-    when runs/latest cannot be drawn it says why and which runs there are instead."""
+    """The run named, else runs/latest; a report never trains, so without one it lists the runs."""
     if name:
         return run_dir(paths, name)
-    name = latest(paths)
-    why = "runs/latest is missing or unreadable" if name is None else ""
+    name, why = latest(paths), "runs/latest is missing or unreadable"
     if name is not None:
         try:
-            if run_dir(paths, name).completed() is None:
-                why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
+            if run_dir(paths, name).completed() is not None:
+                return run_dir(paths, name)
+            why = f"runs/latest names {name}, which is not a complete run (forgotten or unfinished?)"
         except PipelineError as exc:
             why = f"runs/latest names {name}, whose record is damaged ({exc})"
-    if not why:
-        assert name is not None
-        return run_dir(paths, name)
     done = [r.id for r in all_runs(paths) if complete(r) is not None]
     if not done:
         raise PipelineError(f"report: no complete run in {paths.runs} to draw ({why}); "
@@ -335,9 +309,8 @@ def pick(paths: Paths, name: str | None) -> RunDir:
 
 def run(paths: Paths, run_dir: RunDir) -> Path:
     """Write reports/index.html and its figures for a run; returns the page's path."""
-    started = time.perf_counter()
     try:
-        return _draw(paths, run_dir, started)
+        return _draw(paths, run_dir)
     except (KeyError, ValueError, TypeError) as exc:  # a column or value missing from a damaged file
         fix = run_dir.remake() if run_dir.is_blend else (
             f"`make predict RUN={run_dir.id} FORCE=1` remakes its predictions, "
@@ -346,8 +319,8 @@ def run(paths: Paths, run_dir: RunDir) -> Path:
                             f"{exc}); {fix}") from exc
 
 
-def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
-    run, out = load_run(paths, run_dir), paths.reports
+def _draw(paths: Paths, run_dir: RunDir) -> Path:
+    started, run, out = time.perf_counter(), load_run(paths, run_dir), paths.reports
     matrix = oof_confusion(run)
     per_class_frame = per_class(matrix)
     mistakes = confident_mistakes(run.oof, run.data.train_y)
@@ -375,14 +348,13 @@ def _draw(paths: Paths, run_dir: RunDir, started: float) -> Path:
 # -- a tuning study --------------------------------------------------------------------------------
 
 def draw_study(paths: Paths, study: str, url: str | None) -> Path:
-    """reports/study-<name>/index.html: the optimisation history and the parameter importances,
-    drawn by Optuna's own matplotlib plots."""
+    """reports/study-<name>/index.html: Optuna's own plots of the history and the importances."""
     from optuna.visualization import matplotlib as plots
 
     from pipeline.tuning.study import load, status
 
     made = load(paths, study, url)
-    plt = pyplot()
+    pyplot()  # the file-only backend, before Optuna's plots draw
     out = paths.reports / f"study-{study}"
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -395,10 +367,7 @@ def draw_study(paths: Paths, study: str, url: str | None) -> Path:
             continue
         figure: Any = axes.figure  # a Figure (mypy also allows a SubFigure, which has no savefig)
         figure.set_size_inches(8, 4.5)
-        figure.tight_layout()
-        figure.savefig(out / f"{name}.png", dpi=100)
-        plt.close(figure)
-        figures.append((name, f"{name}.png", ""))
+        figures.append((name, _save(figure, out / f"{name}.png", 4.5), ""))
     written = out / "index.html"
     atomic_write_text(written, page(title=f"study {study}", study=study, figures=figures,
                                     status=status(paths, study, url, made)))

@@ -32,7 +32,6 @@ def size_text(size: float) -> str:
 
 
 def rows(paths: Paths, sort: str = default("sort")) -> list[dict[str, Any]]:
-    """One dict per run folder, with the table's columns."""
     out = []
     board = leaderboard_by_run(paths)  # the public score of each run's latest upload
     for run in all_runs(paths):
@@ -87,7 +86,6 @@ def table(paths: Paths, sort: str = default("sort"), fmt: str = default("format"
 
 
 def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
-    """Print the table of runs; returns it."""
     warn_damaged(paths, "runs")
     text = table(paths, sort, fmt)
     sys.stdout.write(text + "\n")

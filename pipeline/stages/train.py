@@ -1,13 +1,9 @@
 """The train stage: one model per fold of a run, with a CSV log, the best epoch's weights and
 out-of-fold predictions, all in the run's folder.
 
-train_fold reads top to bottom as it runs: the fold's rows on the device; its state (model,
-optimizer, schedule, random generator, the log so far, the best weights: one FoldState) made, or
-resumed whole from its last saved epoch; then per epoch: shuffle and augment on the device, step
-through the batches, evaluate on the held-out rows, keep the best weights, save the state, rewrite
-the log. A killed run loses at most the epoch in progress, and its rerun ends exactly where an
-uninterrupted run would. The finished model is written only when the fold is finished, so a retrain
-(FORCE=1) never leaves a half-trained model in its place.
+The fold's state is saved whole after every epoch: a killed run loses at most the epoch in progress,
+and its rerun ends exactly where an uninterrupted run would. The finished model is written only when
+the fold is finished, so a retrain (FORCE=1) never leaves a half-trained model in its place.
 """
 
 from __future__ import annotations
@@ -86,11 +82,8 @@ def new_state(cfg: Settings, fold: int, n_rows: int, device: torch.device) -> Fo
 
 def epoch_batches(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, cfg: Settings,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The epoch's shuffled (and augmented) training images as float, with their labels.
-
-    Gathering and augmenting the whole epoch in a few large calls, instead of a dozen small ones
-    per batch, takes the data work off the per-step path: a batch is then a slice (a view).
-    """
+    """The epoch's shuffled (and augmented) images as float, with their labels: the whole epoch in a
+    few large calls takes the data work off the per-step path (a batch is then a view)."""
     order = rows[torch.randperm(len(rows), generator=generator, device=rows.device)]
     x = images[order].float()
     if cfg.augment:
@@ -157,10 +150,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class FoldRows:
-    """A fold's data on the training device: every image (distilled: the test images after the
-    train images), the training targets (class indices, or distilled class probabilities), the
-    training rows, and the held-out rows with their images and labels. The training rows never
-    include a held-out row."""
+    """A fold's data on the training device. Distilled: the test images follow the train images, and
+    the targets are class probabilities. The training rows never include a held-out row."""
 
     images: torch.Tensor
     targets: torch.Tensor
@@ -188,15 +179,13 @@ def fold_rows(plan: Plan, fold: int, device: torch.device) -> FoldRows:
 
 
 def fold_inputs(plan: Plan, fold: int) -> dict[str, Any]:
-    """What a fold's model is made from: its run (settings and data, by the run id), its fold and,
-    when distilled, the teacher's predictions."""
+    """What a fold's model is made from: its run (by id), its fold and any teacher's predictions."""
     teacher = {} if plan.pseudo is None else {"teacher": plan.pseudo.key}
     return {"run": plan.run.id, "fold": fold, **teacher}
 
 
 def state_key(plan: Plan, fold: int) -> str:
-    """The key of a fold's resumable state: its inputs and the rows it holds out, so a saved state
-    resumes only on the rows it was trained on."""
+    """A saved state resumes only with the same inputs and the same held-out rows."""
     return fingerprint({**fold_inputs(plan, fold), "held out": digest({"rows": plan.fold_of == fold})})
 
 
@@ -255,12 +244,11 @@ def _finish(plan: Plan, fold: int, state: FoldState, rows: FoldRows) -> FoldReco
     run.state(fold).unlink(missing_ok=True)
     print(f"fold {fold}: best epoch {best['epoch']}, valid_acc {best['valid_acc']:.4f}, "
           f"valid_loss {best['valid_loss']:.4f}, {state.elapsed:.1f}s")
-    return FoldRecord(**{k: v for k, v in made.items()})
+    return FoldRecord(**made)
 
 
 def fold_output(plan: Plan, fold: int) -> Output:
-    """A fold's finished model, out-of-fold predictions and record, as the freshness rule sees
-    them: a model that held out other rows than the folds give this fold now is never current."""
+    """A fold's outputs: never current when they held out other rows than the folds give now."""
     run = plan.run
 
     def check() -> None:
@@ -287,8 +275,7 @@ def check_settings(cfg: Settings, fold_of: np.ndarray) -> None:
 
 def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
         on_epoch: OnEpoch | None = None) -> list[FoldRecord]:
-    """Train every fold of the run, or only those given, skipping the current ones (force: retrain
-    even those); returns the folds' records. on_epoch: see train_fold (folds then train in turn)."""
+    """Train the run's folds (or those given) that are not current (force: all); their records."""
     cfg, n_folds = plan.cfg, plan.cfg.folds
     for fold in fold_ids or []:
         if not 0 <= fold < n_folds:
@@ -333,11 +320,6 @@ def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch |
     jobs = 1 if on_epoch is not None else jobs
     if jobs == 1:
         print(f"train: {plan.run.id}: folds {todo} on {describe(device)}{graphs}")
-        return 1
-    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
-    where = describe(device, max(1, torch.get_num_threads() // jobs))
-    print(f"train: {plan.run.id}: {jobs} folds at a time on {where}" + (" each" if device.type == "cpu"
-          else "") + (f", spread over {gpus} GPUs" if gpus > 1 else "") + graphs)
     return jobs
 
 
@@ -345,6 +327,10 @@ def _run_parallel(plan: Plan, todo: list[int], device: torch.device, jobs: int) 
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
+    graphs = ", steps replayed from CUDA graphs" if graph_wanted(plan.cfg, device) else ""
+    spread = f", spread over {gpus} GPUs" if gpus > 1 else ""
+    print(f"train: {plan.run.id}: {jobs} folds at a time on {describe(device, threads)}"
+          f"{' each' if device.type == 'cpu' else ''}{spread}{graphs}")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         tasks = [pool.submit(_fold_worker, plan, k, f"cuda:{i % gpus}" if gpus > 1 else str(device),
                              threads, i) for i, k in enumerate(todo)]

@@ -1,16 +1,6 @@
-"""The tune stage: an Optuna study whose trials are runs.
-
-Each trial samples settings from the search space (tune.toml), trains the run of those settings
-like `make train` (its own folder under runs/, resumable), reports each epoch's validation accuracy
-so a pruner can stop a hopeless trial, and scores the run by its out-of-fold accuracy (or, with
-TUNE_FOLDS=k, by the mean validation accuracy of its first k folds). Trials that train every fold
-are predicted too, so they are complete runs that `make blend` can use. The study ends with
-runs/tune/<study>/best.toml, the best trial's settings, ready for `make submit CONFIG=...`.
-
-Storage: by default a journal file in runs/tune/<study>/ (Optuna's JournalStorage: safe for several
-processes on one machine); STORAGE= takes any database URL Optuna accepts, e.g. a PostgreSQL server
-shared by several machines, where a heartbeat marks the trial of a lost worker failed and retries it.
-The space, the study and the trial live in pipeline/tuning/.
+"""The tune stage: an Optuna study whose trials are runs (the space, the study and the trial live in
+pipeline/tuning/). Trials that train every fold are predicted too, so `make blend` can use them; the
+study ends with runs/tune/<study>/best.toml, ready for `make submit CONFIG=...`.
 """
 
 from __future__ import annotations
@@ -33,9 +23,7 @@ from pipeline.tuning.trial import optimize, worker
 
 
 def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None = None) -> dict[str, Any]:
-    """Run trials until the study has job.trials finished ones (complete or pruned), searching the
-    space file (default: tune.toml); returns a summary."""
-    import optuna
+    """Run trials until the study has job.trials finished (complete or pruned); returns a summary."""
     from optuna.trial import TrialState
 
     base, study, trials, workers, tune_folds = job.base, job.study, job.trials, job.workers, job.tune_folds
@@ -71,14 +59,13 @@ def run(job: Job, paths: Paths, data: Prepared, fold_of: Any, space: Path | None
                 optimize(made, job, paths, data, fold_of, shares[0])
         except KeyboardInterrupt:
             # Stopped: the trials that completed still make best.toml and the summary.
-            summarize(paths, made, study, base, time.perf_counter() - started, optuna)
+            summarize(paths, made, study, base, time.perf_counter() - started)
             raise
-    return summarize(paths, made, study, base, time.perf_counter() - started, optuna)
+    return summarize(paths, made, study, base, time.perf_counter() - started)
 
 
 def _run_workers(job: Job, shares: list[int]) -> None:
-    """WORKERS=n trial processes. A Ctrl-C (or a SIGINT to this process alone) reaches every worker:
-    each marks its trial interrupted and stops; then this one stops too."""
+    """WORKERS=n trial processes; a Ctrl-C (or a SIGINT to this one alone) stops every worker."""
     import signal
     from concurrent.futures import ProcessPoolExecutor, wait
     from multiprocessing import get_context
@@ -101,8 +88,7 @@ def _run_workers(job: Job, shares: list[int]) -> None:
                 raise KeyboardInterrupt
 
 
-def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: float,
-              optuna: Any) -> dict[str, Any]:
+def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: float) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     counts = {s.name.lower(): len(made.get_trials(deepcopy=False, states=(s,)))
@@ -132,11 +118,6 @@ def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: floa
 
 
 def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else "nan"
-    return str(value)
+    """A setting's value in TOML: JSON's spelling, but for a number that is not finite."""
+    return "nan" if isinstance(value, float) and not math.isfinite(value) else json.dumps(value)
 

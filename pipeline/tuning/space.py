@@ -1,8 +1,6 @@
-"""The search space of `make tune` (tune.toml): which settings a study searches, and how.
-
-Every key is a setting that changes what a model learns (never one that moves the folds), every entry
-has the right types, every range is non-empty and inside the setting's own range, and choices come
-back as values of the setting's type.
+"""The search space of `make tune` (tune.toml), checked: every key a setting that changes what a
+model learns (never one that moves the folds), every range non-empty and inside the setting's own,
+every entry of the right types; choices come back as values of the setting's type.
 """
 
 from __future__ import annotations
@@ -19,9 +17,6 @@ Space = dict[str, dict[str, Any]]
 
 
 def load_space(path: Path) -> Space:
-    """The space file, checked: every key a setting that changes learning (and not one that moves
-    the folds), every entry of the right types, every range non-empty and inside the setting's own
-    range. Choices come back as values of the setting's type."""
     try:
         space = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -1,7 +1,6 @@
 """A study: what is asked of it (Job), where it is stored (a journal in runs/tune/<study>/, or a
-database shared by several machines, with retries and heartbeats), how it is opened or continued,
-its stopped trials queued again, and its status. The train and predict stages come from the command
-line (Stages), so no stage imports another.
+database shared by several machines, with retries and heartbeats), its stopped trials queued again,
+and its status. The train and predict stages come from the command line, so no stage imports another.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from pipeline.tuning.space import Space, load_space
 
 @dataclass(frozen=True)
 class Stages:
-    """train.run (the plan's given folds, reporting each epoch; raising optuna.TrialPruned there
-    stops the fold) and predict.run (the run's record: its oof_acc is the trial's score)."""
+    """train.run (optuna.TrialPruned raised in on_epoch stops the fold) and predict.run."""
 
     train: Callable[..., list[FoldRecord]]
     predict: Callable[..., RunRecord]
@@ -31,8 +29,7 @@ class Stages:
 
 @dataclass(frozen=True)
 class Job:
-    """A study to run, as the command line asks for it: everything a trial process needs to run its
-    share (but the data, which it loads itself)."""
+    """A study to run: everything a trial process needs (but the data, which it loads itself)."""
 
     root: Path
     base: Settings
@@ -50,7 +47,6 @@ class Job:
         return replace(self, space=load_space(path or self.root / "tune.toml"))
 
     def fold_ids(self, cfg: Settings) -> list[int]:
-        """The folds a trial trains and is scored on."""
         return list(range(min(self.tune_folds or cfg.folds, cfg.folds)))
 
 
@@ -74,9 +70,8 @@ def _password(url: str) -> str | None:
 
 
 def hide_password(url: str, text: str | None = None) -> str:
-    """text (the url itself by default) with no part of the url's password, as written or decoded
-    (%40 -> @, as a driver may print it). The database library reads no other password: check_url
-    refuses, before connecting, a URL it would read otherwise."""
+    """text (default: the url) with no part of the url's password, as written or decoded (%40 -> @,
+    as a driver may print it); check_url refuses a URL the database library would read otherwise."""
     password = _password(url)
     text = url if text is None else text
     if password is None:
@@ -89,28 +84,23 @@ def hide_password(url: str, text: str | None = None) -> str:
     return text
 
 
-def _library_password(url: str) -> str | None:
-    """The password as SQLAlchemy (which Optuna's database storage uses) reads the URL."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).password
-    except Exception:  # not a URL it can read: it has no password to show either
-        return None
-
-
 def check_url(url: str) -> None:
-    """Refuse, before connecting, a URL whose password the database library would read otherwise
-    than the user wrote it: a second '@' ends it early (SQLAlchemy reads a password up to the first
-    '@', and the rest of it would become the host name that the driver's errors print)."""
+    """Refuse, before connecting, a URL whose password SQLAlchemy (Optuna's database library) would
+    read otherwise than written: it ends a password at the first '@', and the rest would become the
+    host name that the driver's errors print."""
     from urllib.parse import unquote
 
-    shown = hide_password(url)
+    from sqlalchemy.engine import make_url
+
+    shown, password = hide_password(url), _password(url)
     if url.count("@") > 1:
         raise PipelineError(f"STORAGE={shown}: '@' appears {url.count('@')} times, so the password "
                             f"cannot be told from the host; {ESCAPES}")
-    password = _password(url)
-    if password is not None and _library_password(url) != unquote(password):
+    try:
+        read = make_url(url).password
+    except Exception:  # not a URL it can read: it has no password to show either
+        read = None
+    if password is not None and read != unquote(password):
         raise PipelineError(f"STORAGE={shown}: the database library would not read the password "
                             f"written after the user name; {ESCAPES}")
 
@@ -145,8 +135,7 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
 
 
 def scoring(job: Job) -> dict[str, Any]:
-    """How a study's trials are scored: on their first k folds (k = all of them when TUNE_FOLDS=0)
-    and which pruner stops them. Trials scored otherwise cannot be ranked against each other."""
+    """How a study's trials are scored (trials scored otherwise cannot be ranked together)."""
     return {"scored on folds": len(job.fold_ids(job.base)), "pruner": job.pruner}
 
 
@@ -158,10 +147,7 @@ def _words(scored: dict[str, Any], base: Settings) -> str:
 
 def open_study(paths: Paths, job: Job, seed: int | None = None) -> Any:
     """The study, made or continued; refused when it was made with another space, base or scoring.
-
-    seed: the sampler's, mixed with the number of trials the study already has, so a continued
-    study draws new settings rather than those of its first session again (and stays reproducible).
-    """
+    seed: mixed with the trials so far, so a continued study draws new settings, reproducibly."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it all
@@ -195,12 +181,9 @@ def open_study(paths: Paths, job: Job, seed: int | None = None) -> Any:
 
 
 def requeue_stopped(made: Any, journal: bool) -> int:
-    """Trials a stopped worker left behind are tried again, their settings queued (so their run
-    resumes where it stopped): with the embedded journal, trials left running by a killed process
-    (marked failed first); with any storage, trials a Ctrl-C interrupted. Each is queued once.
-
-    Only called under the project lock, when no other command of this project can be running one.
-    """
+    """Trials a stopped worker left behind are queued again once (their run resumes): those a Ctrl-C
+    interrupted and, on the journal, those a killed process left running (marked failed first).
+    Called under the project lock, when no other command of this project can be running one."""
     from optuna.trial import TrialState
 
     trials = made.get_trials(deepcopy=False)
@@ -227,7 +210,6 @@ def requeue_stopped(made: Any, journal: bool) -> int:
 
 
 def load(paths: Paths, study: str, url: str | None) -> Any:
-    """An existing study, or a clear error."""
     import optuna
 
     check_name(study, "STUDY")
@@ -235,14 +217,12 @@ def load(paths: Paths, study: str, url: str | None) -> Any:
     if not url and not (studies_dir(paths) / study / "journal.log").is_file():
         raise PipelineError(f"STUDY={study}: no such study in {studies_dir(paths)}")
     try:
-        made = optuna.load_study(study_name=study, storage=storage(paths, study, url))
+        return optuna.load_study(study_name=study, storage=storage(paths, study, url))
     except KeyError:
         raise PipelineError(f"STUDY={study}: no such study in that storage") from None
-    return made
 
 
 def status(paths: Paths, study: str, url: str | None, made: Any = None) -> str:
-    """Trials so far by state, and the best five."""
     from optuna.trial import TrialState
 
     made = made or load(paths, study, url)
@@ -266,10 +246,9 @@ def progress(made: Any, trial: Any) -> None:
     """One line per finished trial: number, settings, score or where it was pruned, time."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
         if trial.datetime_complete and trial.datetime_start else float("nan")
-    settings = params_text(trial.params)
-    if trial.state.name == "COMPLETE":
-        outcome = f"{trial.value:.4f}"
-    else:  # a pruned trial's value is its last report, not a score: say where it stopped instead
-        outcome = str(trial.user_attrs.get("outcome", trial.state.name.lower()))
-    print(f"tune: trial {trial.number:>3}  {outcome:<22}  {seconds:6.1f}s  {settings}", flush=True)
+    # A pruned trial's value is its last report, not a score: say where it stopped instead.
+    outcome = f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else str(
+        trial.user_attrs.get("outcome", trial.state.name.lower()))
+    print(f"tune: trial {trial.number:>3}  {outcome:<22}  {seconds:6.1f}s  {params_text(trial.params)}",
+          flush=True)
 

@@ -59,22 +59,22 @@ class Objective:
         stages, pruner, fold_ids = self.job.stages, self.job.pruner, self.job.fold_ids(cfg)
         plan = Plan(cfg, self.paths, run, self.data, self.fold_of)
 
-        def on_epoch(fold: int, epoch: int, valid_acc: float) -> None:
-            if pruner == "wilcoxon":
-                return
-            trial.report(valid_acc, fold * 1000 + round(100 * epoch / cfg.epochs))
+        def report(value: float, step: int, outcome: str) -> None:
+            trial.report(value, step)
             if trial.should_prune():
-                trial.set_user_attr("outcome", f"pruned at fold {fold} epoch {epoch}")
+                trial.set_user_attr("outcome", outcome)
                 raise optuna.TrialPruned()
+
+        def on_epoch(fold: int, epoch: int, valid_acc: float) -> None:
+            if pruner != "wilcoxon":
+                report(valid_acc, fold * 1000 + round(100 * epoch / cfg.epochs),
+                       f"pruned at fold {fold} epoch {epoch}")
 
         records: list[FoldRecord] = []
         for fold in fold_ids:  # fold by fold, so the Wilcoxon pruner can stop between them
             records += stages.train(plan, [fold], on_epoch=on_epoch)
             if pruner == "wilcoxon":
-                trial.report(records[-1].valid_acc, fold)
-                if trial.should_prune():
-                    trial.set_user_attr("outcome", f"pruned after fold {fold}")
-                    raise optuna.TrialPruned()
+                report(records[-1].valid_acc, fold, f"pruned after fold {fold}")
         if len(fold_ids) == cfg.folds:
             return float(stages.predict(plan, records, publish=False).oof_acc)
         return sum(r.valid_acc for r in records) / len(records)
