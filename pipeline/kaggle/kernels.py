@@ -1,24 +1,22 @@
 """Kaggle kernels through the official client: push one script as a private kernel, follow its
 session, list and fetch its output, delete it, and read the account's GPU quota.
 
-As in api.py, the client only ever runs in a child process (`python -m pipeline.kaggle.kernels <op>`)
-that the parent kills after its own timeout, whose output is captured and scrubbed, and whose
-outcome comes back as a small JSON file. pack() makes the script: the project's code travels inside
-it as a gzipped tarball, so a push needs no dataset and no second upload.
+Each call runs the client in a child process through api.call, as api.py's own calls do. pack() makes
+the script: the project's code travels inside it as a gzipped tarball, so a push needs no dataset and no
+second upload.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import io
 import json
 import pprint
 import re
-import sys
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,10 @@ PACKED_FILES = ("Makefile", "pyproject.toml")
 PAGE_SIZE = 20  # output files per listing page, as the client's own `kernels output` asks
 MAX_PAGES = 100
 SESSION_CAP = "Maximum batch GPU session count"
-MODULE = "pipeline.kaggle.kernels"
+# A kernel call Kaggle refused with HTTP 403 says what a GPU kernel needs ({detail}: Kaggle's words).
+FORBIDDEN = ("Kaggle refused (HTTP 403: {detail}). Running a kernel on a GPU needs a phone-verified account "
+             f"(https://www.kaggle.com/settings) and the rules of '{COMPETITION}' accepted "
+             f"(https://www.kaggle.com/competitions/{COMPETITION}/rules)")
 
 BOOTSTRAP = '''"""digits: run {run} of the Digit Recognizer pipeline, pushed by `make kaggle-run`.
 
@@ -151,18 +152,7 @@ class Quota:
                 f"({self.left / 3600:.2f} h left){when}")
 
 
-def _call(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None) -> dict:
-    return api._run_client(args, workdir, timeout, progress_dir, module=MODULE, refused=_refused)
-
-
-def _refused(result: dict) -> None:
-    """A kernel call Kaggle refused with HTTP 403 says what a GPU kernel needs."""
-    if result.get("error") == "http" and result.get("status") == 403:
-        detail = api.scrub(str(result.get("detail", ""))).strip()
-        raise PipelineError(f"Kaggle refused (HTTP 403: {detail or 'no detail'}). Running a kernel on a "
-                            "GPU needs a phone-verified account (https://www.kaggle.com/settings) and "
-                            f"the rules of '{COMPETITION}' accepted (https://www.kaggle.com/"
-                            f"competitions/{COMPETITION}/rules)")
+_call = functools.partial(api.call, forbidden=FORBIDDEN)
 
 
 def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Path,
@@ -174,7 +164,8 @@ def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Pat
     folder = workdir / "kernel"
     folder.mkdir()
     (folder / SCRIPT).write_text(script, encoding="utf-8")
-    result = _call(["push", str(folder), slug, accelerator, str(int(deadline))], workdir, timeout)
+    result = _call(_child_push, workdir, timeout, folder=str(folder), slug=slug, accelerator=accelerator,
+                   deadline=int(deadline))
     error, version = str(result.get("answer_error") or ""), result.get("version")
     if error:
         hint = (" (wait until one of your sessions ends, or stop one at https://www.kaggle.com/code)"
@@ -194,7 +185,7 @@ def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Pat
 def status(pushed: Pushed, workdir: Path, timeout: float) -> tuple[str, str]:
     """The session's status (QUEUED, RUNNING, COMPLETE, ERROR, CANCEL_REQUESTED, ...) and Kaggle's
     failure message ('' when none)."""
-    result = _call(["status", pushed.slug, str(pushed.version)], workdir, timeout)
+    result = _call(_child_status, workdir, timeout, slug=pushed.slug, version=pushed.version)
     return str(result.get("status") or "QUEUED"), str(result.get("failure") or "")
 
 
@@ -202,8 +193,9 @@ def output(pushed: Pushed, workdir: Path, timeout: float,
            first: tuple[str, Path, int] | None = None) -> Output:
     """The session's output listing and log. first: (a listed name, a file, most bytes) to fetch in
     the same call when the listing has that name (the manifest, before anything else is fetched)."""
-    extra = [first[0], str(first[1]), str(first[2]), repr(timeout)] if first else []
-    result = _call(["output", pushed.slug, str(pushed.version), *extra], workdir, timeout)
+    fetch = {"name": first[0], "path": str(first[1]), "most": first[2]} if first else None
+    result = _call(_child_output, workdir, timeout, slug=pushed.slug, version=pushed.version, first=fetch,
+                   timeout_s=timeout)
     files = [f for f in result.get("files") or [] if isinstance(f, dict)]
     names = [str(f.get("name") or "") for f in files]
     return Output(names, {str(f.get("name")): str(f.get("url")) for f in files}, log_text(result.get("log")))
@@ -214,21 +206,20 @@ def fetch(plan: list[tuple[str, Path, int]], workdir: Path, timeout: float) -> N
     just past it (for the caller's size check to refuse). Stops after timeout s without a byte."""
     if not plan:
         return
-    plan_file = workdir / "fetch-plan.json"
-    plan_file.write_text(json.dumps([{"url": u, "path": str(p), "size": n} for u, p, n in plan]))
-    _call(["fetch", str(plan_file), repr(timeout)], workdir, timeout, progress_dir=plan[0][1].parent)
+    _call(_child_fetch, workdir, timeout, plan[0][1].parent, timeout_s=timeout,
+          plan=[{"url": u, "path": str(p), "most": n} for u, p, n in plan])
 
 
 def delete(slug: str, workdir: Path, timeout: float) -> tuple[str, bool, str]:
     """Delete the kernel, which stops its session. Returns (owner, whether Kaggle had it, Kaggle's
     complaint or '')."""
-    result = _call(["delete", slug], workdir, timeout)
+    result = _call(_child_delete, workdir, timeout, slug=slug)
     return str(result.get("owner") or ""), bool(result.get("found")), str(result.get("message") or "")
 
 
 def quota(workdir: Path, timeout: float) -> Quota | None:
     """The account's GPU quota; None when Kaggle's answer has none."""
-    result = _call(["quota"], workdir, timeout)
+    result = _call(_child_quota, workdir, timeout)
     gpu = result.get("gpu")
     if not isinstance(gpu, dict):
         return None
@@ -258,7 +249,7 @@ def safe_name(name: str) -> bool:
 
 def escapes(name: str) -> bool:
     """Whether a listed name, joined to a folder, could point outside it (absolute, a drive, '..')."""
-    return not name or api._unsafe(name)
+    return not name or api.unsafe(name)
 
 
 # -- the child side: the only code here that imports the client -------------------------------------
@@ -267,8 +258,8 @@ def _owner(client: Any) -> str:
     return str(client.get_config_value(client.CONFIG_NAME_USER) or "")
 
 
-def _child_push(folder: str, slug: str, accelerator: str, deadline: str) -> dict[str, Any]:
-    client = api._authenticated_api()
+def _child_push(folder: str, slug: str, accelerator: str, deadline: int) -> dict[str, Any]:
+    client = api.client()
     owner = _owner(client)
     gpu = accelerator != "none"
     metadata = {"id": f"{owner}/{slug}", "title": slug, "code_file": SCRIPT, "language": "python",
@@ -278,24 +269,23 @@ def _child_push(folder: str, slug: str, accelerator: str, deadline: str) -> dict
     if gpu:
         metadata["machine_shape"] = accelerator
     Path(folder, METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
-    answer = client.kernels_push(folder, timeout=deadline, acc=accelerator if gpu else None)
+    answer = client.kernels_push(folder, timeout=str(deadline), acc=accelerator if gpu else None)
     return {"owner": owner, "ref": answer.ref or "", "url": answer.url or "",
             "version": answer.version_number, "answer_error": answer.error or "",
             "invalid_competition_sources": list(answer.invalid_competition_sources or [])}
 
 
-def _child_status(slug: str, version: str) -> dict[str, Any]:
-    client = api._authenticated_api()
+def _child_status(slug: str, version: int) -> dict[str, Any]:
+    client = api.client()
     answer = client.kernels_status(f"{_owner(client)}/{slug}/{version}")
     state = getattr(answer.status, "name", str(answer.status or "QUEUED"))
     return {"status": state, "failure": answer.failure_message or ""}
 
 
-def _child_output(slug: str, version: str, name: str = "", path: str = "", most: str = "0",
-                  timeout: str = "0") -> dict[str, Any]:
+def _child_output(slug: str, version: int, first: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
     from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
 
-    client = api._authenticated_api()
+    client = api.client()
     files: list[dict[str, str]] = []
     log, token = "", ""
     with client.build_kaggle_client() as kaggle:
@@ -308,10 +298,9 @@ def _child_output(slug: str, version: str, name: str = "", path: str = "", most:
             log, token = log or answer.log or "", answer.next_page_token or ""
             if not token:
                 break
-    for listed in files:
-        if name and listed["name"] == name:
-            _download(listed["url"], path, int(most), float(timeout))
-            break
+    listed = [f for f in files if first and f["name"] == first["name"]]
+    if first and listed:
+        _download(listed[0]["url"], first["path"], first["most"], timeout_s)
     return {"files": files, "log": log}
 
 
@@ -330,9 +319,9 @@ def _download(url: str, path: str, most: int, timeout: float) -> None:
                     break
 
 
-def _child_fetch(plan_file: str, timeout: str) -> dict[str, Any]:
-    for item in json.loads(Path(plan_file).read_text(encoding="utf-8")):
-        _download(item["url"], item["path"], int(item["size"]), float(timeout))
+def _child_fetch(plan: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    for item in plan:
+        _download(item["url"], item["path"], item["most"], timeout_s)
     return {}
 
 
@@ -340,7 +329,7 @@ def _child_delete(slug: str) -> dict[str, Any]:
     import requests
     from kagglesdk.kernels.types.kernels_api_service import ApiDeleteKernelRequest
 
-    client = api._authenticated_api()
+    client = api.client()
     request = ApiDeleteKernelRequest()
     request.user_name, request.kernel_slug = _owner(client), slug
     try:
@@ -354,7 +343,7 @@ def _child_delete(slug: str) -> dict[str, Any]:
 
 
 def _child_quota() -> dict[str, Any]:
-    client = api._authenticated_api()
+    client = api.client()
     answer = client.quota_view()
     gpu = answer.gpu_quota
     refresh = answer.quota_refresh_time
@@ -362,12 +351,3 @@ def _child_quota() -> dict[str, Any]:
     return {"refresh": refresh.strftime("%Y-%m-%d %H:%M UTC") if refresh else "",
             "gpu": {"used": gpu.time_used.total_seconds() if gpu.time_used else 0.0,
                     "allowed": gpu.total_time_allowed.total_seconds()} if known else None}
-
-
-OPS: dict[str, Callable[..., dict[str, Any]]] = {
-    "push": _child_push, "status": _child_status, "output": _child_output, "fetch": _child_fetch,
-    "delete": _child_delete, "quota": _child_quota}
-
-
-if __name__ == "__main__":
-    api._child_main(sys.argv[1:], OPS)

@@ -257,18 +257,17 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
         unsafe = [n for n in found.names if kernels.escapes(n)]
         if unsafe:
             raise PipelineError(f"Kaggle's output lists a file named {unsafe[0]!r}, which could land "
-                                "outside the run's folder: nothing was brought home")
+                                "outside the run's folder")
         if MANIFEST not in found.urls:
             raise PipelineError(f"the session's output has no {MANIFEST} (the run did not finish "
-                                f"writing it; it lists {', '.join(sorted(found.names)[:8]) or 'nothing'})"
-                                ": nothing was brought home")
+                                f"writing it; it lists {', '.join(sorted(found.names)[:8]) or 'nothing'})")
         staged = RunDir(staging / target.id)
         staged.path.mkdir()
         files = read_manifest(staging / MANIFEST, target.id, data.data_key, code)
         missing = sorted(set(files) - set(found.urls))
         if missing:
             raise PipelineError(f"the session's output lacks {', '.join(missing[:5])}, which its "
-                                "manifest names (incomplete): nothing was brought home")
+                                "manifest names (incomplete)")
         print(f"kaggle-run: fetching {len(files)} files "
               f"({sum(f['size'] for f in files.values()) / 1e6:.1f} MB)")
         kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()],
@@ -279,8 +278,9 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
         try:
             os.rename(staged.path, target.path)
         except OSError as exc:  # the lock keeps others out; this is a full disk or a folder made by hand
-            raise PipelineError(f"{target.path}: cannot move the run there ({exc.strerror}): nothing "
-                                "was brought home") from exc
+            raise PipelineError(f"{target.path}: cannot move the run there ({exc.strerror})") from exc
+    except PipelineError as exc:  # of Kaggle's answers or of what came back
+        raise PipelineError(f"{exc}: nothing was brought home") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = ledger.publish(paths, target, record, len(data.test_x), new=True)
@@ -291,28 +291,28 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
 
 
 def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, dict[str, Any]]:
-    """The manifest's files (name -> size, sha256), once it is known to describe this very run."""
+    """The manifest's files (name -> size, sha256), once it is known to describe this very run; else
+    a PipelineError (bring_home adds that nothing was brought home)."""
     made = read_json(path)
     if not isinstance(made, dict) or not isinstance(made.get("files"), dict):
-        raise PipelineError(f"the session's {MANIFEST} is not readable: nothing was brought home")
+        raise PipelineError(f"the session's {MANIFEST} is not readable")
     if made.get("format") != MANIFEST_FORMAT:
-        raise PipelineError(f"the session's {MANIFEST} is of format {made.get('format')!r}, not "
-                            f"{MANIFEST_FORMAT}: nothing was brought home")
+        raise PipelineError(f"the session's {MANIFEST} is of format {made.get('format')!r}, "
+                            f"not {MANIFEST_FORMAT}")
     for field, expected, what in (("run", run, "run"), ("data", data_key, "data"),
                                   ("code", code, "code")):
         if made.get(field) != expected:
             raise PipelineError(f"the session's manifest is of another {what} ({made.get(field)!r}, "
-                                f"not {expected!r}): nothing was brought home")
+                                f"not {expected!r})")
     files = made["files"]
     for name, facts in files.items():
         if not kernels.safe_name(name):
             raise PipelineError(f"the session's manifest names a file {name!r}, which could land "
-                                "outside the run's folder: nothing was brought home")
+                                "outside the run's folder")
         size, digest = (facts.get("size"), facts.get("sha256")) if isinstance(facts, dict) else (0, 0)
         if not (isinstance(size, int) and 0 <= size <= MAX_FILE and isinstance(digest, str)
                 and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise PipelineError(f"the session's manifest gives no size and SHA-256 of {name}: "
-                                "nothing was brought home")
+            raise PipelineError(f"the session's manifest gives no size and SHA-256 of {name}")
     return files
 
 
@@ -324,10 +324,10 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> Ru
         size = path.stat().st_size if path.is_file() else -1
         if size != facts["size"]:
             raise PipelineError(f"{name} came back with {max(size, 0)} bytes, not the {facts['size']} "
-                                "its manifest says (damaged on the way): nothing was brought home")
+                                "its manifest says (damaged on the way)")
         if sha256(path) != facts["sha256"]:
             raise PipelineError(f"{name} came back with another SHA-256 than its manifest's (damaged on "
-                                "the way): nothing was brought home")
+                                "the way)")
     try:
         record = staged.check(len(plan.data.train_y), len(plan.data.test_x))
         for k in range(plan.cfg.folds):
@@ -336,12 +336,10 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> Ru
                 raise PipelineError(f"{staged.oof_fold(k).name} holds out other rows than fold {k} "
                                     "of input/folds.csv")
     except PipelineError as exc:
-        raise PipelineError(f"what came back is not a complete run of these folds ({exc}): nothing "
-                            "was brought home") from None
+        raise PipelineError(f"what came back is not a complete run of these folds ({exc})") from None
     if record.data != plan.data.data_key or (record.n_folds, record.fold_seed) != (plan.cfg.folds,
                                                                                   plan.cfg.fold_seed):
-        raise PipelineError("what came back was made from other data or folds than input/ holds: "
-                            "nothing was brought home")
+        raise PipelineError("what came back was made from other data or folds than input/ holds")
     return record
 
 
