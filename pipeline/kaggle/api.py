@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import COMPETITION
 from pipeline.errors import PipelineError
 from pipeline.store.io import read_json
 
@@ -128,41 +130,35 @@ def scrub(text: str) -> str:
 
 # --- the parent side: run the client in a child, bounded by our own timeout ------------------------
 
-def download_competition(competition: str, dest: Path, timeout: float) -> dict[str, Path]:
+def download_competition(dest: Path, timeout: float) -> dict[str, Path]:
     """Download the competition's archive and unpack train.csv and test.csv into dest (a fresh folder)."""
     _warn_if_readable()
     files = dest / "archive"
     files.mkdir()
-    call(_child_download, dest, timeout, files, competition=competition, folder=str(files))
-    return unpack(_the_archive(files, competition), dest, ("train.csv", "test.csv"))
+    call(_child_download, timeout, files, folder=str(files))
+    return unpack(_the_archive(files), dest, ("train.csv", "test.csv"))
 
 
-def submit(competition: str, csv_path: Path, message: str, workdir: Path, timeout: float) -> tuple[int, str]:
+def submit(csv_path: Path, message: str, timeout: float) -> tuple[int, str]:
     """Submit a CSV; returns Kaggle's (reference, message). A reference of 0 means it was refused."""
     _warn_if_readable()
-    result = call(_child_submit, workdir, timeout, competition=competition, csv_path=str(csv_path),
-                  message=message)
+    result = call(_child_submit, timeout, csv_path=str(csv_path), message=message)
     return int(result.get("ref") or 0), str(result.get("message") or "")
 
 
-def submissions(competition: str, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+def submissions(timeout: float) -> list[dict[str, Any]]:
     """The competition's submissions of this account, newest first (see _submission_record)."""
-    result = call(_child_submissions, workdir, timeout, competition=competition)
-    return [s for s in result.get("submissions", []) if isinstance(s, dict)]
+    return [s for s in call(_child_submissions, timeout).get("submissions", []) if isinstance(s, dict)]
 
 
-def wait_for_score(competition: str, ref: int, wait: float, workdir: Path,
-                   timeout: float) -> dict[str, Any]:
+def wait_for_score(ref: int, wait: float, timeout: float) -> dict[str, Any]:
     """Poll the submission list until submission ref is scored or fails, or wait seconds pass.
 
     Returns its record (status "pending" when time ran out; "found": False when the list never
     showed it). The child polls in one process; each answer it gets counts as progress, so a list
     call that hangs still ends after timeout seconds of silence.
     """
-    beats = workdir / "polls"
-    beats.mkdir()
-    result = call(_child_wait, workdir, timeout, beats, competition=competition, ref=ref, wait=wait,
-                  interval=min(10.0, max(0.5, wait / 20)), beat=str(beats / "beat"))
+    result = call(_child_wait, timeout, ref=ref, wait=wait, interval=min(10.0, max(0.5, wait / 20)))
     return dict(result.get("submission") or {"ref": ref, "status": "pending", "found": False})
 
 
@@ -183,33 +179,32 @@ def _client_env() -> dict[str, str]:
     return env
 
 
-def call(child: Callable[..., dict[str, Any]], workdir: Path, timeout: float,
-         progress_dir: Path | None = None, forbidden: str = "", **kwargs: Any) -> dict[str, Any]:
+def call(child: Callable[..., dict[str, Any]], timeout: float, progress_dir: Path | None = None,
+         forbidden: str = "", **kwargs: Any) -> dict[str, Any]:
     """child(**kwargs), a ``_child_*`` function of this package, run in a child process; returns what it
-    returned. A PipelineError when the child is silent for timeout seconds (progress_dir growing counts
-    as news), returns nothing, or tells of an error (an HTTP 403 in forbidden's words, when given, with
-    Kaggle's {detail}), its words scrubbed of every credential."""
+    returned. A PipelineError when the child is silent for timeout seconds (progress_dir, else its own
+    folder, growing counts as news), returns nothing, or tells of an error (an HTTP 403 in forbidden's
+    words, when given, with Kaggle's {detail}), its words scrubbed of every credential."""
     if not timeout > 0:
         raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
-    request, result_file = workdir / "client-request.json", workdir / "client-result.json"
-    result_file.unlink(missing_ok=True)  # a result left by an earlier call must never pass for this one's
-    request.write_text(json.dumps({"module": child.__module__, "function": child.__name__, "kwargs": kwargs,
-                                   "forbidden": forbidden, "result": str(result_file)}), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.kaggle.api", str(request)], cwd=workdir,
-                            env=_client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    output: list[bytes] = []
-    # A thread drains the pipe so a chatty client can never block on a full buffer.
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
-    reader.start()
-    try:
-        _wait(proc, timeout, progress_dir)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        reader.join(timeout=5)
-    result = _read_json_file(result_file)
+    with tempfile.TemporaryDirectory(prefix="digits-kaggle-") as tmp:  # the child's request, result, cwd
+        Path(tmp, "request.json").write_text(json.dumps({"module": child.__module__, "kwargs": kwargs,
+                                                         "function": child.__name__, "forbidden": forbidden}))
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.kaggle.api", "request.json"], cwd=tmp,
+                                env=_client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        output: list[bytes] = []
+        # A thread drains the pipe so a chatty client can never block on a full buffer.
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        try:
+            _wait(proc, timeout, progress_dir or Path(tmp))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(timeout=5)
+        result = _read_json_file(Path(tmp, "result.json"))
     if not result:
         tail = scrub(b"".join(output).decode("utf-8", "replace")).strip().splitlines()[-5:]
         raise PipelineError(f"the kaggle client stopped unexpectedly (exit code {proc.returncode})"
@@ -244,8 +239,8 @@ def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path | None) -> 
 
 # --- the archive: trust nothing in it ---------------------------------------------------------------
 
-def _the_archive(folder: Path, competition: str) -> Path:
-    expected = folder / f"{competition}.zip"
+def _the_archive(folder: Path) -> Path:
+    expected = folder / f"{COMPETITION}.zip"
     if expected.is_file():
         return expected
     found = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".kaggle-partial")]
@@ -305,31 +300,31 @@ def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None
 
 # --- the child side: the only code that imports the client ------------------------------------------
 
-def _child_download(competition: str, folder: str) -> dict[str, Any]:
-    client().competition_download_files(competition, path=folder, force=True, quiet=True, unzip=False)
+def _child_download(folder: str) -> dict[str, Any]:
+    client().competition_download_files(COMPETITION, path=folder, force=True, quiet=True, unzip=False)
     return {}
 
 
-def _child_submit(competition: str, csv_path: str, message: str) -> dict[str, Any]:
-    response = client().competition_submit(csv_path, message, competition, quiet=True)
+def _child_submit(csv_path: str, message: str) -> dict[str, Any]:
+    response = client().competition_submit(csv_path, message, COMPETITION, quiet=True)
     return {"ref": response.ref or 0, "message": response.message or ""}
 
 
-def _child_submissions(competition: str) -> dict[str, Any]:
-    listed = client().competition_submissions(competition, page_size=LIST_SIZE) or []
+def _child_submissions() -> dict[str, Any]:
+    listed = client().competition_submissions(COMPETITION, page_size=LIST_SIZE) or []
     return {"submissions": [_submission_record(s) for s in listed if s is not None]}
 
 
-def _child_wait(competition: str, ref: int, wait: float, interval: float, beat: str) -> dict[str, Any]:
+def _child_wait(ref: int, wait: float, interval: float) -> dict[str, Any]:
     api = client()
     deadline = time.monotonic() + wait
     record: dict[str, Any] = {"ref": ref, "status": "pending", "found": False}
     while True:
         # The newest submissions come first: the one just made is on the first page.
-        for submission in api.competition_submissions(competition) or []:
+        for submission in api.competition_submissions(COMPETITION) or []:
             if submission is not None and int(submission.ref or 0) == ref:
                 record = {**_submission_record(submission), "found": True}
-        with open(beat, "a", encoding="utf-8") as handle:  # progress, for the parent's timeout
+        with open("beat", "a", encoding="utf-8") as handle:  # in its folder: progress, for call's timeout
             handle.write(".")
         if record["status"] != "pending" or time.monotonic() + interval > deadline:
             return {"submission": record}
@@ -382,8 +377,6 @@ def _failure(exc: BaseException, forbidden: str) -> str:
         return (f"Kaggle rejected the credentials (HTTP 401) from {found}: the username or key is wrong "
                 f"or expired. Create a new API token at {TOKEN_URL} and replace the old one")
     if status == 403:
-        from pipeline.config import COMPETITION  # here only: no other call of the child needs it
-
         return forbidden.format(detail=detail or "no detail") or (
             f"Kaggle refused access to '{COMPETITION}' (HTTP 403): accept the competition rules at "
             f"https://www.kaggle.com/competitions/{COMPETITION}/rules (signed in as the account of your "
@@ -416,7 +409,7 @@ def _child_main(request_file: str) -> None:
         result = {"ok": True, **getattr(importlib.import_module(module), function)(**request["kwargs"])}
     except BaseException as exc:  # SystemExit included: the client exits when it has no credentials
         result = {"error": _failure(exc, request.get("forbidden", ""))}
-    Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
+    Path(request_file).with_name("result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
 if __name__ == "__main__":

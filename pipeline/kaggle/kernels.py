@@ -17,6 +17,7 @@ import json
 import pprint
 import re
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,9 @@ class Pushed:
 
 @dataclass(frozen=True)
 class Output:
-    """What a finished session left in its output: every file name as listed (unsafe ones too),
-    the download address of each, and the session's log as text."""
+    """What a finished session left in its output: the download address of every file name as listed
+    (unsafe ones too), and the session's log as text."""
 
-    names: list[str]
     urls: dict[str, str]
     log: str
 
@@ -155,17 +155,15 @@ class Quota:
 _call = functools.partial(api.call, forbidden=FORBIDDEN)
 
 
-def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Path,
-         timeout: float) -> Pushed:
+def push(script: str, slug: str, accelerator: str, deadline: float, timeout: float) -> Pushed:
     """Push the script as a new private kernel with the competition attached, internet off, on the
     accelerator ("none": no accelerator) with a session limit of deadline seconds. A refusal (an
     `error`, no version number, a competition Kaggle would not attach) is a PipelineError in
     Kaggle's own words."""
-    folder = workdir / "kernel"
-    folder.mkdir()
-    (folder / SCRIPT).write_text(script, encoding="utf-8")
-    result = _call(_child_push, workdir, timeout, folder=str(folder), slug=slug, accelerator=accelerator,
-                   deadline=int(deadline))
+    with tempfile.TemporaryDirectory(prefix="digits-kernel-") as folder:
+        Path(folder, SCRIPT).write_text(script, encoding="utf-8")
+        result = _call(_child_push, timeout, folder=folder, slug=slug, accelerator=accelerator,
+                       deadline=int(deadline))
     error, version = str(result.get("answer_error") or ""), result.get("version")
     if error:
         hint = (" (wait until one of your sessions ends, or stop one at https://www.kaggle.com/code)"
@@ -182,44 +180,42 @@ def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Pat
     return Pushed(str(result["owner"]), slug, version, str(result.get("url") or ""))
 
 
-def status(pushed: Pushed, workdir: Path, timeout: float) -> tuple[str, str]:
+def status(pushed: Pushed, timeout: float) -> tuple[str, str]:
     """The session's status (QUEUED, RUNNING, COMPLETE, ERROR, CANCEL_REQUESTED, ...) and Kaggle's
     failure message ('' when none)."""
-    result = _call(_child_status, workdir, timeout, slug=pushed.slug, version=pushed.version)
+    result = _call(_child_status, timeout, slug=pushed.slug, version=pushed.version)
     return str(result.get("status") or "QUEUED"), str(result.get("failure") or "")
 
 
-def output(pushed: Pushed, workdir: Path, timeout: float,
-           first: tuple[str, Path, int] | None = None) -> Output:
+def output(pushed: Pushed, timeout: float, first: tuple[str, Path, int] | None = None) -> Output:
     """The session's output listing and log. first: (a listed name, a file, most bytes) to fetch in
     the same call when the listing has that name (the manifest, before anything else is fetched)."""
     fetch = {"name": first[0], "path": str(first[1]), "most": first[2]} if first else None
-    result = _call(_child_output, workdir, timeout, slug=pushed.slug, version=pushed.version, first=fetch,
+    result = _call(_child_output, timeout, slug=pushed.slug, version=pushed.version, first=fetch,
                    timeout_s=timeout)
     files = [f for f in result.get("files") or [] if isinstance(f, dict)]
-    names = [str(f.get("name") or "") for f in files]
-    return Output(names, {str(f.get("name")): str(f.get("url")) for f in files}, log_text(result.get("log")))
+    return Output({str(f.get("name") or ""): str(f.get("url")) for f in files}, log_text(result.get("log")))
 
 
-def fetch(plan: list[tuple[str, Path, int]], workdir: Path, timeout: float) -> None:
+def fetch(plan: list[tuple[str, Path, int]], timeout: float) -> None:
     """Download each (url, file, most bytes) with a plain GET; a file larger than its most is cut
     just past it (for the caller's size check to refuse). Stops after timeout s without a byte."""
     if not plan:
         return
-    _call(_child_fetch, workdir, timeout, plan[0][1].parent, timeout_s=timeout,
+    _call(_child_fetch, timeout, plan[0][1].parent, timeout_s=timeout,
           plan=[{"url": u, "path": str(p), "most": n} for u, p, n in plan])
 
 
-def delete(slug: str, workdir: Path, timeout: float) -> tuple[str, bool, str]:
+def delete(slug: str, timeout: float) -> tuple[str, bool, str]:
     """Delete the kernel, which stops its session. Returns (owner, whether Kaggle had it, Kaggle's
     complaint or '')."""
-    result = _call(_child_delete, workdir, timeout, slug=slug)
+    result = _call(_child_delete, timeout, slug=slug)
     return str(result.get("owner") or ""), bool(result.get("found")), str(result.get("message") or "")
 
 
-def quota(workdir: Path, timeout: float) -> Quota | None:
+def quota(timeout: float) -> Quota | None:
     """The account's GPU quota; None when Kaggle's answer has none."""
-    result = _call(_child_quota, workdir, timeout)
+    result = _call(_child_quota, timeout)
     gpu = result.get("gpu")
     if not isinstance(gpu, dict):
         return None
@@ -298,30 +294,26 @@ def _child_output(slug: str, version: int, first: dict[str, Any] | None, timeout
             log, token = log or answer.log or "", answer.next_page_token or ""
             if not token:
                 break
-    listed = [f for f in files if first and f["name"] == first["name"]]
-    if first and listed:
-        _download(listed[0]["url"], first["path"], first["most"], timeout_s)
+    if first and (urls := [f["url"] for f in files if f["name"] == first["name"]]):
+        _child_fetch([{**first, "url": urls[0]}], timeout_s)
     return {"files": files, "log": log}
 
 
-def _download(url: str, path: str, most: int, timeout: float) -> None:
-    """A plain GET of url into path; no more than most + 1 bytes are kept (for a size check to refuse)."""
+def _child_fetch(plan: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """A plain GET of each url into its path; no more than most + 1 bytes are kept (for a size check
+    to refuse)."""
     import requests
 
-    with requests.get(url, stream=True, timeout=timeout) as answer:
-        answer.raise_for_status()
-        written = 0
-        with open(path, "wb") as out:
-            for chunk in answer.iter_content(1 << 20):
-                out.write(chunk[:most + 1 - written])
-                written += len(chunk)
-                if written > most:
-                    break
-
-
-def _child_fetch(plan: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
     for item in plan:
-        _download(item["url"], item["path"], item["most"], timeout_s)
+        with requests.get(item["url"], stream=True, timeout=timeout_s) as answer:
+            answer.raise_for_status()
+            written, most = 0, item["most"]
+            with open(item["path"], "wb") as out:
+                for chunk in answer.iter_content(1 << 20):
+                    out.write(chunk[:most + 1 - written])
+                    written += len(chunk)
+                    if written > most:
+                        break
     return {}
 
 

@@ -147,11 +147,8 @@ def gpu_problem(accelerator: str, device: str, probe: Callable[[int], None] = _p
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_output(run: Path, out: Path, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -107,25 +107,22 @@ def run(plan: Plan, accelerator: str = default("accelerator"), deadline: float =
         raise PipelineError(f"{run.path} holds this run, trained here in part: finish it here (`make "
                             f"train`), or `make forget RUN={run.id}` to train it on Kaggle instead")
     print(f"kaggle-run: run {run.id}, the id these settings have here")
-    with tempfile.TemporaryDirectory(prefix="digits-kaggle-") as tmp:
-        work = Path(tmp)
-        if accelerator != "none":
-            _check_quota(cfg, len(data.train_y), work, timeout)
-        job = {"run": run.id, "data": data.data_key, "accelerator": accelerator, "settings": asdict(cfg)}
-        script, code = kernels.pack(job)
-        slug = kernel_slug(run.id)
-        machine = {T4: "GPU T4 x2", "none": "no accelerator (the session's CPU)"}.get(accelerator,
-                                                                                      accelerator)
-        print(f"kaggle-run: pushing {slug} ({len(script) // 1024} KB: the project's code and the job) "
-              f"as a private kernel on {machine}, '{COMPETITION}' attached, internet off")
-        try:
-            pushed = kernels.push(script, slug, accelerator, deadline, work, timeout)
-            print(f"kaggle-run: version {pushed.version} of {pushed.url or pushed.kernel} is on its way")
-            follow(pushed, deadline, work, timeout)
-            origin = KaggleOrigin(kernel=pushed.kernel, version=pushed.version, accelerator=accelerator)
-            record = bring_home(pushed, origin, code, plan, work, timeout)
-        finally:
-            _let_go(slug, keep, work, timeout)
+    if accelerator != "none":
+        _check_quota(cfg, len(data.train_y), timeout)
+    job = {"run": run.id, "data": data.data_key, "accelerator": accelerator, "settings": asdict(cfg)}
+    script, code = kernels.pack(job)
+    slug = kernel_slug(run.id)
+    machine = {T4: "GPU T4 x2", "none": "no accelerator (the session's CPU)"}.get(accelerator, accelerator)
+    print(f"kaggle-run: pushing {slug} ({len(script) // 1024} KB: the project's code and the job) "
+          f"as a private kernel on {machine}, '{COMPETITION}' attached, internet off")
+    try:
+        pushed = kernels.push(script, slug, accelerator, deadline, timeout)
+        print(f"kaggle-run: version {pushed.version} of {pushed.url or pushed.kernel} is on its way")
+        follow(pushed, deadline, timeout)
+        origin = KaggleOrigin(kernel=pushed.kernel, version=pushed.version, accelerator=accelerator)
+        record = bring_home(pushed, origin, code, plan, timeout)
+    finally:
+        _let_go(slug, keep, timeout)
     return record
 
 
@@ -136,8 +133,8 @@ def kernel_slug(name: str) -> str:
     return f"digits-{name.lower()[:50 - 8 - len(stamp)].rstrip('-')}-{stamp}"
 
 
-def _check_quota(cfg: Settings, n_train: int, work: Path, timeout: float) -> None:
-    found = kernels.quota(work, timeout)
+def _check_quota(cfg: Settings, n_train: int, timeout: float) -> None:
+    found = kernels.quota(timeout)
     need = seconds_needed(cfg, n_train)
     if found is None:
         print("kaggle-run: Kaggle did not say how many GPU hours are left; pushing anyway")
@@ -153,13 +150,13 @@ def _check_quota(cfg: Settings, n_train: int, work: Path, timeout: float) -> Non
 
 # -- following the session ---------------------------------------------------------------------------
 
-def follow(pushed: kernels.Pushed, deadline: float, work: Path, timeout: float) -> None:
+def follow(pushed: kernels.Pushed, deadline: float, timeout: float) -> None:
     """Poll the session until it completes; a PipelineError when it fails, is cancelled or is not
     done within deadline seconds. Each status change is said with the time since the push."""
     started, last, said, misses = time.monotonic(), "", 0.0, 0
     while True:
         try:
-            state, failure = kernels.status(pushed, work, timeout)
+            state, failure = kernels.status(pushed, timeout)
             misses = 0
         except PipelineError as exc:  # one lost answer in hours of waiting must not end the run
             misses += 1
@@ -173,7 +170,7 @@ def follow(pushed: kernels.Pushed, deadline: float, work: Path, timeout: float) 
                   + (f" (still, deadline in {format_seconds(deadline - elapsed)})" if state == last
                      else ""), flush=True)
             last, said = state, elapsed
-        _stop_unless_running(pushed, state, failure, elapsed, deadline, work, timeout)
+        _stop_unless_running(pushed, state, failure, elapsed, deadline, timeout)
         if state == "COMPLETE":
             return
         # Often at first (a short run is seen done soon), then every tenth of the time so far.
@@ -181,10 +178,10 @@ def follow(pushed: kernels.Pushed, deadline: float, work: Path, timeout: float) 
 
 
 def _stop_unless_running(pushed: kernels.Pushed, state: str, failure: str, elapsed: float,
-                         deadline: float, work: Path, timeout: float) -> None:
+                         deadline: float, timeout: float) -> None:
     """A PipelineError when the session failed, was cancelled or ran past the deadline."""
     if state == "ERROR":
-        raise PipelineError(_failure(pushed, failure, work, timeout))
+        raise PipelineError(_failure(pushed, failure, timeout))
     if state in CANCELLED:
         raise PipelineError(f"the session of {pushed.kernel} was cancelled on Kaggle ({state}); "
                             "nothing was brought home")
@@ -194,10 +191,10 @@ def _stop_unless_running(pushed: kernels.Pushed, state: str, failure: str, elaps
                             "DEADLINE=<seconds> (at most 43200)")
 
 
-def _failure(pushed: kernels.Pushed, failure: str, work: Path, timeout: float) -> str:
+def _failure(pushed: kernels.Pushed, failure: str, timeout: float) -> str:
     """The run failed on Kaggle: Kaggle's message and the last lines of the session's log."""
     try:
-        log = kernels.output(pushed, work, timeout).log
+        log = kernels.output(pushed, timeout).log
         lines = [line for line in scrub(log).splitlines() if line.strip()][-LOG_TAIL:]
         tail = "\n".join(f"  | {line}" for line in lines) or "  (the log is empty)"
     except PipelineError as exc:
@@ -219,7 +216,7 @@ def _uninterrupted() -> Iterator[None]:
         signal.signal(signal.SIGINT, before)
 
 
-def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
+def _let_go(slug: str, keep: bool, timeout: float) -> None:
     """Delete the kernel (KEEP=1: say where it stays). A failure to delete is said, never raised:
     the end the command came to (a result, an error, Ctrl-C) is the one it reports."""
     if keep:
@@ -229,7 +226,7 @@ def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
         return
     with _uninterrupted():
         try:
-            owner, found, complaint = kernels.delete(slug, work, timeout)
+            owner, found, complaint = kernels.delete(slug, timeout)
         except PipelineError as exc:
             owner, found, complaint = "", True, str(exc)
     kernel = f"{owner}/{slug}" if owner else slug
@@ -245,7 +242,7 @@ def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
 
 # -- bringing the run home ---------------------------------------------------------------------------
 
-def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Plan, work: Path,
+def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Plan,
                timeout: float) -> RunRecord:
     """Fetch the files the session's manifest names into a staging folder, check every one, and
     move the run into runs/<id>/ only when all of it is right; publish its submission."""
@@ -253,14 +250,14 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
     staging = Path(tempfile.mkdtemp(prefix=".kaggle-", dir=paths.runs))
     try:
         # The listing, and the manifest with it (to a name of ours: nothing else is fetched yet).
-        found = kernels.output(pushed, work, timeout, first=(MANIFEST, staging / MANIFEST, MAX_MANIFEST))
-        unsafe = [n for n in found.names if kernels.escapes(n)]
+        found = kernels.output(pushed, timeout, first=(MANIFEST, staging / MANIFEST, MAX_MANIFEST))
+        unsafe = [n for n in found.urls if kernels.escapes(n)]
         if unsafe:
             raise PipelineError(f"Kaggle's output lists a file named {unsafe[0]!r}, which could land "
                                 "outside the run's folder")
         if MANIFEST not in found.urls:
             raise PipelineError(f"the session's output has no {MANIFEST} (the run did not finish "
-                                f"writing it; it lists {', '.join(sorted(found.names)[:8]) or 'nothing'})")
+                                f"writing it; it lists {', '.join(sorted(found.urls)[:8]) or 'nothing'})")
         staged = RunDir(staging / target.id)
         staged.path.mkdir()
         files = read_manifest(staging / MANIFEST, target.id, data.data_key, code)
@@ -270,8 +267,7 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
                                 "manifest names (incomplete)")
         print(f"kaggle-run: fetching {len(files)} files "
               f"({sum(f['size'] for f in files.values()) / 1e6:.1f} MB)")
-        kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()],
-                      work, timeout)
+        kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()], timeout)
         record = _checked(staged, files, plan)
         record = staged.save(replace(record, kaggle=origin, source=data_source(paths)))
         (staged.path / "kaggle.log").write_text(scrub(found.log), encoding="utf-8")
@@ -345,8 +341,7 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> Ru
 
 def quota(timeout: float = default("timeout")) -> str:
     """Print the account's GPU hours: used, allowed, left and when they refresh; returns the line."""
-    with tempfile.TemporaryDirectory(prefix="digits-quota-") as tmp:
-        found = kernels.quota(Path(tmp), timeout)
+    found = kernels.quota(timeout)
     text = f"GPU: {found.text()}" if found else "Kaggle's answer holds no GPU quota"
     sys.stdout.write(text + "\n")
     return text
