@@ -1,12 +1,10 @@
-"""Everything that touches the official ``kaggle`` client lives in this package, and the client runs in a
-child process.
+"""Everything that touches the official ``kaggle`` client lives in this package.
 
 Importing the client has side effects (it authenticates, may make a network call that never times
 out, creates its config folder and prints help on stdout) and, with VERBOSE set, it prints the
-Authorization header. So the pipeline never imports it: call() runs one function of this package (a
-``_child_*`` of api.py or kernels.py) in ``python -m pipeline.kaggle.api``, a subprocess that the parent
-can kill after its own timeout, whose output is captured and scrubbed, and whose outcome comes back as
-a small JSON file.
+Authorization header. So the pipeline never imports it: call() runs each ``_child_*`` function in a
+child process that it kills after its own timeout, whose output is captured and scrubbed, and whose
+outcome comes back as a small JSON file.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The Kaggle side of `make kaggle-run`: what the pushed script runs in a Kaggle session.
 
-The script (kernels.pack) unpacks the project into a temporary folder and calls main() with the job
-the local side wrote into it: the run's settings, the id the run must have and the key of the data
-it must be made from. main() checks the session first (Python and packages as notebook mode does,
-a GPU that can run this image's PyTorch, the competition attached), then trains and predicts with
-the pipeline's own command line in Kaggle-notebook mode: no virtual environment, the image's PyTorch,
-the competition's read-only files. Last it copies the run's files into /kaggle/working, the
-session's output, and writes a manifest of them (names, sizes, SHA-256) after every file is in
-place: the local side takes nothing the manifest does not vouch for.
+The script (kernels.pack) unpacks the project and calls main() with the job the local side wrote
+into it (the run's settings, its id, the key of its data). main() checks the session, then trains
+with the pipeline's own command line in Kaggle-notebook mode and writes the run's files to the
+session's output, with a manifest written last: the local side takes nothing it does not vouch for.
 
 Standard library only at import (torch only inside the GPU check): it must say what is wrong even
 in a session that lacks packages.

@@ -95,9 +95,8 @@ def _replaces_the_sample(record: dict[str, Any], source: str, src_dir: Path | No
     if record["source"] == "sample":  # the built-in sample is no loss: replace it
         print(f"download: replacing the built-in sample in input/ with SOURCE={source}")
         return True
-    where = f"the folder {record['dir']}" if record.get("dir") else f"SOURCE={record['source']}"
-    wanted = f"the folder {src_dir}" if source == "dir" else f"SOURCE={source}"
-    print(f"download: WARNING: input/ holds files from {where}, not from {wanted}; "
+    wanted = _origin({"source": source, "dir": src_dir})
+    print(f"download: WARNING: input/ holds files from {_origin(record)}, not from {wanted}; "
           "they are kept. Add FORCE=1 to replace them")
     return False
 

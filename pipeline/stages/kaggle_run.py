@@ -1,14 +1,11 @@
 """`make kaggle-run`: train the run of these settings on a Kaggle GPU and bring it home as a run like
 any other; `make quota`: the account's GPU hours.
 
-The project's code goes to Kaggle inside one script, pushed as a private kernel with the competition
-attached, internet off and a T4 (pipeline/kaggle/kernels.py). There it trains in the pipeline's
-Kaggle-notebook mode (pipeline/kaggle/remote.py) on the competition's files, the same data as
-input/ here: the same settings give the same run id on both sides, and the session checks that
-before it trains. This side follows the session up to DEADLINE, then takes from its output only the
-files the session's manifest names, each checked for its size and SHA-256, into a staging folder;
-the run moves into runs/<id>/ only once all of it is checked, and is then published as predict
-publishes a run. Whatever the end (done, error, deadline, Ctrl-C) the kernel is deleted, unless KEEP=1.
+The project's code goes to Kaggle inside one script (pipeline/kaggle/kernels.py) and trains there on
+the competition's files, the data of input/ here, so the same settings give the same run id on both
+sides (pipeline/kaggle/remote.py checks it). This side follows the session up to DEADLINE, fetches
+only what the session's manifest names, and moves the run into runs/<id>/ once all of it is checked.
+Whatever the end (done, error, deadline, Ctrl-C) the kernel is deleted, unless KEEP=1.
 """
 
 from __future__ import annotations
@@ -206,14 +203,13 @@ def _failure(pushed: kernels.Pushed, failure: str, timeout: float) -> str:
 @contextlib.contextmanager
 def _uninterrupted() -> Iterator[None]:
     """Hold off Ctrl-C while the kernel is deleted: a second one must not leave it running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    main = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 def _let_go(slug: str, keep: bool, timeout: float) -> None:
@@ -295,10 +291,9 @@ def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, d
     if made.get("format") != MANIFEST_FORMAT:
         raise PipelineError(f"the session's {MANIFEST} is of format {made.get('format')!r}, "
                             f"not {MANIFEST_FORMAT}")
-    for field, expected, what in (("run", run, "run"), ("data", data_key, "data"),
-                                  ("code", code, "code")):
+    for field, expected in (("run", run), ("data", data_key), ("code", code)):
         if made.get(field) != expected:
-            raise PipelineError(f"the session's manifest is of another {what} ({made.get(field)!r}, "
+            raise PipelineError(f"the session's manifest is of another {field} ({made.get(field)!r}, "
                                 f"not {expected!r})")
     files = made["files"]
     for name, facts in files.items():
