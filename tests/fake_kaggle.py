@@ -52,6 +52,8 @@ INTROSPECT = "/api/v1/security.OAuthService/IntrospectToken"  # the client's che
 FILE_PATH = "/files/digit-recognizer.zip"
 UPLOAD_PATH = "/upload/blob-token-1"
 SUBMIT_OK = "Successfully submitted to Digit Recognizer"
+NOTHING_INVALID = {f"invalid{k}": [] for k in ("Tags", "DatasetSources", "CompetitionSources",
+                                               "KernelSources")}
 
 
 def make_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -210,8 +212,7 @@ def _save_kernel(fake: FakeKaggle, body: dict[str, Any]) -> dict[str, Any]:
                                         if k.status in ("QUEUED", "RUNNING")
                                         and (k.request.get("machineShape") or k.request.get("enableGpu")))
     if gpu and busy >= 2:
-        return {"ref": "", "url": "", "error": SESSION_CAP, "invalidTags": [],
-                "invalidDatasetSources": [], "invalidCompetitionSources": [], "invalidKernelSources": []}
+        return {"ref": "", "url": "", "error": SESSION_CAP, **NOTHING_INVALID}
     version = fake.kernels[slug].version + 1 if slug in fake.kernels else 1
     kernel = Kernel(owner, slug, version, body)
     fake.kernels[slug] = kernel
@@ -224,8 +225,7 @@ def _save_kernel(fake: FakeKaggle, body: dict[str, Any]) -> dict[str, Any]:
     else:
         threading.Thread(target=_execute, args=(fake, kernel), daemon=True).start()
     return {"ref": f"/code/{owner}/{slug}", "url": f"https://www.kaggle.com/code/{owner}/{slug}",
-            "versionNumber": version, "error": "", "invalidTags": [], "invalidDatasetSources": [],
-            "invalidCompetitionSources": [], "invalidKernelSources": [], "kernelId": 4242}
+            "versionNumber": version, "error": "", **NOTHING_INVALID, "kernelId": 4242}
 
 
 def _listing(kernel: Kernel, body: dict[str, Any]) -> dict[str, Any]:

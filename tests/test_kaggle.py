@@ -328,22 +328,28 @@ def test_upload_sends_the_file_and_prints_the_reference(root: Path, env: dict[st
     assert_no_secret(result)
 
 
-UPLOAD_FAILURES = {
-    "upload-rejected": ({"put_status": 500}, ["did not take the submission", "Could not submit"]),
-    "ref-zero": ({"submission": {"message": "Submission limit reached", "ref": 0}},
+CALL_FAILURES = {  # the command, what goes wrong, what its error says
+    "upload-rejected": ("upload", _set(put_status=500), ["did not take the submission", "Could not submit"]),
+    "ref-zero": ("upload", _set(submission={"message": "Submission limit reached", "ref": 0}),
                  ["did not take the submission", "Submission limit reached"]),
-    "http-403": ({"api_error": (403, "You must accept this competition's rules")}, ["HTTP 403", RULES_URL]),
-    "server-hangs": ({"hang_api": True}, ["did not answer for 1.5 s"]),
+    "http-403": ("upload", _set(api_error=(403, "You must accept this competition's rules")),
+                 ["HTTP 403", RULES_URL]),
+    "server-hangs": ("upload", _set(hang_api=True), ["did not answer for 1.5 s"]),
+    "lb-http-401": ("lb", _set(api_error=(401, "Unauthenticated")), ["HTTP 401", "https://www.kaggle.com/settings"]),
+    "lb-no-network": ("lb", _no_network, ["cannot reach Kaggle"]),
+    "lb-no-credentials": ("lb", _no_credentials, ["no Kaggle credentials"]),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(UPLOAD_FAILURES))
-def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], fake: FakeKaggle,
-                                    submission: Path) -> None:
-    attributes, phrases = UPLOAD_FAILURES[case]
-    vars(fake).update(attributes)
-    result = upload(root, env, timeout=HANG_TIMEOUT if case in HANGS else 30)
+@pytest.mark.parametrize("case", list(CALL_FAILURES))
+def test_upload_and_lb_failures_are_reported(case: str, root: Path, env: dict[str, str], fake: FakeKaggle,
+                                             submission: Path) -> None:
+    command, setup, phrases = CALL_FAILURES[case]
+    setup(fake, env)
+    timeout = HANG_TIMEOUT if case in HANGS else 30
+    result = (upload(root, env, timeout=timeout) if command == "upload"
+              else run_cli(root, "lb", "--timeout", str(timeout), env=env, **CLIENT))
     assert_one_clear_error(result, *phrases)
     assert result.stdout == ""
 
@@ -534,20 +540,6 @@ def test_wait_zero_does_not_ask_for_the_score(root: Path, env: dict[str, str], f
     assert result.returncode == 0, result.stderr
     assert "WAIT=0" in result.stdout and fake.list_calls == 0
     assert 4242 in ledger.uploads(Paths(root))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("setup", "phrases"), [
-    (_set(api_error=(401, "Unauthenticated")), ["HTTP 401", "https://www.kaggle.com/settings"]),
-    (_no_network, ["cannot reach Kaggle"]),
-    (_no_credentials, ["no Kaggle credentials"]),
-], ids=["http-401", "no-network", "no-credentials"])
-def test_lb_failure_is_reported(setup: Callable[[FakeKaggle, dict[str, str]], None], phrases: list[str],
-                                root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
-    setup(fake, env)
-    result = run_cli(root, "lb", "--timeout", "30", env=env, **CLIENT)
-    assert_one_clear_error(result, *phrases)
-    assert result.stdout == ""
 
 
 @pytest.fixture
