@@ -178,11 +178,14 @@ def test_download_keeps_existing_files_unless_forced(root: Path, env: dict[str, 
 
 
 @pytest.mark.slow
-def test_auto_picks_kaggle_when_credentials_exist(root: Path, env: dict[str, str]) -> None:
+def test_auto_picks_kaggle_when_credentials_exist_and_warns_of_a_readable_key(root: Path,
+                                                                              env: dict[str, str]) -> None:
+    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").chmod(0o644)
     result = run_cli(root, "download", "--timeout", "5", env=env, **CLIENT)
     assert result.returncode == 0, result.stderr
     assert "source auto -> kaggle (Kaggle credentials found in" in result.stdout
     assert (root / "input" / "test.csv").read_bytes() == TEST
+    assert "chmod 600" in result.stderr
 
 
 def _no_credentials(fake: FakeKaggle, env: dict[str, str]) -> None:
@@ -286,14 +289,6 @@ def test_scrub_blanks_what_the_verbose_client_prints(env: dict[str, str], fake: 
         monkeypatch.setenv(name, env[name])
     scrubbed = kaggle_api.scrub(result.stdout + result.stderr)
     assert DUMMY_BASIC not in scrubbed and DUMMY_KEY not in scrubbed
-
-
-@pytest.mark.slow
-def test_warns_about_a_key_readable_by_others(root: Path, env: dict[str, str]) -> None:
-    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").chmod(0o644)
-    result = download_kaggle(root, env)
-    assert result.returncode == 0, result.stderr
-    assert "chmod 600" in result.stderr
 
 
 @pytest.fixture
@@ -559,17 +554,12 @@ def write_kaggle_json(folder: Path, **values: str) -> Path:
 
 
 @pytest.mark.slow
-def test_credentials_none(home: Path) -> None:
+def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert kaggle_api.credentials_source() is None
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER)  # a key is missing: not usable
     assert kaggle_api.credentials_source() is None
     (home / ".kaggle" / "kaggle.json").write_text("{not json")
     assert kaggle_api.credentials_source() is None
-
-
-@pytest.mark.slow
-def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (home / ".kaggle").mkdir()
     (home / ".kaggle" / "credentials.json").write_text("{}")
     assert kaggle_api.credentials_source() == str(home / ".kaggle" / "credentials.json")
     path = write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)

@@ -9,6 +9,7 @@ second upload.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -224,15 +225,12 @@ def quota(timeout: float) -> Quota | None:
 
 def log_text(log: Any) -> str:
     """A session's log as text: Kaggle keeps it as a JSON list of {stream_name, time, data}."""
-    if not isinstance(log, str) or not log:
+    if not isinstance(log, str):
         return ""
-    try:
-        entries = json.loads(log)
-    except ValueError:
-        return log
-    if not isinstance(entries, list):
-        return log
-    return "".join(str(e.get("data", "")) for e in entries if isinstance(e, dict))
+    with contextlib.suppress(ValueError):  # not JSON: the log as it is
+        if isinstance(entries := json.loads(log), list):
+            return "".join(str(e.get("data", "")) for e in entries if isinstance(e, dict))
+    return log
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
@@ -335,10 +333,8 @@ def _child_delete(slug: str) -> dict[str, Any]:
 
 
 def _child_quota() -> dict[str, Any]:
-    client = api.client()
-    answer = client.quota_view()
-    gpu = answer.gpu_quota
-    refresh = answer.quota_refresh_time
+    answer = api.client().quota_view()
+    gpu, refresh = answer.gpu_quota, answer.quota_refresh_time
     known = gpu is not None and gpu.total_time_allowed is not None
     return {"refresh": refresh.strftime("%Y-%m-%d %H:%M UTC") if refresh else "",
             "gpu": {"used": gpu.time_used.total_seconds() if gpu.time_used else 0.0,
