@@ -82,8 +82,7 @@ def missing(names: list[str]) -> list[str]:
     return [name for name in names if importlib.util.find_spec(name) is None]
 
 
-def check(is_online: Callable[[], bool] = online,
-          install: Callable[[list[str]], int] | None = None) -> int:
+def check(is_online: Callable[[], bool] = online, install: Callable[[list[str]], int] | None = None) -> int:
     """Use this Python and what it has installed; install only what is missing, and only when the
     internet is on. Returns the exit status (1 when `make submit` cannot run)."""
     python = f"Python {sys.version.split()[0]} ({sys.executable})"

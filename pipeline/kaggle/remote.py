@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.kaggle import notebook
+from pipeline.store.io import write_json
 
 MANIFEST = "digits-manifest.json"
 MANIFEST_FORMAT = 1
@@ -159,7 +160,5 @@ def write_output(run: Path, out: Path, facts: dict[str, Any]) -> dict[str, dict[
         files[path.name] = {"size": target.stat().st_size, "sha256": sha256(target)}
     manifest = {"format": MANIFEST_FORMAT, "run": facts["run"], "data": facts["data"],
                 "code": facts["code"], "python": platform.python_version(), "files": files}
-    partial = out / f".{MANIFEST}.tmp"
-    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(partial, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)  # whole or not at all
     return files
