@@ -103,8 +103,7 @@ def pack(job: dict[str, Any]) -> tuple[str, str]:
     """The one script Kaggle runs, and the SHA-256 of the code inside it (the remote side writes it
     into its manifest). job: plain values only (it is written as a Python literal)."""
     code = code_archive()
-    wrapped = base64.b64encode(code).decode("ascii")
-    lines = "\n".join(wrapped[i:i + 100] for i in range(0, len(wrapped), 100))
+    lines = base64.encodebytes(code).decode("ascii").strip()  # 76 characters a line
     script = BOOTSTRAP.format(run=job["run"], job=pprint.pformat(job, width=100, sort_dicts=False),
                               code=lines)
     return script, hashlib.sha256(code).hexdigest()
