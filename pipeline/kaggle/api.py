@@ -212,15 +212,15 @@ def call(child: Callable[..., dict[str, Any]], timeout: float, progress_dir: Pat
     return result
 
 
-def _tree_size(folder: Path | None) -> int:
+def _tree_size(folder: Path) -> int:
     total = 0
-    for path in folder.rglob("*") if folder else ():
+    for path in folder.rglob("*"):
         with contextlib.suppress(OSError):  # the client renamed or removed it meanwhile
             total += path.stat().st_size
     return total
 
 
-def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path | None) -> None:
+def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path) -> None:
     """Wait for the child; give up once it has made no progress (bytes downloaded) for timeout s."""
     size, last_progress = -1, time.monotonic()
     while proc.poll() is None:
@@ -280,8 +280,7 @@ def _extract(zf: zipfile.ZipFile, name: str, target: Path) -> None:
 
 
 def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None:
-    bad = [i.filename for i in infos if unsafe(i.filename)]
-    if bad:
+    if bad := [i.filename for i in infos if unsafe(i.filename)]:
         raise PipelineError(f"the archive Kaggle sent has a member with an unsafe path ({bad[0]!r}); "
                             "refusing to unpack it")
     total = sum(i.file_size for i in infos)
@@ -289,8 +288,7 @@ def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None
         raise PipelineError(f"the archive Kaggle sent would unpack to {total:,} bytes, far more than "
                             "the competition's files; refusing to unpack it")
     present = {i.filename for i in infos}
-    missing = [n for n in names if n not in present]
-    if missing:
+    if missing := [n for n in names if n not in present]:
         raise PipelineError(f"the archive Kaggle sent has no {' or '.join(missing)} "
                             f"(it holds: {', '.join(sorted(present)) or 'nothing'}); "
                             "is this the right competition?")
@@ -383,8 +381,7 @@ def _failure(exc: BaseException, forbidden: str) -> str:
 
 
 def _no_credentials_message() -> str:
-    found = credentials_source()
-    if found:
+    if found := credentials_source():
         return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
                 f"Create a new API token at {TOKEN_URL}")
     # ~/.kaggle is the folder users know; the client prefers it over XDG as soon as it exists.

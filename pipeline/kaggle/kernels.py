@@ -169,8 +169,7 @@ def push(script: str, slug: str, accelerator: str, deadline: float, timeout: flo
         hint = (" (wait until one of your sessions ends, or stop one at https://www.kaggle.com/code)"
                 if SESSION_CAP.lower() in error.lower() else "")
         raise PipelineError(f"Kaggle refused the kernel: {error}{hint}")
-    refused = [str(s) for s in result.get("invalid_competition_sources") or []]
-    if refused:
+    if refused := [str(s) for s in result.get("invalid_competition_sources") or []]:
         raise PipelineError(f"Kaggle would not attach the competition ({', '.join(refused)}): accept its "
                             f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:

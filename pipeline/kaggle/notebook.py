@@ -105,11 +105,9 @@ def check(is_online: Callable[[], bool] = online, install: Callable[[list[str]],
         required, optional = missing(required), missing(optional)
     elif to_install:
         print("setup: the internet is off in this notebook, so nothing is installed", file=sys.stderr)
-    for name in optional:
-        pip_name, needs = OPTIONAL[name]
+    for pip_name, needs in (OPTIONAL[name] for name in optional):
         print(f"setup: note: {pip_name} is not installed ({needs} need it)", file=sys.stderr)
-    old_client = kaggle_client_too_old()
-    if old_client:
+    if old_client := kaggle_client_too_old():
         print(f"setup: note: the installed kaggle client is {old_client}; make upload and make lb "
               f"need {MIN_KAGGLE} or newer (with the internet on: pip install -U kaggle)", file=sys.stderr)
     if required:

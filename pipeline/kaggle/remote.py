@@ -53,11 +53,9 @@ def _make(job: dict[str, Any], project: Path, code: str) -> None:
     say(f"run {job['run']} on Python {platform.python_version()}, code {code[:12]} in {project}")
     if notebook.check() != 0:
         raise RemoteError("this session's Python lacks what the pipeline needs (said above)")
-    problem = gpu_problem(job["accelerator"], str(job["settings"].get("device", "auto")))
-    if problem:
+    if problem := gpu_problem(job["accelerator"], str(job["settings"].get("device", "auto"))):
         raise RemoteError(problem)
-    attached = notebook.competition_input()
-    if attached is None:
+    if (attached := notebook.competition_input()) is None:
         raise RemoteError(f"the competition's files are not attached to this session (no train.csv and "
                           f"test.csv under {notebook.kaggle_root() / 'input'}); `make kaggle-run` "
                           "attaches them: push again")
@@ -76,8 +74,7 @@ def _make(job: dict[str, Any], project: Path, code: str) -> None:
     if made != job["run"]:
         raise RemoteError(f"the pipeline made run {made}, not {job['run']}: the code or the "
                           "settings differ between here and the project that pushed it")
-    out = notebook.working()
-    if out is None:
+    if (out := notebook.working()) is None:
         raise RemoteError(f"this session has no output folder ({notebook.kaggle_root() / 'working'})")
     files = write_output(project / "runs" / made, out, {**job, "code": code})
     say(f"wrote run {made} ({len(files)} files) and {MANIFEST} to {out}")

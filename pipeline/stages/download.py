@@ -116,8 +116,7 @@ def _choose_source(record: dict[str, Any], present: bool) -> tuple[str, Path | N
     """SOURCE=auto: where files come from (again, when input/ holds some: record is their source)."""
     if record.get("source") == "dir" and _refetchable(record):
         return "dir", Path(record["dir"]), f"input/'s files came from the folder {record['dir']}"
-    found = kaggle_api.credentials_source()
-    if found:
+    if found := kaggle_api.credentials_source():
         return "kaggle", None, f"Kaggle credentials found in {found}"
     return "sample", None, f"{'' if present else 'no files in input/ and '}no Kaggle credentials"
 

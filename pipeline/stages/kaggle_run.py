@@ -247,8 +247,7 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
     try:
         # The listing, and the manifest with it (to a name of ours: nothing else is fetched yet).
         found = kernels.output(pushed, timeout, first=(MANIFEST, staging / MANIFEST, MAX_MANIFEST))
-        unsafe = [n for n in found.urls if kernels.escapes(n)]
-        if unsafe:
+        if unsafe := [n for n in found.urls if kernels.escapes(n)]:
             raise PipelineError(f"Kaggle's output lists a file named {unsafe[0]!r}, which could land "
                                 "outside the run's folder")
         if MANIFEST not in found.urls:
@@ -257,8 +256,7 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
         staged = RunDir(staging / target.id)
         staged.path.mkdir()
         files = read_manifest(staging / MANIFEST, target.id, data.data_key, code)
-        missing = sorted(set(files) - set(found.urls))
-        if missing:
+        if missing := sorted(set(files) - set(found.urls)):
             raise PipelineError(f"the session's output lacks {', '.join(missing[:5])}, which its "
                                 "manifest names (incomplete)")
         print(f"kaggle-run: fetching {len(files)} files "
