@@ -292,6 +292,7 @@ DAMAGED = {
     "no-manifest": (_drop(MANIFEST), f"has no {MANIFEST}"),
     "torn-manifest": (lambda f: {**f, MANIFEST: f[MANIFEST][:40]}, "is not readable"),
     "other-run": (_other_run, "of another run"),
+    "other-format": (lambda f: edited_manifest(f, lambda m: m.update(format=2)), "another format (2, not 1)"),
     "not-a-run": (_bad_cv, "not a complete run"),
 }
 

@@ -286,10 +286,7 @@ def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, d
     made = read_json(path)
     if not isinstance(made, dict) or not isinstance(made.get("files"), dict):
         raise PipelineError(f"the session's {MANIFEST} is not readable")
-    if made.get("format") != MANIFEST_FORMAT:
-        raise PipelineError(f"the session's {MANIFEST} is of format {made.get('format')!r}, "
-                            f"not {MANIFEST_FORMAT}")
-    for field, expected in (("run", run), ("data", data_key), ("code", code)):
+    for field, expected in (("format", MANIFEST_FORMAT), ("run", run), ("data", data_key), ("code", code)):
         if made.get(field) != expected:
             raise PipelineError(f"the session's manifest is of another {field} ({made.get(field)!r}, "
                                 f"not {expected!r})")
