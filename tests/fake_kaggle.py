@@ -52,6 +52,8 @@ INTROSPECT = "/api/v1/security.OAuthService/IntrospectToken"  # the client's che
 FILE_PATH = "/files/digit-recognizer.zip"
 UPLOAD_PATH = "/upload/blob-token-1"
 SUBMIT_OK = "Successfully submitted to Digit Recognizer"
+NOTHING_INVALID = {f"invalid{k}": [] for k in ("Tags", "DatasetSources", "CompetitionSources",
+                                               "KernelSources")}
 
 
 def make_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -210,8 +212,7 @@ def _save_kernel(fake: FakeKaggle, body: dict[str, Any]) -> dict[str, Any]:
                                         if k.status in ("QUEUED", "RUNNING")
                                         and (k.request.get("machineShape") or k.request.get("enableGpu")))
     if gpu and busy >= 2:
-        return {"ref": "", "url": "", "error": SESSION_CAP, "invalidTags": [],
-                "invalidDatasetSources": [], "invalidCompetitionSources": [], "invalidKernelSources": []}
+        return {"ref": "", "url": "", "error": SESSION_CAP, **NOTHING_INVALID}
     version = fake.kernels[slug].version + 1 if slug in fake.kernels else 1
     kernel = Kernel(owner, slug, version, body)
     fake.kernels[slug] = kernel
@@ -224,8 +225,7 @@ def _save_kernel(fake: FakeKaggle, body: dict[str, Any]) -> dict[str, Any]:
     else:
         threading.Thread(target=_execute, args=(fake, kernel), daemon=True).start()
     return {"ref": f"/code/{owner}/{slug}", "url": f"https://www.kaggle.com/code/{owner}/{slug}",
-            "versionNumber": version, "error": "", "invalidTags": [], "invalidDatasetSources": [],
-            "invalidCompetitionSources": [], "invalidKernelSources": [], "kernelId": 4242}
+            "versionNumber": version, "error": "", **NOTHING_INVALID, "kernelId": 4242}
 
 
 def _listing(kernel: Kernel, body: dict[str, Any]) -> dict[str, Any]:
@@ -290,8 +290,7 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
                 fake.wait_released()
                 return
             if fake.api_error:
-                code, message = fake.api_error
-                self._json(code, {"code": code, "message": message})
+                self._error(*fake.api_error)
             elif path == INTROSPECT:
                 self._json(200, {"active": True, "username": "fake-user"})
             elif path == API + "DownloadDataFiles":
@@ -314,13 +313,12 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
                     fake.wait_released()
                     return
                 if fake.list_error:
-                    code, message = fake.list_error
-                    self._json(code, {"code": code, "message": message})
+                    self._error(*fake.list_error)
                     return
                 self._json(200, {"submissions": [_listed(fake, m) for m in reversed(fake.made)]
                                  + fake.listed, "nextPageToken": ""})
             else:
-                self._json(404, {"code": 404, "message": f"no such method {path}"})
+                self._error(404, f"no such method {path}")
 
         def do_GET(self) -> None:
             path = self._record()
@@ -328,33 +326,23 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
                 self._output_file(path[len(OUTPUT_PATH):])
                 return
             if path != FILE_PATH:
-                self._json(404, {"code": 404, "message": "not found"})
+                self._error(404, "not found")
                 return
             data = fake.zip_bytes
-            self.send_response(200)
-            self.send_header("Content-Type", "application/zip")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Last-Modified", formatdate(usegmt=True))
-            self.end_headers()
-            if fake.stall_file_after is None:
-                self.wfile.write(data)
-                return
-            self.wfile.write(data[: fake.stall_file_after])
-            self.wfile.flush()
-            fake.wait_released()
+            self._send(200, "application/zip", data[:fake.stall_file_after], len(data),
+                       {"Last-Modified": formatdate(usegmt=True)})
+            if fake.stall_file_after is not None:
+                self.wfile.flush()
+                fake.wait_released()
 
         def _output_file(self, rest: str) -> None:
             slug, _, name = rest.partition("/")
             kernel = fake.kernels.get(slug)
             data = kernel.files.get(unquote(name)) if kernel else None
             if data is None:
-                self._json(404, {"code": 404, "message": "no such output file"})
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+                self._error(404, "no such output file")
+            else:
+                self._send(200, "application/octet-stream", data)
 
         def do_CONNECT(self) -> None:
             """An HTTPS tunnel: the client tried to reach a real host. Recorded, and refused."""
@@ -379,13 +367,21 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-        def _json(self, code: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, code: int, kind: str, data: bytes, length: int | None = None,
+                  headers: dict[str, str] | None = None) -> None:
+            """data with its headers; length: the Content-Length promised, when more than is sent."""
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
+            for name, value in {"Content-Type": kind, "Content-Length": str(length or len(data)),
+                                **(headers or {})}.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
+
+        def _json(self, code: int, payload: dict[str, Any]) -> None:
+            self._send(code, "application/json", json.dumps(payload).encode())
+
+        def _error(self, code: int, message: str) -> None:
+            self._json(code, {"code": code, "message": message})
 
         def _redirect(self, location: str) -> None:
             self.send_response(302)

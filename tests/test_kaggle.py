@@ -20,6 +20,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -48,25 +49,16 @@ from pipeline.store.run import latest
 from pipeline.store.submission import COMPETITION_TEST_ROWS
 
 RULES_URL = "https://www.kaggle.com/competitions/digit-recognizer/rules"
-
-
 TRAIN = b"label,pixel0,pixel1\n1,0,255\n7,12,0\n"
-
-
 TEST = b"pixel0,pixel1\n3,4\n"
-
-
-ARCHIVE = make_zip({"train.csv": TRAIN, "test.csv": TEST, "sample_submission.csv": b"ImageId,Label\n1,0\n"})
+BOTH = {"train.csv": TRAIN, "test.csv": TEST}
+ARCHIVE = make_zip({**BOTH, "sample_submission.csv": b"ImageId,Label\n1,0\n"})
 
 
 # The hang tests' own timeout. Only they use one this short: on a busy machine the client alone can
 # take longer to start, and other failures must not be mistaken for a hang.
 HANG_TIMEOUT = 1.5
-
-
 HANGS = ("server-hangs", "hangs-at-import", "body-stalls")
-
-
 OLD = {"train.csv": b"old train\n", "test.csv": b"old test\n", "source.json": b'{"source": "dir"}\n'}
 
 
@@ -111,13 +103,15 @@ def assert_no_secret(result: subprocess.CompletedProcess) -> None:
             assert secret not in text
 
 
-def with_sizes(data: bytes, size: int) -> bytes:
-    """The archive with every member's uncompressed size rewritten: a zip bomb's headers."""
+def patch_headers(data: bytes, offsets: tuple[int, int], patch: Callable[[bytes], bytes]) -> bytes:
+    """The archive with the 4 bytes at offsets (in each local, central header) of every member
+    patched: a zip bomb's sizes, a flag of encryption."""
     out = bytearray(data)
-    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+    for signature, offset in zip((b"PK\x03\x04", b"PK\x01\x02"), offsets, strict=True):
         start = out.find(signature)
         while start != -1:
-            out[start + offset:start + offset + 4] = struct.pack("<I", size)
+            at = start + offset
+            out[at:at + 4] = patch(bytes(out[at:at + 4]))
             start = out.find(signature, start + 4)
     return bytes(out)
 
@@ -184,36 +178,30 @@ def test_download_keeps_existing_files_unless_forced(root: Path, env: dict[str, 
 
 
 @pytest.mark.slow
-def test_auto_picks_kaggle_when_credentials_exist(root: Path, env: dict[str, str]) -> None:
+def test_auto_picks_kaggle_when_credentials_exist_and_warns_of_a_readable_key(root: Path,
+                                                                              env: dict[str, str]) -> None:
+    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").chmod(0o644)
     result = run_cli(root, "download", "--timeout", "5", env=env, **CLIENT)
     assert result.returncode == 0, result.stderr
     assert "source auto -> kaggle (Kaggle credentials found in" in result.stdout
     assert (root / "input" / "test.csv").read_bytes() == TEST
+    assert "chmod 600" in result.stderr
 
 
 def _no_credentials(fake: FakeKaggle, env: dict[str, str]) -> None:
     Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").unlink()
 
 
-def _http(code: int, message: str) -> Callable[[FakeKaggle, dict[str, str]], None]:
+def _set(**attributes: Any) -> Callable[[FakeKaggle, dict[str, str]], None]:
+    """A setup that gives the fake these attributes."""
     def setup(fake: FakeKaggle, env: dict[str, str]) -> None:
-        fake.api_error = (code, message)
+        vars(fake).update(attributes)
     return setup
 
 
 def _no_network(fake: FakeKaggle, env: dict[str, str]) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         env[name] = f"http://127.0.0.1:{closed_port()}"
-
-
-def _serve(data: bytes) -> Callable[[FakeKaggle, dict[str, str]], None]:
-    def setup(fake: FakeKaggle, env: dict[str, str]) -> None:
-        fake.zip_bytes = data
-    return setup
-
-
-def _hang(fake: FakeKaggle, env: dict[str, str]) -> None:
-    fake.hang_api = True
 
 
 def _hang_at_import(fake: FakeKaggle, env: dict[str, str]) -> None:
@@ -225,33 +213,28 @@ def _broken_client(fake: FakeKaggle, env: dict[str, str]) -> None:
     env["KAGGLE_CONFIG_DIR"] = str(Path(env["HOME"], ".kaggle", "kaggle.json", "sub"))  # import fails
 
 
-def _stall(fake: FakeKaggle, env: dict[str, str]) -> None:
-    fake.stall_file_after = len(ARCHIVE) // 2
-
-
 DOWNLOAD_FAILURES = {
     "no-credentials": (_no_credentials, ["no Kaggle credentials", "kaggle.json", "KAGGLE_USERNAME"]),
-    "http-401": (_http(401, "Unauthenticated"), ["HTTP 401", "key", "https://www.kaggle.com/settings"]),
-    "http-403": (_http(403, "You must accept this competition's rules"), ["HTTP 403", RULES_URL]),
-    "http-500": (_http(500, "Internal error"), ["HTTP 500", "Internal error"]),
+    "http-401": (_set(api_error=(401, "Unauthenticated")), ["HTTP 401", "key", "https://www.kaggle.com/settings"]),
+    "http-403": (_set(api_error=(403, "You must accept this competition's rules")), ["HTTP 403", RULES_URL]),
+    "http-500": (_set(api_error=(500, "Internal error")), ["HTTP 500", "Internal error"]),
     "no-network": (_no_network, ["cannot reach Kaggle", "network"]),
-    "server-hangs": (_hang, ["did not answer for 1.5 s", "TIMEOUT="]),
+    "server-hangs": (_set(hang_api=True), ["did not answer for 1.5 s", "TIMEOUT="]),
     "hangs-at-import": (_hang_at_import, ["did not answer for 1.5 s"]),
-    "body-stalls": (_stall, ["did not answer for 1.5 s"]),
+    "body-stalls": (_set(stall_file_after=len(ARCHIVE) // 2), ["did not answer for 1.5 s"]),
     "client-error": (_broken_client, ["the kaggle client failed", "NotADirectoryError"]),
-    "truncated-zip": (_serve(ARCHIVE[: len(ARCHIVE) // 2]), ["truncated or corrupt"]),
-    "corrupt-zip": (_serve(corrupted(make_zip({"train.csv": TRAIN, "test.csv": TEST}, zipfile.ZIP_STORED))),
-                    ["truncated or corrupt"]),
-    "not-a-zip": (_serve(b"<html>Service unavailable</html>"), ["truncated or corrupt"]),
-    "no-test-csv": (_serve(make_zip({"train.csv": TRAIN})), ["has no test.csv"]),
-    "nested-files": (_serve(make_zip({"data/train.csv": TRAIN, "data/test.csv": TEST})),
+    "truncated-zip": (_set(zip_bytes=ARCHIVE[: len(ARCHIVE) // 2]), ["truncated or corrupt"]),
+    "corrupt-zip": (_set(zip_bytes=corrupted(make_zip(BOTH, zipfile.ZIP_STORED))), ["truncated or corrupt"]),
+    "not-a-zip": (_set(zip_bytes=b"<html>Service unavailable</html>"), ["truncated or corrupt"]),
+    "no-test-csv": (_set(zip_bytes=make_zip({"train.csv": TRAIN})), ["has no test.csv"]),
+    "nested-files": (_set(zip_bytes=make_zip({"data/train.csv": TRAIN, "data/test.csv": TEST})),
                      ["has no train.csv or test.csv"]),
-    "dotdot-member": (_serve(make_zip({"train.csv": TRAIN, "test.csv": TEST, "../evil.csv": b"x"})),
+    "dotdot-member": (_set(zip_bytes=make_zip({**BOTH, "../evil.csv": b"x"})),
                       ["unsafe path", "../evil.csv"]),
-    "absolute-member": (_serve(make_zip({"train.csv": TRAIN, "test.csv": TEST, "/tmp/evil.csv": b"x"})),
-                        ["unsafe path"]),
-    "zip-bomb": (_serve(with_sizes(make_zip({"train.csv": TRAIN, "test.csv": TEST}, zipfile.ZIP_STORED),
-                                   0xF0000000)), ["would unpack to", "refusing"]),
+    "absolute-member": (_set(zip_bytes=make_zip({**BOTH, "/tmp/evil.csv": b"x"})), ["unsafe path"]),
+    "zip-bomb": (_set(zip_bytes=patch_headers(make_zip(BOTH, zipfile.ZIP_STORED), (22, 24),
+                                              lambda _: struct.pack("<I", 0xF0000000))),
+                 ["would unpack to", "refusing"]),
 }
 
 
@@ -308,14 +291,6 @@ def test_scrub_blanks_what_the_verbose_client_prints(env: dict[str, str], fake: 
     assert DUMMY_BASIC not in scrubbed and DUMMY_KEY not in scrubbed
 
 
-@pytest.mark.slow
-def test_warns_about_a_key_readable_by_others(root: Path, env: dict[str, str]) -> None:
-    Path(env["KAGGLE_CONFIG_DIR"], "kaggle.json").chmod(0o644)
-    result = download_kaggle(root, env)
-    assert result.returncode == 0, result.stderr
-    assert "chmod 600" in result.stderr
-
-
 @pytest.fixture
 def submission(root: Path) -> Path:
     """A valid full-size submission made from the competition's data."""
@@ -348,37 +323,28 @@ def test_upload_sends_the_file_and_prints_the_reference(root: Path, env: dict[st
     assert_no_secret(result)
 
 
-def _put_fails(fake: FakeKaggle) -> None:
-    fake.put_status = 500
-
-
-def _ref_zero(fake: FakeKaggle) -> None:
-    fake.submission = {"message": "Submission limit reached", "ref": 0}
-
-
-def _upload_403(fake: FakeKaggle) -> None:
-    fake.api_error = (403, "You must accept this competition's rules")
-
-
-def _upload_hangs(fake: FakeKaggle) -> None:
-    fake.hang_api = True
-
-
-UPLOAD_FAILURES = {
-    "upload-rejected": (_put_fails, ["did not take the submission", "Could not submit"]),
-    "ref-zero": (_ref_zero, ["did not take the submission", "Submission limit reached"]),
-    "http-403": (_upload_403, ["HTTP 403", RULES_URL]),
-    "server-hangs": (_upload_hangs, ["did not answer for 1.5 s"]),
+CALL_FAILURES = {  # the command, what goes wrong, what its error says
+    "upload-rejected": ("upload", _set(put_status=500), ["did not take the submission", "Could not submit"]),
+    "ref-zero": ("upload", _set(submission={"message": "Submission limit reached", "ref": 0}),
+                 ["did not take the submission", "Submission limit reached"]),
+    "http-403": ("upload", _set(api_error=(403, "You must accept this competition's rules")),
+                 ["HTTP 403", RULES_URL]),
+    "server-hangs": ("upload", _set(hang_api=True), ["did not answer for 1.5 s"]),
+    "lb-http-401": ("lb", _set(api_error=(401, "Unauthenticated")), ["HTTP 401", "https://www.kaggle.com/settings"]),
+    "lb-no-network": ("lb", _no_network, ["cannot reach Kaggle"]),
+    "lb-no-credentials": ("lb", _no_credentials, ["no Kaggle credentials"]),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(UPLOAD_FAILURES))
-def test_upload_failure_is_reported(case: str, root: Path, env: dict[str, str], fake: FakeKaggle,
-                                    submission: Path) -> None:
-    setup, phrases = UPLOAD_FAILURES[case]
-    setup(fake)
-    result = upload(root, env, timeout=HANG_TIMEOUT if case in HANGS else 30)
+@pytest.mark.parametrize("case", list(CALL_FAILURES))
+def test_upload_and_lb_failures_are_reported(case: str, root: Path, env: dict[str, str], fake: FakeKaggle,
+                                             submission: Path) -> None:
+    command, setup, phrases = CALL_FAILURES[case]
+    setup(fake, env)
+    timeout = HANG_TIMEOUT if case in HANGS else 30
+    result = (upload(root, env, timeout=timeout) if command == "upload"
+              else run_cli(root, "lb", "--timeout", str(timeout), env=env, **CLIENT))
     assert_one_clear_error(result, *phrases)
     assert result.stdout == ""
 
@@ -394,18 +360,16 @@ def test_upload_refuses_a_submission_of_the_sample(record: str, root: Path, env:
 
 
 @pytest.mark.slow
-def test_upload_refuses_an_empty_message(root: Path, env: dict[str, str], fake: FakeKaggle,
-                                         submission: Path) -> None:
-    assert_one_clear_error(upload(root, env, "  "), 'MESSAGE="')
-    assert fake.requests == []
-
-
-@pytest.mark.slow
-def test_upload_refuses_an_invalid_submission(root: Path, env: dict[str, str], fake: FakeKaggle,
-                                              submission: Path) -> None:
-    lines = submission.read_text().splitlines(keepends=True)
-    submission.write_text("".join(lines[:-1]))
-    assert_one_clear_error(upload(root, env), f"expected {COMPETITION_TEST_ROWS}")
+@pytest.mark.parametrize(("message", "wait", "rows", "phrases"), [
+    ("  ", 20, COMPETITION_TEST_ROWS, ['MESSAGE="']), ("m", -1, COMPETITION_TEST_ROWS, ["WAIT=-1", "3600"]),
+    ("m", 20, COMPETITION_TEST_ROWS - 1, [f"expected {COMPETITION_TEST_ROWS}"]),
+], ids=["empty-message", "wait-out-of-range", "short-submission"])
+def test_upload_refuses_bad_requests_before_anything_is_sent(message: str, wait: float, rows: int,
+                                                             phrases: list[str], root: Path,
+                                                             env: dict[str, str], fake: FakeKaggle,
+                                                             submission: Path) -> None:
+    submission.write_text("".join(submission.read_text().splitlines(keepends=True)[:rows + 1]))
+    assert_one_clear_error(upload(root, env, message, wait=wait), *phrases)
     assert fake.requests == []
 
 
@@ -573,27 +537,6 @@ def test_wait_zero_does_not_ask_for_the_score(root: Path, env: dict[str, str], f
     assert 4242 in ledger.uploads(Paths(root))
 
 
-@pytest.mark.slow
-def test_a_wait_out_of_range_is_refused_before_anything_is_sent(root: Path, env: dict[str, str],
-                                                                fake: FakeKaggle, submission: Path) -> None:
-    assert_one_clear_error(upload(root, env, wait=-1), "WAIT=-1", "3600")
-    assert fake.requests == []
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("setup", "phrases"), [
-    (_http(401, "Unauthenticated"), ["HTTP 401", "https://www.kaggle.com/settings"]),
-    (_no_network, ["cannot reach Kaggle"]),
-    (_no_credentials, ["no Kaggle credentials"]),
-], ids=["http-401", "no-network", "no-credentials"])
-def test_lb_failure_is_reported(setup: Callable[[FakeKaggle, dict[str, str]], None], phrases: list[str],
-                                root: Path, env: dict[str, str], fake: FakeKaggle) -> None:
-    setup(fake, env)
-    result = run_cli(root, "lb", "--timeout", "30", env=env, **CLIENT)
-    assert_one_clear_error(result, *phrases)
-    assert result.stdout == ""
-
-
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty HOME and no KAGGLE_* variables, for credentials_source."""
@@ -611,17 +554,12 @@ def write_kaggle_json(folder: Path, **values: str) -> Path:
 
 
 @pytest.mark.slow
-def test_credentials_none(home: Path) -> None:
+def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert kaggle_api.credentials_source() is None
     write_kaggle_json(home / ".kaggle", username=DUMMY_USER)  # a key is missing: not usable
     assert kaggle_api.credentials_source() is None
     (home / ".kaggle" / "kaggle.json").write_text("{not json")
     assert kaggle_api.credentials_source() is None
-
-
-@pytest.mark.slow
-def test_credentials_follow_the_clients_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (home / ".kaggle").mkdir()
     (home / ".kaggle" / "credentials.json").write_text("{}")
     assert kaggle_api.credentials_source() == str(home / ".kaggle" / "credentials.json")
     path = write_kaggle_json(home / ".kaggle", username=DUMMY_USER, key=DUMMY_KEY)
@@ -679,22 +617,11 @@ def test_auto_falls_back_to_the_sample_without_credentials(home: Path) -> None:
     assert source == "kaggle" and str(home / ".kaggle" / "kaggle.json") in why
 
 
-def encrypted(data: bytes) -> bytes:
-    """The archive with every member flagged as encrypted."""
-    out = bytearray(data)
-    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
-        start = out.find(signature)
-        while start != -1:
-            out[start + offset] |= 1
-            start = out.find(signature, start + 4)
-    return bytes(out)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("data", "phrase"), [
-    (encrypted(make_zip({"train.csv": TRAIN, "test.csv": TEST})), "truncated or corrupt"),
-    (make_zip({"train.csv": TRAIN, "test.csv": TEST, "..\\evil.csv": b"x"}), "unsafe path"),
-    (make_zip({"train.csv": TRAIN, "test.csv": TEST, "C:/evil.csv": b"x"}), "unsafe path"),
+    (patch_headers(make_zip(BOTH), (6, 8), lambda f: bytes([f[0] | 1]) + f[1:]), "truncated or corrupt"),
+    (make_zip({**BOTH, "..\\evil.csv": b"x"}), "unsafe path"),
+    (make_zip({**BOTH, "C:/evil.csv": b"x"}), "unsafe path"),
     (b"", "truncated or corrupt"),
 ], ids=["encrypted", "backslash-dotdot", "drive-letter", "empty"])
 def test_unpack_refuses_more_bad_archives(data: bytes, phrase: str, tmp_path: Path) -> None:

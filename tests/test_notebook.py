@@ -100,24 +100,18 @@ def test_setup_uses_this_python_when_everything_is_there(capsys: pytest.CaptureF
     assert "no virtual environment" in err and sys.executable in err
 
 
-def test_setup_offline_installs_nothing_and_names_what_is_missing(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("online", [False, True])
+def test_setup_installs_only_what_is_missing_and_only_online(online: bool, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(notebook.REQUIRED, "no_such_module_digits", "no-such-package")
     monkeypatch.setitem(notebook.OPTIONAL, "no_such_optional_digits", ("optional-package", "make tune"))
-    assert notebook.check(is_online=lambda: False, install=refuse_install) == 1
-    err = capsys.readouterr().err
-    assert "internet is off" in err and "nothing is installed" in err
+    asked: list[list[str]] = []
+    assert notebook.check(is_online=lambda: online, install=lambda names: asked.append(names) or 0) == 1
+    assert asked == ([["no-such-package", "optional-package"]] if online else [])
+    err = capsys.readouterr().err  # still missing after the install: said so, exit 1
+    assert ("internet is off" in err and "nothing is installed" in err) is not online
     assert "missing from Python" in err and "no-such-package" in err
     assert "optional-package is not installed (make tune need it)" in err
-
-
-def test_setup_online_installs_only_what_is_missing(monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(notebook.REQUIRED, "no_such_module_digits", "no-such-package")
-    asked: list[list[str]] = []
-    assert notebook.check(is_online=lambda: True, install=lambda names: asked.append(names) or 0) == 1
-    assert asked == [["no-such-package"]]  # still missing afterwards: said so, exit 1
-    assert "missing from Python" in capsys.readouterr().err
 
 
 def test_setup_never_installs_pytorch(monkeypatch: pytest.MonkeyPatch,

@@ -1,29 +1,33 @@
-"""Everything that touches the official ``kaggle`` client lives here, and the client runs in a child.
+"""Everything that touches the official ``kaggle`` client lives in this package.
 
 Importing the client has side effects (it authenticates, may make a network call that never times
 out, creates its config folder and prints help on stdout) and, with VERBOSE set, it prints the
-Authorization header. So the pipeline never imports it: each call runs ``python -m
-pipeline.kaggle.api <op>`` in a subprocess that the parent can kill after its own timeout, whose
-output is captured and scrubbed, and whose outcome comes back as a small JSON file.
+Authorization header. So the pipeline never imports it: call() runs each ``_child_*`` function in a
+child process that it kills after its own timeout, whose output is captured and scrubbed, and whose
+outcome comes back as a small JSON file.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from pipeline.config import COMPETITION
 from pipeline.errors import PipelineError
 from pipeline.store.io import read_json
 
@@ -54,11 +58,12 @@ def _read_json_file(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _nonempty_file(path: Path) -> bool:
+def _text(path: Path | None) -> str:
+    """A file's text, stripped; '' when there is none."""
     try:
-        return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
+        return path.read_text(encoding="utf-8").strip() if path and path.is_file() else ""
     except (OSError, ValueError):  # unreadable, not text, or not a usable path at all
-        return False
+        return ""
 
 
 def notebook_token() -> Path | None:
@@ -67,7 +72,7 @@ def notebook_token() -> Path | None:
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") is None or os.environ.get("KAGGLE_DATA_PROXY_URL") is None:
         return None
     path = os.environ.get("KAGGLE_API_V1_TOKEN")
-    return Path(path) if path and _nonempty_file(Path(path)) else None
+    return Path(path) if path and _text(Path(path)) else None
 
 
 def credentials_source() -> str | None:
@@ -78,7 +83,7 @@ def credentials_source() -> str | None:
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     for token in (home / "access_token", home / "access_token.txt"):
-        if _nonempty_file(token):
+        if _text(token):
             return str(token)
     # Legacy key: username and key each come from the environment or <config dir>/kaggle.json.
     config_file = config_dir() / "kaggle.json"
@@ -101,11 +106,8 @@ def _secret_values() -> list[str]:
     config = _read_json_file(config_dir() / "kaggle.json")
     values = [os.environ.get("KAGGLE_KEY", ""), str(config.get("key", ""))]
     token = os.environ.get("KAGGLE_API_TOKEN", "")
-    values.append(token)
-    for path in (Path(token) if token else None, home / "access_token", home / "access_token.txt",
-                 notebook_token()):
-        if path is not None and _nonempty_file(path):
-            values.append(path.read_text(encoding="utf-8").strip())
+    values += [token, *(_text(path) for path in (Path(token) if token else None, home / "access_token",
+                                                  home / "access_token.txt", notebook_token()))]
     values += [str(v) for v in _read_json_file(home / "credentials.json").values() if isinstance(v, str)]
     users = {os.environ.get("KAGGLE_USERNAME", ""), str(config.get("username", ""))} - {""}
     values += [base64.b64encode(f"{u}:{v}".encode()).decode() for u in users for v in values if v]
@@ -126,42 +128,35 @@ def scrub(text: str) -> str:
 
 # --- the parent side: run the client in a child, bounded by our own timeout ------------------------
 
-def download_competition(competition: str, dest: Path, timeout: float) -> dict[str, Path]:
+def download_competition(dest: Path, timeout: float) -> dict[str, Path]:
     """Download the competition's archive and unpack train.csv and test.csv into dest (a fresh folder)."""
     _warn_if_readable()
     files = dest / "archive"
     files.mkdir()
-    _run_client(["download", competition, str(files)], dest, timeout, progress_dir=files)
-    archive = _the_archive(files, competition)
-    return unpack(archive, dest, ("train.csv", "test.csv"))
+    call(_child_download, timeout, files, folder=str(files))
+    return unpack(_the_archive(files), dest, ("train.csv", "test.csv"))
 
 
-def submit(competition: str, csv_path: Path, message: str, workdir: Path, timeout: float) -> tuple[int, str]:
+def submit(csv_path: Path, message: str, timeout: float) -> tuple[int, str]:
     """Submit a CSV; returns Kaggle's (reference, message). A reference of 0 means it was refused."""
     _warn_if_readable()
-    result = _run_client(["submit", competition, str(csv_path), message], workdir, timeout)
+    result = call(_child_submit, timeout, csv_path=str(csv_path), message=message)
     return int(result.get("ref") or 0), str(result.get("message") or "")
 
 
-def submissions(competition: str, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+def submissions(timeout: float) -> list[dict[str, Any]]:
     """The competition's submissions of this account, newest first (see _submission_record)."""
-    result = _run_client(["submissions", competition], workdir, timeout)
-    return [s for s in result.get("submissions", []) if isinstance(s, dict)]
+    return [s for s in call(_child_submissions, timeout).get("submissions", []) if isinstance(s, dict)]
 
 
-def wait_for_score(competition: str, ref: int, wait: float, workdir: Path,
-                   timeout: float) -> dict[str, Any]:
+def wait_for_score(ref: int, wait: float, timeout: float) -> dict[str, Any]:
     """Poll the submission list until submission ref is scored or fails, or wait seconds pass.
 
     Returns its record (status "pending" when time ran out; "found": False when the list never
     showed it). The child polls in one process; each answer it gets counts as progress, so a list
     call that hangs still ends after timeout seconds of silence.
     """
-    beats = workdir / "polls"
-    beats.mkdir()
-    interval = min(10.0, max(0.5, wait / 20))
-    result = _run_client(["wait", competition, str(ref), repr(wait), repr(interval), str(beats / "beat")],
-                         workdir, timeout, progress_dir=beats)
+    result = call(_child_wait, timeout, ref=ref, wait=wait, interval=min(10.0, max(0.5, wait / 20)))
     return dict(result.get("submission") or {"ref": ref, "status": "pending", "found": False})
 
 
@@ -182,52 +177,50 @@ def _client_env() -> dict[str, str]:
     return env
 
 
-def _run_client(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None,
-                module: str = "pipeline.kaggle.api", refused: Callable[[dict], None] | None = None) -> dict:
-    """Run `python -m <module> <op> <result file> <args...>` (the op: args[0]) and return what it
-    wrote; a PipelineError when it is silent for timeout seconds, writes nothing, or tells of an
-    error (in refused's words first, when given)."""
+def call(child: Callable[..., dict[str, Any]], timeout: float, progress_dir: Path | None = None,
+         forbidden: str = "", **kwargs: Any) -> dict[str, Any]:
+    """child(**kwargs), a ``_child_*`` function of this package, run in a child process; returns what it
+    returned. A PipelineError when the child is silent for timeout seconds (progress_dir, else its own
+    folder, growing counts as news), returns nothing, or tells of an error (an HTTP 403 in forbidden's
+    words, when given, with Kaggle's {detail}), its words scrubbed of every credential."""
     if not timeout > 0:
         raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
-    result_file = workdir / "client-result.json"
-    result_file.unlink(missing_ok=True)  # a result left by an earlier call must never pass for this one's
-    command = [sys.executable, "-m", module, args[0], str(result_file), *args[1:]]
-    proc = subprocess.Popen(command, cwd=workdir, env=_client_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output: list[bytes] = []
-    # A thread drains the pipe so a chatty client can never block on a full buffer.
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
-    reader.start()
-    try:
-        _wait(proc, timeout, progress_dir)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        reader.join(timeout=5)
-    result = _read_json_file(result_file)
+    with tempfile.TemporaryDirectory(prefix="digits-kaggle-") as tmp:  # the child's request, result, cwd
+        Path(tmp, "request.json").write_text(json.dumps({"module": child.__module__, "kwargs": kwargs,
+                                                         "function": child.__name__, "forbidden": forbidden}))
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.kaggle.api", "request.json"], cwd=tmp,
+                                env=_client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        output: list[bytes] = []
+        # A thread drains the pipe so a chatty client can never block on a full buffer.
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        try:
+            _wait(proc, timeout, progress_dir or Path(tmp))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(timeout=5)
+        result = _read_json_file(Path(tmp, "result.json"))
     if not result:
         tail = scrub(b"".join(output).decode("utf-8", "replace")).strip().splitlines()[-5:]
         raise PipelineError(f"the kaggle client stopped unexpectedly (exit code {proc.returncode})"
                             + (":\n  " + "\n  ".join(tail) if tail else ""))
     if result.get("error"):
-        from pipeline.config import COMPETITION  # not at import: the client's child needs none of it
-
-        if refused is not None:
-            refused(result)
-        _raise_client_error(str(result["error"]), result, COMPETITION)
+        raise PipelineError(scrub(str(result["error"])))
     return result
 
 
-def _tree_size(folder: Path | None) -> int:
+def _tree_size(folder: Path) -> int:
     total = 0
-    for path in folder.rglob("*") if folder else ():
+    for path in folder.rglob("*"):
         with contextlib.suppress(OSError):  # the client renamed or removed it meanwhile
             total += path.stat().st_size
     return total
 
 
-def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path | None) -> None:
+def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path) -> None:
     """Wait for the child; give up once it has made no progress (bytes downloaded) for timeout s."""
     size, last_progress = -1, time.monotonic()
     while proc.poll() is None:
@@ -242,45 +235,10 @@ def _wait(proc: subprocess.Popen, timeout: float, progress_dir: Path | None) -> 
                                 "longer with TIMEOUT=<seconds> (--timeout)")
 
 
-def _raise_client_error(error: str, result: dict, competition: str) -> NoReturn:
-    detail = scrub(str(result.get("detail", ""))).strip()
-    status = result.get("status")
-    if error == "credentials":
-        raise PipelineError(_no_credentials_message())
-    if error == "http" and status == 401:
-        found = credentials_source() or "your Kaggle credentials"
-        raise PipelineError(f"Kaggle rejected the credentials (HTTP 401) from {found}: "
-                            f"the username or key is wrong or expired. Create a new API token at "
-                            f"{TOKEN_URL} and replace the old one")
-    if error == "http" and status == 403:
-        raise PipelineError(f"Kaggle refused access to '{competition}' (HTTP 403): accept the "
-                            f"competition rules at https://www.kaggle.com/competitions/{competition}/rules "
-                            "(signed in as the account of your API token), then retry")
-    if error == "http":
-        raise PipelineError(f"Kaggle answered HTTP {status}: {detail or 'no detail'}; retry later")
-    if error == "network":
-        raise PipelineError(f"cannot reach Kaggle ({detail}). Check your network connection "
-                            "(and HTTP_PROXY/HTTPS_PROXY if you use a proxy), then retry")
-    raise PipelineError(f"the kaggle client failed: {detail or error}")
-
-
-def _no_credentials_message() -> str:
-    found = credentials_source()
-    if found:
-        return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
-                f"Create a new API token at {TOKEN_URL}")
-    # ~/.kaggle is the folder users know; the client prefers it over XDG as soon as it exists.
-    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
-    return ("no Kaggle credentials found. Create an API token at "
-            f"{TOKEN_URL} (section API) and save kaggle.json as {folder / 'kaggle.json'} "
-            "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN. "
-            "Without an account: make download SOURCE=sample (built-in sample) or SOURCE=dir DIR=<folder>")
-
-
 # --- the archive: trust nothing in it ---------------------------------------------------------------
 
-def _the_archive(folder: Path, competition: str) -> Path:
-    expected = folder / f"{competition}.zip"
+def _the_archive(folder: Path) -> Path:
+    expected = folder / f"{COMPETITION}.zip"
     if expected.is_file():
         return expected
     found = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".kaggle-partial")]
@@ -289,7 +247,7 @@ def _the_archive(folder: Path, competition: str) -> Path:
     return found[0]
 
 
-def _unsafe(name: str) -> bool:
+def unsafe(name: str) -> bool:
     """Absolute paths, drive letters and '..' could write outside the target folder."""
     parts = name.replace("\\", "/").split("/")
     return name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts
@@ -316,15 +274,13 @@ def _extract(zf: zipfile.ZipFile, name: str, target: Path) -> None:
     with zf.open(name) as src:
         try:
             with open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
+                shutil.copyfileobj(src, out, 1 << 20)
         except OSError as exc:  # our side (disk full, permissions), not the archive's fault
             raise PipelineError(f"{target.parent}: cannot unpack here ({exc.strerror or exc})") from exc
 
 
 def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None:
-    bad = [i.filename for i in infos if _unsafe(i.filename)]
-    if bad:
+    if bad := [i.filename for i in infos if unsafe(i.filename)]:
         raise PipelineError(f"the archive Kaggle sent has a member with an unsafe path ({bad[0]!r}); "
                             "refusing to unpack it")
     total = sum(i.file_size for i in infos)
@@ -332,8 +288,7 @@ def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None
         raise PipelineError(f"the archive Kaggle sent would unpack to {total:,} bytes, far more than "
                             "the competition's files; refusing to unpack it")
     present = {i.filename for i in infos}
-    missing = [n for n in names if n not in present]
-    if missing:
+    if missing := [n for n in names if n not in present]:
         raise PipelineError(f"the archive Kaggle sent has no {' or '.join(missing)} "
                             f"(it holds: {', '.join(sorted(present)) or 'nothing'}); "
                             "is this the right competition?")
@@ -341,38 +296,35 @@ def _check_members(infos: list[zipfile.ZipInfo], names: tuple[str, ...]) -> None
 
 # --- the child side: the only code that imports the client ------------------------------------------
 
-def _child_download(competition: str, folder: str) -> dict[str, Any]:
-    api = _authenticated_api()
-    api.competition_download_files(competition, path=folder, force=True, quiet=True, unzip=False)
+def _child_download(folder: str) -> dict[str, Any]:
+    client().competition_download_files(COMPETITION, path=folder, force=True, quiet=True, unzip=False)
     return {}
 
 
-def _child_submit(competition: str, csv_path: str, message: str) -> dict[str, Any]:
-    api = _authenticated_api()
-    response = api.competition_submit(csv_path, message, competition, quiet=True)
+def _child_submit(csv_path: str, message: str) -> dict[str, Any]:
+    response = client().competition_submit(csv_path, message, COMPETITION, quiet=True)
     return {"ref": response.ref or 0, "message": response.message or ""}
 
 
-def _child_submissions(competition: str) -> dict[str, Any]:
-    api = _authenticated_api()
-    listed = api.competition_submissions(competition, page_size=LIST_SIZE) or []
+def _child_submissions() -> dict[str, Any]:
+    listed = client().competition_submissions(COMPETITION, page_size=LIST_SIZE) or []
     return {"submissions": [_submission_record(s) for s in listed if s is not None]}
 
 
-def _child_wait(competition: str, ref: str, wait: str, interval: str, beat: str) -> dict[str, Any]:
-    api = _authenticated_api()
-    deadline = time.monotonic() + float(wait)
-    record: dict[str, Any] = {"ref": int(ref), "status": "pending", "found": False}
+def _child_wait(ref: int, wait: float, interval: float) -> dict[str, Any]:
+    api = client()
+    deadline = time.monotonic() + wait
+    record: dict[str, Any] = {"ref": ref, "status": "pending", "found": False}
     while True:
         # The newest submissions come first: the one just made is on the first page.
-        for submission in api.competition_submissions(competition) or []:
-            if submission is not None and int(submission.ref or 0) == int(ref):
+        for submission in api.competition_submissions(COMPETITION) or []:
+            if submission is not None and int(submission.ref or 0) == ref:
                 record = {**_submission_record(submission), "found": True}
-        with open(beat, "a", encoding="utf-8") as handle:  # progress, for the parent's timeout
+        with open("beat", "a", encoding="utf-8") as handle:  # in its folder: progress, for call's timeout
             handle.write(".")
-        if record["status"] != "pending" or time.monotonic() + float(interval) > deadline:
+        if record["status"] != "pending" or time.monotonic() + interval > deadline:
             return {"submission": record}
-        time.sleep(float(interval))
+        time.sleep(interval)
 
 
 def _submission_record(submission: Any) -> dict[str, Any]:
@@ -394,7 +346,8 @@ def _score(text: Any) -> float | None:
         return None
 
 
-def _authenticated_api() -> Any:
+def client() -> Any:
+    """The official client, authenticated (in a child process only)."""
     import kaggle  # authenticates at import, swallowing any failure
 
     api = kaggle.api
@@ -403,35 +356,56 @@ def _authenticated_api() -> Any:
     return api
 
 
-def _describe(exc: BaseException) -> dict[str, Any]:
-    """A failure as plain data for the parent; the parent scrubs the detail before showing it."""
+def _failure(exc: BaseException, forbidden: str) -> str:
+    """What went wrong, in the user's words (the parent scrubs them of credentials before showing them)."""
     import requests
 
     if isinstance(exc, SystemExit):
-        return {"error": "credentials"}
-    if isinstance(exc, requests.exceptions.HTTPError):
-        status = exc.response.status_code if exc.response is not None else None
-        return {"error": "http", "status": status, "detail": str(exc)}
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-        return {"error": "network", "detail": type(exc).__name__}
-    return {"error": "other", "detail": f"{type(exc).__name__}: {exc}"}
+        return _no_credentials_message()
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return (f"cannot reach Kaggle ({type(exc).__name__}). Check your network connection "
+                "(and HTTP_PROXY/HTTPS_PROXY if you use a proxy), then retry")
+    if not isinstance(exc, requests.exceptions.HTTPError):
+        return f"the kaggle client failed: {type(exc).__name__}: {exc}"
+    status, detail = exc.response.status_code if exc.response is not None else None, str(exc).strip()
+    if status == 401:
+        found = credentials_source() or "your Kaggle credentials"
+        return (f"Kaggle rejected the credentials (HTTP 401) from {found}: the username or key is wrong "
+                f"or expired. Create a new API token at {TOKEN_URL} and replace the old one")
+    if status == 403:
+        return forbidden.format(detail=detail or "no detail") or (
+            f"Kaggle refused access to '{COMPETITION}' (HTTP 403): accept the competition rules at "
+            f"https://www.kaggle.com/competitions/{COMPETITION}/rules (signed in as the account of your "
+            "API token), then retry")
+    return f"Kaggle answered HTTP {status}: {detail or 'no detail'}; retry later"
 
 
-CHILD_OPS: dict[str, Callable[..., dict[str, Any]]] = {
-    "download": _child_download, "submit": _child_submit, "submissions": _child_submissions,
-    "wait": _child_wait}
+def _no_credentials_message() -> str:
+    if found := credentials_source():
+        return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
+                f"Create a new API token at {TOKEN_URL}")
+    # ~/.kaggle is the folder users know; the client prefers it over XDG as soon as it exists.
+    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
+    return ("no Kaggle credentials found. Create an API token at "
+            f"{TOKEN_URL} (section API) and save kaggle.json as {folder / 'kaggle.json'} "
+            "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN. "
+            "Without an account: make download SOURCE=sample (built-in sample) or SOURCE=dir DIR=<folder>")
 
 
-def _child_main(argv: list[str], ops: dict[str, Callable[..., dict[str, Any]]] | None = None) -> None:
-    op, result_file, *args = argv
+def _child_main(request_file: str) -> None:
+    """Run the function call() asked for and write its outcome where call() reads it."""
     for name in NOISY_ENV:  # the parent removed them already; never rely on one guard alone
         os.environ.pop(name, None)
+    request = json.loads(Path(request_file).read_text(encoding="utf-8"))
     try:
-        result = {"ok": True, **(ops or CHILD_OPS)[op](*args)}
+        module, function = request["module"], request["function"]
+        if not (module.startswith("pipeline.kaggle.") and function.startswith("_child_")):
+            raise ValueError(f"not a function of the kaggle child: {module}.{function}")
+        result = {"ok": True, **getattr(importlib.import_module(module), function)(**request["kwargs"])}
     except BaseException as exc:  # SystemExit included: the client exits when it has no credentials
-        result = _describe(exc)
-    Path(result_file).write_text(json.dumps(result), encoding="utf-8")
+        result = {"error": _failure(exc, request.get("forbidden", ""))}
+    Path(request_file).with_name("result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    _child_main(sys.argv[1])

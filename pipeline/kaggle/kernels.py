@@ -1,24 +1,24 @@
 """Kaggle kernels through the official client: push one script as a private kernel, follow its
 session, list and fetch its output, delete it, and read the account's GPU quota.
 
-As in api.py, the client only ever runs in a child process (`python -m pipeline.kaggle.kernels <op>`)
-that the parent kills after its own timeout, whose output is captured and scrubbed, and whose
-outcome comes back as a small JSON file. pack() makes the script: the project's code travels inside
-it as a gzipped tarball, so a push needs no dataset and no second upload.
+Each call runs the client in a child process through api.call, as api.py's own calls do. pack() makes
+the script: the project's code travels inside it as a gzipped tarball, so a push needs no dataset and no
+second upload.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import gzip
 import hashlib
 import io
 import json
 import pprint
 import re
-import sys
 import tarfile
-from collections.abc import Callable
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,10 @@ PACKED_FILES = ("Makefile", "pyproject.toml")
 PAGE_SIZE = 20  # output files per listing page, as the client's own `kernels output` asks
 MAX_PAGES = 100
 SESSION_CAP = "Maximum batch GPU session count"
-MODULE = "pipeline.kaggle.kernels"
+# A kernel call Kaggle refused with HTTP 403 says what a GPU kernel needs ({detail}: Kaggle's words).
+FORBIDDEN = ("Kaggle refused (HTTP 403: {detail}). Running a kernel on a GPU needs a phone-verified account "
+             f"(https://www.kaggle.com/settings) and the rules of '{COMPETITION}' accepted "
+             f"(https://www.kaggle.com/competitions/{COMPETITION}/rules)")
 
 BOOTSTRAP = '''"""digits: run {run} of the Digit Recognizer pipeline, pushed by `make kaggle-run`.
 
@@ -100,8 +103,7 @@ def pack(job: dict[str, Any]) -> tuple[str, str]:
     """The one script Kaggle runs, and the SHA-256 of the code inside it (the remote side writes it
     into its manifest). job: plain values only (it is written as a Python literal)."""
     code = code_archive()
-    wrapped = base64.b64encode(code).decode("ascii")
-    lines = "\n".join(wrapped[i:i + 100] for i in range(0, len(wrapped), 100))
+    lines = base64.encodebytes(code).decode("ascii").strip()  # 76 characters a line
     script = BOOTSTRAP.format(run=job["run"], job=pprint.pformat(job, width=100, sort_dicts=False),
                               code=lines)
     return script, hashlib.sha256(code).hexdigest()
@@ -125,10 +127,9 @@ class Pushed:
 
 @dataclass(frozen=True)
 class Output:
-    """What a finished session left in its output: every file name as listed (unsafe ones too),
-    the download address of each, and the session's log as text."""
+    """What a finished session left in its output: the download address of every file name as listed
+    (unsafe ones too), and the session's log as text."""
 
-    names: list[str]
     urls: dict[str, str]
     log: str
 
@@ -151,37 +152,24 @@ class Quota:
                 f"({self.left / 3600:.2f} h left){when}")
 
 
-def _call(args: list[str], workdir: Path, timeout: float, progress_dir: Path | None = None) -> dict:
-    return api._run_client(args, workdir, timeout, progress_dir, module=MODULE, refused=_refused)
+_call = functools.partial(api.call, forbidden=FORBIDDEN)
 
 
-def _refused(result: dict) -> None:
-    """A kernel call Kaggle refused with HTTP 403 says what a GPU kernel needs."""
-    if result.get("error") == "http" and result.get("status") == 403:
-        detail = api.scrub(str(result.get("detail", ""))).strip()
-        raise PipelineError(f"Kaggle refused (HTTP 403: {detail or 'no detail'}). Running a kernel on a "
-                            "GPU needs a phone-verified account (https://www.kaggle.com/settings) and "
-                            f"the rules of '{COMPETITION}' accepted (https://www.kaggle.com/"
-                            f"competitions/{COMPETITION}/rules)")
-
-
-def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Path,
-         timeout: float) -> Pushed:
+def push(script: str, slug: str, accelerator: str, deadline: float, timeout: float) -> Pushed:
     """Push the script as a new private kernel with the competition attached, internet off, on the
     accelerator ("none": no accelerator) with a session limit of deadline seconds. A refusal (an
     `error`, no version number, a competition Kaggle would not attach) is a PipelineError in
     Kaggle's own words."""
-    folder = workdir / "kernel"
-    folder.mkdir()
-    (folder / SCRIPT).write_text(script, encoding="utf-8")
-    result = _call(["push", str(folder), slug, accelerator, str(int(deadline))], workdir, timeout)
+    with tempfile.TemporaryDirectory(prefix="digits-kernel-") as folder:
+        Path(folder, SCRIPT).write_text(script, encoding="utf-8")
+        result = _call(_child_push, timeout, folder=folder, slug=slug, accelerator=accelerator,
+                       deadline=int(deadline))
     error, version = str(result.get("answer_error") or ""), result.get("version")
     if error:
         hint = (" (wait until one of your sessions ends, or stop one at https://www.kaggle.com/code)"
                 if SESSION_CAP.lower() in error.lower() else "")
         raise PipelineError(f"Kaggle refused the kernel: {error}{hint}")
-    refused = [str(s) for s in result.get("invalid_competition_sources") or []]
-    if refused:
+    if refused := [str(s) for s in result.get("invalid_competition_sources") or []]:
         raise PipelineError(f"Kaggle would not attach the competition ({', '.join(refused)}): accept its "
                             f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -191,44 +179,42 @@ def push(script: str, slug: str, accelerator: str, deadline: float, workdir: Pat
     return Pushed(str(result["owner"]), slug, version, str(result.get("url") or ""))
 
 
-def status(pushed: Pushed, workdir: Path, timeout: float) -> tuple[str, str]:
+def status(pushed: Pushed, timeout: float) -> tuple[str, str]:
     """The session's status (QUEUED, RUNNING, COMPLETE, ERROR, CANCEL_REQUESTED, ...) and Kaggle's
     failure message ('' when none)."""
-    result = _call(["status", pushed.slug, str(pushed.version)], workdir, timeout)
+    result = _call(_child_status, timeout, slug=pushed.slug, version=pushed.version)
     return str(result.get("status") or "QUEUED"), str(result.get("failure") or "")
 
 
-def output(pushed: Pushed, workdir: Path, timeout: float,
-           first: tuple[str, Path, int] | None = None) -> Output:
+def output(pushed: Pushed, timeout: float, first: tuple[str, Path, int] | None = None) -> Output:
     """The session's output listing and log. first: (a listed name, a file, most bytes) to fetch in
     the same call when the listing has that name (the manifest, before anything else is fetched)."""
-    extra = [first[0], str(first[1]), str(first[2]), repr(timeout)] if first else []
-    result = _call(["output", pushed.slug, str(pushed.version), *extra], workdir, timeout)
+    fetch = {"name": first[0], "path": str(first[1]), "most": first[2]} if first else None
+    result = _call(_child_output, timeout, slug=pushed.slug, version=pushed.version, first=fetch,
+                   timeout_s=timeout)
     files = [f for f in result.get("files") or [] if isinstance(f, dict)]
-    names = [str(f.get("name") or "") for f in files]
-    return Output(names, {str(f.get("name")): str(f.get("url")) for f in files}, log_text(result.get("log")))
+    return Output({str(f.get("name") or ""): str(f.get("url")) for f in files}, log_text(result.get("log")))
 
 
-def fetch(plan: list[tuple[str, Path, int]], workdir: Path, timeout: float) -> None:
+def fetch(plan: list[tuple[str, Path, int]], timeout: float) -> None:
     """Download each (url, file, most bytes) with a plain GET; a file larger than its most is cut
     just past it (for the caller's size check to refuse). Stops after timeout s without a byte."""
     if not plan:
         return
-    plan_file = workdir / "fetch-plan.json"
-    plan_file.write_text(json.dumps([{"url": u, "path": str(p), "size": n} for u, p, n in plan]))
-    _call(["fetch", str(plan_file), repr(timeout)], workdir, timeout, progress_dir=plan[0][1].parent)
+    _call(_child_fetch, timeout, plan[0][1].parent, timeout_s=timeout,
+          plan=[{"url": u, "path": str(p), "most": n} for u, p, n in plan])
 
 
-def delete(slug: str, workdir: Path, timeout: float) -> tuple[str, bool, str]:
+def delete(slug: str, timeout: float) -> tuple[str, bool, str]:
     """Delete the kernel, which stops its session. Returns (owner, whether Kaggle had it, Kaggle's
     complaint or '')."""
-    result = _call(["delete", slug], workdir, timeout)
+    result = _call(_child_delete, timeout, slug=slug)
     return str(result.get("owner") or ""), bool(result.get("found")), str(result.get("message") or "")
 
 
-def quota(workdir: Path, timeout: float) -> Quota | None:
+def quota(timeout: float) -> Quota | None:
     """The account's GPU quota; None when Kaggle's answer has none."""
-    result = _call(["quota"], workdir, timeout)
+    result = _call(_child_quota, timeout)
     gpu = result.get("gpu")
     if not isinstance(gpu, dict):
         return None
@@ -237,15 +223,12 @@ def quota(workdir: Path, timeout: float) -> Quota | None:
 
 def log_text(log: Any) -> str:
     """A session's log as text: Kaggle keeps it as a JSON list of {stream_name, time, data}."""
-    if not isinstance(log, str) or not log:
+    if not isinstance(log, str):
         return ""
-    try:
-        entries = json.loads(log)
-    except ValueError:
-        return log
-    if not isinstance(entries, list):
-        return log
-    return "".join(str(e.get("data", "")) for e in entries if isinstance(e, dict))
+    with contextlib.suppress(ValueError):  # not JSON: the log as it is
+        if isinstance(entries := json.loads(log), list):
+            return "".join(str(e.get("data", "")) for e in entries if isinstance(e, dict))
+    return log
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
@@ -258,7 +241,7 @@ def safe_name(name: str) -> bool:
 
 def escapes(name: str) -> bool:
     """Whether a listed name, joined to a folder, could point outside it (absolute, a drive, '..')."""
-    return not name or api._unsafe(name)
+    return not name or api.unsafe(name)
 
 
 # -- the child side: the only code here that imports the client -------------------------------------
@@ -267,8 +250,8 @@ def _owner(client: Any) -> str:
     return str(client.get_config_value(client.CONFIG_NAME_USER) or "")
 
 
-def _child_push(folder: str, slug: str, accelerator: str, deadline: str) -> dict[str, Any]:
-    client = api._authenticated_api()
+def _child_push(folder: str, slug: str, accelerator: str, deadline: int) -> dict[str, Any]:
+    client = api.client()
     owner = _owner(client)
     gpu = accelerator != "none"
     metadata = {"id": f"{owner}/{slug}", "title": slug, "code_file": SCRIPT, "language": "python",
@@ -278,24 +261,23 @@ def _child_push(folder: str, slug: str, accelerator: str, deadline: str) -> dict
     if gpu:
         metadata["machine_shape"] = accelerator
     Path(folder, METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
-    answer = client.kernels_push(folder, timeout=deadline, acc=accelerator if gpu else None)
+    answer = client.kernels_push(folder, timeout=str(deadline), acc=accelerator if gpu else None)
     return {"owner": owner, "ref": answer.ref or "", "url": answer.url or "",
             "version": answer.version_number, "answer_error": answer.error or "",
             "invalid_competition_sources": list(answer.invalid_competition_sources or [])}
 
 
-def _child_status(slug: str, version: str) -> dict[str, Any]:
-    client = api._authenticated_api()
+def _child_status(slug: str, version: int) -> dict[str, Any]:
+    client = api.client()
     answer = client.kernels_status(f"{_owner(client)}/{slug}/{version}")
     state = getattr(answer.status, "name", str(answer.status or "QUEUED"))
     return {"status": state, "failure": answer.failure_message or ""}
 
 
-def _child_output(slug: str, version: str, name: str = "", path: str = "", most: str = "0",
-                  timeout: str = "0") -> dict[str, Any]:
+def _child_output(slug: str, version: int, first: dict[str, Any] | None, timeout_s: float) -> dict[str, Any]:
     from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
 
-    client = api._authenticated_api()
+    client = api.client()
     files: list[dict[str, str]] = []
     log, token = "", ""
     with client.build_kaggle_client() as kaggle:
@@ -308,31 +290,26 @@ def _child_output(slug: str, version: str, name: str = "", path: str = "", most:
             log, token = log or answer.log or "", answer.next_page_token or ""
             if not token:
                 break
-    for listed in files:
-        if name and listed["name"] == name:
-            _download(listed["url"], path, int(most), float(timeout))
-            break
+    if first and (urls := [f["url"] for f in files if f["name"] == first["name"]]):
+        _child_fetch([{**first, "url": urls[0]}], timeout_s)
     return {"files": files, "log": log}
 
 
-def _download(url: str, path: str, most: int, timeout: float) -> None:
-    """A plain GET of url into path; no more than most + 1 bytes are kept (for a size check to refuse)."""
+def _child_fetch(plan: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """A plain GET of each url into its path; no more than most + 1 bytes are kept (for a size check
+    to refuse)."""
     import requests
 
-    with requests.get(url, stream=True, timeout=timeout) as answer:
-        answer.raise_for_status()
-        written = 0
-        with open(path, "wb") as out:
-            for chunk in answer.iter_content(1 << 20):
-                out.write(chunk[:most + 1 - written])
-                written += len(chunk)
-                if written > most:
-                    break
-
-
-def _child_fetch(plan_file: str, timeout: str) -> dict[str, Any]:
-    for item in json.loads(Path(plan_file).read_text(encoding="utf-8")):
-        _download(item["url"], item["path"], int(item["size"]), float(timeout))
+    for item in plan:
+        with requests.get(item["url"], stream=True, timeout=timeout_s) as answer:
+            answer.raise_for_status()
+            written, most = 0, item["most"]
+            with open(item["path"], "wb") as out:
+                for chunk in answer.iter_content(1 << 20):
+                    out.write(chunk[:most + 1 - written])
+                    written += len(chunk)
+                    if written > most:
+                        break
     return {}
 
 
@@ -340,7 +317,7 @@ def _child_delete(slug: str) -> dict[str, Any]:
     import requests
     from kagglesdk.kernels.types.kernels_api_service import ApiDeleteKernelRequest
 
-    client = api._authenticated_api()
+    client = api.client()
     request = ApiDeleteKernelRequest()
     request.user_name, request.kernel_slug = _owner(client), slug
     try:
@@ -354,20 +331,9 @@ def _child_delete(slug: str) -> dict[str, Any]:
 
 
 def _child_quota() -> dict[str, Any]:
-    client = api._authenticated_api()
-    answer = client.quota_view()
-    gpu = answer.gpu_quota
-    refresh = answer.quota_refresh_time
+    answer = api.client().quota_view()
+    gpu, refresh = answer.gpu_quota, answer.quota_refresh_time
     known = gpu is not None and gpu.total_time_allowed is not None
     return {"refresh": refresh.strftime("%Y-%m-%d %H:%M UTC") if refresh else "",
             "gpu": {"used": gpu.time_used.total_seconds() if gpu.time_used else 0.0,
                     "allowed": gpu.total_time_allowed.total_seconds()} if known else None}
-
-
-OPS: dict[str, Callable[..., dict[str, Any]]] = {
-    "push": _child_push, "status": _child_status, "output": _child_output, "fetch": _child_fetch,
-    "delete": _child_delete, "quota": _child_quota}
-
-
-if __name__ == "__main__":
-    api._child_main(sys.argv[1:], OPS)

@@ -82,8 +82,7 @@ def missing(names: list[str]) -> list[str]:
     return [name for name in names if importlib.util.find_spec(name) is None]
 
 
-def check(is_online: Callable[[], bool] = online,
-          install: Callable[[list[str]], int] | None = None) -> int:
+def check(is_online: Callable[[], bool] = online, install: Callable[[list[str]], int] | None = None) -> int:
     """Use this Python and what it has installed; install only what is missing, and only when the
     internet is on. Returns the exit status (1 when `make submit` cannot run)."""
     python = f"Python {sys.version.split()[0]} ({sys.executable})"
@@ -106,11 +105,9 @@ def check(is_online: Callable[[], bool] = online,
         required, optional = missing(required), missing(optional)
     elif to_install:
         print("setup: the internet is off in this notebook, so nothing is installed", file=sys.stderr)
-    for name in optional:
-        pip_name, needs = OPTIONAL[name]
+    for pip_name, needs in (OPTIONAL[name] for name in optional):
         print(f"setup: note: {pip_name} is not installed ({needs} need it)", file=sys.stderr)
-    old_client = kaggle_client_too_old()
-    if old_client:
+    if old_client := kaggle_client_too_old():
         print(f"setup: note: the installed kaggle client is {old_client}; make upload and make lb "
               f"need {MIN_KAGGLE} or newer (with the internet on: pip install -U kaggle)", file=sys.stderr)
     if required:

@@ -1,13 +1,9 @@
 """The Kaggle side of `make kaggle-run`: what the pushed script runs in a Kaggle session.
 
-The script (kernels.pack) unpacks the project into a temporary folder and calls main() with the job
-the local side wrote into it: the run's settings, the id the run must have and the key of the data
-it must be made from. main() checks the session first (Python and packages as notebook mode does,
-a GPU that can run this image's PyTorch, the competition attached), then trains and predicts with
-the pipeline's own command line in Kaggle-notebook mode: no virtual environment, the image's PyTorch,
-the competition's read-only files. Last it copies the run's files into /kaggle/working, the
-session's output, and writes a manifest of them (names, sizes, SHA-256) after every file is in
-place: the local side takes nothing the manifest does not vouch for.
+The script (kernels.pack) unpacks the project and calls main() with the job the local side wrote
+into it (the run's settings, its id, the key of its data). main() checks the session, then trains
+with the pipeline's own command line in Kaggle-notebook mode and writes the run's files to the
+session's output, with a manifest written last: the local side takes nothing it does not vouch for.
 
 Standard library only at import (torch only inside the GPU check): it must say what is wrong even
 in a session that lacks packages.
@@ -27,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.kaggle import notebook
+from pipeline.store.io import write_json
 
 MANIFEST = "digits-manifest.json"
 MANIFEST_FORMAT = 1
@@ -56,11 +53,9 @@ def _make(job: dict[str, Any], project: Path, code: str) -> None:
     say(f"run {job['run']} on Python {platform.python_version()}, code {code[:12]} in {project}")
     if notebook.check() != 0:
         raise RemoteError("this session's Python lacks what the pipeline needs (said above)")
-    problem = gpu_problem(job["accelerator"], str(job["settings"].get("device", "auto")))
-    if problem:
+    if problem := gpu_problem(job["accelerator"], str(job["settings"].get("device", "auto"))):
         raise RemoteError(problem)
-    attached = notebook.competition_input()
-    if attached is None:
+    if (attached := notebook.competition_input()) is None:
         raise RemoteError(f"the competition's files are not attached to this session (no train.csv and "
                           f"test.csv under {notebook.kaggle_root() / 'input'}); `make kaggle-run` "
                           "attaches them: push again")
@@ -79,8 +74,7 @@ def _make(job: dict[str, Any], project: Path, code: str) -> None:
     if made != job["run"]:
         raise RemoteError(f"the pipeline made run {made}, not {job['run']}: the code or the "
                           "settings differ between here and the project that pushed it")
-    out = notebook.working()
-    if out is None:
+    if (out := notebook.working()) is None:
         raise RemoteError(f"this session has no output folder ({notebook.kaggle_root() / 'working'})")
     files = write_output(project / "runs" / made, out, {**job, "code": code})
     say(f"wrote run {made} ({len(files)} files) and {MANIFEST} to {out}")
@@ -147,11 +141,8 @@ def gpu_problem(accelerator: str, device: str, probe: Callable[[int], None] = _p
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_output(run: Path, out: Path, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -166,7 +157,5 @@ def write_output(run: Path, out: Path, facts: dict[str, Any]) -> dict[str, dict[
         files[path.name] = {"size": target.stat().st_size, "sha256": sha256(target)}
     manifest = {"format": MANIFEST_FORMAT, "run": facts["run"], "data": facts["data"],
                 "code": facts["code"], "python": platform.python_version(), "files": files}
-    partial = out / f".{MANIFEST}.tmp"
-    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(partial, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)  # whole or not at all
     return files

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import PipelineError
+from pipeline.kaggle import api as kaggle_api
 from pipeline.kaggle import notebook
 from pipeline.options import default
 from pipeline.store import sample
@@ -94,9 +95,8 @@ def _replaces_the_sample(record: dict[str, Any], source: str, src_dir: Path | No
     if record["source"] == "sample":  # the built-in sample is no loss: replace it
         print(f"download: replacing the built-in sample in input/ with SOURCE={source}")
         return True
-    where = f"the folder {record['dir']}" if record.get("dir") else f"SOURCE={record['source']}"
-    wanted = f"the folder {src_dir}" if source == "dir" else f"SOURCE={source}"
-    print(f"download: WARNING: input/ holds files from {where}, not from {wanted}; "
+    wanted = _origin({"source": source, "dir": src_dir})
+    print(f"download: WARNING: input/ holds files from {_origin(record)}, not from {wanted}; "
           "they are kept. Add FORCE=1 to replace them")
     return False
 
@@ -114,12 +114,9 @@ def _fetch(paths: Paths, source: str, src_dir: Path | None, timeout: float) -> N
 
 def _choose_source(record: dict[str, Any], present: bool) -> tuple[str, Path | None, str]:
     """SOURCE=auto: where files come from (again, when input/ holds some: record is their source)."""
-    from pipeline.kaggle import api as kaggle_api
-
     if record.get("source") == "dir" and _refetchable(record):
         return "dir", Path(record["dir"]), f"input/'s files came from the folder {record['dir']}"
-    found = kaggle_api.credentials_source()
-    if found:
+    if found := kaggle_api.credentials_source():
         return "kaggle", None, f"Kaggle credentials found in {found}"
     return "sample", None, f"{'' if present else 'no files in input/ and '}no Kaggle credentials"
 
@@ -188,8 +185,6 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
 
 
 def _download_kaggle(paths: Paths, timeout: float) -> None:
-    from pipeline.kaggle import api as kaggle_api
-
     created = not paths.input.exists()
     try:
         paths.input.mkdir(parents=True, exist_ok=True)
@@ -199,7 +194,7 @@ def _download_kaggle(paths: Paths, timeout: float) -> None:
         # The temporary folder sits in input/ so the final renames stay on one file system; it is
         # removed whatever happens, so a failed download leaves input/ as it was.
         with tempfile.TemporaryDirectory(prefix=".download-", dir=paths.input) as tmp:
-            files = kaggle_api.download_competition(COMPETITION, Path(tmp), timeout=timeout)
+            files = kaggle_api.download_competition(Path(tmp), timeout=timeout)
             # Both files are complete and checked before either replaces what input/ holds.
             replace_together([(files["train.csv"], paths.train_csv),
                               (files["test.csv"], paths.test_csv)])

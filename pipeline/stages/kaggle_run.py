@@ -1,14 +1,11 @@
 """`make kaggle-run`: train the run of these settings on a Kaggle GPU and bring it home as a run like
 any other; `make quota`: the account's GPU hours.
 
-The project's code goes to Kaggle inside one script, pushed as a private kernel with the competition
-attached, internet off and a T4 (pipeline/kaggle/kernels.py). There it trains in the pipeline's
-Kaggle-notebook mode (pipeline/kaggle/remote.py) on the competition's files, the same data as
-input/ here: the same settings give the same run id on both sides, and the session checks that
-before it trains. This side follows the session up to DEADLINE, then takes from its output only the
-files the session's manifest names, each checked for its size and SHA-256, into a staging folder;
-the run moves into runs/<id>/ only once all of it is checked, and is then published as predict
-publishes a run. Whatever the end (done, error, deadline, Ctrl-C) the kernel is deleted, unless KEEP=1.
+The project's code goes to Kaggle inside one script (pipeline/kaggle/kernels.py) and trains there on
+the competition's files, the data of input/ here, so the same settings give the same run id on both
+sides (pipeline/kaggle/remote.py checks it). This side follows the session up to DEADLINE, fetches
+only what the session's manifest names, and moves the run into runs/<id>/ once all of it is checked.
+Whatever the end (done, error, deadline, Ctrl-C) the kernel is deleted, unless KEEP=1.
 """
 
 from __future__ import annotations
@@ -107,25 +104,22 @@ def run(plan: Plan, accelerator: str = default("accelerator"), deadline: float =
         raise PipelineError(f"{run.path} holds this run, trained here in part: finish it here (`make "
                             f"train`), or `make forget RUN={run.id}` to train it on Kaggle instead")
     print(f"kaggle-run: run {run.id}, the id these settings have here")
-    with tempfile.TemporaryDirectory(prefix="digits-kaggle-") as tmp:
-        work = Path(tmp)
-        if accelerator != "none":
-            _check_quota(cfg, len(data.train_y), work, timeout)
-        job = {"run": run.id, "data": data.data_key, "accelerator": accelerator, "settings": asdict(cfg)}
-        script, code = kernels.pack(job)
-        slug = kernel_slug(run.id)
-        machine = {T4: "GPU T4 x2", "none": "no accelerator (the session's CPU)"}.get(accelerator,
-                                                                                      accelerator)
-        print(f"kaggle-run: pushing {slug} ({len(script) // 1024} KB: the project's code and the job) "
-              f"as a private kernel on {machine}, '{COMPETITION}' attached, internet off")
-        try:
-            pushed = kernels.push(script, slug, accelerator, deadline, work, timeout)
-            print(f"kaggle-run: version {pushed.version} of {pushed.url or pushed.kernel} is on its way")
-            follow(pushed, deadline, work, timeout)
-            origin = KaggleOrigin(kernel=pushed.kernel, version=pushed.version, accelerator=accelerator)
-            record = bring_home(pushed, origin, code, plan, work, timeout)
-        finally:
-            _let_go(slug, keep, work, timeout)
+    if accelerator != "none":
+        _check_quota(cfg, len(data.train_y), timeout)
+    job = {"run": run.id, "data": data.data_key, "accelerator": accelerator, "settings": asdict(cfg)}
+    script, code = kernels.pack(job)
+    slug = kernel_slug(run.id)
+    machine = {T4: "GPU T4 x2", "none": "no accelerator (the session's CPU)"}.get(accelerator, accelerator)
+    print(f"kaggle-run: pushing {slug} ({len(script) // 1024} KB: the project's code and the job) "
+          f"as a private kernel on {machine}, '{COMPETITION}' attached, internet off")
+    try:
+        pushed = kernels.push(script, slug, accelerator, deadline, timeout)
+        print(f"kaggle-run: version {pushed.version} of {pushed.url or pushed.kernel} is on its way")
+        follow(pushed, deadline, timeout)
+        origin = KaggleOrigin(kernel=pushed.kernel, version=pushed.version, accelerator=accelerator)
+        record = bring_home(pushed, origin, code, plan, timeout)
+    finally:
+        _let_go(slug, keep, timeout)
     return record
 
 
@@ -136,8 +130,8 @@ def kernel_slug(name: str) -> str:
     return f"digits-{name.lower()[:50 - 8 - len(stamp)].rstrip('-')}-{stamp}"
 
 
-def _check_quota(cfg: Settings, n_train: int, work: Path, timeout: float) -> None:
-    found = kernels.quota(work, timeout)
+def _check_quota(cfg: Settings, n_train: int, timeout: float) -> None:
+    found = kernels.quota(timeout)
     need = seconds_needed(cfg, n_train)
     if found is None:
         print("kaggle-run: Kaggle did not say how many GPU hours are left; pushing anyway")
@@ -153,13 +147,13 @@ def _check_quota(cfg: Settings, n_train: int, work: Path, timeout: float) -> Non
 
 # -- following the session ---------------------------------------------------------------------------
 
-def follow(pushed: kernels.Pushed, deadline: float, work: Path, timeout: float) -> None:
+def follow(pushed: kernels.Pushed, deadline: float, timeout: float) -> None:
     """Poll the session until it completes; a PipelineError when it fails, is cancelled or is not
     done within deadline seconds. Each status change is said with the time since the push."""
     started, last, said, misses = time.monotonic(), "", 0.0, 0
     while True:
         try:
-            state, failure = kernels.status(pushed, work, timeout)
+            state, failure = kernels.status(pushed, timeout)
             misses = 0
         except PipelineError as exc:  # one lost answer in hours of waiting must not end the run
             misses += 1
@@ -173,7 +167,7 @@ def follow(pushed: kernels.Pushed, deadline: float, work: Path, timeout: float) 
                   + (f" (still, deadline in {format_seconds(deadline - elapsed)})" if state == last
                      else ""), flush=True)
             last, said = state, elapsed
-        _stop_unless_running(pushed, state, failure, elapsed, deadline, work, timeout)
+        _stop_unless_running(pushed, state, failure, elapsed, deadline, timeout)
         if state == "COMPLETE":
             return
         # Often at first (a short run is seen done soon), then every tenth of the time so far.
@@ -181,10 +175,10 @@ def follow(pushed: kernels.Pushed, deadline: float, work: Path, timeout: float) 
 
 
 def _stop_unless_running(pushed: kernels.Pushed, state: str, failure: str, elapsed: float,
-                         deadline: float, work: Path, timeout: float) -> None:
+                         deadline: float, timeout: float) -> None:
     """A PipelineError when the session failed, was cancelled or ran past the deadline."""
     if state == "ERROR":
-        raise PipelineError(_failure(pushed, failure, work, timeout))
+        raise PipelineError(_failure(pushed, failure, timeout))
     if state in CANCELLED:
         raise PipelineError(f"the session of {pushed.kernel} was cancelled on Kaggle ({state}); "
                             "nothing was brought home")
@@ -194,10 +188,10 @@ def _stop_unless_running(pushed: kernels.Pushed, state: str, failure: str, elaps
                             "DEADLINE=<seconds> (at most 43200)")
 
 
-def _failure(pushed: kernels.Pushed, failure: str, work: Path, timeout: float) -> str:
+def _failure(pushed: kernels.Pushed, failure: str, timeout: float) -> str:
     """The run failed on Kaggle: Kaggle's message and the last lines of the session's log."""
     try:
-        log = kernels.output(pushed, work, timeout).log
+        log = kernels.output(pushed, timeout).log
         lines = [line for line in scrub(log).splitlines() if line.strip()][-LOG_TAIL:]
         tail = "\n".join(f"  | {line}" for line in lines) or "  (the log is empty)"
     except PipelineError as exc:
@@ -209,17 +203,16 @@ def _failure(pushed: kernels.Pushed, failure: str, work: Path, timeout: float) -
 @contextlib.contextmanager
 def _uninterrupted() -> Iterator[None]:
     """Hold off Ctrl-C while the kernel is deleted: a second one must not leave it running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    main = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
-def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
+def _let_go(slug: str, keep: bool, timeout: float) -> None:
     """Delete the kernel (KEEP=1: say where it stays). A failure to delete is said, never raised:
     the end the command came to (a result, an error, Ctrl-C) is the one it reports."""
     if keep:
@@ -229,7 +222,7 @@ def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
         return
     with _uninterrupted():
         try:
-            owner, found, complaint = kernels.delete(slug, work, timeout)
+            owner, found, complaint = kernels.delete(slug, timeout)
         except PipelineError as exc:
             owner, found, complaint = "", True, str(exc)
     kernel = f"{owner}/{slug}" if owner else slug
@@ -245,7 +238,7 @@ def _let_go(slug: str, keep: bool, work: Path, timeout: float) -> None:
 
 # -- bringing the run home ---------------------------------------------------------------------------
 
-def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Plan, work: Path,
+def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Plan,
                timeout: float) -> RunRecord:
     """Fetch the files the session's manifest names into a staging folder, check every one, and
     move the run into runs/<id>/ only when all of it is right; publish its submission."""
@@ -253,34 +246,31 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
     staging = Path(tempfile.mkdtemp(prefix=".kaggle-", dir=paths.runs))
     try:
         # The listing, and the manifest with it (to a name of ours: nothing else is fetched yet).
-        found = kernels.output(pushed, work, timeout, first=(MANIFEST, staging / MANIFEST, MAX_MANIFEST))
-        unsafe = [n for n in found.names if kernels.escapes(n)]
-        if unsafe:
+        found = kernels.output(pushed, timeout, first=(MANIFEST, staging / MANIFEST, MAX_MANIFEST))
+        if unsafe := [n for n in found.urls if kernels.escapes(n)]:
             raise PipelineError(f"Kaggle's output lists a file named {unsafe[0]!r}, which could land "
-                                "outside the run's folder: nothing was brought home")
+                                "outside the run's folder")
         if MANIFEST not in found.urls:
             raise PipelineError(f"the session's output has no {MANIFEST} (the run did not finish "
-                                f"writing it; it lists {', '.join(sorted(found.names)[:8]) or 'nothing'})"
-                                ": nothing was brought home")
+                                f"writing it; it lists {', '.join(sorted(found.urls)[:8]) or 'nothing'})")
         staged = RunDir(staging / target.id)
         staged.path.mkdir()
         files = read_manifest(staging / MANIFEST, target.id, data.data_key, code)
-        missing = sorted(set(files) - set(found.urls))
-        if missing:
+        if missing := sorted(set(files) - set(found.urls)):
             raise PipelineError(f"the session's output lacks {', '.join(missing[:5])}, which its "
-                                "manifest names (incomplete): nothing was brought home")
+                                "manifest names (incomplete)")
         print(f"kaggle-run: fetching {len(files)} files "
               f"({sum(f['size'] for f in files.values()) / 1e6:.1f} MB)")
-        kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()],
-                      work, timeout)
+        kernels.fetch([(found.urls[n], staged.path / n, f["size"]) for n, f in files.items()], timeout)
         record = _checked(staged, files, plan)
         record = staged.save(replace(record, kaggle=origin, source=data_source(paths)))
         (staged.path / "kaggle.log").write_text(scrub(found.log), encoding="utf-8")
         try:
             os.rename(staged.path, target.path)
         except OSError as exc:  # the lock keeps others out; this is a full disk or a folder made by hand
-            raise PipelineError(f"{target.path}: cannot move the run there ({exc.strerror}): nothing "
-                                "was brought home") from exc
+            raise PipelineError(f"{target.path}: cannot move the run there ({exc.strerror})") from exc
+    except PipelineError as exc:  # of Kaggle's answers or of what came back
+        raise PipelineError(f"{exc}: nothing was brought home") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = ledger.publish(paths, target, record, len(data.test_x), new=True)
@@ -291,28 +281,24 @@ def bring_home(pushed: kernels.Pushed, origin: KaggleOrigin, code: str, plan: Pl
 
 
 def read_manifest(path: Path, run: str, data_key: str, code: str) -> dict[str, dict[str, Any]]:
-    """The manifest's files (name -> size, sha256), once it is known to describe this very run."""
+    """The manifest's files (name -> size, sha256), once it is known to describe this very run; else
+    a PipelineError (bring_home adds that nothing was brought home)."""
     made = read_json(path)
     if not isinstance(made, dict) or not isinstance(made.get("files"), dict):
-        raise PipelineError(f"the session's {MANIFEST} is not readable: nothing was brought home")
-    if made.get("format") != MANIFEST_FORMAT:
-        raise PipelineError(f"the session's {MANIFEST} is of format {made.get('format')!r}, not "
-                            f"{MANIFEST_FORMAT}: nothing was brought home")
-    for field, expected, what in (("run", run, "run"), ("data", data_key, "data"),
-                                  ("code", code, "code")):
+        raise PipelineError(f"the session's {MANIFEST} is not readable")
+    for field, expected in (("format", MANIFEST_FORMAT), ("run", run), ("data", data_key), ("code", code)):
         if made.get(field) != expected:
-            raise PipelineError(f"the session's manifest is of another {what} ({made.get(field)!r}, "
-                                f"not {expected!r}): nothing was brought home")
+            raise PipelineError(f"the session's manifest is of another {field} ({made.get(field)!r}, "
+                                f"not {expected!r})")
     files = made["files"]
     for name, facts in files.items():
         if not kernels.safe_name(name):
             raise PipelineError(f"the session's manifest names a file {name!r}, which could land "
-                                "outside the run's folder: nothing was brought home")
+                                "outside the run's folder")
         size, digest = (facts.get("size"), facts.get("sha256")) if isinstance(facts, dict) else (0, 0)
         if not (isinstance(size, int) and 0 <= size <= MAX_FILE and isinstance(digest, str)
                 and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise PipelineError(f"the session's manifest gives no size and SHA-256 of {name}: "
-                                "nothing was brought home")
+            raise PipelineError(f"the session's manifest gives no size and SHA-256 of {name}")
     return files
 
 
@@ -324,10 +310,10 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> Ru
         size = path.stat().st_size if path.is_file() else -1
         if size != facts["size"]:
             raise PipelineError(f"{name} came back with {max(size, 0)} bytes, not the {facts['size']} "
-                                "its manifest says (damaged on the way): nothing was brought home")
+                                "its manifest says (damaged on the way)")
         if sha256(path) != facts["sha256"]:
             raise PipelineError(f"{name} came back with another SHA-256 than its manifest's (damaged on "
-                                "the way): nothing was brought home")
+                                "the way)")
     try:
         record = staged.check(len(plan.data.train_y), len(plan.data.test_x))
         for k in range(plan.cfg.folds):
@@ -336,19 +322,16 @@ def _checked(staged: RunDir, files: dict[str, dict[str, Any]], plan: Plan) -> Ru
                 raise PipelineError(f"{staged.oof_fold(k).name} holds out other rows than fold {k} "
                                     "of input/folds.csv")
     except PipelineError as exc:
-        raise PipelineError(f"what came back is not a complete run of these folds ({exc}): nothing "
-                            "was brought home") from None
+        raise PipelineError(f"what came back is not a complete run of these folds ({exc})") from None
     if record.data != plan.data.data_key or (record.n_folds, record.fold_seed) != (plan.cfg.folds,
                                                                                   plan.cfg.fold_seed):
-        raise PipelineError("what came back was made from other data or folds than input/ holds: "
-                            "nothing was brought home")
+        raise PipelineError("what came back was made from other data or folds than input/ holds")
     return record
 
 
 def quota(timeout: float = default("timeout")) -> str:
     """Print the account's GPU hours: used, allowed, left and when they refresh; returns the line."""
-    with tempfile.TemporaryDirectory(prefix="digits-quota-") as tmp:
-        found = kernels.quota(Path(tmp), timeout)
+    found = kernels.quota(timeout)
     text = f"GPU: {found.text()}" if found else "Kaggle's answer holds no GPU quota"
     sys.stdout.write(text + "\n")
     return text

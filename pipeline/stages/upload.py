@@ -10,12 +10,11 @@ its score is recorded when it comes (here, or later by `make lb`).
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import Interrupted, PipelineError
+from pipeline.kaggle import api as kaggle_api
 from pipeline.options import default
 from pipeline.store import ledger
 from pipeline.store.data import data_source
@@ -39,12 +38,8 @@ def run(paths: Paths, message: str, timeout: float = default("timeout"),
     _refuse_sample(paths)
     validate_file(paths.submission_csv, COMPETITION_TEST_ROWS)
     run_id, kept = ledger.made_by(paths)
-    from pipeline.kaggle import api as kaggle_api
-
     try:
-        with tempfile.TemporaryDirectory(prefix="digits-upload-") as workdir:
-            ref, answer = kaggle_api.submit(COMPETITION, paths.submission_csv, message, Path(workdir),
-                                            timeout)
+        ref, answer = kaggle_api.submit(paths.submission_csv, message, timeout)
     except KeyboardInterrupt:
         raise Interrupted(f"while sending {paths.submission_csv}: Kaggle may have taken it already; "
                           "`make lb` lists the account's submissions: look there before uploading "
@@ -65,12 +60,9 @@ def run(paths: Paths, message: str, timeout: float = default("timeout"),
 
 def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeout: float) -> None:
     """Poll for the score; a failure to get one is a warning, never a lost upload record."""
-    from pipeline.kaggle import api as kaggle_api
-
     print(f"upload: waiting up to {wait:g} s for Kaggle to score it (WAIT=<seconds> to change)")
     try:
-        with tempfile.TemporaryDirectory(prefix="digits-score-") as workdir:
-            got = kaggle_api.wait_for_score(COMPETITION, ref, wait, Path(workdir), timeout)
+        got = kaggle_api.wait_for_score(ref, wait, timeout)
     except PipelineError as exc:
         print(f"warning: the upload is recorded (reference {ref}), but its score could not be "
               f"fetched: {exc}. `make lb` fetches it later", file=sys.stderr)
@@ -97,10 +89,7 @@ def _await_score(paths: Paths, ref: int, run_id: str | None, wait: float, timeou
 def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = default("format")) -> str:
     """Print the account's submissions with where each came from; records scores that arrived
     for uploads still pending in the record. Returns the text printed."""
-    from pipeline.kaggle import api as kaggle_api
-
-    with tempfile.TemporaryDirectory(prefix="digits-lb-") as workdir:
-        listed = kaggle_api.submissions(COMPETITION, Path(workdir), timeout)
+    listed = kaggle_api.submissions(timeout)
     ledger.warn_damaged(paths, "lb")
     known = ledger.uploads(paths)
     rows = []
