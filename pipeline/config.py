@@ -12,6 +12,7 @@ This module needs only the standard library, so `make help` can list the options
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tomllib  # Python 3.11+
@@ -48,14 +49,10 @@ NO_LEGACY = object()  # a setting every run has recorded since the first release
 def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
             low: float | None = None, high: float | None = None, below: float | None = None,
             learns: bool = True, legacy: Any = NO_LEGACY) -> Any:
-    """A settings field: default, help, allowed values ([low, high], or [low, below) when below is
-    given) and whether it changes what a model learns (part of the run id) or only where and how
-    fast it runs.
-
-    legacy: for a setting added after runs were made without it, the value that reproduces how
-    those runs were trained. A run's id leaves the setting out while it holds that value, and a
-    saved config without the setting reads as that value, so older runs keep their ids and
-    their models."""
+    """A settings field: default, help, allowed values ([low, high], or [low, below)) and whether it
+    changes what a model learns (part of the run id). legacy: for a setting added after runs were
+    made without it, the value those runs were trained with; the id leaves the setting out while it
+    holds that value, and a saved config without it reads as that value (older runs keep their ids)."""
     return field(default=default, metadata={"help": help, "choices": choices, "low": low,
                                             "high": high, "below": below, "learns": learns,
                                             "legacy": legacy})
@@ -148,7 +145,6 @@ class Settings:
         values = asdict(self)
         return {f.name: values[f.name] for f in fields(self) if f.metadata["learns"]
                 and values[f.name] != f.metadata["legacy"]}
-
 
 
 # The settings that decide which rows each fold holds (folds.csv): part of every run's id, and never
@@ -279,49 +275,30 @@ def with_legacy(values: dict[str, Any]) -> dict[str, Any]:
 def coerce(f: Field[Any], value: Any, origin: str) -> Any:
     """A value of the field's type, from what a file or the command line gave."""
     kind: Any = type(f.default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in TRUE:
-            return True
-        if str(value).lower() in FALSE:
-            return False
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    elif not isinstance(value, bool):
-        try:
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
+    if kind is bool and (isinstance(value, bool) or str(value).lower() in TRUE + FALSE):
+        return value if isinstance(value, bool) else str(value).lower() in TRUE
+    if kind is str and isinstance(value, str):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
             converted = kind(value)
-            if kind is float and converted != converted:  # NaN compares false with every bound
-                raise ValueError
-            return converted
-        except (TypeError, ValueError, OverflowError):
-            pass
+            # int(2.5) would drop the half; NaN compares false with every bound
+            if converted == converted and not (isinstance(value, float) and converted != value):
+                return converted
     raise PipelineError(f"{origin}: {f.name} must be {allowed(f)}, got {value!r}")
 
 
-def changed_settings(config: dict[str, Any] | Settings, learned_only: bool = True) -> dict[str, Any]:
-    """The settings that differ from the defaults (only those that change what a model learns)."""
+def changed_settings(config: dict[str, Any] | Settings, preset: str = "default") -> dict[str, Any]:
+    """The settings that change what a model learns and differ from the preset's (the defaults)."""
     values = asdict(config) if isinstance(config, Settings) else with_legacy(dict(config))
+    base = asdict(replace(Settings(), **PRESETS[preset]))
     return {f.name: values[f.name] for f in fields(Settings)
-            if f.name in values and (f.metadata["learns"] or not learned_only)
-            and values[f.name] != f.default}
+            if f.name in values and f.metadata["learns"] and values[f.name] != base[f.name]}
 
 
 def describe_changes(config: dict[str, Any] | Settings) -> str:
     """`preset=tutorial hidden=64`: the preset the run is closest to (if not the defaults), then
     the settings that differ from it."""
-    values = asdict(config) if isinstance(config, Settings) else with_legacy(dict(config))
-    best: tuple[int, str, dict[str, Any]] | None = None
-    for name, preset in PRESETS.items():
-        base = asdict(replace(Settings(), **preset))
-        rest = {f.name: values[f.name] for f in fields(Settings) if f.metadata["learns"]
-                and f.name in values and values[f.name] != base[f.name]}
-        if best is None or len(rest) < best[0]:
-            best = (len(rest), name, rest)
-    assert best is not None
-    _, name, rest = best
+    name, rest = min(((p, changed_settings(config, p)) for p in PRESETS), key=lambda found: len(found[1]))
     words = [f"preset={name}"] if name != "default" else []
     return " ".join(words + [f"{k}={v}" for k, v in rest.items()])
