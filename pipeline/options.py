@@ -183,17 +183,13 @@ def help_text() -> str:
     """`make help`'s list: the settings, then the other options, one line each."""
     lines = ["settings (part of a run's id unless marked; e.g. make submit MODEL=gru EPOCHS=40):"]
     for f in fields(Settings):
-        default = int(f.default) if isinstance(f.default, bool) else f.default if f.default != "" \
-            else "none"
+        default = int(f.default) if isinstance(f.default, bool) else "none" if f.default == "" else f.default
         mark = "" if f.metadata["learns"] else "; not in the run id"
         lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; "
                      f"{allowed(f)}{mark})")
     lines += ["", "other options (make <target> NAME=value; a yes/no option takes 1 or 0):"]
-    for o in OPTIONS:
-        if not o.make:
-            continue
-        default = "" if o.default is None or o.default is False or o.default == "" or o.flag \
-            or not o.make else f"; default {shown(o.default)}"
+    for o in (o for o in OPTIONS if o.make):
+        default = "" if o.default in (None, "") or o.flag else f"; default {shown(o.default)}"
         choices = f"; {'|'.join(o.choices)}" if o.choices else ""
         lines.append(f"  {o.name.upper():<20} {o.help} ({_stages_text(o)}{default}{choices})")
     lines.append(f"  {'ARGS':<20} {ARGS}")
