@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -229,45 +230,16 @@ def _tune_status(c: Command) -> None:
         print(f"in a browser: optuna-dashboard {journal}")
 
 
-def _runs(c: Command) -> None:
-    from pipeline.stages import runs
-
-    runs.run(c.paths, sort=c.args.sort, fmt=c.args.format)
-
-
 def _forget(c: Command) -> None:
-    from pipeline.stages import runs
-
     if not c.args.run:
         raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
                             "lists them)")
-    runs.forget(c.paths, c.args.run)
+    stage("runs").forget(c.paths, c.args.run)
 
 
-def _upload(c: Command) -> None:
-    from pipeline.stages import upload
-
-    upload.run(c.paths, message=c.args.message, timeout=c.args.timeout, wait=c.args.wait)
-
-
-def _kaggle_run(c: Command) -> None:
-    from pipeline.stages import kaggle_run
-
-    args = c.args
-    kaggle_run.run(c.plan_of(), accelerator=args.accelerator, deadline=args.deadline,
-                   timeout=args.timeout, keep=args.keep)
-
-
-def _quota(c: Command) -> None:
-    from pipeline.stages import kaggle_run
-
-    kaggle_run.quota(timeout=c.args.timeout)
-
-
-def _lb(c: Command) -> None:
-    from pipeline.stages import upload
-
-    upload.leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format)
+def stage(name: str) -> Any:
+    """A stage's module, imported when its command runs: a command starts without the others'."""
+    return importlib.import_module(f"pipeline.stages.{name.replace('-', '_')}")
 
 
 # -- the parser -----------------------------------------------------------------------------------
@@ -276,14 +248,10 @@ def add_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("settings (defaults < --preset < --config < options)")
     for field in fields(Settings):
         default, meta = field.default, field.metadata
-        flag = "--" + field.name.replace("_", "-")
-        text = f"{meta['help']} (default: {default})"
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=text)
-        else:
-            group.add_argument(flag, dest=field.name, type=type(default), default=None,
-                               choices=meta["choices"], help=text)
+        kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) \
+            else {"type": type(default), "choices": meta["choices"]}
+        group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                           help=f"{meta['help']} (default: {default})", **kind)
     return group
 
 
@@ -314,14 +282,21 @@ STAGES: dict[str, tuple[Any, str]] = {
     "report": (_report, "draw a run (or a study) into reports/ (the latest run by default)"),
     "tune": (_tune, "search settings with Optuna; every trial is a run"),
     "tune-status": (_tune_status, "a study's trials so far and the best five"),
-    "runs": (_runs, "every run side by side"),
+    "runs": (lambda c: stage("runs").run(c.paths, sort=c.args.sort, fmt=c.args.format),
+             "every run side by side"),
     "forget": (_forget, "delete one run's folder"),
-    "upload": (_upload, "send submissions/submission.csv to the competition"),
-    "lb": (_lb, "the competition's submissions: date, description, status, public score and the "
-           "run that made each"),
-    "kaggle-run": (_kaggle_run, "train the run of these settings on a Kaggle GPU and bring it home "
-                   "into runs/<id>/"),
-    "quota": (_quota, "Kaggle's GPU hours: used, allowed, left and when they refresh"),
+    "upload": (lambda c: stage("upload").run(c.paths, message=c.args.message, timeout=c.args.timeout,
+                                             wait=c.args.wait),
+               "send submissions/submission.csv to the competition"),
+    "lb": (lambda c: stage("upload").leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format),
+           "the competition's submissions: date, description, status, public score and the run that "
+           "made each"),
+    "kaggle-run": (lambda c: stage("kaggle-run").run(c.plan_of(), accelerator=c.args.accelerator,
+                                                     deadline=c.args.deadline, timeout=c.args.timeout,
+                                                     keep=c.args.keep),
+                   "train the run of these settings on a Kaggle GPU and bring it home into runs/<id>/"),
+    "quota": (lambda c: stage("kaggle-run").quota(timeout=c.args.timeout),
+              "Kaggle's GPU hours: used, allowed, left and when they refresh"),
 }
 # What Ctrl-C leaves behind, when it is not "resume where it stopped".
 INTERRUPTED = {"kaggle-run": "interrupted: nothing was brought home; rerun the same command to push "
