@@ -41,12 +41,9 @@ def runs_path(paths: Paths) -> Path:
 
 
 def add(paths: Paths, entry: dict[str, Any]) -> None:
-    """Append one run to the record.
-
-    Expected fields: model, oof_acc, seconds, device, submission (the kept copy's file name), source,
-    and either config (the full settings; `changed` is derived from it) or changed. `time` is filled
-    in (local time, ISO 8601) when missing.
-    """
+    """Append one run to the record: model, oof_acc, seconds, device, submission (the kept copy's
+    name), source, and config (`changed` is derived from it) or changed; `time` (local, ISO 8601)
+    is filled in when missing."""
     entry = dict(entry)
     entry.setdefault("time", datetime.now().astimezone().isoformat(timespec="seconds"))
     if "changed" not in entry and "config" in entry:
@@ -55,29 +52,18 @@ def add(paths: Paths, entry: dict[str, Any]) -> None:
     path = runs_path(paths)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            # A torn last line from an interrupted write would swallow this entry: end it first.
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise PipelineError(f"{path}: cannot record the run ({exc.strerror})") from exc
-    try:
-        # A torn last line from an interrupted write would swallow this entry: end it first.
-        if not _ends_with_newline(path):
-            line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot record the run ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    """True for an empty file or one whose last byte ends a line."""
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() == 0:
-            return True
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
 
 
 def read(paths: Paths) -> tuple[list[dict[str, Any]], list[int]]:
@@ -130,20 +116,17 @@ def made_by(paths: Paths) -> tuple[str | None, str | None]:
         return None, None
     for entry in reversed(run_entries(paths)):
         kept = paths.submissions / str(entry.get("submission", ""))
-        try:
-            same = kept.is_file() and kept.stat().st_size == len(current) and kept.read_bytes() == current
-        except OSError:
-            same = False
-        if same and entry.get("run"):
+        if entry.get("run") and _holds(kept, current):
             return str(entry["run"]), kept.name
     name = latest(paths)
-    if name:
-        try:
-            if (paths.runs / name / "submission.csv").read_bytes() == current:
-                return name, None
-        except OSError:
-            pass
-    return None, None
+    return (name, None) if name and _holds(paths.runs / name / "submission.csv", current) else (None, None)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def add_upload(paths: Paths, ref: int, run: str | None, kept: str | None, message: str) -> None:
@@ -244,9 +227,7 @@ def _unique(target: Path) -> Path:
 def one_line(value: Any) -> str:
     """A table cell as text on one line: a line break or other control character (a description
     typed with a newline) is shown escaped (\\n), so it never splits its row nor reaches the terminal."""
-    text = str(value)
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> str:
