@@ -257,7 +257,7 @@ def add_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def add_option(parser: Any, option: Option, stage: str) -> None:
     """An option as pipeline/options.py declares it, with the stage's own words if it has some."""
-    text = option.stages.get(stage) or option.help
+    text = (option.stages.get(stage) or option.help).replace("%", "%%")  # argparse formats help with %
     default = option.default_in(stage)
     if option.flag:
         parser.add_argument(option.flag_name, action="store_true", help=text)
