@@ -14,17 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import (
-    REPO,
-    TINY,
-    fresh_clone,
-    run_cli,
-    run_make,
-    snapshot,
-    start_cli,
-    the_run,
-    write_project,
-)
+from conftest import REPO, TINY, fresh_clone, run_cli, run_make, snapshot, start_cli, the_run, write_project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

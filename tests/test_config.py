@@ -10,10 +10,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import (
-    VALUES,
-    run_cli,
-)
+from conftest import VALUES, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
