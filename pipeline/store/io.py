@@ -13,14 +13,8 @@ from typing import IO, Any
 
 from pipeline.errors import PipelineError
 
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
+_UMASK = os.umask(0o022)  # reading the umask means setting it: done once, at import
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager

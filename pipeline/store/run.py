@@ -16,6 +16,7 @@ Every other module reads a run's files through this one, and its records as type
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -158,13 +159,13 @@ class RunRecord(Record):
                 **made}
 
     def problems(self) -> list[str]:
+        bad = ["key"] * (not self.key) + ["oof_acc_honest"] * (
+            self.kind == "blend" and self.oof_acc_honest is None)
         try:
             datetime.fromtimestamp(self.finished)
-            dated = True
         except (OverflowError, OSError, ValueError):
-            dated = False
-        return ["finished"] * (not dated) + ["key"] * (not self.key) + ["oof_acc_honest"] * (
-            self.kind == "blend" and self.oof_acc_honest is None)
+            bad.append("finished")
+        return bad
 
     @property
     def where(self) -> str:
@@ -315,10 +316,8 @@ class RunDir:
         what keeps them current once the teacher itself is gone."""
         keys = set()
         for fold in range(n_folds):
-            try:
+            with contextlib.suppress(PipelineError):
                 keys.add(self.fold(fold).inputs.get("teacher"))
-            except PipelineError:
-                continue
         keys.discard(None)
         return str(keys.pop()) if len(keys) == 1 else None
 
@@ -460,10 +459,8 @@ def latest(paths: Paths) -> str | None:
 # -- probabilities and scores -----------------------------------------------------------------------
 
 def write_probabilities(path: Path, probs: np.ndarray, front: dict[str, np.ndarray]) -> None:
-    frame = pd.DataFrame(front)
-    for c, name in enumerate(PROB_COLUMNS):
-        frame[name] = probs[:, c]
-    write_csv(path, frame, float_format="%.6g")
+    columns = dict(zip(PROB_COLUMNS, probs.T, strict=True))
+    write_csv(path, pd.DataFrame({**front, **columns}), float_format="%.6g")
 
 
 def read_probabilities(path: Path, index: str) -> tuple[np.ndarray, np.ndarray]:
@@ -476,10 +473,8 @@ def read_probabilities(path: Path, index: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-probability of the true class, rows renormalised and clipped to [eps,
-    1 - eps] (float64's), as scikit-learn's log_loss does for float64 probabilities, all the pipeline
-    has (a test checks they agree). Written out because blend's greedy search calls it thousands of
-    times, and this is a hundred times faster."""
+    """scikit-learn's log_loss of float64 probabilities (rows renormalised, clipped to [eps, 1 - eps];
+    a test checks they agree), written out: blend's greedy search calls it thousands of times."""
     eps = np.finfo(np.float64).eps
     rows = probs.astype(np.float64, copy=False)
     true = rows[np.arange(len(labels)), labels] / np.maximum(rows.sum(1), eps)
