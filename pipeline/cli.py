@@ -45,6 +45,11 @@ WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distil
            "tune", "kaggle-run")
 
 
+def stage(name: str) -> Any:
+    """A stage's module, imported when its command runs: a command starts without the others'."""
+    return importlib.import_module(f"pipeline.stages.{name.replace('-', '_')}")
+
+
 class Command:
     """What a command works on, each part made (or found current) when first asked for, in the order
     of the stages: the data (download, prepare), its settings, the folds, the plan of its run."""
@@ -59,17 +64,13 @@ class Command:
         return self.args.force and self.args.stage in stages
 
     def download(self) -> None:
-        from pipeline.stages import download
-
         a = self.args
-        download.run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
+        stage("download").run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
 
     @cached_property
     def data(self) -> Prepared:
-        from pipeline.stages import prepare
-
         self.download()
-        return prepare.run(self.paths, force=self.forced("prepare"))
+        return stage("prepare").run(self.paths, force=self.forced("prepare"))
 
     @cached_property
     def cfg(self) -> Settings:
@@ -77,19 +78,16 @@ class Command:
 
     @cached_property
     def fold_of(self) -> np.ndarray:
-        from pipeline.stages import folds
-
-        return folds.run(self.cfg, self.paths, self.data)
+        return stage("folds").run(self.cfg, self.paths, self.data)
 
     @cached_property
     def plan(self) -> Plan:
         """The run of these settings on this data; distilled, with its teacher's rows."""
-        from pipeline.stages import distill
-
         plan = self.plan_of()
         if not self.cfg.teacher:
             return plan
-        return replace(plan, pseudo=distill.pseudo_rows(self.paths, self.cfg, self.data, student=plan.run))
+        pseudo = stage("distill").pseudo_rows(self.paths, self.cfg, self.data, student=plan.run)
+        return replace(plan, pseudo=pseudo)
 
     def plan_of(self) -> Plan:
         """The run of these settings on this data, without a teacher's rows."""
@@ -195,16 +193,13 @@ def default_teacher(paths: Paths) -> tuple[str, str]:
 
 
 def _blend(c: Command) -> None:
-    from pipeline.stages import blend
-
     names = [check_name(n, "RUNS") for n in (c.args.runs or "").split()] or None
-    blend.run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean, force=c.args.force,
-              make_first=lambda: _predict(c))
+    stage("blend").run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean,
+                       force=c.args.force, make_first=lambda: _predict(c))
 
 
 def _report(c: Command) -> None:
-    from pipeline.stages import report
-
+    report = stage("report")
     if c.args.study:
         report.draw_study(c.paths, c.args.study, c.args.storage)
         return
@@ -235,11 +230,6 @@ def _forget(c: Command) -> None:
         raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
                             "lists them)")
     stage("runs").forget(c.paths, c.args.run)
-
-
-def stage(name: str) -> Any:
-    """A stage's module, imported when its command runs: a command starts without the others'."""
-    return importlib.import_module(f"pipeline.stages.{name.replace('-', '_')}")
 
 
 # -- the parser -----------------------------------------------------------------------------------
