@@ -227,8 +227,7 @@ def _tune_status(c: Command) -> None:
 
 def _forget(c: Command) -> None:
     if not c.args.run:
-        raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
-                            "lists them)")
+        raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` lists them)")
     stage("runs").forget(c.paths, c.args.run)
 
 

@@ -154,23 +154,18 @@ FOLD_SETTINGS = ("folds", "fold_seed")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The recipe of the tutorial this project grew from, for comparison on your own data.
-    "tutorial": {
-        "model": "rnn", "hidden": 150, "layers": 1, "bidirectional": False, "dropout": 0.0,
-        "orthogonal_init": False,
-        "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "none", "clip": 0.0,
-        "label_smoothing": 0.0, "batch": 64, "drop_last": True, "epochs": 10,
-        "normalize": False, "augment": False,
-    },
+    "tutorial": {"model": "rnn", "hidden": 150, "layers": 1, "bidirectional": False, "dropout": 0.0,
+                 "orthogonal_init": False, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
+                 "schedule": "none", "clip": 0.0, "label_smoothing": 0.0, "batch": 64, "drop_last": True,
+                 "epochs": 10, "normalize": False, "augment": False},
     # The most accurate single vanilla RNN measured on 42,000 digits (docs/results.md): both sweeps,
     # two rows a step, pooled, relu; 0.9938 out of fold against the default's 0.9912, for 2x its time.
     "best": {"view": "both", "nonlinearity": "relu", "epochs": 30},
     # The best vanilla RNN of a 30-trial `make tune` study on 5,999 real digits (see README):
     # +1.0 point of OOF accuracy over the one-way default of then, for about 2.2x its training time.
-    "tuned": {
-        "model": "rnn", "bidirectional": False, "hidden": 192, "epochs": 60, "lr": 1.43e-3,
-        "weight_decay": 7.0e-4, "label_smoothing": 0.16, "clip": 1.76, "rotate": 1.0, "scale": 0.04,
-        "shift": 1.95,
-    },
+    "tuned": {"model": "rnn", "bidirectional": False, "hidden": 192, "epochs": 60, "lr": 1.43e-3,
+              "weight_decay": 7.0e-4, "label_smoothing": 0.16, "clip": 1.76, "rotate": 1.0, "scale": 0.04,
+              "shift": 1.95},
 }
 
 

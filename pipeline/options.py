@@ -24,8 +24,7 @@ T4 = "NvidiaTeslaT4"
 # The stages that build the data first (download -> prepare), and those that take settings.
 DATA_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend",
                "report", "tune", "kaggle-run")
-SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune",
-                   "kaggle-run")
+SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune", "kaggle-run")
 EVERY = "every command"  # an option of the command line itself, before the stage
 # Every stage, in the order `python -m pipeline --help` lists them (pipeline/cli.py's STAGES).
 ALL_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "report",
@@ -172,8 +171,7 @@ def _stages_text(option: Option) -> str:
         return "every stage"
     names = list(option.stages)
     if set(DATA_STAGES) <= set(names):
-        return "every stage that reads the data" + "".join(
-            f", {n}" for n in names if n not in DATA_STAGES)
+        return "every stage that reads the data" + "".join(f", {n}" for n in names if n not in DATA_STAGES)
     if set(SETTINGS_STAGES) <= set(names):
         return "every stage that takes settings"
     return ", ".join(names)

@@ -1,19 +1,14 @@
 """Publishing a submission, and the record of every one: one JSON object per line in
-submissions/runs.jsonl.
+submissions/runs.jsonl, which `make clean` keeps (each entry names a kept submission beside it).
 
-It lives in submissions/ because each entry names a kept submission in that folder and because
-`make clean` keeps that folder: the history of runs should outlive the logs of the latest one.
+The file is append-only: an entry is one line written with a single write and fsynced, so an
+interrupted run leaves at worst one torn last line, which the reader skips (`make runs` and `make lb`
+name it) and the writer ends before appending: it never swallows the next entry.
 
-The file is append-only. An entry is one line written with a single write, then flushed and
-fsynced, so an interrupted run leaves at worst one torn last line. The reader skips lines it cannot
-parse (`make runs` and `make lb` name them), and the writer starts on a fresh line when the file does
-not end with one, so a torn line never swallows the next entry.
-
-Three kinds of entry share the file: a run's (no `kind`: written by predict and blend), an upload's
-(`kind: upload`: Kaggle's reference, the run that made the file, status pending) and a score's
-(`kind: score`: a later status of that reference, with the public score). An upload is recorded as
-soon as Kaggle takes it, before any score is asked for, so a score that never comes loses nothing;
-the latest entry of a reference is its state.
+Three kinds of entry share it: a run's (no `kind`: predict and blend), an upload's (`kind: upload`:
+Kaggle's reference, the run that made the file, status pending) and a score's (`kind: score`: a later
+status of that reference, with the public score). An upload is recorded as soon as Kaggle takes it,
+so a score that never comes loses nothing; the latest entry of a reference is its state.
 """
 
 from __future__ import annotations

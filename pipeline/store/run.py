@@ -239,9 +239,8 @@ class RunDir:
 
     def remake(self) -> str:
         """How damaged ensemble files are made again: a run's by predict, a blend's by blend."""
-        if self.is_blend:
-            return "`make blend FORCE=1` with its runs remakes it"
-        return f"`make predict RUN={self.id} FORCE=1` remakes it"
+        return ("`make blend FORCE=1` with its runs remakes it" if self.is_blend
+                else f"`make predict RUN={self.id} FORCE=1` remakes it")
 
     # -- its records ------------------------------------------------------------------------------
 
@@ -274,11 +273,9 @@ class RunDir:
         made = self._contents()
         if made is not None and not isinstance(made, dict):
             RunRecord.parse(made, self.record)  # names it: not a record
-        if not isinstance(made, dict) or not made.get("complete"):
-            return None
-        if not all(p.is_file() for p in (self.oof, self.test, self.submission)):
-            return None
-        return RunRecord.parse(made, self.record)
+        if made and made.get("complete") and all(p.is_file() for p in (self.oof, self.test, self.submission)):
+            return RunRecord.parse(made, self.record)
+        return None
 
     def source(self) -> str | None:
         """Where the data of its record came from, read even from a damaged record (None if none)."""

@@ -14,8 +14,7 @@ COMPETITION_TEST_ROWS = 28_000
 def validate_frame(frame: pd.DataFrame, expected_rows: int | None, where: str) -> None:
     """Raise PipelineError naming the first problem; expected_rows None skips the count check."""
     if list(frame.columns) != ["ImageId", "Label"]:
-        raise PipelineError(f"{where}: header is {','.join(map(str, frame.columns))}; "
-                            "expected ImageId,Label")
+        raise PipelineError(f"{where}: header is {','.join(map(str, frame.columns))}; expected ImageId,Label")
     if expected_rows is not None and len(frame) != expected_rows:
         raise PipelineError(f"{where}: {len(frame)} rows; expected {expected_rows} (one per test image)")
     if len(frame) == 0:
