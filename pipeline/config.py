@@ -238,11 +238,9 @@ def resolve(preset: str | None = None, file: Path | None = None,
     if preset not in PRESETS:
         raise PipelineError(f"{file if from_file and preset == from_file else 'config'}: unknown "
                             f"preset {preset!r}; choose from {', '.join(PRESETS)}")
-    layers = [(f"preset {preset}", PRESETS[preset])]
-    if file:
-        layers.append((str(file), with_legacy(file_values)))
-    layers.append(("command line", with_legacy({k: v for k, v in (overrides or {}).items()
-                                                if v is not None})))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers = [(f"preset {preset}", PRESETS[preset]), (str(file), with_legacy(file_values)),
+              ("command line", with_legacy(given))]
     cfg = Settings()
     for origin, values in layers:
         unknown = sorted(set(values) - set(known))

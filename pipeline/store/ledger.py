@@ -70,20 +70,16 @@ def read(paths: Paths) -> tuple[list[dict[str, Any]], list[int]]:
         return [], []
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read the record of runs ({exc.strerror})") from exc
-    entries: list[dict[str, Any]] = []
-    skipped: list[int] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            entry = None
-        if isinstance(entry, dict):
-            entries.append(entry)
-        else:
-            skipped.append(number)
-    return entries, skipped
+    found = {number: _entry(raw) for number, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()}
+    return [e for e in found.values() if e is not None], [n for n, e in found.items() if e is None]
+
+
+def _entry(line: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(line.decode("utf-8"))  # a torn or edited line is no JSON object: None
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def warn_damaged(paths: Paths, stage: str) -> None:
