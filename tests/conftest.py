@@ -56,13 +56,10 @@ def _environment(env: dict[str, str] | None, full_env: bool) -> dict[str, str]:
 def run_cli(root: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None,
             process: bool = False, cwd: Path = REPO, timeout: float = 300,
             full_env: bool = False) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline --root ROOT ARGS...` as a user would run it; root None leaves --root out.
-
-    In this process (pipeline.cli.main, its output captured) unless the behaviour is about the
-    process: process=True, or env given, runs a real `python -m pipeline` with the environment
-    os.environ updated by env (or env alone with full_env=True). Either way the result is a
-    CompletedProcess; an exception that escapes main is a traceback on stderr and exit status 1,
-    as in a real process."""
+    """`python -m pipeline --root ROOT ARGS...` as a user would run it (root None: no --root), as a
+    CompletedProcess: in this process, its output captured (an exception that escapes main is a
+    traceback and exit status 1, as in a process), or, when the behaviour is about the process
+    (process=True, or env given), in a real one with _environment(env, full_env)."""
     argv = _command(root, args)
     if process or env is not None:
         result = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, capture_output=True,
@@ -88,11 +85,10 @@ def run_cli(root: Path | None, *args: str, check: bool = True, env: dict[str, st
 
 def start_cli(root: Path | None, *args: str, env: dict[str, str] | None = None, output: bool = False,
               sigint: bool = False, full_env: bool = False) -> subprocess.Popen[str]:
-    """`python -m pipeline --root ROOT ARGS...` started in a process of its own, for the tests that
-    kill or interrupt it. output=True pipes its stdout and stderr (text); otherwise they are dropped.
-    sigint=True lets it see Ctrl-C as a terminal user's program does: a test runner started in the
-    background inherits SIGINT ignored. Its environment: os.environ updated by env, or env alone
-    with full_env=True (as run_cli)."""
+    """`python -m pipeline --root ROOT ARGS...` in a process of its own, for the tests that kill or
+    interrupt it; output=True pipes its stdout and stderr (text), else they are dropped. sigint=True
+    lets it see Ctrl-C as a terminal user's program does (a test runner started in the background
+    inherits SIGINT ignored)."""
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "pipeline", *_command(root, args)], cwd=REPO,
                             stdout=pipe, stderr=pipe, text=True, env=_environment(env, full_env),

@@ -121,8 +121,13 @@ def test_train_one_fold_then_predict_trains_the_rest(run_copy: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_is_named_by_run(run_copy: Path) -> None:
+def test_a_run_is_named_by_run_and_an_edited_config_or_changed_data_is_said_to_be(run_copy: Path) -> None:
+    """RUN= trains and predicts that run; settings that do not change learning retrain nothing. When
+    its config.json was edited by hand, the file and the setting are named, not the data; once the
+    data changes too, the data is named."""
     run = the_run(run_copy)
+    same = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
+    assert "train: fold 0 skipped" in same.stdout and len(list((run_copy / "runs").glob("rnn-*"))) == 1
     run.model(1).unlink()
     result = run_cli(run_copy, "train", "--run", run.id, "--fold", "1")
     assert "train: fold 1 reruns: fold_1.pt is missing" in result.stdout and run.model(1).is_file()
@@ -130,13 +135,6 @@ def test_a_run_is_named_by_run(run_copy: Path) -> None:
     assert refused.returncode == 1 and "HIDDEN cannot be given" in refused.stderr
     missing = run_cli(run_copy, "predict", "--run", "rnn-nothing", check=False)
     assert missing.returncode == 1 and "no such run" in missing.stderr
-
-
-@pytest.mark.slow
-def test_an_edited_config_is_named_and_changed_data_is_said_to_be(run_copy: Path) -> None:
-    """RUN= whose config.json was edited by hand: the file and the setting are named, not the data;
-    once the data changes too, the data is named."""
-    run = the_run(run_copy)
     config = json.loads(run.config.read_text())
     run.config.write_text(json.dumps({**config, "hidden": 64}))
     edited = run_cli(run_copy, "predict", "--run", run.id, check=False)
@@ -228,18 +226,10 @@ def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_settings_that_do_not_change_learning_do_not_retrain(run_copy: Path) -> None:
-    result = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
-    assert "train: fold 0 skipped" in result.stdout
-    assert len(list((run_copy / "runs").glob("rnn-*"))) == 1
-
-
-@pytest.mark.slow
-def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
+def test_a_second_command_waits_or_stops_with_nowait_and_a_killed_holder_never_blocks(tmp_path: Path) -> None:
     from pipeline.store.lock import project_lock
 
-    paths = Paths(tmp_path)
-    with project_lock(paths, "make submit"):
+    with project_lock(Paths(tmp_path), "make submit"):
         result = run_cli(tmp_path, "--nowait", "prepare", check=False, process=True)
         assert result.returncode == 1
         assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
@@ -249,10 +239,6 @@ def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0 and "waiting: `make submit`" in err and "wrote the sample" in out
     assert run_cli(tmp_path, "runs").returncode == 0  # reading needs no lock
-
-
-@pytest.mark.slow
-def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
         "from pipeline.store.lock import project_lock\n"
