@@ -325,7 +325,7 @@ def from_make(parser: argparse.ArgumentParser, names: list[str], env: dict[str, 
         value = env.get(MAKE_PREFIX + name, "").strip() if name in names else ""
         if flag is None or value == "":
             continue
-        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if action.nargs == 0:  # store_true, or --x/--no-x (BooleanOptionalAction)
             if value.lower() not in TRUE + FALSE:
                 raise PipelineError(f"{name}={value!r}: must be 1 or 0")
             if value.lower() in TRUE:

@@ -1,11 +1,9 @@
 """Project paths and the training settings.
 
 Every path is anchored at a project root (the repository by default), so any stage runs from any
-working directory. Each setting is declared once, as a field of `Settings` with its default, help,
-allowed values and whether it changes what a model learns; the command-line options, the Make
-variables, `make help`, validation, the run id and the "changed settings" of `make runs` all derive
-from that declaration. Defaults, a preset, a TOML/JSON config file and command-line options merge in
-that order.
+working directory. Each setting is declared once, as a field of `Settings`; the command line, the
+Make variables, `make help`, validation, the run id and `make runs` derive from that declaration.
+Defaults, a preset, a TOML/JSON config file and command-line options merge in that order.
 
 This module needs only the standard library, so `make help` can list the options before set-up.
 """

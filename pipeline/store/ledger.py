@@ -85,8 +85,7 @@ def _entry(line: bytes) -> dict[str, Any] | None:
 def warn_damaged(paths: Paths, stage: str) -> None:
     """Name, once per command, the lines of the record that cannot be read: they are skipped and
     every other line is read."""
-    skipped = read(paths)[1]
-    if skipped:
+    if skipped := read(paths)[1]:
         lines = f"line{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))}"
         print(f"{stage}: warning: {runs_path(paths)}: {lines} not a JSON record (a write cut short, or "
               "edited by hand); skipped, the other lines are read", file=sys.stderr)
@@ -178,8 +177,7 @@ def format_seconds(seconds: Any) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
-            new: bool) -> RunRecord:
+def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int, new: bool) -> RunRecord:
     """Make the run's submission the current one (submissions/submission.csv) after checking it
     against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl.
     Returns the record, naming its kept copy."""
@@ -188,7 +186,7 @@ def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
     if paths.also_submit is not None and paths.also_submit.resolve() != paths.submissions.resolve():
         outputs.append(paths.also_submit / "submission.csv")
     for output in outputs:
-        if not output.is_file() or output.read_bytes() != run.submission.read_bytes():
+        if not _holds(output, run.submission.read_bytes()):
             write_csv(output, frame)
             if output != paths.submission_csv:
                 print(f"submission: also written to {output} (the notebook's output)")
