@@ -94,8 +94,9 @@ def test_train_on_a_fresh_clone_builds_what_it_needs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_each_stage_says_why_it_reruns(run_copy: Path) -> None:
-    """The one freshness rule on each stage: a missing output, changed input, damaged output."""
+def test_each_stage_says_why_it_reruns_and_predict_trains_the_folds_missing(run_copy: Path) -> None:
+    """The one freshness rule on each stage: a missing output, changed input, damaged output; after
+    one fold of a run is trained alone, predict trains the rest."""
     paths, run = Paths(run_copy), the_run(run_copy)
     run.oof_fold(1).unlink()
     (paths.prepared / "test_x.npy").write_bytes(b"damaged")
@@ -107,12 +108,7 @@ def test_each_stage_says_why_it_reruns(run_copy: Path) -> None:
     paths.train_csv.write_text(paths.train_csv.read_text())  # same bytes, new modification time
     touched = run_cli(run_copy, "prepare")
     assert "prepare: reruns: train.csv changed" in touched.stdout
-
-
-@pytest.mark.slow
-def test_train_one_fold_then_predict_trains_the_rest(run_copy: Path) -> None:
-    result = run_cli(run_copy, "train", "--fold", "0", "--folds", "2", "--epochs", "1",
-                     "--hidden", "32")
+    result = run_cli(run_copy, "train", "--fold", "0", "--folds", "2", "--epochs", "1", "--hidden", "32")
     run = the_run(run_copy, "rnn-h32-e1")
     assert "folds [0]" in result.stdout and not run.model(1).exists()
     predicted = run_cli(run_copy, "predict", "--folds", "2", "--epochs", "1", "--hidden", "32")
