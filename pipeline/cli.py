@@ -28,6 +28,7 @@ from pipeline.kaggle import notebook
 from pipeline.options import EVERY, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
 from pipeline.store.data import Prepared
+from pipeline.store.lock import project_lock
 from pipeline.store.run import (
     Plan,
     RunDir,
@@ -287,9 +288,6 @@ STAGES: dict[str, tuple[Any, str]] = {
     "quota": (lambda c: stage("kaggle-run").quota(timeout=c.args.timeout),
               "Kaggle's GPU hours: used, allowed, left and when they refresh"),
 }
-# What Ctrl-C leaves behind, when it is not "resume where it stopped".
-INTERRUPTED = {"kaggle-run": "interrupted: nothing was brought home; rerun the same command to push "
-                             "the run again"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -361,8 +359,7 @@ def library_warnings(verbose: bool) -> Iterator[None]:
     action: Literal["default", "ignore"] = "default" if verbose else "ignore"
     os.environ["PYTHONWARNINGS"] = action
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter(action)
+        with warnings.catch_warnings(action=action):
             yield
     finally:
         os.environ.pop("PYTHONWARNINGS", None)
@@ -376,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
         stage = args.stage
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
         # Commands that write hold the project, one at a time (see lock.py); the others only read.
-        from pipeline.store.lock import project_lock
-
         lock = project_lock(paths, f"make {stage}", args.nowait) if stage in WRITERS else None
         with library_warnings(getattr(args, "verbose", False)), lock or contextlib.nullcontext():
             args.handler(Command(args, paths))
@@ -388,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\n" + INTERRUPTED.get(stage, "interrupted: rerun the same command to resume where it "
-                                     "stopped"), file=sys.stderr)
+        # What Ctrl-C leaves behind: kaggle-run brings nothing home; every other command resumes.
+        said = "nothing was brought home; rerun the same command to push the run again" \
+            if stage == "kaggle-run" else "rerun the same command to resume where it stopped"
+        print(f"\ninterrupted: {said}", file=sys.stderr)
         return 130
     return 0
 
