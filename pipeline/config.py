@@ -51,9 +51,8 @@ def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
     changes what a model learns (part of the run id). legacy: for a setting added after runs were
     made without it, the value those runs were trained with; the id leaves the setting out while it
     holds that value, and a saved config without it reads as that value (older runs keep their ids)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low,
-                                            "high": high, "below": below, "learns": learns,
-                                            "legacy": legacy})
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, below=below,
+                                                learns=learns, legacy=legacy))
 
 
 @dataclass(frozen=True)

@@ -209,9 +209,8 @@ def markdown(table: str) -> str:
     """The README's table of the settings (table="settings") or of the other options ("options")."""
     rows = ["| Make | CLI | default | what it does |", "|---|---|---|---|"]
     if table == "settings":
-        declared = {f.name: f for f in fields(Settings)}
         for group in SETTING_ROWS:
-            found = [declared[n] for n in group]
+            found = [Settings.__dataclass_fields__[n] for n in group]
             rows.append(_row([_make_name(f.name, f.default) for f in found],
                              [_cli_flag(f.name, f.default) for f in found],
                              [shown(f.default, table=True) for f in found],
