@@ -1,17 +1,8 @@
-"""A run's folder, the one home of a run: its paths and id, its record (run.json), its folds'
-records, `latest`, the listing of runs, and the ensemble's files that predict and blend write.
-
-    runs/<id>/         config.json, and per fold: fold_<k>.pt (the model), fold_<k>.json (its
-                       record), fold_<k>.state.pt (while training), fold_<k>.csv (the log per
-                       epoch), oof_<k>.csv and test_<k>.csv (its probabilities); then the ensemble
-    runs/blend-<hex>/  blend.json and the ensemble: a blend of runs (never trained)
-    runs/latest        the id of the last completed run or blend
-    the ensemble       oof.csv (every train row's probabilities, from models that never saw it),
-                       test.csv (every test row's), cv.csv (a row per fold, then `all`),
-                       submission.csv, and run.json, written last: the files are then complete
-
-Every other module reads a run's files through this one, and its records as typed records
-(RunRecord, FoldRecord), never as dicts read by key.
+"""A run's folder, the one home of a run (runs/<id>/, a blend's runs/blend-<hex>/; docs/files.md
+lists its files): its paths and id, its record (run.json, written last: the ensemble's files are
+then complete), its folds' records, runs/latest, the listing of runs, and the ensemble's files that
+predict and blend write. Every other module reads a run's files through this one, and its records as
+typed records (RunRecord, FoldRecord), never as dicts read by key.
 """
 
 from __future__ import annotations
