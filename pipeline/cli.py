@@ -349,10 +349,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def library_warnings(verbose: bool) -> Iterator[None]:
-    """The warnings of the libraries underneath (Optuna's ExperimentalWarning, PyTorch's, pandas')
-    speak of code a user does not call, so they are hidden unless VERBOSE=1; the processes a stage
-    starts (fold and trial workers) inherit the choice through PYTHONWARNINGS. A PYTHONWARNINGS the
-    user set is left to rule."""
+    """The libraries' warnings (Optuna's, PyTorch's, pandas') speak of code a user does not call:
+    hidden unless VERBOSE=1, in the processes a stage starts too (through PYTHONWARNINGS); a
+    PYTHONWARNINGS the user set rules."""
     if os.environ.get("PYTHONWARNINGS"):
         yield
         return

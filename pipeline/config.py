@@ -37,8 +37,7 @@ class Paths:
         self.train_csv, self.test_csv = self.input / "train.csv", self.input / "test.csv"
         self.source_json, self.prepared = self.input / "source.json", self.input / "prepared"
         self.folds_csv, self.folds_json = self.input / "folds.csv", self.input / "folds.json"
-        self.submissions = root / "submissions"
-        self.submission_csv = self.submissions / "submission.csv"
+        self.submissions, self.submission_csv = root / "submissions", root / "submissions" / "submission.csv"
 
 
 NO_LEGACY = object()  # a setting every run has recorded since the first release
@@ -184,8 +183,7 @@ def allowed(f: Field[Any]) -> str:
 
 
 def fingerprint(obj: Any) -> str:
-    data = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha1(data).hexdigest()[:16]
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def validate(cfg: Settings, origin: str = "config") -> Settings:
@@ -250,10 +248,9 @@ def resolve(preset: str | None = None, file: Path | None = None,
 
 
 def with_legacy(values: dict[str, Any]) -> dict[str, Any]:
-    """A run's record of its settings (its config.json, a checkpoint, run.json's learned settings)
-    made before a setting existed lacks that setting: it takes its legacy value, the one the run was
-    trained with. Values that are not such a record (a config file of a few settings, options) are
-    left as they are."""
+    """A run's record of its settings (config.json, a checkpoint, run.json's) made before a setting
+    existed takes that setting's legacy value, the one the run was trained with; other values (a
+    config file of a few settings, options) are left as they are."""
     declared = fields(Settings)
     if not {f.name for f in declared
             if f.metadata["learns"] and f.metadata["legacy"] is NO_LEGACY} <= set(values):

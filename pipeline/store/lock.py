@@ -27,8 +27,7 @@ def project_lock(paths: Paths, command: str, nowait: bool = False) -> Iterator[N
         paths.runs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{paths.runs}: cannot create ({exc.strerror})") from exc
-    lock = FileLock(paths.runs / ".lock")
-    note = paths.runs / ".lock.json"
+    lock, note = FileLock(paths.runs / ".lock"), paths.runs / ".lock.json"
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -358,9 +358,8 @@ class RunDir:
         every train row once, in order, and test.csv every test row, all finite; else a
         PipelineError saying how to remake them (a truncated file is damaged too)."""
         found = []
-        for path, index, n in ((self.oof, "row", n_train), (self.test, "ImageId", n_test)):
+        for path, index, n, first in ((self.oof, "row", n_train, 0), (self.test, "ImageId", n_test, 1)):
             ids, probs = read_probabilities(path, index)
-            first = 0 if index == "row" else 1
             if len(ids) != n or not np.array_equal(ids, np.arange(first, n + first)):
                 raise PipelineError(f"{path}: {len(ids)} rows, not the {n} rows of the data in order "
                                     f"(truncated or damaged); {self.remake()}")
