@@ -149,17 +149,13 @@ def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: 
 
 
 def _train(c: Command) -> None:
-    from pipeline.stages import train
-
-    train.run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
+    stage("train").run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
     print(f"train: done: {c.plan.run.path.relative_to(c.paths.root)}")
 
 
 def _predict(c: Command) -> RunRecord:
-    from pipeline.stages import predict, train
-
-    records = train.run(c.plan, force=c.forced("train"))
-    return predict.run(c.plan, records, force=c.forced("predict"))
+    records = stage("train").run(c.plan, force=c.forced("train"))
+    return stage("predict").run(c.plan, records, force=c.forced("predict"))
 
 
 def _submit(c: Command) -> None:

@@ -196,10 +196,9 @@ def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int, ne
                        f"-cv{record.accuracy:.4f}{mark}.csv")
         write_csv(kept, frame)
         record = run.save(replace(record, kept=kept.name))
-        add(paths, {"run": run.id, "model": record.model, "config": record.config,
-                    "oof_acc": record.oof_acc, "oof_acc_tta": record.oof_acc_tta,
-                    "oof_acc_honest": record.oof_acc_honest, "tta": record.tta,
-                    "seconds": record.seconds, "device": record.where,
+        add(paths, {"run": run.id, "model": record.model, "config": record.config, "oof_acc": record.oof_acc,
+                    "oof_acc_tta": record.oof_acc_tta, "oof_acc_honest": record.oof_acc_honest,
+                    "tta": record.tta, "seconds": record.seconds, "device": record.where,
                     "submission": kept.name, "source": record.source})
     set_latest(paths, run.id)
     return record
