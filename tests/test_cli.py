@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -18,9 +19,12 @@ from conftest import REPO, TINY, fresh_clone, run_cli, run_make, snapshot, start
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cli import main
-from pipeline.config import Paths
+from pipeline.cli import main, parse
+from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
+from pipeline.options import OPTIONS as DECLARED_OPTIONS
+from pipeline.options import make_names
+from pipeline.store.lock import project_lock
 from pipeline.store.submission import validate_file
 
 OPTION = re.compile(r"\b[A-Z_]{3,}=")
@@ -145,8 +149,6 @@ def test_a_run_is_named_by_run_and_an_edited_config_or_changed_data_is_said_to_b
 
 @pytest.mark.slow
 def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.cli import parse
-
     dry = run_make("-n", "train", "EPOCHS=5", "SETUP=", check=True)
     assert '-m pipeline --make "EPOCHS" train' in dry.stdout
     given = {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
@@ -168,13 +170,8 @@ def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyP
 
 def other_value(name: str) -> str:
     """A valid value of an option or setting that differs from its default."""
-    from dataclasses import fields
-
-    from pipeline.config import Settings
-    from pipeline.options import OPTIONS
-
     declared = {f.name.upper(): (f.default, f.metadata["choices"]) for f in fields(Settings)}
-    declared.update({o.name.upper(): (o.default, o.choices) for o in OPTIONS})
+    declared.update({o.name.upper(): (o.default, o.choices) for o in DECLARED_OPTIONS})
     default, choices = declared[name]
     if choices:
         return str(next(c for c in choices if c != default))
@@ -188,8 +185,6 @@ def test_options_a_shell_exports_change_nothing(tmp_path: Path) -> None:
     """Every option's plain name exported, with a wrong value and with another valid one: `make
     submit` trains and writes exactly what it writes without them, and `make predict RUN=<id>`
     runs with the run's own values exported too."""
-    from pipeline.options import make_names
-
     clone = fresh_clone(tmp_path / "clone")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     names = [*make_names(), "ARGS"]
@@ -223,8 +218,6 @@ def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
 
 @pytest.mark.slow
 def test_a_second_command_waits_or_stops_with_nowait_and_a_killed_holder_never_blocks(tmp_path: Path) -> None:
-    from pipeline.store.lock import project_lock
-
     with project_lock(Paths(tmp_path), "make submit"):
         result = run_cli(tmp_path, "--nowait", "prepare", check=False, process=True)
         assert result.returncode == 1

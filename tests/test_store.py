@@ -15,7 +15,7 @@ from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.store import ledger
 from pipeline.store.io import replace_together, staged_files
-from pipeline.store.submission import validate_frame
+from pipeline.store.submission import validate_file, validate_frame
 
 
 def test_an_uploads_state_is_its_latest_score_and_a_torn_line_is_skipped(tmp_path: Path) -> None:
@@ -102,8 +102,6 @@ def _submission(labels: list[int]) -> pd.DataFrame:
 
 
 def test_valid_submission_passes(tmp_path: Path) -> None:
-    from pipeline.store.submission import validate_file
-
     assert validate_frame(_submission([0, 9, 3]), expected_rows=3, where="s.csv") is None
     _submission([0, 9, 3]).to_csv(tmp_path / "s.csv", index=False)
     frame = validate_file(tmp_path / "s.csv", expected_rows=3)
