@@ -13,11 +13,7 @@ from typing import Any
 
 from pipeline.config import PRESETS, ROOT, Settings, allowed
 
-SOURCES = ("auto", "kaggle", "dir", "sample")
 MEANS = ("prob", "logprob")
-PRUNERS = ("median", "wilcoxon", "none")
-SORTS = ("acc", "time")
-FORMATS = ("table", "csv")
 # Kaggle's name of the machine `make kaggle-run` asks for by default: two T4 GPUs.
 T4 = "NvidiaTeslaT4"
 
@@ -61,7 +57,7 @@ def _each(stages: tuple[str, ...]) -> dict[str, str]:
 
 OPTIONS: tuple[Option, ...] = (
     Option("source", "where the CSVs come from when input/ has none", _each(DATA_STAGES),
-           default="auto", choices=SOURCES),
+           default="auto", choices=("auto", "kaggle", "dir", "sample")),
     Option("dir", "the folder holding train.csv and test.csv (with SOURCE=dir)", _each(DATA_STAGES),
            type=Path),
     Option("timeout", "seconds to wait for Kaggle before giving up",
@@ -102,11 +98,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("space", "the search space (default: tune.toml)", {"tune": ""}, type=Path),
     Option("tune_folds", "score trials on their first k folds only (0: all folds)", {"tune": ""},
            default=0, type=int),
-    Option("pruner", "how hopeless trials are stopped", {"tune": ""}, default="median", choices=PRUNERS),
+    Option("pruner", "how hopeless trials are stopped", {"tune": ""}, default="median",
+           choices=("median", "wilcoxon", "none")),
     Option("sort", "best OOF accuracy first (acc) or newest first (time)", {"runs": ""},
-           default="acc", choices=SORTS),
+           default="acc", choices=("acc", "time")),
     Option("format", "a table, or csv for a spreadsheet", _each(("runs", "lb")), default="table",
-           choices=FORMATS),
+           choices=("table", "csv")),
     Option("message", "the submission's description on Kaggle, as typed ($ and quotes included)",
            {"upload": ""}, default=""),
     Option("wait", "seconds to wait for Kaggle to score the submission, 0 to not wait (`make lb` "
