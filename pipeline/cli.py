@@ -297,12 +297,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     stages: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, text) in STAGES.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = stages[name] = sub.add_parser(name, help=text, description=text)
         p.set_defaults(handler=handler, force=False)
         group = add_settings(p) if name in SETTINGS_STAGES else p
         for option in for_stage(name):
             add_option(group if option.name in ("config", "preset") else p, option, name)
-        stages[name] = p
     return parser, stages
 
 

@@ -202,18 +202,17 @@ def validate(cfg: Settings, origin: str = "config") -> Settings:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML or JSON file of settings (a run's config.json works as is)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if path.suffix not in (".toml", ".json"):
         raise PipelineError(f"{path}: a config file is TOML (.toml) or JSON (.json), "
                             f"not {path.suffix or 'a file without an extension'}")
     try:
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except ValueError as exc:  # JSON's and TOML's decode errors
         raise PipelineError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a table of settings")

@@ -240,16 +240,14 @@ class RunDir:
         when it cannot be read or is not JSON (a write cut short): damaged, not missing."""
         named = f"{self.id}/{self.record.name}"
         try:
-            text = self.record.read_text(encoding="utf-8")
+            return json.loads(self.record.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{named}: unreadable ({exc})") from None
-        try:
-            return json.loads(text)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"{named}: not valid JSON at line {exc.lineno} column {exc.colno} "
                                 "(truncated or damaged)") from None
+        except (OSError, ValueError) as exc:  # a folder, no permission, not UTF-8
+            raise PipelineError(f"{named}: unreadable ({exc})") from None
 
     def read(self) -> RunRecord:
         """The run's record; a PipelineError when it is missing or damaged."""
