@@ -217,9 +217,8 @@ def _tune_status(c: Command) -> None:
     from pipeline.tuning.study import status
 
     print(status(c.paths, c.args.study, c.args.storage))
-    journal = studies_dir(c.paths) / c.args.study / "journal.log"
     if not c.args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
-        print(f"in a browser: optuna-dashboard {journal}")
+        print(f"in a browser: optuna-dashboard {studies_dir(c.paths) / c.args.study / 'journal.log'}")
 
 
 def _forget(c: Command) -> None:

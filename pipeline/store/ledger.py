@@ -157,12 +157,10 @@ def leaderboard_by_run(paths: Paths) -> dict[str, dict[str, Any]]:
 
 def score_text(upload: dict[str, Any] | None) -> str:
     """An upload's public score as Kaggle shows it (0.97100), else its status; '' for none."""
-    if not upload:
-        return ""
-    score = upload.get("public_score")
-    if upload.get("status") == "complete" and isinstance(score, (int, float)):
+    score, status = (upload or {}).get("public_score"), (upload or {}).get("status")
+    if status == "complete" and isinstance(score, int | float):
         return f"{score:.5f}"
-    return str(upload.get("status") or "")
+    return str(status or "")
 
 
 def format_seconds(seconds: Any) -> str:
