@@ -182,8 +182,7 @@ def default_teacher(paths: Paths) -> tuple[str, str]:
         why = "runs/latest names none" if name is None else f"runs/latest names {name}, not a complete run"
     except PipelineError:
         why = f"runs/latest names {name}, whose record is damaged"
-    found = newest(paths)
-    if found is None:
+    if (found := newest(paths)) is None:
         raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
                             "blend first (`make submit`, `make blend`), or name one with TEACHER=")
     return found.id, f"the newest complete run or blend: {why}"

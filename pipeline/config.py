@@ -237,8 +237,7 @@ def resolve(preset: str | None = None, file: Path | None = None,
               ("command line", with_legacy(given))]
     cfg = Settings()
     for origin, values in layers:
-        unknown = sorted(set(values) - set(known))
-        if unknown:
+        if unknown := sorted(set(values) - set(known)):
             raise PipelineError(f"{origin}: unknown setting(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(known)}")
         cfg = replace(cfg, **{k: coerce(known[k], v, origin) for k, v in values.items()})

@@ -177,8 +177,7 @@ def help_text() -> str:
     for f in fields(Settings):
         default = int(f.default) if isinstance(f.default, bool) else "none" if f.default == "" else f.default
         mark = "" if f.metadata["learns"] else "; not in the run id"
-        lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; "
-                     f"{allowed(f)}{mark})")
+        lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; {allowed(f)}{mark})")
     lines += ["", "other options (make <target> NAME=value; a yes/no option takes 1 or 0):"]
     for o in (o for o in OPTIONS if o.make):
         default = "" if o.default in (None, "") or o.flag else f"; default {shown(o.default)}"

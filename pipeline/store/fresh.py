@@ -35,8 +35,7 @@ class Output:
             return "not made yet"
         if missing := [p.name for p in self.files if not p.is_file()]:
             return f"{missing[0]} is missing"
-        made = read_json(self.record)
-        if not isinstance(made, dict) or not isinstance(made.get("inputs"), dict):
+        if not isinstance(made := read_json(self.record), dict) or not isinstance(made.get("inputs"), dict):
             return f"{self.record.name} is missing or unreadable"
         if made.get("key") != fingerprint(self.inputs):
             before = made["inputs"]

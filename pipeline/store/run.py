@@ -251,16 +251,14 @@ class RunDir:
 
     def read(self) -> RunRecord:
         """The run's record; a PipelineError when it is missing or damaged."""
-        made = self._contents()
-        if made is None:
+        if (made := self._contents()) is None:
             raise PipelineError(f"{self.id}/{self.record.name}: missing")
         return RunRecord.parse(made, self.record)
 
     def completed(self) -> RunRecord | None:
         """The record when the run's predictions are complete and all its files are there, else
         None; a PipelineError when run.json is damaged (not JSON, or complete with a field not valid)."""
-        made = self._contents()
-        if made is not None and not isinstance(made, dict):
+        if (made := self._contents()) is not None and not isinstance(made, dict):
             RunRecord.parse(made, self.record)  # names it: not a record
         if made and made.get("complete") and all(p.is_file() for p in (self.oof, self.test, self.submission)):
             return RunRecord.parse(made, self.record)
@@ -292,8 +290,7 @@ class RunDir:
 
     def fold(self, fold: int) -> FoldRecord:
         """A finished fold's record; a PipelineError when it is missing or damaged."""
-        made = read_json(self.fold_record(fold))
-        if made is None:
+        if (made := read_json(self.fold_record(fold))) is None:
             raise PipelineError(f"{self.fold_record(fold)}: missing or unreadable")
         return FoldRecord.parse(made, self.fold_record(fold))
 
@@ -309,8 +306,7 @@ class RunDir:
 
     def settings(self) -> dict[str, Any]:
         """config.json as a table of settings ({} when there is none)."""
-        found = read_json(self.config) or {}
-        if not isinstance(found, dict):
+        if not isinstance(found := read_json(self.config) or {}, dict):
             raise PipelineError(f"{self.config.name} is not a table of settings")
         return found
 
