@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from pipeline.kaggle import notebook
 from pipeline.options import EVERY, SETTINGS_STAGES, Option, for_stage
 from pipeline.options import shown as shown_value
 from pipeline.store.data import Prepared
+from pipeline.store.lock import project_lock
 from pipeline.store.run import (
     Plan,
     RunDir,
@@ -44,6 +46,11 @@ WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distil
            "tune", "kaggle-run")
 
 
+def stage(name: str) -> Any:
+    """A stage's module, imported when its command runs: a command starts without the others'."""
+    return importlib.import_module(f"pipeline.stages.{name.replace('-', '_')}")
+
+
 class Command:
     """What a command works on, each part made (or found current) when first asked for, in the order
     of the stages: the data (download, prepare), its settings, the folds, the plan of its run."""
@@ -58,17 +65,13 @@ class Command:
         return self.args.force and self.args.stage in stages
 
     def download(self) -> None:
-        from pipeline.stages import download
-
         a = self.args
-        download.run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
+        stage("download").run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
 
     @cached_property
     def data(self) -> Prepared:
-        from pipeline.stages import prepare
-
         self.download()
-        return prepare.run(self.paths, force=self.forced("prepare"))
+        return stage("prepare").run(self.paths, force=self.forced("prepare"))
 
     @cached_property
     def cfg(self) -> Settings:
@@ -76,19 +79,16 @@ class Command:
 
     @cached_property
     def fold_of(self) -> np.ndarray:
-        from pipeline.stages import folds
-
-        return folds.run(self.cfg, self.paths, self.data)
+        return stage("folds").run(self.cfg, self.paths, self.data)
 
     @cached_property
     def plan(self) -> Plan:
         """The run of these settings on this data; distilled, with its teacher's rows."""
-        from pipeline.stages import distill
-
         plan = self.plan_of()
         if not self.cfg.teacher:
             return plan
-        return replace(plan, pseudo=distill.pseudo_rows(self.paths, self.cfg, self.data, student=plan.run))
+        pseudo = stage("distill").pseudo_rows(self.paths, self.cfg, self.data, student=plan.run)
+        return replace(plan, pseudo=pseudo)
 
     def plan_of(self) -> Plan:
         """The run of these settings on this data, without a teacher's rows."""
@@ -149,17 +149,13 @@ def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: 
 
 
 def _train(c: Command) -> None:
-    from pipeline.stages import train
-
-    train.run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
+    stage("train").run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
     print(f"train: done: {c.plan.run.path.relative_to(c.paths.root)}")
 
 
 def _predict(c: Command) -> RunRecord:
-    from pipeline.stages import predict, train
-
-    records = train.run(c.plan, force=c.forced("train"))
-    return predict.run(c.plan, records, force=c.forced("predict"))
+    records = stage("train").run(c.plan, force=c.forced("train"))
+    return stage("predict").run(c.plan, records, force=c.forced("predict"))
 
 
 def _submit(c: Command) -> None:
@@ -186,24 +182,20 @@ def default_teacher(paths: Paths) -> tuple[str, str]:
         why = "runs/latest names none" if name is None else f"runs/latest names {name}, not a complete run"
     except PipelineError:
         why = f"runs/latest names {name}, whose record is damaged"
-    found = newest(paths)
-    if found is None:
+    if (found := newest(paths)) is None:
         raise PipelineError("distill learns from a teacher's test predictions: make a run or a "
                             "blend first (`make submit`, `make blend`), or name one with TEACHER=")
     return found.id, f"the newest complete run or blend: {why}"
 
 
 def _blend(c: Command) -> None:
-    from pipeline.stages import blend
-
     names = [check_name(n, "RUNS") for n in (c.args.runs or "").split()] or None
-    blend.run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean, force=c.args.force,
-              make_first=lambda: _predict(c))
+    stage("blend").run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean,
+                       force=c.args.force, make_first=lambda: _predict(c))
 
 
 def _report(c: Command) -> None:
-    from pipeline.stages import report
-
+    report = stage("report")
     if c.args.study:
         report.draw_study(c.paths, c.args.study, c.args.storage)
         return
@@ -224,50 +216,14 @@ def _tune_status(c: Command) -> None:
     from pipeline.tuning.study import status
 
     print(status(c.paths, c.args.study, c.args.storage))
-    journal = studies_dir(c.paths) / c.args.study / "journal.log"
     if not c.args.storage:  # optuna-dashboard takes the journal file as it is (pip install optuna-dashboard)
-        print(f"in a browser: optuna-dashboard {journal}")
-
-
-def _runs(c: Command) -> None:
-    from pipeline.stages import runs
-
-    runs.run(c.paths, sort=c.args.sort, fmt=c.args.format)
+        print(f"in a browser: optuna-dashboard {studies_dir(c.paths) / c.args.study / 'journal.log'}")
 
 
 def _forget(c: Command) -> None:
-    from pipeline.stages import runs
-
     if not c.args.run:
-        raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` "
-                            "lists them)")
-    runs.forget(c.paths, c.args.run)
-
-
-def _upload(c: Command) -> None:
-    from pipeline.stages import upload
-
-    upload.run(c.paths, message=c.args.message, timeout=c.args.timeout, wait=c.args.wait)
-
-
-def _kaggle_run(c: Command) -> None:
-    from pipeline.stages import kaggle_run
-
-    args = c.args
-    kaggle_run.run(c.plan_of(), accelerator=args.accelerator, deadline=args.deadline,
-                   timeout=args.timeout, keep=args.keep)
-
-
-def _quota(c: Command) -> None:
-    from pipeline.stages import kaggle_run
-
-    kaggle_run.quota(timeout=c.args.timeout)
-
-
-def _lb(c: Command) -> None:
-    from pipeline.stages import upload
-
-    upload.leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format)
+        raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` lists them)")
+    stage("runs").forget(c.paths, c.args.run)
 
 
 # -- the parser -----------------------------------------------------------------------------------
@@ -276,20 +232,16 @@ def add_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("settings (defaults < --preset < --config < options)")
     for field in fields(Settings):
         default, meta = field.default, field.metadata
-        flag = "--" + field.name.replace("_", "-")
-        text = f"{meta['help']} (default: {default})"
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=text)
-        else:
-            group.add_argument(flag, dest=field.name, type=type(default), default=None,
-                               choices=meta["choices"], help=text)
+        kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) \
+            else {"type": type(default), "choices": meta["choices"]}
+        group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                           help=f"{meta['help']} (default: {default})", **kind)
     return group
 
 
 def add_option(parser: Any, option: Option, stage: str) -> None:
     """An option as pipeline/options.py declares it, with the stage's own words if it has some."""
-    text = option.stages.get(stage) or option.help
+    text = (option.stages.get(stage) or option.help).replace("%", "%%")  # argparse formats help with %
     default = option.default_in(stage)
     if option.flag:
         parser.add_argument(option.flag_name, action="store_true", help=text)
@@ -314,18 +266,22 @@ STAGES: dict[str, tuple[Any, str]] = {
     "report": (_report, "draw a run (or a study) into reports/ (the latest run by default)"),
     "tune": (_tune, "search settings with Optuna; every trial is a run"),
     "tune-status": (_tune_status, "a study's trials so far and the best five"),
-    "runs": (_runs, "every run side by side"),
+    "runs": (lambda c: stage("runs").run(c.paths, sort=c.args.sort, fmt=c.args.format),
+             "every run side by side"),
     "forget": (_forget, "delete one run's folder"),
-    "upload": (_upload, "send submissions/submission.csv to the competition"),
-    "lb": (_lb, "the competition's submissions: date, description, status, public score and the "
-           "run that made each"),
-    "kaggle-run": (_kaggle_run, "train the run of these settings on a Kaggle GPU and bring it home "
-                   "into runs/<id>/"),
-    "quota": (_quota, "Kaggle's GPU hours: used, allowed, left and when they refresh"),
+    "upload": (lambda c: stage("upload").run(c.paths, message=c.args.message, timeout=c.args.timeout,
+                                             wait=c.args.wait),
+               "send submissions/submission.csv to the competition"),
+    "lb": (lambda c: stage("upload").leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format),
+           "the competition's submissions: date, description, status, public score and the run that "
+           "made each"),
+    "kaggle-run": (lambda c: stage("kaggle-run").run(c.plan_of(), accelerator=c.args.accelerator,
+                                                     deadline=c.args.deadline, timeout=c.args.timeout,
+                                                     keep=c.args.keep),
+                   "train the run of these settings on a Kaggle GPU and bring it home into runs/<id>/"),
+    "quota": (lambda c: stage("kaggle-run").quota(timeout=c.args.timeout),
+              "Kaggle's GPU hours: used, allowed, left and when they refresh"),
 }
-# What Ctrl-C leaves behind, when it is not "resume where it stopped".
-INTERRUPTED = {"kaggle-run": "interrupted: nothing was brought home; rerun the same command to push "
-                             "the run again"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -339,12 +295,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     stages: dict[str, argparse.ArgumentParser] = {}
     for name, (handler, text) in STAGES.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = stages[name] = sub.add_parser(name, help=text, description=text)
         p.set_defaults(handler=handler, force=False)
         group = add_settings(p) if name in SETTINGS_STAGES else p
         for option in for_stage(name):
             add_option(group if option.name in ("config", "preset") else p, option, name)
-        stages[name] = p
     return parser, stages
 
 
@@ -361,7 +316,7 @@ def from_make(parser: argparse.ArgumentParser, names: list[str], env: dict[str, 
         value = env.get(MAKE_PREFIX + name, "").strip() if name in names else ""
         if flag is None or value == "":
             continue
-        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if action.nargs == 0:  # store_true, or --x/--no-x (BooleanOptionalAction)
             if value.lower() not in TRUE + FALSE:
                 raise PipelineError(f"{name}={value!r}: must be 1 or 0")
             if value.lower() in TRUE:
@@ -387,18 +342,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def library_warnings(verbose: bool) -> Iterator[None]:
-    """The warnings of the libraries underneath (Optuna's ExperimentalWarning, PyTorch's, pandas')
-    speak of code a user does not call, so they are hidden unless VERBOSE=1; the processes a stage
-    starts (fold and trial workers) inherit the choice through PYTHONWARNINGS. A PYTHONWARNINGS the
-    user set is left to rule."""
+    """The libraries' warnings (Optuna's, PyTorch's, pandas') speak of code a user does not call:
+    hidden unless VERBOSE=1, in the processes a stage starts too (through PYTHONWARNINGS); a
+    PYTHONWARNINGS the user set rules."""
     if os.environ.get("PYTHONWARNINGS"):
         yield
         return
     action: Literal["default", "ignore"] = "default" if verbose else "ignore"
     os.environ["PYTHONWARNINGS"] = action
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter(action)
+        with warnings.catch_warnings(action=action):
             yield
     finally:
         os.environ.pop("PYTHONWARNINGS", None)
@@ -412,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         stage = args.stage
         paths = Paths(args.root.resolve(), also_submit=notebook.working())
         # Commands that write hold the project, one at a time (see lock.py); the others only read.
-        from pipeline.store.lock import project_lock
-
         lock = project_lock(paths, f"make {stage}", args.nowait) if stage in WRITERS else None
         with library_warnings(getattr(args, "verbose", False)), lock or contextlib.nullcontext():
             args.handler(Command(args, paths))
@@ -424,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\n" + INTERRUPTED.get(stage, "interrupted: rerun the same command to resume where it "
-                                     "stopped"), file=sys.stderr)
+        # What Ctrl-C leaves behind: kaggle-run brings nothing home; every other command resumes.
+        said = "nothing was brought home; rerun the same command to push the run again" \
+            if stage == "kaggle-run" else "rerun the same command to resume where it stopped"
+        print(f"\ninterrupted: {said}", file=sys.stderr)
         return 130
     return 0
 

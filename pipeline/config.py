@@ -1,17 +1,16 @@
 """Project paths and the training settings.
 
 Every path is anchored at a project root (the repository by default), so any stage runs from any
-working directory. Each setting is declared once, as a field of `Settings` with its default, help,
-allowed values and whether it changes what a model learns; the command-line options, the Make
-variables, `make help`, validation, the run id and the "changed settings" of `make runs` all derive
-from that declaration. Defaults, a preset, a TOML/JSON config file and command-line options merge in
-that order.
+working directory. Each setting is declared once, as a field of `Settings`; the command line, the
+Make variables, `make help`, validation, the run id and `make runs` derive from that declaration.
+Defaults, a preset, a TOML/JSON config file and command-line options merge in that order.
 
 This module needs only the standard library, so `make help` can list the options before set-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tomllib  # Python 3.11+
@@ -38,8 +37,7 @@ class Paths:
         self.train_csv, self.test_csv = self.input / "train.csv", self.input / "test.csv"
         self.source_json, self.prepared = self.input / "source.json", self.input / "prepared"
         self.folds_csv, self.folds_json = self.input / "folds.csv", self.input / "folds.json"
-        self.submissions = root / "submissions"
-        self.submission_csv = self.submissions / "submission.csv"
+        self.submissions, self.submission_csv = root / "submissions", root / "submissions" / "submission.csv"
 
 
 NO_LEGACY = object()  # a setting every run has recorded since the first release
@@ -48,17 +46,12 @@ NO_LEGACY = object()  # a setting every run has recorded since the first release
 def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
             low: float | None = None, high: float | None = None, below: float | None = None,
             learns: bool = True, legacy: Any = NO_LEGACY) -> Any:
-    """A settings field: default, help, allowed values ([low, high], or [low, below) when below is
-    given) and whether it changes what a model learns (part of the run id) or only where and how
-    fast it runs.
-
-    legacy: for a setting added after runs were made without it, the value that reproduces how
-    those runs were trained. A run's id leaves the setting out while it holds that value, and a
-    saved config without the setting reads as that value, so older runs keep their ids and
-    their models."""
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low,
-                                            "high": high, "below": below, "learns": learns,
-                                            "legacy": legacy})
+    """A settings field: default, help, allowed values ([low, high], or [low, below)) and whether it
+    changes what a model learns (part of the run id). legacy: for a setting added after runs were
+    made without it, the value those runs were trained with; the id leaves the setting out while it
+    holds that value, and a saved config without it reads as that value (older runs keep their ids)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, below=below,
+                                                learns=learns, legacy=legacy))
 
 
 @dataclass(frozen=True)
@@ -150,7 +143,6 @@ class Settings:
                 and values[f.name] != f.metadata["legacy"]}
 
 
-
 # The settings that decide which rows each fold holds (folds.csv): part of every run's id, and never
 # searched inside one study, whose trials must all be scored on the same folds.
 FOLD_SETTINGS = ("folds", "fold_seed")
@@ -158,23 +150,18 @@ FOLD_SETTINGS = ("folds", "fold_seed")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The recipe of the tutorial this project grew from, for comparison on your own data.
-    "tutorial": {
-        "model": "rnn", "hidden": 150, "layers": 1, "bidirectional": False, "dropout": 0.0,
-        "orthogonal_init": False,
-        "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "none", "clip": 0.0,
-        "label_smoothing": 0.0, "batch": 64, "drop_last": True, "epochs": 10,
-        "normalize": False, "augment": False,
-    },
+    "tutorial": {"model": "rnn", "hidden": 150, "layers": 1, "bidirectional": False, "dropout": 0.0,
+                 "orthogonal_init": False, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
+                 "schedule": "none", "clip": 0.0, "label_smoothing": 0.0, "batch": 64, "drop_last": True,
+                 "epochs": 10, "normalize": False, "augment": False},
     # The most accurate single vanilla RNN measured on 42,000 digits (docs/results.md): both sweeps,
     # two rows a step, pooled, relu; 0.9938 out of fold against the default's 0.9912, for 2x its time.
     "best": {"view": "both", "nonlinearity": "relu", "epochs": 30},
     # The best vanilla RNN of a 30-trial `make tune` study on 5,999 real digits (see README):
     # +1.0 point of OOF accuracy over the one-way default of then, for about 2.2x its training time.
-    "tuned": {
-        "model": "rnn", "bidirectional": False, "hidden": 192, "epochs": 60, "lr": 1.43e-3,
-        "weight_decay": 7.0e-4, "label_smoothing": 0.16, "clip": 1.76, "rotate": 1.0, "scale": 0.04,
-        "shift": 1.95,
-    },
+    "tuned": {"model": "rnn", "bidirectional": False, "hidden": 192, "epochs": 60, "lr": 1.43e-3,
+              "weight_decay": 7.0e-4, "label_smoothing": 0.16, "clip": 1.76, "rotate": 1.0, "scale": 0.04,
+              "shift": 1.95},
 }
 
 
@@ -196,8 +183,7 @@ def allowed(f: Field[Any]) -> str:
 
 
 def fingerprint(obj: Any) -> str:
-    data = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha1(data).hexdigest()[:16]
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def validate(cfg: Settings, origin: str = "config") -> Settings:
@@ -216,18 +202,17 @@ def validate(cfg: Settings, origin: str = "config") -> Settings:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML or JSON file of settings (a run's config.json works as is)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if path.suffix not in (".toml", ".json"):
         raise PipelineError(f"{path}: a config file is TOML (.toml) or JSON (.json), "
                             f"not {path.suffix or 'a file without an extension'}")
     try:
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except ValueError as exc:  # JSON's and TOML's decode errors
         raise PipelineError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a table of settings")
@@ -247,15 +232,12 @@ def resolve(preset: str | None = None, file: Path | None = None,
     if preset not in PRESETS:
         raise PipelineError(f"{file if from_file and preset == from_file else 'config'}: unknown "
                             f"preset {preset!r}; choose from {', '.join(PRESETS)}")
-    layers = [(f"preset {preset}", PRESETS[preset])]
-    if file:
-        layers.append((str(file), with_legacy(file_values)))
-    layers.append(("command line", with_legacy({k: v for k, v in (overrides or {}).items()
-                                                if v is not None})))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers = [(f"preset {preset}", PRESETS[preset]), (str(file), with_legacy(file_values)),
+              ("command line", with_legacy(given))]
     cfg = Settings()
     for origin, values in layers:
-        unknown = sorted(set(values) - set(known))
-        if unknown:
+        if unknown := sorted(set(values) - set(known)):
             raise PipelineError(f"{origin}: unknown setting(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(known)}")
         cfg = replace(cfg, **{k: coerce(known[k], v, origin) for k, v in values.items()})
@@ -264,10 +246,9 @@ def resolve(preset: str | None = None, file: Path | None = None,
 
 
 def with_legacy(values: dict[str, Any]) -> dict[str, Any]:
-    """A run's record of its settings (its config.json, a checkpoint, run.json's learned settings)
-    made before a setting existed lacks that setting: it takes its legacy value, the one the run was
-    trained with. Values that are not such a record (a config file of a few settings, options) are
-    left as they are."""
+    """A run's record of its settings (config.json, a checkpoint, run.json's) made before a setting
+    existed takes that setting's legacy value, the one the run was trained with; other values (a
+    config file of a few settings, options) are left as they are."""
     declared = fields(Settings)
     if not {f.name for f in declared
             if f.metadata["learns"] and f.metadata["legacy"] is NO_LEGACY} <= set(values):
@@ -279,49 +260,30 @@ def with_legacy(values: dict[str, Any]) -> dict[str, Any]:
 def coerce(f: Field[Any], value: Any, origin: str) -> Any:
     """A value of the field's type, from what a file or the command line gave."""
     kind: Any = type(f.default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in TRUE:
-            return True
-        if str(value).lower() in FALSE:
-            return False
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    elif not isinstance(value, bool):
-        try:
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
+    if kind is bool and (isinstance(value, bool) or str(value).lower() in TRUE + FALSE):
+        return value if isinstance(value, bool) else str(value).lower() in TRUE
+    if kind is str and isinstance(value, str):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
             converted = kind(value)
-            if kind is float and converted != converted:  # NaN compares false with every bound
-                raise ValueError
-            return converted
-        except (TypeError, ValueError, OverflowError):
-            pass
+            # int(2.5) would drop the half; NaN compares false with every bound
+            if converted == converted and not (isinstance(value, float) and converted != value):
+                return converted
     raise PipelineError(f"{origin}: {f.name} must be {allowed(f)}, got {value!r}")
 
 
-def changed_settings(config: dict[str, Any] | Settings, learned_only: bool = True) -> dict[str, Any]:
-    """The settings that differ from the defaults (only those that change what a model learns)."""
+def changed_settings(config: dict[str, Any] | Settings, preset: str = "default") -> dict[str, Any]:
+    """The settings that change what a model learns and differ from the preset's (the defaults)."""
     values = asdict(config) if isinstance(config, Settings) else with_legacy(dict(config))
+    base = asdict(replace(Settings(), **PRESETS[preset]))
     return {f.name: values[f.name] for f in fields(Settings)
-            if f.name in values and (f.metadata["learns"] or not learned_only)
-            and values[f.name] != f.default}
+            if f.name in values and f.metadata["learns"] and values[f.name] != base[f.name]}
 
 
 def describe_changes(config: dict[str, Any] | Settings) -> str:
     """`preset=tutorial hidden=64`: the preset the run is closest to (if not the defaults), then
     the settings that differ from it."""
-    values = asdict(config) if isinstance(config, Settings) else with_legacy(dict(config))
-    best: tuple[int, str, dict[str, Any]] | None = None
-    for name, preset in PRESETS.items():
-        base = asdict(replace(Settings(), **preset))
-        rest = {f.name: values[f.name] for f in fields(Settings) if f.metadata["learns"]
-                and f.name in values and values[f.name] != base[f.name]}
-        if best is None or len(rest) < best[0]:
-            best = (len(rest), name, rest)
-    assert best is not None
-    _, name, rest = best
+    name, rest = min(((p, changed_settings(config, p)) for p in PRESETS), key=lambda found: len(found[1]))
     words = [f"preset={name}"] if name != "default" else []
     return " ".join(words + [f"{k}={v}" for k, v in rest.items()])

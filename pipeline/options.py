@@ -13,19 +13,14 @@ from typing import Any
 
 from pipeline.config import PRESETS, ROOT, Settings, allowed
 
-SOURCES = ("auto", "kaggle", "dir", "sample")
 MEANS = ("prob", "logprob")
-PRUNERS = ("median", "wilcoxon", "none")
-SORTS = ("acc", "time")
-FORMATS = ("table", "csv")
 # Kaggle's name of the machine `make kaggle-run` asks for by default: two T4 GPUs.
 T4 = "NvidiaTeslaT4"
 
 # The stages that build the data first (download -> prepare), and those that take settings.
 DATA_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend",
                "report", "tune", "kaggle-run")
-SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune",
-                   "kaggle-run")
+SETTINGS_STAGES = ("folds", "train", "predict", "submit", "distill", "blend", "report", "tune", "kaggle-run")
 EVERY = "every command"  # an option of the command line itself, before the stage
 # Every stage, in the order `python -m pipeline --help` lists them (pipeline/cli.py's STAGES).
 ALL_STAGES = ("download", "prepare", "folds", "train", "predict", "submit", "distill", "blend", "report",
@@ -62,7 +57,7 @@ def _each(stages: tuple[str, ...]) -> dict[str, str]:
 
 OPTIONS: tuple[Option, ...] = (
     Option("source", "where the CSVs come from when input/ has none", _each(DATA_STAGES),
-           default="auto", choices=SOURCES),
+           default="auto", choices=("auto", "kaggle", "dir", "sample")),
     Option("dir", "the folder holding train.csv and test.csv (with SOURCE=dir)", _each(DATA_STAGES),
            type=Path),
     Option("timeout", "seconds to wait for Kaggle before giving up",
@@ -97,20 +92,18 @@ OPTIONS: tuple[Option, ...] = (
            default="rnn", stage_defaults={"report": None}),
     Option("storage", "an Optuna database URL shared by several machines, e.g. "
            "postgresql://user:pass@host/db, an '@' in the password written %40 (default: a journal in "
-           "runs/tune/<study>/)",
-           _each(("tune", "tune-status", "report"))),
-    Option("trials", "run until the study has this many finished trials", {"tune": ""}, default=20,
-           type=int),
+           "runs/tune/<study>/)", _each(("tune", "tune-status", "report"))),
+    Option("trials", "run until the study has this many finished trials", {"tune": ""}, default=20, type=int),
     Option("workers", "trial processes on this machine", {"tune": ""}, default=1, type=int),
     Option("space", "the search space (default: tune.toml)", {"tune": ""}, type=Path),
     Option("tune_folds", "score trials on their first k folds only (0: all folds)", {"tune": ""},
            default=0, type=int),
     Option("pruner", "how hopeless trials are stopped", {"tune": ""}, default="median",
-           choices=PRUNERS),
+           choices=("median", "wilcoxon", "none")),
     Option("sort", "best OOF accuracy first (acc) or newest first (time)", {"runs": ""},
-           default="acc", choices=SORTS),
+           default="acc", choices=("acc", "time")),
     Option("format", "a table, or csv for a spreadsheet", _each(("runs", "lb")), default="table",
-           choices=FORMATS),
+           choices=("table", "csv")),
     Option("message", "the submission's description on Kaggle, as typed ($ and quotes included)",
            {"upload": ""}, default=""),
     Option("wait", "seconds to wait for Kaggle to score the submission, 0 to not wait (`make lb` "
@@ -172,8 +165,7 @@ def _stages_text(option: Option) -> str:
         return "every stage"
     names = list(option.stages)
     if set(DATA_STAGES) <= set(names):
-        return "every stage that reads the data" + "".join(
-            f", {n}" for n in names if n not in DATA_STAGES)
+        return "every stage that reads the data" + "".join(f", {n}" for n in names if n not in DATA_STAGES)
     if set(SETTINGS_STAGES) <= set(names):
         return "every stage that takes settings"
     return ", ".join(names)
@@ -183,17 +175,12 @@ def help_text() -> str:
     """`make help`'s list: the settings, then the other options, one line each."""
     lines = ["settings (part of a run's id unless marked; e.g. make submit MODEL=gru EPOCHS=40):"]
     for f in fields(Settings):
-        default = int(f.default) if isinstance(f.default, bool) else f.default if f.default != "" \
-            else "none"
+        default = int(f.default) if isinstance(f.default, bool) else "none" if f.default == "" else f.default
         mark = "" if f.metadata["learns"] else "; not in the run id"
-        lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; "
-                     f"{allowed(f)}{mark})")
+        lines.append(f"  {f.name.upper():<20} {f.metadata['help']} (default {default}; {allowed(f)}{mark})")
     lines += ["", "other options (make <target> NAME=value; a yes/no option takes 1 or 0):"]
-    for o in OPTIONS:
-        if not o.make:
-            continue
-        default = "" if o.default is None or o.default is False or o.default == "" or o.flag \
-            or not o.make else f"; default {shown(o.default)}"
+    for o in (o for o in OPTIONS if o.make):
+        default = "" if o.default in (None, "") or o.flag else f"; default {shown(o.default)}"
         choices = f"; {'|'.join(o.choices)}" if o.choices else ""
         lines.append(f"  {o.name.upper():<20} {o.help} ({_stages_text(o)}{default}{choices})")
     lines.append(f"  {'ARGS':<20} {ARGS}")
@@ -218,9 +205,8 @@ def markdown(table: str) -> str:
     """The README's table of the settings (table="settings") or of the other options ("options")."""
     rows = ["| Make | CLI | default | what it does |", "|---|---|---|---|"]
     if table == "settings":
-        declared = {f.name: f for f in fields(Settings)}
         for group in SETTING_ROWS:
-            found = [declared[n] for n in group]
+            found = [Settings.__dataclass_fields__[n] for n in group]
             rows.append(_row([_make_name(f.name, f.default) for f in found],
                              [_cli_flag(f.name, f.default) for f in found],
                              [shown(f.default, table=True) for f in found],

@@ -48,22 +48,22 @@ def _command(root: Path | None, args: tuple[str, ...]) -> list[str]:
     return [*(["--root", str(root)] if root is not None else []), *args]
 
 
+def _environment(env: dict[str, str] | None, full_env: bool) -> dict[str, str]:
+    """os.environ updated by env, or env alone (full_env); unbuffered unless env says otherwise."""
+    return {"PYTHONUNBUFFERED": "1", **({} if full_env else os.environ), **(env or {})}
+
+
 def run_cli(root: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None,
             process: bool = False, cwd: Path = REPO, timeout: float = 300,
             full_env: bool = False) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline --root ROOT ARGS...` as a user would run it; root None leaves --root out.
-
-    In this process (pipeline.cli.main, its output captured) unless the behaviour is about the
-    process: process=True, or env given, runs a real `python -m pipeline` with the environment
-    os.environ updated by env (or env alone with full_env=True). Either way the result is a
-    CompletedProcess; an exception that escapes main is a traceback on stderr and exit status 1,
-    as in a real process."""
+    """`python -m pipeline --root ROOT ARGS...` as a user would run it (root None: no --root), as a
+    CompletedProcess: in this process, its output captured (an exception that escapes main is a
+    traceback and exit status 1, as in a process), or, when the behaviour is about the process
+    (process=True, or env given), in a real one with _environment(env, full_env)."""
     argv = _command(root, args)
     if process or env is not None:
-        environment = dict(env or {}) if full_env else {**os.environ, **(env or {})}
-        environment.setdefault("PYTHONUNBUFFERED", "1")
         result = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, capture_output=True,
-                                text=True, env=environment, timeout=timeout)
+                                text=True, env=_environment(env, full_env), timeout=timeout)
     else:
         from pipeline.cli import main
 
@@ -85,16 +85,13 @@ def run_cli(root: Path | None, *args: str, check: bool = True, env: dict[str, st
 
 def start_cli(root: Path | None, *args: str, env: dict[str, str] | None = None, output: bool = False,
               sigint: bool = False, full_env: bool = False) -> subprocess.Popen[str]:
-    """`python -m pipeline --root ROOT ARGS...` started in a process of its own, for the tests that
-    kill or interrupt it. output=True pipes its stdout and stderr (text); otherwise they are dropped.
-    sigint=True lets it see Ctrl-C as a terminal user's program does: a test runner started in the
-    background inherits SIGINT ignored. Its environment: os.environ updated by env, or env alone
-    with full_env=True (as run_cli)."""
+    """`python -m pipeline --root ROOT ARGS...` in a process of its own, for the tests that kill or
+    interrupt it; output=True pipes its stdout and stderr (text), else they are dropped. sigint=True
+    lets it see Ctrl-C as a terminal user's program does (a test runner started in the background
+    inherits SIGINT ignored)."""
     pipe = subprocess.PIPE if output else subprocess.DEVNULL
-    environment = {**(env or {})} if full_env else {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *_command(root, args)], cwd=REPO,
-                            stdout=pipe, stderr=pipe, text=True,
-                            env={"PYTHONUNBUFFERED": "1", **environment},
+                            stdout=pipe, stderr=pipe, text=True, env=_environment(env, full_env),
                             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
                             if sigint else None)
 
@@ -243,16 +240,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # -- helpers and fixtures that several test files share --------------------------------------------
 
-
 N_TRAIN, N_TEST = 20, 10
-
-
 TRAIN_NAMES = ["label", *prepare.PIXELS]
-
-
 TEST_NAMES = list(prepare.PIXELS)
-
-
 Table = tuple[list[str], list[list[str]]]  # header names, rows of cells (as text)
 
 
@@ -266,8 +256,6 @@ def _rows(n: int, labelled: bool, seed: int) -> np.ndarray:
 
 
 TRAIN_VALUES = _rows(N_TRAIN, True, 1)
-
-
 TEST_VALUES = _rows(N_TEST, False, 2)
 
 
@@ -283,8 +271,6 @@ def render(names: list[str], rows: list[list[str]], eol: str = "\n", final: bool
 
 
 CLEAN_TRAIN = render(*table(True))
-
-
 CLEAN_TEST = render(*table(False))
 
 
@@ -313,36 +299,23 @@ def assert_one_clear_error(result: subprocess.CompletedProcess[str] | str, *word
 
 
 HEADER_TRAIN = "label," + ",".join(PIXELS)
-
-
 HEADER_TEST = ",".join(PIXELS)
 
 
 def write_project(root: Path, labels: list[int], n_test: int, seed: int = 0) -> Paths:
     rng = np.random.default_rng(seed)
-    paths = Paths(root)
-    paths.input.mkdir(parents=True, exist_ok=True)
-    images = (rng.random((len(labels), 784)) < 0.2) * rng.integers(0, 256, (len(labels), 784))
-    rows = [f"{y}," + ",".join(map(str, row)) for y, row in zip(labels, images.tolist(), strict=True)]
-    paths.train_csv.write_text(HEADER_TRAIN + "\n" + "\n".join(rows) + "\n")
-    test = (rng.random((n_test, 784)) < 0.2) * rng.integers(0, 256, (n_test, 784))
-    paths.test_csv.write_text(HEADER_TEST + "\n" + "\n".join(",".join(map(str, r)) for r in
-                                                              test.tolist()) + "\n")
-    return paths
+    train, test = ((rng.random((n, 784)) < 0.2) * rng.integers(0, 256, (n, 784))
+                   for n in (len(labels), n_test))
+    return write_inputs(root, render(TRAIN_NAMES, np.column_stack([labels, train]).astype(str).tolist()),
+                        render(TEST_NAMES, test.astype(str).tolist()))
 
 
 SCALARS = st.one_of(st.integers(-10, 300), st.floats(allow_nan=True), st.booleans(),
                     st.sampled_from(["rnn", "gru", "8", "1e-3", "", "true"]))
-
-
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(
     st.sampled_from(["a", "low"]), SCALARS, max_size=2))
-
-
 RECORD_FIELDS = ["complete", "kind", "config", "oof_acc", "oof_loss", "fold_min", "fold_max",
                  "seconds", "finished", "oof_acc_tta", "weights", "oof_acc_honest"]
-
-
 JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(),
                               st.text(max_size=4)),
                     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(

@@ -10,27 +10,21 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import (
-    REPO,
-    TINY,
-    fresh_clone,
-    run_cli,
-    run_make,
-    snapshot,
-    start_cli,
-    the_run,
-    write_project,
-)
+from conftest import REPO, TINY, fresh_clone, run_cli, run_make, snapshot, start_cli, the_run, write_project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cli import main
-from pipeline.config import Paths
+from pipeline.cli import main, parse
+from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
+from pipeline.options import OPTIONS as DECLARED_OPTIONS
+from pipeline.options import make_names
+from pipeline.store.lock import project_lock
 from pipeline.store.submission import validate_file
 
 OPTION = re.compile(r"\b[A-Z_]{3,}=")
@@ -104,8 +98,9 @@ def test_train_on_a_fresh_clone_builds_what_it_needs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_each_stage_says_why_it_reruns(run_copy: Path) -> None:
-    """The one freshness rule on each stage: a missing output, changed input, damaged output."""
+def test_each_stage_says_why_it_reruns_and_predict_trains_the_folds_missing(run_copy: Path) -> None:
+    """The one freshness rule on each stage: a missing output, changed input, damaged output; after
+    one fold of a run is trained alone, predict trains the rest."""
     paths, run = Paths(run_copy), the_run(run_copy)
     run.oof_fold(1).unlink()
     (paths.prepared / "test_x.npy").write_bytes(b"damaged")
@@ -117,12 +112,7 @@ def test_each_stage_says_why_it_reruns(run_copy: Path) -> None:
     paths.train_csv.write_text(paths.train_csv.read_text())  # same bytes, new modification time
     touched = run_cli(run_copy, "prepare")
     assert "prepare: reruns: train.csv changed" in touched.stdout
-
-
-@pytest.mark.slow
-def test_train_one_fold_then_predict_trains_the_rest(run_copy: Path) -> None:
-    result = run_cli(run_copy, "train", "--fold", "0", "--folds", "2", "--epochs", "1",
-                     "--hidden", "32")
+    result = run_cli(run_copy, "train", "--fold", "0", "--folds", "2", "--epochs", "1", "--hidden", "32")
     run = the_run(run_copy, "rnn-h32-e1")
     assert "folds [0]" in result.stdout and not run.model(1).exists()
     predicted = run_cli(run_copy, "predict", "--folds", "2", "--epochs", "1", "--hidden", "32")
@@ -131,8 +121,13 @@ def test_train_one_fold_then_predict_trains_the_rest(run_copy: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_is_named_by_run(run_copy: Path) -> None:
+def test_a_run_is_named_by_run_and_an_edited_config_or_changed_data_is_said_to_be(run_copy: Path) -> None:
+    """RUN= trains and predicts that run; settings that do not change learning retrain nothing. When
+    its config.json was edited by hand, the file and the setting are named, not the data; once the
+    data changes too, the data is named."""
     run = the_run(run_copy)
+    same = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
+    assert "train: fold 0 skipped" in same.stdout and len(list((run_copy / "runs").glob("rnn-*"))) == 1
     run.model(1).unlink()
     result = run_cli(run_copy, "train", "--run", run.id, "--fold", "1")
     assert "train: fold 1 reruns: fold_1.pt is missing" in result.stdout and run.model(1).is_file()
@@ -140,13 +135,6 @@ def test_a_run_is_named_by_run(run_copy: Path) -> None:
     assert refused.returncode == 1 and "HIDDEN cannot be given" in refused.stderr
     missing = run_cli(run_copy, "predict", "--run", "rnn-nothing", check=False)
     assert missing.returncode == 1 and "no such run" in missing.stderr
-
-
-@pytest.mark.slow
-def test_an_edited_config_is_named_and_changed_data_is_said_to_be(run_copy: Path) -> None:
-    """RUN= whose config.json was edited by hand: the file and the setting are named, not the data;
-    once the data changes too, the data is named."""
-    run = the_run(run_copy)
     config = json.loads(run.config.read_text())
     run.config.write_text(json.dumps({**config, "hidden": 64}))
     edited = run_cli(run_copy, "predict", "--run", run.id, check=False)
@@ -161,8 +149,6 @@ def test_an_edited_config_is_named_and_changed_data_is_said_to_be(run_copy: Path
 
 @pytest.mark.slow
 def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.cli import parse
-
     dry = run_make("-n", "train", "EPOCHS=5", "SETUP=", check=True)
     assert '-m pipeline --make "EPOCHS" train' in dry.stdout
     given = {"FOLD": "2", "EPOCHS": "5", "MODEL": "gru", "HIDDEN": "64", "VIEW": "cols",
@@ -184,13 +170,8 @@ def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyP
 
 def other_value(name: str) -> str:
     """A valid value of an option or setting that differs from its default."""
-    from dataclasses import fields
-
-    from pipeline.config import Settings
-    from pipeline.options import OPTIONS
-
     declared = {f.name.upper(): (f.default, f.metadata["choices"]) for f in fields(Settings)}
-    declared.update({o.name.upper(): (o.default, o.choices) for o in OPTIONS})
+    declared.update({o.name.upper(): (o.default, o.choices) for o in DECLARED_OPTIONS})
     default, choices = declared[name]
     if choices:
         return str(next(c for c in choices if c != default))
@@ -204,8 +185,6 @@ def test_options_a_shell_exports_change_nothing(tmp_path: Path) -> None:
     """Every option's plain name exported, with a wrong value and with another valid one: `make
     submit` trains and writes exactly what it writes without them, and `make predict RUN=<id>`
     runs with the run's own values exported too."""
-    from pipeline.options import make_names
-
     clone = fresh_clone(tmp_path / "clone")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     names = [*make_names(), "ARGS"]
@@ -238,18 +217,8 @@ def test_bad_options_fail_cleanly(run_copy: Path, bad: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_settings_that_do_not_change_learning_do_not_retrain(run_copy: Path) -> None:
-    result = run_cli(run_copy, "train", "--fold", "0", *TINY, "--eval-batch", "64", "--jobs", "1")
-    assert "train: fold 0 skipped" in result.stdout
-    assert len(list((run_copy / "runs").glob("rnn-*"))) == 1
-
-
-@pytest.mark.slow
-def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
-    from pipeline.store.lock import project_lock
-
-    paths = Paths(tmp_path)
-    with project_lock(paths, "make submit"):
+def test_a_second_command_waits_or_stops_with_nowait_and_a_killed_holder_never_blocks(tmp_path: Path) -> None:
+    with project_lock(Paths(tmp_path), "make submit"):
         result = run_cli(tmp_path, "--nowait", "prepare", check=False, process=True)
         assert result.returncode == 1
         assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
@@ -259,10 +228,6 @@ def test_a_second_command_waits_or_stops_with_nowait(tmp_path: Path) -> None:
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0 and "waiting: `make submit`" in err and "wrote the sample" in out
     assert run_cli(tmp_path, "runs").returncode == 0  # reading needs no lock
-
-
-@pytest.mark.slow
-def test_a_killed_holder_never_blocks(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
         "from pipeline.store.lock import project_lock\n"

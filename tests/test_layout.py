@@ -36,11 +36,8 @@ def modules() -> dict[str, Path]:
             for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
 
 
-def test_every_module_belongs_to_a_layer() -> None:
+def test_every_module_belongs_to_a_layer_and_imports_go_one_way() -> None:
     assert {layer_of(m) for m in modules()} - {"__main__"} <= set(LAYERS)
-
-
-def test_imports_go_one_way() -> None:
     for module, path in modules().items():
         if module == "pipeline.__main__":
             continue

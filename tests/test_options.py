@@ -26,6 +26,7 @@ def test_every_stage_takes_exactly_the_options_declared_for_it() -> None:
     parser, stages = build_parser()
     assert set(stages) == set(STAGES) and list(ALL_STAGES) == list(STAGES)
     for name, stage in stages.items():
+        assert name in stage.format_help()  # each stage's --help renders (argparse formats it with %)
         actions = declared(stage)
         others = {k for k in actions if k not in SETTINGS}
         assert others == {o.name for o in OPTIONS if name in o.stages}, name

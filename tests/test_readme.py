@@ -18,11 +18,15 @@ PAGES = [README_PATH, *DOCS]
 FRONT_DOOR_LINES = 150
 
 
-def test_the_readme_is_short_before_its_results() -> None:
+def test_the_readme_is_short_before_its_results_and_links_every_page_of_docs() -> None:
     lines = README.splitlines()
     assert "## Results" in lines, "README.md has no '## Results' section"
     before = lines.index("## Results")
     assert before <= FRONT_DOOR_LINES, f"{before} lines before '## Results' (at most {FRONT_DOOR_LINES})"
+    assert DOCS, "docs/ has no pages"
+    linked = {(README_PATH.parent / t).resolve() for t in links(README)}
+    unlinked = [p.name for p in DOCS if p.resolve() not in linked]
+    assert not unlinked, f"docs/ pages the README never links: {unlinked}"
 
 
 def links(text: str) -> list[str]:
@@ -42,13 +46,6 @@ def test_every_relative_link_leads_to_a_file(page: Path) -> None:
     assert not broken, f"{page.name}: links to no file: {broken}"
 
 
-def test_the_readme_links_every_page_of_docs() -> None:
-    assert DOCS, "docs/ has no pages"
-    linked = {(README_PATH.parent / t).resolve() for t in links(README)}
-    unlinked = [p.name for p in DOCS if p.resolve() not in linked]
-    assert not unlinked, f"docs/ pages the README never links: {unlinked}"
-
-
 def make_targets() -> set[str]:
     text = (REPO / "Makefile").read_text(encoding="utf-8")
     return set(re.findall(r"^([a-z][\w-]*):", text, re.M))
@@ -60,12 +57,9 @@ def mentioned_targets(text: str) -> set[str]:
     return {m for snippet in code for m in re.findall(r"(?:^|[\s!;&(])make ([a-z][\w-]*)", snippet)}
 
 
-def test_the_makefile_targets_are_found() -> None:
-    assert {"submit", "test", "blend", "upload", "tune", "tune-status"} <= make_targets()
-
-
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_make_target_mentioned_exists(page: Path) -> None:
+    assert {"submit", "test", "blend", "upload", "tune", "tune-status"} <= make_targets()
     named = mentioned_targets(page.read_text(encoding="utf-8"))
     assert named, f"{page.name} names no `make <target>`"
     unknown = sorted(named - make_targets())

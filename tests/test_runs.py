@@ -8,13 +8,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import (
-    JSON,
-    RECORD_FIELDS,
-    fake_run,
-    run_cli,
-    the_run,
-)
+from conftest import JSON, RECORD_FIELDS, fake_run, run_cli, the_run
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -15,12 +15,13 @@ from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
 from pipeline.store import ledger
 from pipeline.store.io import replace_together, staged_files
-from pipeline.store.submission import validate_frame
+from pipeline.store.submission import validate_file, validate_frame
 
 
-def test_an_uploads_state_is_its_latest_score(tmp_path: Path) -> None:
+def test_an_uploads_state_is_its_latest_score_and_a_torn_line_is_skipped(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    ledger.add(paths, {"run": "rnn-a", "model": "rnn", "oof_acc": 0.9, "submission": "a.csv"})
+    ledger.add(paths, {"run": "rnn-a", "model": "rnn", "oof_acc": 0.9, "submission": "a.csv",
+                       "config": {**asdict(Settings()), "hidden": 64}})
     ledger.add_upload(paths, 7, "rnn-a", "a.csv", "first")
     ledger.add_score(paths, 99, "rnn-x", "complete", 0.5)  # a score without its upload: not ours
     assert ledger.uploads(paths)[7]["status"] == "pending"
@@ -28,7 +29,12 @@ def test_an_uploads_state_is_its_latest_score(tmp_path: Path) -> None:
     ledger.add_upload(paths, 8, "rnn-a", "a.csv", "again")
     with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
         handle.write(b'{"kind": "score", "ref": 8, "sta')
+    assert ledger.read(paths)[1] == [6]
     ledger.add_score(paths, 8, "rnn-a", "error", None, "bad file")
+    entries, skipped = ledger.read(paths)
+    lines = ledger.runs_path(paths).read_bytes().split(b"\n")
+    assert skipped == [6] and lines[5] == b'{"kind": "score", "ref": 8, "sta' and lines[-1] == b""
+    assert entries[0]["changed"] == {"hidden": 64} and "T" in entries[-1]["time"]  # ISO 8601, filled in
     found = ledger.uploads(paths)
     assert sorted(found) == [7, 8]
     assert (found[7]["status"], found[7]["public_score"], found[7]["message"]) == ("complete", 0.971, "first")
@@ -91,34 +97,11 @@ def test_a_failed_second_rename_puts_both_files_back(tmp_path: Path, monkeypatch
     assert {p.name: p.read_text() for p in folder.iterdir()} == before  # and nothing left over
 
 
-def entry(submission: str, **config: object) -> dict[str, object]:
-    return {"model": "rnn", "config": {**asdict(Settings()), **config}, "oof_acc": 0.9876,
-            "seconds": 83.2, "device": "cpu (4 threads)", "submission": submission,
-            "source": "sample"}
-
-
-def test_submission_record_survives_an_interrupted_write(tmp_path: Path) -> None:
-    paths = Paths(tmp_path)
-    ledger.add(paths, entry("first.csv"))
-    with open(ledger.runs_path(paths), "ab") as handle:  # a write cut off mid-line
-        handle.write(b'{"model": "gru", "oof_acc": 0.9')
-    entries, skipped = ledger.read(paths)
-    assert [e["submission"] for e in entries] == ["first.csv"] and skipped == [2]
-    ledger.add(paths, entry("second.csv"))
-    entries, skipped = ledger.read(paths)
-    assert [e["submission"] for e in entries] == ["first.csv", "second.csv"] and skipped == [2]
-    lines = ledger.runs_path(paths).read_bytes().split(b"\n")
-    assert lines[1] == b'{"model": "gru", "oof_acc": 0.9' and lines[-1] == b""
-    assert entries[1]["changed"] == {} and "T" in entries[1]["time"]  # ISO 8601, filled in
-
-
 def _submission(labels: list[int]) -> pd.DataFrame:
     return pd.DataFrame({"ImageId": range(1, len(labels) + 1), "Label": labels})
 
 
 def test_valid_submission_passes(tmp_path: Path) -> None:
-    from pipeline.store.submission import validate_file
-
     assert validate_frame(_submission([0, 9, 3]), expected_rows=3, where="s.csv") is None
     _submission([0, 9, 3]).to_csv(tmp_path / "s.csv", index=False)
     frame = validate_file(tmp_path / "s.csv", expected_rows=3)

@@ -1,9 +1,5 @@
-"""The data in input/: the pixel cache prepare writes, the folds, where the CSVs came from, and the
-extra training rows of distillation.
-
-    input/train.csv, test.csv, source.json                   the CSVs and their source (download)
-    input/prepared/{train_x,train_y,test_x}.npy + meta.json  the pixel cache (prepare)
-    input/folds.csv + folds.json                             the fold of every train row (folds)
+"""The data in input/ (docs/files.md lists its files): the CSVs' source (download), the pixel cache
+(prepare), the folds, and the extra training rows of distillation.
 """
 
 from __future__ import annotations

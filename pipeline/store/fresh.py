@@ -33,11 +33,9 @@ class Output:
         """'' when the output is current; else why not, in words ("train.csv changed")."""
         if not self.record.exists():
             return "not made yet"
-        for path in self.files:
-            if not path.is_file():
-                return f"{path.name} is missing"
-        made = read_json(self.record)
-        if not isinstance(made, dict) or not isinstance(made.get("inputs"), dict):
+        if missing := [p.name for p in self.files if not p.is_file()]:
+            return f"{missing[0]} is missing"
+        if not isinstance(made := read_json(self.record), dict) or not isinstance(made.get("inputs"), dict):
             return f"{self.record.name} is missing or unreadable"
         if made.get("key") != fingerprint(self.inputs):
             before = made["inputs"]

@@ -13,14 +13,8 @@ from typing import IO, Any
 
 from pipeline.errors import PipelineError
 
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
+_UMASK = os.umask(0o022)  # reading the umask means setting it: done once, at import
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -67,10 +61,9 @@ def replace_together(moves: list[tuple[Path, Path]]) -> None:
             done.append((target, kept))
             os.replace(staged, target)
     except BaseException as exc:
-        lost = _put_back(done)
+        if lost := _put_back(done):
+            print(f"WARNING: could not put back {', '.join(lost)}", flush=True)
         if lost or not isinstance(exc, OSError):
-            if lost:
-                print(f"WARNING: could not put back {', '.join(lost)}", flush=True)
             raise
         raise PipelineError(f"{target}: cannot write ({exc.strerror}); "
                             f"{', '.join(t.name for _, t in moves)} are as they were") from exc

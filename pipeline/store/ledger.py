@@ -1,19 +1,14 @@
 """Publishing a submission, and the record of every one: one JSON object per line in
-submissions/runs.jsonl.
+submissions/runs.jsonl, which `make clean` keeps (each entry names a kept submission beside it).
 
-It lives in submissions/ because each entry names a kept submission in that folder and because
-`make clean` keeps that folder: the history of runs should outlive the logs of the latest one.
+The file is append-only: an entry is one line written with a single write and fsynced, so an
+interrupted run leaves at worst one torn last line, which the reader skips (`make runs` and `make lb`
+name it) and the writer ends before appending: it never swallows the next entry.
 
-The file is append-only. An entry is one line written with a single write, then flushed and
-fsynced, so an interrupted run leaves at worst one torn last line. The reader skips lines it cannot
-parse (`make runs` and `make lb` name them), and the writer starts on a fresh line when the file does
-not end with one, so a torn line never swallows the next entry.
-
-Three kinds of entry share the file: a run's (no `kind`: written by predict and blend), an upload's
-(`kind: upload`: Kaggle's reference, the run that made the file, status pending) and a score's
-(`kind: score`: a later status of that reference, with the public score). An upload is recorded as
-soon as Kaggle takes it, before any score is asked for, so a score that never comes loses nothing;
-the latest entry of a reference is its state.
+Three kinds of entry share it: a run's (no `kind`: predict and blend), an upload's (`kind: upload`:
+Kaggle's reference, the run that made the file, status pending) and a score's (`kind: score`: a later
+status of that reference, with the public score). An upload is recorded as soon as Kaggle takes it,
+so a score that never comes loses nothing; the latest entry of a reference is its state.
 """
 
 from __future__ import annotations
@@ -41,12 +36,9 @@ def runs_path(paths: Paths) -> Path:
 
 
 def add(paths: Paths, entry: dict[str, Any]) -> None:
-    """Append one run to the record.
-
-    Expected fields: model, oof_acc, seconds, device, submission (the kept copy's file name), source,
-    and either config (the full settings; `changed` is derived from it) or changed. `time` is filled
-    in (local time, ISO 8601) when missing.
-    """
+    """Append one run to the record: model, oof_acc, seconds, device, submission (the kept copy's
+    name), source, and config (`changed` is derived from it) or changed; `time` (local, ISO 8601)
+    is filled in when missing."""
     entry = dict(entry)
     entry.setdefault("time", datetime.now().astimezone().isoformat(timespec="seconds"))
     if "changed" not in entry and "config" in entry:
@@ -55,29 +47,18 @@ def add(paths: Paths, entry: dict[str, Any]) -> None:
     path = runs_path(paths)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            # A torn last line from an interrupted write would swallow this entry: end it first.
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise PipelineError(f"{path}: cannot record the run ({exc.strerror})") from exc
-    try:
-        # A torn last line from an interrupted write would swallow this entry: end it first.
-        if not _ends_with_newline(path):
-            line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot record the run ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    """True for an empty file or one whose last byte ends a line."""
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() == 0:
-            return True
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
 
 
 def read(paths: Paths) -> tuple[list[dict[str, Any]], list[int]]:
@@ -89,27 +70,22 @@ def read(paths: Paths) -> tuple[list[dict[str, Any]], list[int]]:
         return [], []
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read the record of runs ({exc.strerror})") from exc
-    entries: list[dict[str, Any]] = []
-    skipped: list[int] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            entry = None
-        if isinstance(entry, dict):
-            entries.append(entry)
-        else:
-            skipped.append(number)
-    return entries, skipped
+    found = {number: _entry(raw) for number, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()}
+    return [e for e in found.values() if e is not None], [n for n, e in found.items() if e is None]
+
+
+def _entry(line: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(line.decode("utf-8"))  # a torn or edited line is no JSON object: None
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def warn_damaged(paths: Paths, stage: str) -> None:
     """Name, once per command, the lines of the record that cannot be read: they are skipped and
     every other line is read."""
-    skipped = read(paths)[1]
-    if skipped:
+    if skipped := read(paths)[1]:
         lines = f"line{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))}"
         print(f"{stage}: warning: {runs_path(paths)}: {lines} not a JSON record (a write cut short, or "
               "edited by hand); skipped, the other lines are read", file=sys.stderr)
@@ -130,20 +106,17 @@ def made_by(paths: Paths) -> tuple[str | None, str | None]:
         return None, None
     for entry in reversed(run_entries(paths)):
         kept = paths.submissions / str(entry.get("submission", ""))
-        try:
-            same = kept.is_file() and kept.stat().st_size == len(current) and kept.read_bytes() == current
-        except OSError:
-            same = False
-        if same and entry.get("run"):
+        if entry.get("run") and _holds(kept, current):
             return str(entry["run"]), kept.name
     name = latest(paths)
-    if name:
-        try:
-            if (paths.runs / name / "submission.csv").read_bytes() == current:
-                return name, None
-        except OSError:
-            pass
-    return None, None
+    return (name, None) if name and _holds(paths.runs / name / "submission.csv", current) else (None, None)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def add_upload(paths: Paths, ref: int, run: str | None, kept: str | None, message: str) -> None:
@@ -184,12 +157,10 @@ def leaderboard_by_run(paths: Paths) -> dict[str, dict[str, Any]]:
 
 def score_text(upload: dict[str, Any] | None) -> str:
     """An upload's public score as Kaggle shows it (0.97100), else its status; '' for none."""
-    if not upload:
-        return ""
-    score = upload.get("public_score")
-    if upload.get("status") == "complete" and isinstance(score, (int, float)):
+    score, status = (upload or {}).get("public_score"), (upload or {}).get("status")
+    if status == "complete" and isinstance(score, int | float):
         return f"{score:.5f}"
-    return str(upload.get("status") or "")
+    return str(status or "")
 
 
 def format_seconds(seconds: Any) -> str:
@@ -204,8 +175,7 @@ def format_seconds(seconds: Any) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
-            new: bool) -> RunRecord:
+def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int, new: bool) -> RunRecord:
     """Make the run's submission the current one (submissions/submission.csv) after checking it
     against the test set as it is now; a new one also gets a kept copy and a line in runs.jsonl.
     Returns the record, naming its kept copy."""
@@ -214,7 +184,7 @@ def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
     if paths.also_submit is not None and paths.also_submit.resolve() != paths.submissions.resolve():
         outputs.append(paths.also_submit / "submission.csv")
     for output in outputs:
-        if not output.is_file() or output.read_bytes() != run.submission.read_bytes():
+        if not _holds(output, run.submission.read_bytes()):
             write_csv(output, frame)
             if output != paths.submission_csv:
                 print(f"submission: also written to {output} (the notebook's output)")
@@ -224,10 +194,9 @@ def publish(paths: Paths, run: RunDir, record: RunRecord, expected_rows: int,
                        f"-cv{record.accuracy:.4f}{mark}.csv")
         write_csv(kept, frame)
         record = run.save(replace(record, kept=kept.name))
-        add(paths, {"run": run.id, "model": record.model, "config": record.config,
-                    "oof_acc": record.oof_acc, "oof_acc_tta": record.oof_acc_tta,
-                    "oof_acc_honest": record.oof_acc_honest, "tta": record.tta,
-                    "seconds": record.seconds, "device": record.where,
+        add(paths, {"run": run.id, "model": record.model, "config": record.config, "oof_acc": record.oof_acc,
+                    "oof_acc_tta": record.oof_acc_tta, "oof_acc_honest": record.oof_acc_honest,
+                    "tta": record.tta, "seconds": record.seconds, "device": record.where,
                     "submission": kept.name, "source": record.source})
     set_latest(paths, run.id)
     return record
@@ -244,9 +213,7 @@ def _unique(target: Path) -> Path:
 def one_line(value: Any) -> str:
     """A table cell as text on one line: a line break or other control character (a description
     typed with a newline) is shown escaped (\\n), so it never splits its row nor reaches the terminal."""
-    text = str(value)
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> str:

@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from filelock import FileLock, Timeout
 
@@ -27,12 +26,15 @@ def project_lock(paths: Paths, command: str, nowait: bool = False) -> Iterator[N
         paths.runs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{paths.runs}: cannot create ({exc.strerror})") from exc
-    lock = FileLock(paths.runs / ".lock")
-    note = paths.runs / ".lock.json"
+    lock, note = FileLock(paths.runs / ".lock"), paths.runs / ".lock.json"
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        holder = _holder(note)
+        try:  # who holds it, as its note says
+            info = json.loads(note.read_text(encoding="utf-8"))
+            holder = f"`{info['command']}` (pid {info['pid']}, since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = "another command"
         if nowait:
             raise PipelineError(f"{holder} is running in this project; NOWAIT=1 so this one stops "
                                 "(run it again when that one ends)") from None
@@ -47,11 +49,3 @@ def project_lock(paths: Paths, command: str, nowait: bool = False) -> Iterator[N
         with contextlib.suppress(OSError):
             note.unlink()
         lock.release()
-
-
-def _holder(note: Path) -> str:
-    try:
-        info = json.loads(note.read_text(encoding="utf-8"))
-        return f"`{info['command']}` (pid {info['pid']}, since {info['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another command"

@@ -1,21 +1,13 @@
-"""A run's folder, the one home of a run: its paths and id, its record (run.json), its folds'
-records, `latest`, the listing of runs, and the ensemble's files that predict and blend write.
-
-    runs/<id>/         config.json, and per fold: fold_<k>.pt (the model), fold_<k>.json (its
-                       record), fold_<k>.state.pt (while training), fold_<k>.csv (the log per
-                       epoch), oof_<k>.csv and test_<k>.csv (its probabilities); then the ensemble
-    runs/blend-<hex>/  blend.json and the ensemble: a blend of runs (never trained)
-    runs/latest        the id of the last completed run or blend
-    the ensemble       oof.csv (every train row's probabilities, from models that never saw it),
-                       test.csv (every test row's), cv.csv (a row per fold, then `all`),
-                       submission.csv, and run.json, written last: the files are then complete
-
-Every other module reads a run's files through this one, and its records as typed records
-(RunRecord, FoldRecord), never as dicts read by key.
+"""A run's folder, the one home of a run (runs/<id>/, a blend's runs/blend-<hex>/; docs/files.md
+lists its files): its paths and id, its record (run.json, written last: the ensemble's files are
+then complete), its folds' records, runs/latest, the listing of runs, and the ensemble's files that
+predict and blend write. Every other module reads a run's files through this one, and its records as
+typed records (RunRecord, FoldRecord), never as dicts read by key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -158,13 +150,13 @@ class RunRecord(Record):
                 **made}
 
     def problems(self) -> list[str]:
+        bad = ["key"] * (not self.key) + ["oof_acc_honest"] * (
+            self.kind == "blend" and self.oof_acc_honest is None)
         try:
             datetime.fromtimestamp(self.finished)
-            dated = True
         except (OverflowError, OSError, ValueError):
-            dated = False
-        return ["finished"] * (not dated) + ["key"] * (not self.key) + ["oof_acc_honest"] * (
-            self.kind == "blend" and self.oof_acc_honest is None)
+            bad.append("finished")
+        return bad
 
     @property
     def where(self) -> str:
@@ -238,9 +230,8 @@ class RunDir:
 
     def remake(self) -> str:
         """How damaged ensemble files are made again: a run's by predict, a blend's by blend."""
-        if self.is_blend:
-            return "`make blend FORCE=1` with its runs remakes it"
-        return f"`make predict RUN={self.id} FORCE=1` remakes it"
+        return ("`make blend FORCE=1` with its runs remakes it" if self.is_blend
+                else f"`make predict RUN={self.id} FORCE=1` remakes it")
 
     # -- its records ------------------------------------------------------------------------------
 
@@ -249,35 +240,29 @@ class RunDir:
         when it cannot be read or is not JSON (a write cut short): damaged, not missing."""
         named = f"{self.id}/{self.record.name}"
         try:
-            text = self.record.read_text(encoding="utf-8")
+            return json.loads(self.record.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{named}: unreadable ({exc})") from None
-        try:
-            return json.loads(text)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"{named}: not valid JSON at line {exc.lineno} column {exc.colno} "
                                 "(truncated or damaged)") from None
+        except (OSError, ValueError) as exc:  # a folder, no permission, not UTF-8
+            raise PipelineError(f"{named}: unreadable ({exc})") from None
 
     def read(self) -> RunRecord:
         """The run's record; a PipelineError when it is missing or damaged."""
-        made = self._contents()
-        if made is None:
+        if (made := self._contents()) is None:
             raise PipelineError(f"{self.id}/{self.record.name}: missing")
         return RunRecord.parse(made, self.record)
 
     def completed(self) -> RunRecord | None:
         """The record when the run's predictions are complete and all its files are there, else
         None; a PipelineError when run.json is damaged (not JSON, or complete with a field not valid)."""
-        made = self._contents()
-        if made is not None and not isinstance(made, dict):
+        if (made := self._contents()) is not None and not isinstance(made, dict):
             RunRecord.parse(made, self.record)  # names it: not a record
-        if not isinstance(made, dict) or not made.get("complete"):
-            return None
-        if not all(p.is_file() for p in (self.oof, self.test, self.submission)):
-            return None
-        return RunRecord.parse(made, self.record)
+        if made and made.get("complete") and all(p.is_file() for p in (self.oof, self.test, self.submission)):
+            return RunRecord.parse(made, self.record)
+        return None
 
     def source(self) -> str | None:
         """Where the data of its record came from, read even from a damaged record (None if none)."""
@@ -305,8 +290,7 @@ class RunDir:
 
     def fold(self, fold: int) -> FoldRecord:
         """A finished fold's record; a PipelineError when it is missing or damaged."""
-        made = read_json(self.fold_record(fold))
-        if made is None:
+        if (made := read_json(self.fold_record(fold))) is None:
             raise PipelineError(f"{self.fold_record(fold)}: missing or unreadable")
         return FoldRecord.parse(made, self.fold_record(fold))
 
@@ -315,17 +299,14 @@ class RunDir:
         what keeps them current once the teacher itself is gone."""
         keys = set()
         for fold in range(n_folds):
-            try:
+            with contextlib.suppress(PipelineError):
                 keys.add(self.fold(fold).inputs.get("teacher"))
-            except PipelineError:
-                continue
         keys.discard(None)
         return str(keys.pop()) if len(keys) == 1 else None
 
     def settings(self) -> dict[str, Any]:
         """config.json as a table of settings ({} when there is none)."""
-        found = read_json(self.config) or {}
-        if not isinstance(found, dict):
+        if not isinstance(found := read_json(self.config) or {}, dict):
             raise PipelineError(f"{self.config.name} is not a table of settings")
         return found
 
@@ -371,9 +352,8 @@ class RunDir:
         every train row once, in order, and test.csv every test row, all finite; else a
         PipelineError saying how to remake them (a truncated file is damaged too)."""
         found = []
-        for path, index, n in ((self.oof, "row", n_train), (self.test, "ImageId", n_test)):
+        for path, index, n, first in ((self.oof, "row", n_train, 0), (self.test, "ImageId", n_test, 1)):
             ids, probs = read_probabilities(path, index)
-            first = 0 if index == "row" else 1
             if len(ids) != n or not np.array_equal(ids, np.arange(first, n + first)):
                 raise PipelineError(f"{path}: {len(ids)} rows, not the {n} rows of the data in order "
                                     f"(truncated or damaged); {self.remake()}")
@@ -460,10 +440,8 @@ def latest(paths: Paths) -> str | None:
 # -- probabilities and scores -----------------------------------------------------------------------
 
 def write_probabilities(path: Path, probs: np.ndarray, front: dict[str, np.ndarray]) -> None:
-    frame = pd.DataFrame(front)
-    for c, name in enumerate(PROB_COLUMNS):
-        frame[name] = probs[:, c]
-    write_csv(path, frame, float_format="%.6g")
+    columns = dict(zip(PROB_COLUMNS, probs.T, strict=True))
+    write_csv(path, pd.DataFrame({**front, **columns}), float_format="%.6g")
 
 
 def read_probabilities(path: Path, index: str) -> tuple[np.ndarray, np.ndarray]:
@@ -476,10 +454,8 @@ def read_probabilities(path: Path, index: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-probability of the true class, rows renormalised and clipped to [eps,
-    1 - eps] (float64's), as scikit-learn's log_loss does for float64 probabilities, all the pipeline
-    has (a test checks they agree). Written out because blend's greedy search calls it thousands of
-    times, and this is a hundred times faster."""
+    """scikit-learn's log_loss of float64 probabilities (rows renormalised, clipped to [eps, 1 - eps];
+    a test checks they agree), written out: blend's greedy search calls it thousands of times."""
     eps = np.finfo(np.float64).eps
     rows = probs.astype(np.float64, copy=False)
     true = rows[np.arange(len(labels)), labels] / np.maximum(rows.sum(1), eps)
