@@ -2,9 +2,10 @@
 
 The fake runs what was pushed (tests/fake_kaggle.py): the script unpacks the project's code it
 carries and trains in a simulated /kaggle tree of its own, on the CPU, without this repository's
-code, the network or any credential. One such session, from a fresh clone through `make`, is shared
-by the tests of this file (the module fixture `trip`); the failures replay its output, changed, or
-make the fake misbehave, and run the command line in this process with the client's environment.
+code, the network or any credential. One such session, from a fresh clone through `make`, is taken
+once per `make test` and shared by the tests of this file (the fixture `trip`); the failures replay
+its output, changed, or make the fake misbehave, and run the command line in this process with the
+client's environment.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from conftest import (
     the_run,
 )
 from fake_kaggle import FAILURE, SESSION_CAP, FakeKaggle, make_zip
+from filelock import FileLock
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,14 +69,33 @@ class Competition:
 
 @dataclass(frozen=True)
 class Trip:
-    """One `make kaggle-run` from a fresh clone, the fake that ran it, and what its session left."""
+    """One `make kaggle-run` from a fresh clone, what the fake saw of it and what its session left:
+    plain data, made once per `make test` and shared by its test processes (the fake is gone)."""
 
-    fake: FakeKaggle
     clone: Path
-    env: dict[str, str]
+    home: Path  # the client's HOME (dummy credentials)
     result: subprocess.CompletedProcess[str]
     output: dict[str, bytes]  # the session's /kaggle/working, file by file
     log: list[dict[str, Any]]
+    calls: list[tuple[str, dict[str, Any]]]  # (kernel method, request body)
+    deleted: list[str]
+    running: list[str]  # kernels still running when the command ended
+    sandbox: str  # where the fake ran the session
+
+    def to_json(self) -> str:
+        made = {**vars(self), "clone": str(self.clone), "home": str(self.home),
+                "result": [self.result.returncode, self.result.stdout, self.result.stderr],
+                "output": {k: base64.b64encode(v).decode() for k, v in self.output.items()}}
+        return json.dumps(made)
+
+    @classmethod
+    def from_json(cls, text: str) -> Trip:
+        made = json.loads(text)
+        code, out, err = made["result"]
+        return cls(**{**made, "clone": Path(made["clone"]), "home": Path(made["home"]),
+                      "result": subprocess.CompletedProcess([], code, out, err),
+                      "output": {k: base64.b64decode(v) for k, v in made["output"].items()},
+                      "calls": [tuple(call) for call in made["calls"]]})
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +117,31 @@ def make(clone: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     return run_make(*args, "SETUP=", f"PY={sys.executable}", cwd=clone, env=env, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def trip(tmp_path_factory: pytest.TempPathFactory, competition: Competition) -> Iterator[Trip]:
+def take_trip(base: Path, competition: Competition) -> Trip:
     fake = FakeKaggle(competition.archive, competition.files).start()
-    base = tmp_path_factory.mktemp("trip")
-    env = client_env(base / "home", fake.url)
-    clone = fresh_clone(base / "clone")
-    result = make(clone, env, "kaggle-run", *MAKE_SETTINGS)
-    ran = fake.executed[0] if fake.executed else None
     try:
-        yield Trip(fake, clone, env, result, dict(ran.files) if ran else {}, list(ran.log) if ran else [])
+        clone, env = fresh_clone(base / "clone"), client_env(base / "home", fake.url)
+        result = make(clone, env, "kaggle-run", *MAKE_SETTINGS)
+        ran = fake.executed[0] if fake.executed else None
+        return Trip(clone, base / "home", result, dict(ran.files) if ran else {},
+                    list(ran.log) if ran else [], list(fake.calls), list(fake.deleted), fake.running(),
+                    str(fake.sandbox))
     finally:
         fake.stop()
+
+
+@pytest.fixture(scope="module")
+def trip(tmp_path_factory: pytest.TempPathFactory, competition: Competition) -> Trip:
+    """The trip, taken once per `make test`: the first test process to need it takes it, the others
+    (pytest-xdist's workers, whose temporary folders share a parent) read what it saved."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    with FileLock(shared / "kaggle-trip.lock"):
+        saved = shared / "kaggle-trip.json"
+        if not saved.exists():
+            saved.write_text(take_trip(shared / "kaggle-trip", competition).to_json())
+        return Trip.from_json(saved.read_text())
 
 
 def session_log(trip: Trip) -> str:
@@ -119,18 +153,18 @@ def test_make_kaggle_run_trains_on_kaggle_and_brings_the_run_home(trip: Trip) ->
     out = trip.result.stdout + trip.result.stderr
     assert trip.result.returncode == 0, out + session_log(trip)
     # The session ran the code the script carried (unpacked under the fake's tree), not this checkout's.
-    assert re.search(rf"code [0-9a-f]{{12}} in {re.escape(str(trip.fake.sandbox))}/", session_log(trip))
+    assert re.search(rf"code [0-9a-f]{{12}} in {re.escape(trip.sandbox)}/", session_log(trip))
     assert "no GPU in this session (asked for NvidiaTeslaT4): training on its CPU" in session_log(trip)
     # Status changes with the time since the push, then the kernel is gone.
     assert re.search(r"kaggle-run: +\d+\.\ds running", out) and re.search(r"\d+\.\ds complete", out)
     assert "deleted the kernel fake-user/digits-rnn-h16-e2-" in out
-    assert trip.fake.running() == [] and trip.fake.methods()[-1] == "DeleteKernel"
+    assert trip.running == [] and trip.calls[-1][0] == "DeleteKernel"
     # The run's id is the one the same settings have here.
     paths = Paths(trip.clone)
     run = the_run(trip.clone)
     assert run.id == run_id(resolve(overrides=SETTINGS), load_prepared(paths).data_key)
     record = run.read()
-    (slug,) = trip.fake.deleted
+    (slug,) = trip.deleted
     assert record.kaggle == KaggleOrigin(kernel=f"fake-user/{slug}", version=1, accelerator="NvidiaTeslaT4")
     assert record.source == "kaggle" and record.device.startswith("cpu")
     # Every file the session wrote came home as it was (run.json gained where it was trained).
@@ -146,14 +180,14 @@ def test_make_kaggle_run_trains_on_kaggle_and_brings_the_run_home(trip: Trip) ->
 
 @pytest.mark.slow
 def test_the_push_is_a_private_script_with_the_competition_on_a_t4_and_no_secret(trip: Trip) -> None:
-    (pushed,) = [body for method, body in trip.fake.calls if method == "SaveKernel"]
+    (pushed,) = [body for method, body in trip.calls if method == "SaveKernel"]
     assert pushed["isPrivate"] is True and pushed["enableInternet"] is False
     assert pushed["competitionDataSources"] == ["digit-recognizer"] and not pushed.get("datasetDataSources")
     assert (pushed["machineShape"], pushed["kernelType"], pushed["language"]) == (
         "NvidiaTeslaT4", "script", "python")
     assert pushed["sessionTimeoutSeconds"] == 7200
     text = pushed["text"]
-    home = Path(trip.env["HOME"])
+    home = trip.home
     for secret in (DUMMY_KEY, base64.b64encode(f"fake-user:{DUMMY_KEY}".encode()).decode(), str(home)):
         assert secret not in text
     code = base64.b64decode(text.split('CODE = """', 1)[1].split('"""', 1)[0])
@@ -168,27 +202,33 @@ def test_the_push_is_a_private_script_with_the_competition_on_a_t4_and_no_secret
 
 
 @pytest.mark.slow
-def test_runs_quota_upload_blend_and_submit_take_it_as_their_own(trip: Trip) -> None:
-    """The README's lines after a Kaggle run, through make in the clone."""
-    run = the_run(trip.clone)
-    listed = make(trip.clone, trip.env, "runs", "FORMAT=csv")
-    assert listed.returncode == 0, listed.stderr
-    row = {r["run"]: r for r in csv.DictReader(io.StringIO(listed.stdout))}[run.id]
-    assert row["device"].startswith("Kaggle: cpu") and row["source"] == "kaggle"
-    quota = make(trip.clone, trip.env, "quota")
-    assert quota.returncode == 0, quota.stderr
-    assert quota.stdout.strip() == ("GPU: 3.00 h used of 30.00 h (27.00 h left); refreshes "
-                                    "2026-12-07 00:00 UTC")
-    sent = make(trip.clone, trip.env, "upload", "MESSAGE=trained on Kaggle", "WAIT=20")
+def test_runs_quota_upload_blend_and_submit_take_it_as_their_own(trip: Trip, tmp_path: Path) -> None:
+    """The README's lines after a Kaggle run, through make in a copy of the clone."""
+    clone = shutil.copytree(trip.clone, tmp_path / "clone", copy_function=link_big)
+    run = the_run(clone)
+    fake = FakeKaggle(b"").start()
+    try:
+        env = client_env(tmp_path / "home", fake.url)
+        listed = make(clone, env, "runs", "FORMAT=csv")
+        assert listed.returncode == 0, listed.stderr
+        row = {r["run"]: r for r in csv.DictReader(io.StringIO(listed.stdout))}[run.id]
+        assert row["device"].startswith("Kaggle: cpu") and row["source"] == "kaggle"
+        quota = make(clone, env, "quota")
+        assert quota.returncode == 0, quota.stderr
+        assert quota.stdout.strip() == ("GPU: 3.00 h used of 30.00 h (27.00 h left); refreshes "
+                                        "2026-12-07 00:00 UTC")
+        sent = make(clone, env, "upload", "MESSAGE=trained on Kaggle", "WAIT=20")
+    finally:
+        fake.stop()
     assert sent.returncode == 0, sent.stderr
     assert f"made by {run.id}" in sent.stdout and "public score 0.97100" in sent.stdout
-    assert ledger.uploads(Paths(trip.clone))[4242]["run"] == run.id
+    assert ledger.uploads(Paths(clone))[4242]["run"] == run.id
     # The same settings here are the same run: nothing retrains, nothing is predicted again.
-    again = make(trip.clone, trip.env, "submit", *MAKE_SETTINGS)
+    again = make(clone, env, "submit", *MAKE_SETTINGS)
     assert again.returncode == 0, again.stderr
     assert "train: fold 0 skipped" in again.stdout and "train: fold 1 skipped" in again.stdout
     assert f"predict: {run.id} skipped" in again.stdout
-    blended = make(trip.clone, trip.env, "blend", "FOLDS=2")  # blends runs on the folds given
+    blended = make(clone, env, "blend", "FOLDS=2")  # blends runs on the folds given
     assert blended.returncode == 0, blended.stderr
     assert f"blend: {run.id} x1" in blended.stdout
 
