@@ -37,6 +37,10 @@ _PIXEL_RE = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _LABEL_RE = rb"[0-9]"
 # A cell in quotes, whole: quotes only around a number, each side a separator or the line's end.
 _QUOTED = re.compile(rb'(?<![^,\r\n])[ \t]*"[ \t]*[0-9]+[ \t]*"[ \t]*(?![^,\r\n])')
+# What a file is when its start says it is not a CSV at all.
+_NOT_CSV = ((b"PK\x03\x04", "a zip archive (unzip it and put train.csv/test.csv in input/)"),
+            (b"\x1f\x8b", "a gzip archive (decompress it first)"),
+            ((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE), "UTF-16 text (save the file as UTF-8 CSV)"))
 _LINE_END = re.compile(rb"\r\n?|\n")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
@@ -86,7 +90,7 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
     what = ("train.csv's header label,pixel0,...,pixel783" if labelled
             else "test.csv's header pixel0,...,pixel783")
     where = f"{path}: line 1"
-    kind = _binary_kind(raw)
+    kind = next((what for start, what in _NOT_CSV if raw.startswith(start)), "")
     problem = (1, kind) if kind else _not_text(raw)
     if problem:
         raise PipelineError(f"{where}, column {problem[0]}: expected {what}, found {problem[1]}")
@@ -130,17 +134,6 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
                             f"{len(expected)} columns ({what}), found {len(names)}; column {first} "
                             f"is missing{more}")
     return names
-
-
-def _binary_kind(raw: bytes) -> str:
-    """A name for what a file is when its start says it is not a CSV at all."""
-    if raw.startswith(b"PK\x03\x04"):
-        return "a zip archive (unzip it and put train.csv/test.csv in input/)"
-    if raw.startswith(b"\x1f\x8b"):
-        return "a gzip archive (decompress it first)"
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "UTF-16 text (save the file as UTF-8 CSV)"
-    return ""
 
 
 def _not_text(raw: bytes) -> tuple[int, str] | None:
@@ -268,9 +261,7 @@ def count_duplicates(images: np.ndarray) -> int:
 
 def _check_writable(folder: Path) -> None:
     """Fail before the slow work when the cache cannot be written."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise PipelineError(f"{existing}: is a file; expected a folder for the prepared cache "
                             f"({folder})")
