@@ -74,14 +74,9 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
-    found = rows(paths, sort)
-    if fmt == "csv":
-        return format_table(found, COLUMNS, fmt)
-    if not found:
-        return f"no runs yet in {paths.runs}; `make submit` makes one"
-    last = latest(paths)
-    return format_table(found, COLUMNS, fmt) + f"\n{len(found)} run(s) in {paths.runs}" + (
-        f"; latest: {last}" if last else "")
+    found, last = rows(paths, sort), latest(paths)
+    footer = f"\n{len(found)} run(s) in {paths.runs}" + (f"; latest: {last}" if last else "")
+    return format_table(found, COLUMNS, fmt, f"no runs yet in {paths.runs}; `make submit` makes one", footer)
 
 
 def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
