@@ -98,9 +98,8 @@ class FoldState:
         saved, step = load_state(path, key, self.step.device), self.step
         if saved is None:
             return False
-        step.model.load_state_dict(saved["model"])
-        step.optimizer.load_state_dict(saved["optimizer"])
-        step.scheduler.load_state_dict(saved["scheduler"])
+        for part in ("model", "optimizer", "scheduler"):
+            getattr(step, part).load_state_dict(saved[part])
         if step.average is not None and saved.get("average") is not None:
             step.average.load_state_dict(saved["average"])
         self.generator.set_state(saved["generator"])

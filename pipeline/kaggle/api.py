@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 import zlib
@@ -169,14 +168,6 @@ def _warn_if_readable() -> None:
                   file=sys.stderr)
 
 
-def _client_env() -> dict[str, str]:
-    """The user's environment as is (credentials, proxies...), less the switches that print secrets."""
-    env = {k: v for k, v in os.environ.items() if k not in NOISY_ENV}
-    # The child must import this package even when it is not installed (e.g. run from a checkout).
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
-    return env
-
-
 def call(child: Callable[..., dict[str, Any]], timeout: float, progress_dir: Path | None = None,
          forbidden: str = "", **kwargs: Any) -> dict[str, Any]:
     """child(**kwargs), a ``_child_*`` function of this package, run in a child process; returns what it
@@ -185,26 +176,28 @@ def call(child: Callable[..., dict[str, Any]], timeout: float, progress_dir: Pat
     words, when given, with Kaggle's {detail}), its words scrubbed of every credential."""
     if not timeout > 0:
         raise PipelineError(f"timeout must be a positive number of seconds, got {timeout}")
-    with tempfile.TemporaryDirectory(prefix="digits-kaggle-") as tmp:  # the child's request, result, cwd
+    # The user's environment as is (credentials, proxies...), less the switches that print secrets.
+    env = {k: v for k, v in os.environ.items() if k not in NOISY_ENV}
+    # The child must import this package even when it is not installed (e.g. run from a checkout).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+    # The child's request, result and cwd; its output goes to a file outside that folder (a file never
+    # fills up and blocks a chatty client, as a pipe would, and its growth is no progress).
+    with tempfile.TemporaryDirectory(prefix="digits-kaggle-") as tmp, tempfile.TemporaryFile() as output:
         Path(tmp, "request.json").write_text(json.dumps({"module": child.__module__, "kwargs": kwargs,
                                                          "function": child.__name__, "forbidden": forbidden}))
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.kaggle.api", "request.json"], cwd=tmp,
-                                env=_client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        output: list[bytes] = []
-        # A thread drains the pipe so a chatty client can never block on a full buffer.
-        reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
-        reader.start()
+                                env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
         try:
             _wait(proc, timeout, progress_dir or Path(tmp))
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            reader.join(timeout=5)
         result = _read_json_file(Path(tmp, "result.json"))
+        output.seek(0)
+        said = output.read().decode("utf-8", "replace")
     if not result:
-        tail = scrub(b"".join(output).decode("utf-8", "replace")).strip().splitlines()[-5:]
+        tail = scrub(said).strip().splitlines()[-5:]
         raise PipelineError(f"the kaggle client stopped unexpectedly (exit code {proc.returncode})"
                             + (":\n  " + "\n  ".join(tail) if tail else ""))
     if result.get("error"):
@@ -360,8 +353,16 @@ def _failure(exc: BaseException, forbidden: str) -> str:
     """What went wrong, in the user's words (the parent scrubs them of credentials before showing them)."""
     import requests
 
+    if isinstance(exc, SystemExit) and (found := credentials_source()):
+        return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
+                f"Create a new API token at {TOKEN_URL}")
     if isinstance(exc, SystemExit):
-        return _no_credentials_message()
+        # ~/.kaggle is the folder users know; the client prefers it over XDG as soon as it exists.
+        folder = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
+        return ("no Kaggle credentials found. Create an API token at "
+                f"{TOKEN_URL} (section API) and save kaggle.json as {folder / 'kaggle.json'} "
+                "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN. Without an "
+                "account: make download SOURCE=sample (built-in sample) or SOURCE=dir DIR=<folder>")
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
         return (f"cannot reach Kaggle ({type(exc).__name__}). Check your network connection "
                 "(and HTTP_PROXY/HTTPS_PROXY if you use a proxy), then retry")
@@ -378,18 +379,6 @@ def _failure(exc: BaseException, forbidden: str) -> str:
             f"https://www.kaggle.com/competitions/{COMPETITION}/rules (signed in as the account of your "
             "API token), then retry")
     return f"Kaggle answered HTTP {status}: {detail or 'no detail'}; retry later"
-
-
-def _no_credentials_message() -> str:
-    if found := credentials_source():
-        return (f"Kaggle did not accept the credentials in {found} (an expired or invalid token?). "
-                f"Create a new API token at {TOKEN_URL}")
-    # ~/.kaggle is the folder users know; the client prefers it over XDG as soon as it exists.
-    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
-    return ("no Kaggle credentials found. Create an API token at "
-            f"{TOKEN_URL} (section API) and save kaggle.json as {folder / 'kaggle.json'} "
-            "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN. "
-            "Without an account: make download SOURCE=sample (built-in sample) or SOURCE=dir DIR=<folder>")
 
 
 def _child_main(request_file: str) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+from scipy.special import softmax
 
 from pipeline.config import Paths, fingerprint
 from pipeline.errors import PipelineError
@@ -39,9 +40,7 @@ def combine(probs: np.ndarray, weights: np.ndarray, mean: str) -> np.ndarray:
     w = weights / weights.sum()
     if mean == "prob":
         return np.tensordot(w, probs, axes=1)
-    logs = np.tensordot(w, np.log(np.clip(probs, 1e-12, 1)), axes=1)
-    out = np.exp(logs - logs.max(1, keepdims=True))
-    return out / out.sum(1, keepdims=True)
+    return softmax(np.tensordot(w, np.log(np.clip(probs, 1e-12, 1)), axes=1), axis=1)
 
 
 def select(probs: np.ndarray, labels: np.ndarray, mean: str = "prob") -> np.ndarray:

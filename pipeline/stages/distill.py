@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import softmax
 
 from pipeline.config import Paths, Settings
 from pipeline.errors import PipelineError
@@ -18,10 +19,7 @@ from pipeline.store.run import RunDir, RunRecord, check_name, read_probabilities
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Probabilities as softmax(log p / T): T > 1 softens them, T < 1 sharpens them."""
-    logits = np.log(np.clip(probs, 1e-12, 1)) / temperature
-    logits -= logits.max(1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(1, keepdims=True)
+    return softmax(np.log(np.clip(probs, 1e-12, 1)) / temperature, axis=1)
 
 
 def pseudo_rows(paths: Paths, cfg: Settings, data: Prepared, student: RunDir | None = None) -> Pseudo:

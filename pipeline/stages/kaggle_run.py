@@ -10,7 +10,6 @@ Whatever the end (done, error, deadline, Ctrl-C) the kernel is deleted, unless K
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -20,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -200,18 +198,6 @@ def _failure(pushed: kernels.Pushed, failure: str, timeout: float) -> str:
             f"the last lines of its log:\n{tail}")
 
 
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """Hold off Ctrl-C while the kernel is deleted: a second one must not leave it running."""
-    main = threading.current_thread() is threading.main_thread()  # only it may handle signals
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        yield
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, before)
-
-
 def _let_go(slug: str, keep: bool, timeout: float) -> None:
     """Delete the kernel (KEEP=1: say where it stays). A failure to delete is said, never raised:
     the end the command came to (a result, an error, Ctrl-C) is the one it reports."""
@@ -220,11 +206,16 @@ def _let_go(slug: str, keep: bool, timeout: float) -> None:
               "yours); a session still running there keeps using GPU quota until it ends or you "
               "delete it", file=sys.stderr)
         return
-    with _uninterrupted():
-        try:
-            owner, found, complaint = kernels.delete(slug, timeout)
-        except PipelineError as exc:
-            owner, found, complaint = "", True, str(exc)
+    # Ctrl-C is held off while the kernel is deleted: a second one must not leave it running.
+    main = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        owner, found, complaint = kernels.delete(slug, timeout)
+    except PipelineError as exc:
+        owner, found, complaint = "", True, str(exc)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
     kernel = f"{owner}/{slug}" if owner else slug
     if complaint:
         print(f"kaggle-run: WARNING: could not delete the kernel {kernel} ({complaint}); if it still "

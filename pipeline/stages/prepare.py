@@ -37,6 +37,11 @@ _PIXEL_RE = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _LABEL_RE = rb"[0-9]"
 # A cell in quotes, whole: quotes only around a number, each side a separator or the line's end.
 _QUOTED = re.compile(rb'(?<![^,\r\n])[ \t]*"[ \t]*[0-9]+[ \t]*"[ \t]*(?![^,\r\n])')
+# What a file is when its start says it is not a CSV at all.
+_NOT_CSV = ((b"PK\x03\x04", "a zip archive (unzip it and put train.csv/test.csv in input/)"),
+            (b"\x1f\x8b", "a gzip archive (decompress it first)"),
+            ((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE), "UTF-16 text (save the file as UTF-8 CSV)"))
+_LINE_END = re.compile(rb"\r\n?|\n")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -54,8 +59,9 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read it ({exc.strerror})") from exc
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    header_end, body_start = _first_line_end(data, start)
-    end = _content_end(data, body_start)  # blank lines at the very end are harmless
+    first = _LINE_END.search(data, start)  # CRLF, LF or a lone CR
+    header_end, body_start = (first.start(), first.end()) if first else (len(data), len(data))
+    end = max(body_start, len(data.rstrip(b" \t\r\n")))  # blank lines at the very end are harmless
     if end == body_start and not data[start:header_end].strip(b" \t"):
         raise PipelineError(f"{path}: line 1, column 1: expected a CSV header and one row per image, "
                             f"found an empty file ({len(data)} bytes)")
@@ -72,17 +78,6 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
     return to_images(values[:, [names.index(n) for n in PIXELS]]), labels
 
 
-def _first_line_end(data: bytes, start: int) -> tuple[int, int]:
-    """Where the first line ends and the next begins (line ends: CRLF, LF or a lone CR)."""
-    newline = data.find(b"\n", start)
-    end = data.find(b"\r", start, newline if newline >= 0 else len(data))
-    if end < 0:
-        end = newline
-    if end < 0:
-        return len(data), len(data)
-    return end, end + (2 if data[end:end + 2] == b"\r\n" else 1)
-
-
 def _show(name: str, quote: bool = False) -> str:
     """A column name as a message shows it: plain when plain (unless quote), else quoted, cut short."""
     if not quote and name and len(name) <= 40 and name.isprintable() and " " not in name:
@@ -95,7 +90,7 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
     what = ("train.csv's header label,pixel0,...,pixel783" if labelled
             else "test.csv's header pixel0,...,pixel783")
     where = f"{path}: line 1"
-    kind = _binary_kind(raw)
+    kind = next((what for start, what in _NOT_CSV if raw.startswith(start)), "")
     problem = (1, kind) if kind else _not_text(raw)
     if problem:
         raise PipelineError(f"{where}, column {problem[0]}: expected {what}, found {problem[1]}")
@@ -141,17 +136,6 @@ def _read_header(path: Path, raw: bytes, labelled: bool) -> list[str]:
     return names
 
 
-def _binary_kind(raw: bytes) -> str:
-    """A name for what a file is when its start says it is not a CSV at all."""
-    if raw.startswith(b"PK\x03\x04"):
-        return "a zip archive (unzip it and put train.csv/test.csv in input/)"
-    if raw.startswith(b"\x1f\x8b"):
-        return "a gzip archive (decompress it first)"
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "UTF-16 text (save the file as UTF-8 CSV)"
-    return ""
-
-
 def _not_text(raw: bytes) -> tuple[int, str] | None:
     """(column, description) of the first byte in a line that is not UTF-8 text, or None."""
     bad = raw.find(b"\x00")
@@ -162,18 +146,6 @@ def _not_text(raw: bytes) -> tuple[int, str] | None:
     if bad < 0:
         return None
     return raw.count(b",", 0, bad) + 1, f"byte 0x{raw[bad]:02x}, which is not text (binary data?)"
-
-
-def _content_end(data: bytes, start: int) -> int:
-    """The index just after the last byte from start on that is not a space, tab or line end."""
-    end = len(data)
-    while end > start:
-        chunk = data[max(start, end - 65536):end]
-        kept = len(chunk.rstrip(b" \t\r\n"))
-        if kept:
-            return end - len(chunk) + kept
-        end -= len(chunk)
-    return start
 
 
 def _fast_parse(data: bytes, body_start: int, end: int, names: list[str],
@@ -287,16 +259,9 @@ def count_duplicates(images: np.ndarray) -> int:
 
 # -- the stage ----------------------------------------------------------------------------------
 
-def _inputs(paths: Paths) -> dict[str, list[int]]:
-    """What the cache is made from: each CSV's size and modification time."""
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (paths.train_csv, paths.test_csv)}
-
-
 def _check_writable(folder: Path) -> None:
     """Fail before the slow work when the cache cannot be written."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise PipelineError(f"{existing}: is a file; expected a folder for the prepared cache "
                             f"({folder})")
@@ -337,7 +302,9 @@ def run(paths: Paths, force: bool = False) -> Prepared:
     """Validate both CSVs and write the cache unless it is current; returns the prepared data."""
     _check_inputs_exist(paths)
     data: list[Prepared] = []
-    made = Output(paths.prepared / "meta.json", _inputs(paths),
+    # What the cache is made from: each CSV's size and modification time.
+    inputs = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (paths.train_csv, paths.test_csv)}
+    made = Output(paths.prepared / "meta.json", inputs,
                   check=lambda: data.append(load_prepared(paths)))
     if not made.rerun("prepare:", "train.csv and test.csv unchanged", force):
         return data[0]

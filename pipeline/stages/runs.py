@@ -53,9 +53,8 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
     config = run.settings()
     if record is None:
         state = "(not complete)" if run.config.is_file() else "(interrupted, settings not recorded)"
-        return {"run": run.id, "model": config.get("model", ""), "changed settings":
-                describe_changes(config) if config else "", "OOF acc": "", "LB": "", "log loss": "",
-                "fold spread": "", "time": "", "device": "", "source": "",
+        return {**dict.fromkeys(COLUMNS, ""), "run": run.id, "model": config.get("model", ""),
+                "changed settings": describe_changes(config) if config else "",
                 "size": size_text(run.size()), "finished": state, "_acc": -1.0, "_time": 0.0}
     if run.is_blend:
         changed = "blend: " + record.members().replace(", ", " ")
@@ -75,14 +74,9 @@ def _row(run: RunDir, board: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:
-    found = rows(paths, sort)
-    if fmt == "csv":
-        return format_table(found, COLUMNS, fmt)
-    if not found:
-        return f"no runs yet in {paths.runs}; `make submit` makes one"
-    last = latest(paths)
-    return format_table(found, COLUMNS, fmt) + f"\n{len(found)} run(s) in {paths.runs}" + (
-        f"; latest: {last}" if last else "")
+    found, last = rows(paths, sort), latest(paths)
+    footer = f"\n{len(found)} run(s) in {paths.runs}" + (f"; latest: {last}" if last else "")
+    return format_table(found, COLUMNS, fmt, f"no runs yet in {paths.runs}; `make submit` makes one", footer)
 
 
 def run(paths: Paths, sort: str = default("sort"), fmt: str = default("format")) -> str:

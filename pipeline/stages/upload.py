@@ -10,7 +10,6 @@ its score is recorded when it comes (here, or later by `make lb`).
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from pipeline.config import COMPETITION, Paths
 from pipeline.errors import Interrupted, PipelineError
@@ -105,19 +104,12 @@ def leaderboard(paths: Paths, timeout: float = default("timeout"), fmt: str = de
                      "description": sub.get("description", ""), "status": status + why,
                      "public score": ledger.score_text(sub) if status == "complete" else "", "ref": str(ref),
                      "from": (mine.get("run") or "(unknown run)") if mine else "-"})
-    text = _format(rows, fmt)
+    text = ledger.format_table(
+        rows, LB_COLUMNS, fmt, empty=f"no submissions to '{COMPETITION}' yet; `make upload "
+        'MESSAGE="..."` makes one', footer=f"\n{len(rows)} submission(s) to '{COMPETITION}' (newest "
+        "first); from: the run or blend that made it, - when it was not uploaded from this project")
     sys.stdout.write(text + "\n")
     return text
-
-
-def _format(rows: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "csv":
-        return ledger.format_table(rows, LB_COLUMNS, fmt)
-    if not rows:
-        return f"no submissions to '{COMPETITION}' yet; `make upload MESSAGE=\"...\"` makes one"
-    return ledger.format_table(rows, LB_COLUMNS, fmt) + (
-        f"\n{len(rows)} submission(s) to '{COMPETITION}' (newest first); "
-        "from: the run or blend that made it, - when it was not uploaded from this project")
 
 
 def _refuse_sample(paths: Paths) -> None:

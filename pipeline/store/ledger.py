@@ -216,16 +216,20 @@ def one_line(value: Any) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
-def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> str:
-    """Rows as CSV (fmt "csv") or as an aligned text table with a rule under the header."""
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, empty: str = "",
+                 footer: str = "") -> str:
+    """Rows as CSV (fmt "csv") or as an aligned text table with a rule under the header and footer
+    after it (empty, when given, in place of a table of no rows)."""
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return buffer.getvalue().rstrip("\n")
+    if empty and not rows:
+        return empty
     cells = [columns] + [tuple(one_line(r[c]) for c in columns) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines) + footer

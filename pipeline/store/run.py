@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from functools import partialmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypedDict
 
@@ -206,24 +207,16 @@ class RunDir:
         """A blend's folder (made by blend, never trained): the one way a blend is told."""
         return self.id.startswith(BLEND)
 
-    def model(self, fold: int) -> Path:
-        return self.path / f"fold_{fold}.pt"
+    def _of_fold(self, name: str, fold: int) -> Path:
+        return self.path / name.format(fold)
 
-    def fold_record(self, fold: int) -> Path:
-        return self.path / f"fold_{fold}.json"
-
-    def state(self, fold: int) -> Path:
-        """The resumable end-of-epoch state of a fold still in training."""
-        return self.path / f"fold_{fold}.state.pt"
-
-    def log(self, fold: int) -> Path:
-        return self.path / f"fold_{fold}.csv"
-
-    def oof_fold(self, fold: int) -> Path:
-        return self.path / f"oof_{fold}.csv"
-
-    def test_fold(self, fold: int) -> Path:
-        return self.path / f"test_{fold}.csv"
+    # A fold's files, each called with the fold's number.
+    model = partialmethod(_of_fold, "fold_{}.pt")
+    fold_record = partialmethod(_of_fold, "fold_{}.json")
+    state = partialmethod(_of_fold, "fold_{}.state.pt")  # the resumable state of a fold in training
+    log = partialmethod(_of_fold, "fold_{}.csv")
+    oof_fold = partialmethod(_of_fold, "oof_{}.csv")
+    test_fold = partialmethod(_of_fold, "test_{}.csv")
 
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
