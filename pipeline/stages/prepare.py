@@ -61,7 +61,7 @@ def read_competition_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.nda
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     first = _LINE_END.search(data, start)  # CRLF, LF or a lone CR
     header_end, body_start = (first.start(), first.end()) if first else (len(data), len(data))
-    end = max(body_start, len(data.rstrip(b" \t\r\n")))  # blank lines at the very end are harmless
+    end = _content_end(data, body_start)  # blank lines at the very end are harmless
     if end == body_start and not data[start:header_end].strip(b" \t"):
         raise PipelineError(f"{path}: line 1, column 1: expected a CSV header and one row per image, "
                             f"found an empty file ({len(data)} bytes)")
@@ -146,6 +146,18 @@ def _not_text(raw: bytes) -> tuple[int, str] | None:
     if bad < 0:
         return None
     return raw.count(b",", 0, bad) + 1, f"byte 0x{raw[bad]:02x}, which is not text (binary data?)"
+
+
+def _content_end(data: bytes, start: int) -> int:
+    """The index just after the last byte from start on that is not a space, tab or line end
+    (read from the end a block at a time: no copy of a file of many megabytes)."""
+    end = len(data)
+    while end > start:
+        chunk = data[max(start, end - 65536):end]
+        if kept := len(chunk.rstrip(b" \t\r\n")):
+            return end - len(chunk) + kept
+        end -= len(chunk)
+    return start
 
 
 def _fast_parse(data: bytes, body_start: int, end: int, names: list[str],
