@@ -107,11 +107,12 @@ runs: setup ## every run side by side
 forget: setup ## delete one run's folder, nothing else
 	$(PIPELINE) forget $(ARGS)
 
-# The suite runs in one test process per core plus one when pytest-xdist is there (each process
-# uses one thread, and many tests spend seconds waiting on a child process, a server or a timeout:
-# on 2 cores, 3 processes took 148 s where 2 took 161); TEST_WORKERS=0 runs it in one process, as
-# does a Python without pytest-xdist.
-TEST_WORKERS ?= $$($(PY) -c "import os; print(os.cpu_count() + 1)")
+# The suite runs in one test process per core it may use, plus one, when pytest-xdist is there
+# (each process uses one thread, and many tests spend seconds waiting on a child process, a server
+# or a timeout: on 2 cores, 3 processes took 148 s where 2 took 161); TEST_WORKERS=0 runs it in one
+# process, as does a Python without pytest-xdist.
+CORES = import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+TEST_WORKERS ?= $$(( $$($(PY) -c '$(CORES)') + 1 ))
 XDIST = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS)")
 test: setup ## run the whole test suite (no network, no GPU needed)
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)

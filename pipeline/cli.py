@@ -46,7 +46,7 @@ WRITERS = ("download", "prepare", "folds", "train", "predict", "submit", "distil
            "tune", "kaggle-run")
 
 
-def stage(name: str) -> Any:
+def load_stage(name: str) -> Any:
     """A stage's module, imported when its command runs: a command starts without the others'."""
     return importlib.import_module(f"pipeline.stages.{name.replace('-', '_')}")
 
@@ -66,12 +66,12 @@ class Command:
 
     def download(self) -> None:
         a = self.args
-        stage("download").run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
+        load_stage("download").run(self.paths, a.source, a.dir, self.forced("download", "submit"), a.timeout)
 
     @cached_property
     def data(self) -> Prepared:
         self.download()
-        return stage("prepare").run(self.paths, force=self.forced("prepare"))
+        return load_stage("prepare").run(self.paths, force=self.forced("prepare"))
 
     @cached_property
     def cfg(self) -> Settings:
@@ -79,7 +79,7 @@ class Command:
 
     @cached_property
     def fold_of(self) -> np.ndarray:
-        return stage("folds").run(self.cfg, self.paths, self.data)
+        return load_stage("folds").run(self.cfg, self.paths, self.data)
 
     @cached_property
     def plan(self) -> Plan:
@@ -87,7 +87,7 @@ class Command:
         plan = self.plan_of()
         if not self.cfg.teacher:
             return plan
-        pseudo = stage("distill").pseudo_rows(self.paths, self.cfg, self.data, student=plan.run)
+        pseudo = load_stage("distill").pseudo_rows(self.paths, self.cfg, self.data, student=plan.run)
         return replace(plan, pseudo=pseudo)
 
     def plan_of(self) -> Plan:
@@ -149,13 +149,13 @@ def _not_this_run(name: str, run: RunDir, cfg: Settings, data: Prepared, paths: 
 
 
 def _train(c: Command) -> None:
-    stage("train").run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
+    load_stage("train").run(c.plan, None if c.args.fold is None else [c.args.fold], force=c.forced("train"))
     print(f"train: done: {c.plan.run.path.relative_to(c.paths.root)}")
 
 
 def _predict(c: Command) -> RunRecord:
-    records = stage("train").run(c.plan, force=c.forced("train"))
-    return stage("predict").run(c.plan, records, force=c.forced("predict"))
+    records = load_stage("train").run(c.plan, force=c.forced("train"))
+    return load_stage("predict").run(c.plan, records, force=c.forced("predict"))
 
 
 def _submit(c: Command) -> None:
@@ -190,12 +190,12 @@ def default_teacher(paths: Paths) -> tuple[str, str]:
 
 def _blend(c: Command) -> None:
     names = [check_name(n, "RUNS") for n in (c.args.runs or "").split()] or None
-    stage("blend").run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean,
+    load_stage("blend").run(c.paths, c.data, c.fold_of, c.cfg.fold_seed, names, mean=c.args.mean,
                        force=c.args.force, make_first=lambda: _predict(c))
 
 
 def _report(c: Command) -> None:
-    report = stage("report")
+    report = load_stage("report")
     if c.args.study:
         report.draw_study(c.paths, c.args.study, c.args.storage)
         return
@@ -223,7 +223,7 @@ def _tune_status(c: Command) -> None:
 def _forget(c: Command) -> None:
     if not c.args.run:
         raise PipelineError("forget needs the run to delete: `make forget RUN=<id>` (`make runs` lists them)")
-    stage("runs").forget(c.paths, c.args.run)
+    load_stage("runs").forget(c.paths, c.args.run)
 
 
 # -- the parser -----------------------------------------------------------------------------------
@@ -232,8 +232,9 @@ def add_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("settings (defaults < --preset < --config < options)")
     for field in fields(Settings):
         default, meta = field.default, field.metadata
-        kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) \
-            else {"type": type(default), "choices": meta["choices"]}
+        kind: dict[str, Any] = {"type": type(default), "choices": meta["choices"]}
+        if isinstance(default, bool):
+            kind = {"action": argparse.BooleanOptionalAction}
         group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
                            help=f"{meta['help']} (default: {default})", **kind)
     return group
@@ -266,20 +267,20 @@ STAGES: dict[str, tuple[Any, str]] = {
     "report": (_report, "draw a run (or a study) into reports/ (the latest run by default)"),
     "tune": (_tune, "search settings with Optuna; every trial is a run"),
     "tune-status": (_tune_status, "a study's trials so far and the best five"),
-    "runs": (lambda c: stage("runs").run(c.paths, sort=c.args.sort, fmt=c.args.format),
+    "runs": (lambda c: load_stage("runs").run(c.paths, sort=c.args.sort, fmt=c.args.format),
              "every run side by side"),
     "forget": (_forget, "delete one run's folder"),
-    "upload": (lambda c: stage("upload").run(c.paths, message=c.args.message, timeout=c.args.timeout,
+    "upload": (lambda c: load_stage("upload").run(c.paths, message=c.args.message, timeout=c.args.timeout,
                                              wait=c.args.wait),
                "send submissions/submission.csv to the competition"),
-    "lb": (lambda c: stage("upload").leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format),
+    "lb": (lambda c: load_stage("upload").leaderboard(c.paths, timeout=c.args.timeout, fmt=c.args.format),
            "the competition's submissions: date, description, status, public score and the run that "
            "made each"),
-    "kaggle-run": (lambda c: stage("kaggle-run").run(c.plan_of(), accelerator=c.args.accelerator,
+    "kaggle-run": (lambda c: load_stage("kaggle-run").run(c.plan_of(), accelerator=c.args.accelerator,
                                                      deadline=c.args.deadline, timeout=c.args.timeout,
                                                      keep=c.args.keep),
                    "train the run of these settings on a Kaggle GPU and bring it home into runs/<id>/"),
-    "quota": (lambda c: stage("kaggle-run").quota(timeout=c.args.timeout),
+    "quota": (lambda c: load_stage("kaggle-run").quota(timeout=c.args.timeout),
               "Kaggle's GPU hours: used, allowed, left and when they refresh"),
 }
 

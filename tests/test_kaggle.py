@@ -629,3 +629,15 @@ def test_unpack_refuses_more_bad_archives(data: bytes, phrase: str, tmp_path: Pa
     with pytest.raises(PipelineError, match=phrase):
         kaggle_api.unpack(tmp_path / "a.zip", tmp_path, ("train.csv", "test.csv"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
+@pytest.mark.parametrize(("module", "function"), [("os", "system"), ("pipeline.kaggle.api", "call"),
+                                                  ("pipeline.stages.upload", "_child_x")])
+def test_the_client_child_runs_only_its_own_functions(module: str, function: str, tmp_path: Path) -> None:
+    """The child runs what its request file names: only a `_child_` function of pipeline.kaggle."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"module": module, "function": function, "kwargs": {"command": "true"}}))
+    kaggle_api._child_main(str(request))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "ok" not in result
+    assert f"not a function of the kaggle child: {module}.{function}" in result["error"]

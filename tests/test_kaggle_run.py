@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -82,21 +83,6 @@ class Trip:
     running: list[str]  # kernels still running when the command ended
     sandbox: str  # where the fake ran the session
 
-    def to_json(self) -> str:
-        made = {**vars(self), "clone": str(self.clone), "home": str(self.home),
-                "result": [self.result.returncode, self.result.stdout, self.result.stderr],
-                "output": {k: base64.b64encode(v).decode() for k, v in self.output.items()}}
-        return json.dumps(made)
-
-    @classmethod
-    def from_json(cls, text: str) -> Trip:
-        made = json.loads(text)
-        code, out, err = made["result"]
-        return cls(**{**made, "clone": Path(made["clone"]), "home": Path(made["home"]),
-                      "result": subprocess.CompletedProcess([], code, out, err),
-                      "output": {k: base64.b64decode(v) for k, v in made["output"].items()},
-                      "calls": [tuple(call) for call in made["calls"]]})
-
 
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory: pytest.TempPathFactory) -> Competition:
@@ -138,10 +124,10 @@ def trip(tmp_path_factory: pytest.TempPathFactory, competition: Competition) -> 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent
     with FileLock(shared / "kaggle-trip.lock"):
-        saved = shared / "kaggle-trip.json"
+        saved = shared / "kaggle-trip.pickle"  # written by this test run, for this test run
         if not saved.exists():
-            saved.write_text(take_trip(shared / "kaggle-trip", competition).to_json())
-        return Trip.from_json(saved.read_text())
+            saved.write_bytes(pickle.dumps(take_trip(shared / "kaggle-trip", competition)))
+        return pickle.loads(saved.read_bytes())
 
 
 def session_log(trip: Trip) -> str:
@@ -473,18 +459,18 @@ def test_keep_leaves_the_kernel_and_says_so(project: Path, fake: FakeKaggle) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("args", "phrase"), [
-    (("--accelerator", "NvidiaTeslaP100"), "the P100 cannot run"),
-    (("--accelerator", "TpuV5E8"), "not on TPUs"),
-    (("--deadline", "0"), "DEADLINE=0"),
-    (("--teacher", "blend-abc"), "TEACHER=blend-abc"),
-    ((), "built-in sample, but a run on Kaggle trains on the competition's files"),
+@pytest.mark.parametrize(("args", "phrases"), [
+    (("--accelerator", "NvidiaTeslaP100"), ["the P100 cannot run"]),
+    (("--accelerator", "TpuV5E8"), ["not on TPUs"]),
+    (("--deadline", "0"), ["DEADLINE=0"]),
+    (("--teacher", "blend-abc"), ["TEACHER=blend-abc"]),
+    ((), ["built-in sample, but a run on Kaggle trains on the competition's files", "SOURCE=kaggle FORCE=1"]),
 ], ids=["p100", "tpu", "deadline", "teacher", "sample"])
 def test_what_could_not_come_back_is_refused_before_anything_is_sent(
-        args: tuple[str, ...], phrase: str, project: Path, fake: FakeKaggle) -> None:
+        args: tuple[str, ...], phrases: list[str], project: Path, fake: FakeKaggle) -> None:
     if not args:  # input/ holds the built-in sample
         (project / "input" / "source.json").write_text('{"source": "sample"}\n')
-    assert_refused(kaggle_run(project, *args), fake, project, phrase, pushed=False)
+    assert_refused(kaggle_run(project, *args), fake, project, *phrases, pushed=False)
     assert fake.requests == []
 
 

@@ -105,8 +105,9 @@ def _secret_values() -> list[str]:
     config = _read_json_file(config_dir() / "kaggle.json")
     values = [os.environ.get("KAGGLE_KEY", ""), str(config.get("key", ""))]
     token = os.environ.get("KAGGLE_API_TOKEN", "")
-    values += [token, *(_text(path) for path in (Path(token) if token else None, home / "access_token",
-                                                  home / "access_token.txt", notebook_token()))]
+    token_files = (Path(token) if token else None, home / "access_token", home / "access_token.txt",
+                   notebook_token())
+    values += [token, *(_text(path) for path in token_files)]
     values += [str(v) for v in _read_json_file(home / "credentials.json").values() if isinstance(v, str)]
     users = {os.environ.get("KAGGLE_USERNAME", ""), str(config.get("username", ""))} - {""}
     values += [base64.b64encode(f"{u}:{v}".encode()).decode() for u in users for v in values if v]

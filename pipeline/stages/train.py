@@ -300,7 +300,8 @@ def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
 
 
 def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch | None) -> int:
-    """How many folds train at once (0: none to train), said in one line with where."""
+    """How many folds train at once (0: none to train); one at a time says where here, several
+    say it as they start (`_run_parallel`)."""
     cfg = plan.cfg
     if todo and plan.pseudo is not None and plan.pseudo.teacher_gone:
         raise PipelineError(f"TEACHER={cfg.teacher}: no such run or blend any more (forgotten?), and "

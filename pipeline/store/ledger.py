@@ -51,7 +51,7 @@ def add(paths: Paths, entry: dict[str, Any]) -> None:
         try:
             end = os.lseek(fd, 0, os.SEEK_END)
             # A torn last line from an interrupted write would swallow this entry: end it first.
-            if end and os.pread(fd, 1, end - 1) != b"\n":
+            if end and os.lseek(fd, end - 1, os.SEEK_SET) and os.read(fd, 1) != b"\n":
                 line = b"\n" + line
             os.write(fd, line)
             os.fsync(fd)
