@@ -40,9 +40,12 @@ def projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"balanced": balanced, "rare": rare}
 
 
+# Every setting with choices and every switch, from their declarations (a new one is searched as it is
+# declared); numbers in ranges that keep each example quick.
+CHOSEN = {"--" + f.name.replace("_", "-"): st.sampled_from(f.metadata["choices"]) for f in fields(Settings)
+          if f.metadata["choices"]}
 OPTIONS = st.fixed_dictionaries({
-    "--model": st.sampled_from(["rnn", "gru", "lstm"]),
-    "--view": st.sampled_from(["rows", "cols"]),
+    **CHOSEN,
     "--hidden": st.integers(1, 12),
     "--layers": st.integers(1, 2),
     "--dropout": st.floats(0, 0.9),
@@ -50,9 +53,8 @@ OPTIONS = st.fixed_dictionaries({
     "--epochs": st.integers(1, 3),
     "--batch": st.integers(1, 80),
     "--lr": st.floats(1e-6, 10),
-    "--schedule": st.sampled_from(["onecycle", "cosine", "none"]),
-    "--optimizer": st.sampled_from(["adamw", "adam"]),
     "--clip": st.floats(0, 5),
+    "--ema": st.floats(0, 1),
     "--label-smoothing": st.floats(0, 0.99),
     "--rotate": st.floats(0, 180),
     "--scale": st.floats(0, 0.99),
@@ -62,8 +64,8 @@ OPTIONS = st.fixed_dictionaries({
     "--fold-seed": st.integers(0, 2**32 - 1),
     "--seed": st.integers(0, 2**32 - 1),
     "--tta": st.integers(0, 2),
-}, optional={"--drop-last": st.just(None), "--no-bidirectional": st.just(None),
-             "--no-augment": st.just(None), "--no-normalize": st.just(None)})
+}, optional={"--" + ("no-" if f.default else "") + f.name.replace("_", "-"): st.just(None)
+             for f in fields(Settings) if isinstance(f.default, bool)})
 
 
 @pytest.mark.slow
