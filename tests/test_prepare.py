@@ -279,11 +279,12 @@ def test_bad_input_is_fast_to_diagnose(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("missing", ["train", "test"])
 def test_missing_file_names_it_and_the_other(tmp_path: Path, missing: str) -> None:
+    """In this process, and (test.csv) in a real one."""
     paths = write_inputs(tmp_path)
     gone, other = ((paths.train_csv, paths.test_csv) if missing == "train"
                    else (paths.test_csv, paths.train_csv))
     gone.unlink()
-    result = run_cli(tmp_path, "prepare", check=False)
+    result = run_cli(tmp_path, "prepare", check=False, process=missing == "test", timeout=120)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, str(gone), "not found", f"{other.name} is present",
                            "nothing is filled in", "make download FORCE=1")
@@ -297,14 +298,6 @@ def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path) -> None:
     assert "download: source auto -> sample" in result.stdout
     assert "prepare: reruns: not made yet" in result.stdout
     assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
-
-
-def test_missing_file_through_a_real_process(tmp_path: Path) -> None:
-    paths = write_inputs(tmp_path)
-    paths.test_csv.unlink()
-    result = run_cli(tmp_path, "prepare", check=False, env={"PYTHONPATH": str(REPO)}, timeout=120)
-    assert result.returncode == 1
-    assert_one_clear_error(result.stderr, "test.csv", "train.csv is present")
 
 
 def test_csv_that_is_a_folder(tmp_path: Path) -> None:
