@@ -54,10 +54,13 @@ def same_data(cfg: Settings, record: RunRecord, data: Prepared) -> None:
     """The teacher must have been made from the data now in input/; else say which file differs."""
     if record.data == data.data_key:
         return
-    differs = "other data than input/*.csv now hold" if not record.test_data else (
-        "another input/train.csv than the one there now (input/test.csv is the same): its models "
-        "learned from other labelled rows" if record.test_data == data.test_key else
-        "another input/test.csv: its test predictions are of other digits")
+    if not record.test_data:
+        differs = "other data than input/*.csv now hold"
+    elif record.test_data == data.test_key:
+        differs = ("another input/train.csv than the one there now (input/test.csv is the same): its "
+                   "models learned from other labelled rows")
+    else:
+        differs = "another input/test.csv: its test predictions are of other digits"
     raise PipelineError(f"TEACHER={cfg.teacher} was made from {differs}; make the teacher again on "
                         f"this data (a run: `make submit CONFIG=runs/{cfg.teacher}/config.json`; a "
                         "blend: `make blend`) and name it with TEACHER=")
