@@ -24,7 +24,10 @@ TORCH ?= torch==2.13.0
 # typed ($(value ...): Make expands no `$` in it), and `--make` names the options given.
 # Settings are declared once, in pipeline/config.py, the other options in pipeline/options.py;
 # `make help`, the command line and the README's option tables all come from there.
-OPTION_NAMES := $(shell $(PYTHON) -m pipeline.options --make-names 2>/dev/null)
+OPTION_NAMES := $(shell $(PYTHON) -m pipeline.options --make-names)
+ifeq ($(OPTION_NAMES),)  # else every option given would be dropped without a word
+$(error cannot read the option names with PYTHON=$(PYTHON) (its words are above); name a Python 3.11 or newer: `make ... PYTHON=python3.11`)
+endif
 given = $(filter command line,$(origin $(1)))
 GIVEN := $(strip $(foreach v,$(OPTION_NAMES),$(if $(call given,$(v)),$(v))))
 $(foreach v,$(GIVEN),$(eval export DIGITS_OPT_$(v) := $$(value $(v))))
@@ -128,7 +131,7 @@ bench-accuracy: setup ## k-fold CV of recipes on the same folds, and their blend
 		$(if $(call given,TEST),--test "$(TEST)") $(if $(filter 1,$(SCREEN)),--screen) $(BENCH_ARGS)
 
 gpu-check: ## GPU checks and benchmarks in one command (OUT=folder, TRAIN=real train.csv, FULL_TRAIN=, FULL_TEST=)
-	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(TRAIN)
+	bash benchmarks/gpu_check.sh $(or $(OUT),bench-results/gpu) $(if $(call given,TRAIN),"$(TRAIN)")
 
 lint: setup ## ruff, mypy (types) and vulture (dead code; benchmarks/vulture_allow.py lists what only looks unused)
 	$(PY) -m ruff check pipeline tests benchmarks

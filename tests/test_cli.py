@@ -163,6 +163,9 @@ def test_make_passes_the_options_on_its_command_line(monkeypatch: pytest.MonkeyP
     assert (args.bidirectional, args.cuda_graph, args.amp, args.clip, args.nowait) == \
         (True, True, False, 0.5, True)
     assert parse(["--make", "HIDDEN", "train"]).epochs is None  # only the options named
+    # A Python that cannot read the option names stops make, rather than dropping every option given.
+    broken = run_make("-n", "train", "EPOCHS=5", "SETUP=", "PYTHON=false")
+    assert broken.returncode != 0 and "cannot read the option names with PYTHON=false" in broken.stderr
     monkeypatch.setenv("DIGITS_OPT_RUN", "rnn-h8-e1-abcdef")
     assert parse(["--make", "RUN", "forget"]).run == "rnn-h8-e1-abcdef"  # a stage's own option
     monkeypatch.setenv("DIGITS_OPT_AMP", "maybe")
