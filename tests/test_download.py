@@ -100,19 +100,29 @@ def test_force_never_swaps_the_users_files_for_the_sample(tmp_path: Path) -> Non
     assert (paths.train_csv.read_bytes(), paths.test_csv.read_bytes()) == (CLEAN_TRAIN, CLEAN_TEST)
 
 
-@pytest.mark.parametrize("folder_kept", [True, False])
+@pytest.mark.parametrize("folder", ["kept", "gone", "unrecorded"])
 def test_force_after_a_folder_fetches_from_it_again_or_keeps_the_files(
-        tmp_path: Path, folder_kept: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, folder: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     for name, value in no_credentials(tmp_path).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
     mine = write_inputs(tmp_path / "mine").input
     paths = Paths(tmp_path / "project")
     download.run(paths, source="dir", src_dir=mine)
-    if not folder_kept:
+    shorter = CLEAN_TRAIN.rsplit(b"\n", 3)[0] + b"\n"
+    (mine / "train.csv").write_bytes(shorter)  # the folder's file changed since: fetched again, or not
+    if folder == "gone":
         shutil.rmtree(mine)
+    if folder == "unrecorded":  # a record of a folder without its path (an older version's)
+        paths.source_json.write_text('{"source": "dir"}')
+        monkeypatch.chdir(mine)  # which holds both files: never taken for the folder
     download.run(paths, source="auto", force=True)
-    assert (paths.train_csv.read_bytes(), paths.test_csv.read_bytes()) == (CLEAN_TRAIN, CLEAN_TEST)
+    out = capsys.readouterr().out
+    fetched = folder == "kept"
+    assert paths.train_csv.read_bytes() == (shorter if fetched else CLEAN_TRAIN)
+    assert paths.test_csv.read_bytes() == CLEAN_TEST
+    assert ("source auto -> dir" in out) == fetched and ("nowhere to fetch" in out) != fetched
     assert json.loads(paths.source_json.read_text())["source"] == "dir"
 
 

@@ -47,6 +47,15 @@ def test_an_uploads_state_is_its_latest_score_and_a_torn_line_is_skipped(tmp_pat
     assert [e["run"] for e in ledger.run_entries(paths)] == ["rnn-a"]
 
 
+@pytest.mark.parametrize("torn", [b"{", b'{"kind": "upload", "ref": 1, "st'])
+def test_an_entry_after_a_torn_line_of_any_length_is_kept(tmp_path: Path, torn: bytes) -> None:
+    paths = Paths(tmp_path)
+    ledger.runs_path(paths).parent.mkdir(parents=True)
+    ledger.runs_path(paths).write_bytes(torn)
+    ledger.add_upload(paths, 7, "rnn-a", "a.csv", "first")
+    assert ledger.read(paths)[1] == [1] and ledger.uploads(paths)[7]["message"] == "first"
+
+
 def test_made_by_names_the_run_whose_submission_is_current(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
     assert ledger.made_by(paths) == (None, None)  # no submission at all

@@ -124,8 +124,9 @@ def _choose_source(record: dict[str, Any], present: bool) -> tuple[str, Path | N
 def _refetchable(record: dict[str, Any]) -> bool:
     """Whether the files input/ holds can be fetched again from where they came."""
     if record.get("source") == "dir":
-        folder = Path(str(record.get("dir", "")))
-        return all((folder / name).is_file() for name in ("train.csv", "test.csv"))
+        folder = record.get("dir")  # an older record may lack it: then there is no folder to go back to
+        return bool(folder) and all((Path(str(folder)) / name).is_file()
+                                    for name in ("train.csv", "test.csv"))
     return record.get("source") in ("sample", "kaggle")
 
 

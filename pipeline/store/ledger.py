@@ -49,10 +49,11 @@ def add(paths: Paths, entry: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            end = os.lseek(fd, 0, os.SEEK_END)
             # A torn last line from an interrupted write would swallow this entry: end it first.
-            if end and os.lseek(fd, end - 1, os.SEEK_SET) and os.read(fd, 1) != b"\n":
-                line = b"\n" + line
+            if (end := os.lseek(fd, 0, os.SEEK_END)) > 0:
+                os.lseek(fd, end - 1, os.SEEK_SET)
+                if os.read(fd, 1) != b"\n":
+                    line = b"\n" + line
             os.write(fd, line)
             os.fsync(fd)
         finally:
