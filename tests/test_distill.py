@@ -154,15 +154,20 @@ def test_a_teacher_with_a_truncated_record_is_named_damaged(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_a_teacher_of_another_train_csv_is_refused_for_what_differs(run_copy: Path) -> None:
-    """The teacher learned from another train.csv; test.csv is byte for byte the same, so its test
-    predictions are of these very digits: what differs is named, nothing is trained."""
+@pytest.mark.parametrize(("changed", "said", "unsaid"), [
+    ("train", ["another input/train.csv", "input/test.csv is the same"], "other digits"),
+    ("test", ["another input/test.csv: its test predictions are of other digits"], "train.csv")])
+def test_a_teacher_of_another_csv_is_refused_for_what_differs(run_copy: Path, changed: str, said: list[str],
+                                                              unsaid: str) -> None:
+    """The teacher learned from another train.csv (test.csv byte for byte the same, so its test
+    predictions are of these very digits), or predicted another test.csv: what differs is named,
+    nothing is trained."""
     teacher = the_run(run_copy).id
-    train_csv = Paths(run_copy).train_csv
-    train_csv.write_text("".join(train_csv.read_text().splitlines(keepends=True)[:-1]))
+    csv = Paths(run_copy).train_csv if changed == "train" else Paths(run_copy).test_csv
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:-1]))
     result = run_cli(run_copy, "distill", "--teacher", teacher, *TINY, check=False)
-    assert result.returncode == 1 and "other digits" not in result.stderr, result.stderr
-    assert "another input/train.csv" in result.stderr and "input/test.csv is the same" in result.stderr
+    assert result.returncode == 1 and unsaid not in result.stderr, result.stderr
+    assert all(words in result.stderr for words in said), result.stderr
     assert not [r for r in all_runs(Paths(run_copy)) if "-kd-" in r.id]
 
 
