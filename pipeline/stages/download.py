@@ -9,7 +9,6 @@ files are kept unless ``force`` is set; new files land atomically.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -70,17 +69,12 @@ def run(paths: Paths, source: str = default("source"), src_dir: Path | None = No
                             "to try the sample")
     # Files that could not be fetched again (put there by hand, or from a folder that is gone) are
     # kept in a folder of their own before they are replaced.
-    backup = _back_up(paths, present) if held != "sample" and not _refetchable(record) else None
-    try:
-        _fetch(paths, source, src_dir, timeout)
-    except BaseException:
-        if backup is not None:  # nothing was replaced: input/ as it was
-            shutil.rmtree(backup, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                backup.parent.rmdir()
-        raise
-    if backup is not None:
-        print(f"download: the files input/ held before are kept in {backup.relative_to(paths.root)}/")
+    keep = None
+    if held != "sample" and not _refetchable(record):
+        keep = paths.input / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    _fetch(paths, source, src_dir, timeout, keep)
+    if keep is not None and keep.is_dir():
+        print(f"download: the files input/ held before are kept in {keep.relative_to(paths.root)}/")
     write_json(paths.source_json, {"source": source, **({"dir": str(src_dir)} if src_dir else {})})
     return source
 
@@ -101,15 +95,16 @@ def _replaces_the_sample(record: dict[str, Any], source: str, src_dir: Path | No
     return False
 
 
-def _fetch(paths: Paths, source: str, src_dir: Path | None, timeout: float) -> None:
+def _fetch(paths: Paths, source: str, src_dir: Path | None, timeout: float, keep: Path | None) -> None:
+    """Replace input/'s CSVs from source; keep: the folder that keeps what they held (None: deleted)."""
     if source == "sample":
         n_train, n_test = sample.write(paths.train_csv, paths.test_csv)
         print(SAMPLE_BANNER)
         print(f"download: wrote the sample: {n_train} train rows, {n_test} test rows")
     elif source == "dir":
-        _copy_from_dir(paths, src_dir)
+        _copy_from_dir(paths, src_dir, keep)
     else:
-        _download_kaggle(paths, timeout)
+        _download_kaggle(paths, timeout, keep)
 
 
 def _choose_source(record: dict[str, Any], present: bool) -> tuple[str, Path | None, str]:
@@ -136,23 +131,6 @@ def _origin(record: dict[str, Any]) -> str:
     return f"SOURCE={record['source']}" if record.get("source") else "files put there by hand"
 
 
-def _back_up(paths: Paths, present: list[Path]) -> Path:
-    """A copy of the files input/ holds, in input/replaced/<time>/ (hard links where possible)."""
-    folder = paths.input / "replaced" / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for path in present:
-            try:
-                os.link(path, folder / path.name)
-            except OSError:
-                shutil.copy2(path, folder / path.name)
-    except OSError as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise PipelineError(f"{folder}: cannot keep a copy of input/'s files before replacing them "
-                            f"({exc.strerror}); nothing was replaced") from exc
-    return folder
-
-
 def _check_dir(src_dir: Path | None) -> None:
     if src_dir is None:
         raise PipelineError("download: SOURCE=dir needs a folder (make download SOURCE=dir DIR=path)")
@@ -166,7 +144,7 @@ def _check_dir(src_dir: Path | None) -> None:
                                 "test.csv of the competition")
 
 
-def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
+def _copy_from_dir(paths: Paths, src_dir: Path | None, keep: Path | None) -> None:
     assert src_dir is not None
     src_dir = Path(src_dir).expanduser()
     targets = [paths.train_csv, paths.test_csv]
@@ -181,11 +159,11 @@ def _copy_from_dir(paths: Paths, src_dir: Path | None) -> None:
                 where = (f"{src_dir / target.name}: cannot read it" if reading else
                          f"{src_dir / target.name}: cannot copy it into {paths.input}")
                 raise PipelineError(f"{where} ({exc.strerror}); input/ is as it was") from exc
-        replace_together(list(zip(staged, targets, strict=True)))
+        replace_together(list(zip(staged, targets, strict=True)), keep)
     print(f"download: copied train.csv and test.csv from {src_dir}")
 
 
-def _download_kaggle(paths: Paths, timeout: float) -> None:
+def _download_kaggle(paths: Paths, timeout: float, keep: Path | None) -> None:
     created = not paths.input.exists()
     try:
         paths.input.mkdir(parents=True, exist_ok=True)
@@ -198,7 +176,7 @@ def _download_kaggle(paths: Paths, timeout: float) -> None:
             files = kaggle_api.download_competition(Path(tmp), timeout=timeout)
             # Both files are complete and checked before either replaces what input/ holds.
             replace_together([(files["train.csv"], paths.train_csv),
-                              (files["test.csv"], paths.test_csv)])
+                              (files["test.csv"], paths.test_csv)], keep)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):

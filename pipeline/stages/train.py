@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from typing import Any
 
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Settings, fingerprint, resolve
+from pipeline.config import Settings, fingerprint
 from pipeline.engine import checkpoint
 from pipeline.engine.augment import augment
 from pipeline.engine.checkpoint import FoldState
@@ -342,6 +342,4 @@ def _run_parallel(plan: Plan, todo: list[int], device: torch.device, jobs: int) 
 def _fold_worker(plan: Plan, fold: int, device: str, threads: int, position: int) -> FoldRecord:
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
-    # The settings come from another process: checked as the command line checks them.
-    plan = replace(plan, cfg=resolve(overrides=asdict(plan.cfg)))
     return train_fold(plan, fold, torch.device(device), bar=position)

@@ -39,12 +39,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def replace_together(moves: list[tuple[Path, Path]]) -> None:
+def replace_together(moves: list[tuple[Path, Path]], keep: Path | None = None) -> None:
     """Rename each staged file over its target, all or none (train.csv and test.csv are a pair).
 
     Each existing target is first kept under a second name (a hard link where the file system has
     them, so the target never goes missing). If a rename fails or the run is interrupted, every
     target is put back as it was; a target that cannot be put back is named with where it is kept.
+    Once all are replaced, what they held is deleted, or moved into the folder keep.
     """
     done: list[tuple[Path, Path | None]] = []
     target = moves[0][1]
@@ -67,8 +68,14 @@ def replace_together(moves: list[tuple[Path, Path]]) -> None:
             raise
         raise PipelineError(f"{target}: cannot write ({exc.strerror}); "
                             f"{', '.join(t.name for _, t in moves)} are as they were") from exc
-    for _, kept in done:
-        if kept is not None:
+    for target, kept in done:
+        if kept is not None and keep is not None:
+            try:
+                keep.mkdir(parents=True, exist_ok=True)
+                os.replace(kept, keep / target.name)
+            except OSError as exc:
+                print(f"WARNING: {target.name} as it was is kept as {kept}, not in {keep} ({exc.strerror})")
+        elif kept is not None:
             kept.unlink(missing_ok=True)
 
 

@@ -4,12 +4,12 @@ run trials (each given the study's Job: everything but the data, which it loads 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import Paths, Settings, resolve, validate
+from pipeline.config import Paths, Settings, validate
 from pipeline.errors import PipelineError
 from pipeline.store.data import Prepared, load_prepared, read_folds
 from pipeline.store.run import FoldRecord, Plan, RunDir, run_dir, run_id
@@ -101,8 +101,6 @@ def worker(job: Job, share: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
-        # The base settings come from another process: checked as the command line checks them.
-        job = replace(job, base=resolve(overrides=asdict(job.base)))
         paths = Paths(job.root)
         made = open_study(paths, job)
         optimize(made, job, paths, load_prepared(paths), read_folds(paths), share)
