@@ -641,3 +641,21 @@ def test_the_client_child_runs_only_its_own_functions(module: str, function: str
     result = json.loads((tmp_path / "result.json").read_text())
     assert "ok" not in result
     assert f"not a function of the kaggle child: {module}.{function}" in result["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["scored-after-the-timeout", "list-hangs"])
+def test_the_wait_for_a_score_ends_on_silence_not_on_a_long_wait(case: str, root: Path, env: dict[str, str],
+                                                                 fake: FakeKaggle, submission: Path) -> None:
+    """TIMEOUT bounds each silence, not the wait: answers every second keep a 6 s wait going past a 2 s
+    TIMEOUT; a list call that never answers ends after 2 s, the upload still recorded."""
+    fake.score_script = ["pending"] * 6 + ["complete"]
+    fake.hang_list = case == "list-hangs"
+    started = time.monotonic()
+    result = upload(root, env, timeout=2, wait=60)
+    assert result.returncode == 0, result.stderr
+    scored = case == "scored-after-the-timeout"
+    assert ("public score 0.97100" in result.stdout) == scored, result.stdout + result.stderr
+    assert ("did not answer for 2 s" in result.stdout + result.stderr) != scored
+    assert ledger.uploads(Paths(root))[4242]["status"] == ("complete" if scored else "pending")
+    assert time.monotonic() - started < 30

@@ -156,7 +156,9 @@ def wait_for_score(ref: int, wait: float, timeout: float) -> dict[str, Any]:
     showed it). The child polls in one process; each answer it gets counts as progress, so a list
     call that hangs still ends after timeout seconds of silence.
     """
-    result = call(_child_wait, timeout, ref=ref, wait=wait, interval=min(10.0, max(0.5, wait / 20)))
+    # Polls come at least twice per timeout: the silence between two answers must never look like a hang.
+    interval = min(10.0, max(0.5, wait / 20), timeout / 2)
+    result = call(_child_wait, timeout, ref=ref, wait=wait, interval=interval)
     return dict(result.get("submission") or {"ref": ref, "status": "pending", "found": False})
 
 
