@@ -315,7 +315,8 @@ def run(paths: Paths, force: bool = False) -> Prepared:
     _check_inputs_exist(paths)
     data: list[Prepared] = []
     # What the cache is made from: each CSV's size and modification time.
-    inputs = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (paths.train_csv, paths.test_csv)}
+    stats = {p.name: p.stat() for p in (paths.train_csv, paths.test_csv)}
+    inputs = {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
     made = Output(paths.prepared / "meta.json", inputs,
                   check=lambda: data.append(load_prepared(paths)))
     if not made.rerun("prepare:", "train.csv and test.csv unchanged", force):

@@ -288,6 +288,11 @@ def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
     check_settings(cfg, plan.fold_of)
     todo = [k for k in fold_ids if fold_output(plan, k).rerun(f"train: fold {k}", "its model is current",
                                                                force)]
+    if todo and plan.pseudo is not None and plan.pseudo.teacher_gone:
+        raise PipelineError(f"TEACHER={cfg.teacher}: no such run or blend any more (forgotten?), and "
+                            f"folds {todo} of {plan.run.id} need its test predictions to train, so they "
+                            "cannot be trained; distill from another teacher (TEACHER=<id>; `make runs` "
+                            "lists them)")
     jobs = _jobs(plan, todo, device, on_epoch)
     if jobs > 1:
         _run_parallel(plan, todo, device, jobs)
@@ -303,11 +308,6 @@ def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch |
     """How many folds train at once (0: none to train); one at a time says where here, several
     say it as they start (`_run_parallel`)."""
     cfg = plan.cfg
-    if todo and plan.pseudo is not None and plan.pseudo.teacher_gone:
-        raise PipelineError(f"TEACHER={cfg.teacher}: no such run or blend any more (forgotten?), and "
-                            f"folds {todo} of {plan.run.id} need its test predictions to train, so they "
-                            "cannot be trained; distill from another teacher (TEACHER=<id>; `make runs` "
-                            "lists them)")
     if not todo:
         return 0
     if device.type == "cuda":
