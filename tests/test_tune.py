@@ -342,14 +342,14 @@ def test_a_pruned_trial_is_recorded_as_pruned(project: Path) -> None:
 @pytest.mark.slow
 def test_a_killed_worker_does_not_wedge_the_study(project: Path) -> None:
     proc = start_cli(project, "tune", "--trials", "2", "--space", str(project / "space.toml"),
-                     "--folds", "2", "--epochs", "40")
+                     "--folds", "2", "--epochs", "16")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((project / "runs").glob("*/fold_0.state.pt")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert states(study(project)) == ["RUNNING"]
-    result = run_tune(project, "--trials", "2", "--epochs", "40")
+    result = run_tune(project, "--trials", "2", "--epochs", "16")
     assert "left running by a stopped worker: marked failed" in result.stdout
     final = states(study(project))
     assert final.count("FAIL") == 1 and final.count("COMPLETE") == 2
