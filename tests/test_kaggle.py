@@ -647,9 +647,9 @@ def test_the_client_child_runs_only_its_own_functions(module: str, function: str
 @pytest.mark.parametrize("case", ["scored-after-the-timeout", "list-hangs"])
 def test_the_wait_for_a_score_ends_on_silence_not_on_a_long_wait(case: str, root: Path, env: dict[str, str],
                                                                  fake: FakeKaggle, submission: Path) -> None:
-    """TIMEOUT bounds each silence, not the wait: answers every second keep a 6 s wait going past a 2 s
+    """TIMEOUT bounds each silence, not the wait: answers every second keep a 4 s wait going past a 2 s
     TIMEOUT; a list call that never answers ends after 2 s, the upload still recorded."""
-    fake.score_script = ["pending"] * 6 + ["complete"]
+    fake.score_script = ["pending"] * 4 + ["complete"]
     fake.hang_list = case == "list-hangs"
     started = time.monotonic()
     result = upload(root, env, timeout=2, wait=60)
