@@ -479,6 +479,59 @@ def test_a_password_written_with_its_escapes_reaches_the_server(sample: Path, po
         status.stderr
 
 
+def psql(url: str, sql: str) -> None:
+    where = url.split("@")[1].split("/")[0]
+    subprocess.run([str(PG_BIN / "psql"), "-h", where.split(":")[0], "-p", where.split(":")[1],
+                    "-U", "tune", "-d", "postgres", "-c", sql], check=True, capture_output=True)
+
+
+def open_storage(root: Path, url: str, checked: Any, made: Any, errors: Any) -> None:
+    """A worker opening `url`, held after it has looked for Optuna's tables and found none, until
+    the test has made them (as a faster machine would have in that moment)."""
+    import sqlalchemy
+
+    def hold(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("CREATE") and not made.is_set():
+            checked.wait()
+            made.wait()
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", hold)
+    try:
+        tune_study.storage(Paths(root), "s", url)
+    except PipelineError as exc:
+        errors.put(str(exc))
+        raise SystemExit(1) from None
+
+
+@pytest.mark.slow
+def test_machines_starting_at_once_on_a_new_database_all_get_in(tmp_path: Path, postgres: str) -> None:
+    """Workers opening a database no study has used yet race to make Optuna's tables and types.
+    The race is made certain: each worker finds none, then another makes them before it can; every
+    worker still gets in."""
+    import multiprocessing
+
+    import sqlalchemy
+    from optuna.storages._rdb.models import BaseModel
+
+    url, workers_n = postgres.rsplit("/", 1)[0] + "/fresh", 3
+    psql(postgres, "CREATE DATABASE fresh")
+    fork = multiprocessing.get_context("fork")  # optuna and the driver already imported
+    checked, made, errors = fork.Barrier(workers_n + 1), fork.Event(), fork.Queue()
+    workers = [fork.Process(target=open_storage, args=(tmp_path, url, checked, made, errors))
+               for _ in range(workers_n)]
+    for w in workers:
+        w.start()
+    checked.wait(timeout=120)
+    engine = sqlalchemy.create_engine(url)
+    BaseModel.metadata.create_all(engine)
+    engine.dispose()
+    made.set()
+    for w in workers:
+        w.join(timeout=120)
+    said = [errors.get() for _ in range(errors.qsize())]
+    assert [w.exitcode for w in workers] == [0] * workers_n, said
+
+
 @pytest.mark.slow
 def test_two_workers_on_two_machines_share_a_postgres_study(project: Path, tmp_path: Path,
                                                             postgres: str) -> None:

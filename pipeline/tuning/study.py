@@ -6,6 +6,7 @@ and its status. The train and predict stages come from the command line, so no s
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,8 @@ class Job:
 
 
 HEARTBEAT_S, GRACE_S = 20, 60  # a database worker silent for a minute has lost its trial
+ATTEMPTS = 5  # to open a database that other machines are setting up at the same moment
+RACES = ("UniqueViolation", "DuplicateObject", "DuplicateTable", "already exists")  # their errors
 
 
 # How a URL writes what would end its password early (RFC 3986's percent-encoding).
@@ -116,16 +119,17 @@ def storage(paths: Paths, study: str, url: str | None) -> Any:
         log = str(folder / "journal.log")
         return optuna.storages.JournalStorage(JournalFileBackend(log, JournalFileOpenLock(log)))
     check_url(url)
-    for attempt in range(3):
+    for attempt in range(ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(
                 url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S, heartbeat_stale_trial_callback=(
                     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)))
         except Exception as exc:  # the driver's own errors (unreachable host, bad password...)
-            # Machines starting at once race to create Optuna's tables; the loser tries again.
-            if "UniqueViolation" in str(exc) and attempt < 2:
-                time.sleep(1 + attempt)
+            # Machines starting at once on a new database race to make Optuna's tables, types and
+            # version row; a loser's transaction is undone whole, and it finds them made next time.
+            if any(word in str(exc) for word in RACES) and attempt < ATTEMPTS - 1:
+                time.sleep(0.5 + attempt + random.random())
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = f"; {ESCAPES}" if "password" in first.lower() else ""
