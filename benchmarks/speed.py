@@ -54,8 +54,9 @@ RAW_FORWARD, ENSEMBLE = "raw forward bound x5", "pipeline ensemble of 5 folds"
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images with about a fifth of the pixels inked, like MNIST, and random labels."""
     rng = np.random.default_rng(seed)
-    images = np.where(rng.random((n, 28, 28)) < 0.19, rng.integers(1, 256, (n, 28, 28)), 0)
-    return images.astype(np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+    inked = rng.random((n, 28, 28), dtype=np.float32) < 0.19
+    images = np.where(inked, rng.integers(1, 256, (n, 28, 28), dtype=np.uint8), np.uint8(0))
+    return images, rng.integers(0, 10, n, dtype=np.uint8)
 
 
 def sync(device: torch.device) -> None:
@@ -332,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     print(f"bench: {describe(device)}, torch {torch.__version__}, rnn hidden {cfg.hidden}, "
           f"batch {cfg.batch}, amp {cfg.amp}, {args.rows} rows x {args.repeats} repeats (median)")
-    train_data = synthetic(N_TRAIN, seed=1)
-    results = bench_training(cfg, device, min(args.rows, N_TRAIN), args.repeats, train_data)
+    rows = min(args.rows, N_TRAIN)
+    results = bench_training(cfg, device, rows, args.repeats, synthetic(rows, seed=1))
     test_np, _ = synthetic(args.test_rows, seed=2)
     results += bench_inference(cfg, device, args.repeats, test_np)
     with tempfile.TemporaryDirectory(prefix="digits-speed-") as tmp:

@@ -18,7 +18,7 @@ from pipeline.store.data import PIXELS, Pseudo, load_prepared
 from pipeline.store.run import RunDir, all_runs, latest, write_probabilities
 
 # A student that can memorise 200 noise images: wide enough, no augmentation, no smoothing.
-MEMORISE = ("--folds", "2", "--epochs", "40", "--hidden", "96", "--batch", "25", "--lr", "0.005",
+MEMORISE = ("--folds", "2", "--epochs", "12", "--hidden", "96", "--batch", "25", "--lr", "0.005",
             "--no-augment", "--label-smoothing", "0", "--weight-decay", "0")
 
 
