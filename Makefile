@@ -112,11 +112,12 @@ forget: setup ## delete one run's folder, nothing else
 
 # The suite runs in one test process per core it may use, plus one, when pytest-xdist is there
 # (each process uses one thread, and many tests spend seconds waiting on a child process, a server
-# or a timeout: on 2 cores, 3 processes took 148 s where 2 took 161); TEST_WORKERS=0 runs it in one
-# process, as does a Python without pytest-xdist.
+# or a timeout: on 2 cores, 3 processes took 148 s where 2 took 161); a process that runs out of tests
+# takes some of another's (worksteal: 122-128 s -> 117-120 s with the slow tests sorted first);
+# TEST_WORKERS=0 runs it in one process, as does a Python without pytest-xdist.
 CORES = import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 TEST_WORKERS ?= $$(( $$($(PY) -c '$(CORES)') + 1 ))
-XDIST = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS)")
+XDIST = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS) --dist worksteal")
 test: setup ## run the whole test suite (no network, no GPU needed)
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 

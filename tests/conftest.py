@@ -135,6 +135,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["KAGGLE_ROOT"] = str(Path(tempfile.gettempdir()) / "digits-tests-no-kaggle-here")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end tests first, so that test processes sharing the cores finish together rather
+    than one running a long test alone at the end (the order within each kind is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def copy_project(source: Path, target: Path, ignore: Any = None) -> Path:
     """A private copy of a project folder that a test may change."""
     shutil.copytree(source, target, ignore=ignore)
