@@ -227,10 +227,14 @@ def test_a_second_command_waits_or_stops_with_nowait_and_a_killed_holder_never_b
         assert result.returncode == 1
         assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
         waiting = start_cli(tmp_path, "download", output=True)
-        time.sleep(3)
+        said = ""
+        while "waiting: `make submit`" not in said and (line := waiting.stderr.readline()):
+            said += line  # it says it waits before it waits (a process that went on ends the loop)
+        assert "waiting: `make submit`" in said and waiting.poll() is None, said
+        time.sleep(0.5)
         assert waiting.poll() is None  # still waiting for the lock
     out, err = waiting.communicate(timeout=120)
-    assert waiting.returncode == 0 and "waiting: `make submit`" in err and "wrote the sample" in out
+    assert waiting.returncode == 0 and "wrote the sample" in out, said + err
     assert run_cli(tmp_path, "runs").returncode == 0  # reading needs no lock
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.config import Paths;"
