@@ -136,8 +136,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The end-to-end tests first, so that test processes sharing the cores finish together rather
-    than one running a long test alone at the end (the order within each kind is kept)."""
+    """The end-to-end tests first: test processes sharing the cores then end together, not one alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
@@ -304,7 +303,6 @@ def assert_one_clear_error(result: subprocess.CompletedProcess[str] | str, *word
         assert secret not in err + ("" if isinstance(result, str) else result.stdout)
 
 
-HEADER_TRAIN = "label," + ",".join(PIXELS)
 HEADER_TEST = ",".join(PIXELS)
 
 

@@ -30,8 +30,7 @@ def test_speed_benchmark_runs_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_accuracy_benchmark_runs_tiny(sample_run: Path, tmp_path: Path) -> None:
-    """Every fold of each variant, a blend of them, and a given test.csv that each run predicts
-    and keeps a submission of."""
+    """Every fold of each variant, their blends, and a given test.csv each run predicts and keeps."""
     out, project, test = tmp_path / "accuracy.csv", tmp_path / "kept", sample_run / "input" / "test.csv"
     result = bench("benchmarks/accuracy.py", "--train", str(sample_run / "input" / "train.csv"),
                    "--folds", "2", "--test", str(test), "--out", str(out), "--project", str(project),
@@ -50,8 +49,7 @@ def test_accuracy_benchmark_runs_tiny(sample_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_accuracy_benchmark_screens_one_fold(sample_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "screen.csv"
-    project = tmp_path / "kept"
+    out, project = tmp_path / "screen.csv", tmp_path / "kept"
     bench("benchmarks/accuracy.py", "--train", str(sample_run / "input" / "train.csv"), "--folds", "3",
           "--screen", "--screen-epochs", "1", "--variants", "default:hidden=8,default:hidden=8+elastic=20",
           "--project", str(project), "--out", str(out))
