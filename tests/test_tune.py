@@ -391,6 +391,12 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 GUARDED, GUARDED_PASSWORD = "guarded", "p@ss:w/rd?#% x"
 
 
+def psql(url: str, sql: str) -> None:
+    where = url.split("@")[1].split("/")[0]
+    subprocess.run([str(PG_BIN / "psql"), "-h", where.split(":")[0], "-p", where.split(":")[1],
+                    "-U", "tune", "-d", "postgres", "-c", sql], check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A PostgreSQL server of our own on 127.0.0.1 (a free port), removed at the end."""
@@ -412,11 +418,11 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"], check=True,
                    capture_output=True)
     try:
+        url = f"postgresql://tune@127.0.0.1:{port}/optuna"
         for sql in (f"CREATE ROLE {GUARDED} LOGIN PASSWORD '{GUARDED_PASSWORD}'",
                     f"CREATE DATABASE {GUARDED} OWNER {GUARDED}", "CREATE DATABASE optuna"):
-            subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "tune",
-                            "-d", "postgres", "-c", sql], check=True, capture_output=True)
-        yield f"postgresql://tune@127.0.0.1:{port}/optuna"
+            psql(url, sql)
+        yield url
     finally:
         subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
@@ -479,12 +485,6 @@ def test_a_password_written_with_its_escapes_reaches_the_server(sample: Path, po
         status.stderr
 
 
-def psql(url: str, sql: str) -> None:
-    where = url.split("@")[1].split("/")[0]
-    subprocess.run([str(PG_BIN / "psql"), "-h", where.split(":")[0], "-p", where.split(":")[1],
-                    "-U", "tune", "-d", "postgres", "-c", sql], check=True, capture_output=True)
-
-
 def open_storage(root: Path, url: str, checked: Any, made: Any, errors: Any) -> None:
     """A worker opening `url`, held after it has looked for Optuna's tables and found none, until
     the test has made them (as a faster machine would have in that moment)."""
@@ -517,8 +517,8 @@ def test_machines_starting_at_once_on_a_new_database_all_get_in(tmp_path: Path, 
     psql(postgres, "CREATE DATABASE fresh")
     fork = multiprocessing.get_context("fork")  # optuna and the driver already imported
     checked, made, errors = fork.Barrier(workers_n + 1), fork.Event(), fork.Queue()
-    workers = [fork.Process(target=open_storage, args=(tmp_path, url, checked, made, errors))
-               for _ in range(workers_n)]
+    workers = [fork.Process(target=open_storage, args=(tmp_path, url, checked, made, errors),
+                            daemon=True) for _ in range(workers_n)]  # none outlives a failure
     for w in workers:
         w.start()
     checked.wait(timeout=120)
