@@ -153,6 +153,19 @@ def test_a_continued_study_draws_new_settings_and_stays_reproducible(tmp_path: P
     assert [t.params["lr"] for t in trials_of(tmp_path / "b")] == lrs  # the same seed, the same draws
 
 
+def test_the_wilcoxon_pruner_stops_a_worse_trial_between_folds(tmp_path: Path) -> None:
+    """PRUNER=wilcoxon compares a trial fold by fold with the best one: a trial worse on every fold
+    is stopped once four folds make the difference count (p = 1/16 < 0.1), never within a fold."""
+    _, stages = study_of(tmp_path, base=replace(Settings(), folds=5, epochs=1), pruner="wilcoxon",
+                         trials=5)
+    trials = trials_of(tmp_path)
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    best = max(t.value for t in trials if t.state.name == "COMPLETE")
+    assert pruned and all(t.user_attrs["outcome"] == "pruned after fold 3" for t in pruned)
+    assert all(stages.runs.count(t.user_attrs["run"]) == 4 for t in pruned)  # folds 0-3 of 5
+    assert all(1 - abs(t.params["lr"] - 3e-3) < best for t in pruned)
+
+
 def test_a_killed_trial_is_queued_once_and_its_run_comes_next(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     study_of(tmp_path, trials=1)
