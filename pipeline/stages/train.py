@@ -294,9 +294,11 @@ def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
                             "cannot be trained; distill from another teacher (TEACHER=<id>; `make runs` "
                             "lists them)")
     jobs = _jobs(plan, todo, device, on_epoch)
+    graphs = ", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""
     if jobs > 1:
-        _run_parallel(plan, todo, device, jobs)
-    else:
+        _run_parallel(plan, todo, device, jobs, graphs)
+    elif todo:
+        print(f"train: {plan.run.id}: folds {todo} on {describe(device)}{graphs}")
         for k in todo:
             train_fold(plan, k, device, on_epoch)
     if not plan.run.config.is_file():  # written with a fold's first saved epoch, never before
@@ -305,8 +307,7 @@ def run(plan: Plan, fold_ids: list[int] | None = None, force: bool = False,
 
 
 def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch | None) -> int:
-    """How many folds train at once (0: none to train); one at a time says where here, several
-    say it as they start (`_run_parallel`)."""
+    """How many folds train at once (0: none to train)."""
     cfg = plan.cfg
     if not todo:
         return 0
@@ -315,20 +316,15 @@ def _jobs(plan: Plan, todo: list[int], device: torch.device, on_epoch: OnEpoch |
     if cfg.cuda_graph and device.type == "cuda" and not graph_wanted(cfg, device):
         print("train: no CUDA graph for a model with dropout: its step is random, so a replay "
               "cannot be checked against the normal step (set dropout 0 to use one)")
-    graphs = ", steps replayed from CUDA graphs" if graph_wanted(cfg, device) else ""
     # A small RNN leaves most of a GPU idle: by default every fold trains on it at once.
     jobs = min(cfg.jobs or (len(todo) if device.type == "cuda" else 1), len(todo))
-    jobs = 1 if on_epoch is not None else jobs
-    if jobs == 1:
-        print(f"train: {plan.run.id}: folds {todo} on {describe(device)}{graphs}")
-    return jobs
+    return 1 if on_epoch is not None else jobs
 
 
-def _run_parallel(plan: Plan, todo: list[int], device: torch.device, jobs: int) -> None:
+def _run_parallel(plan: Plan, todo: list[int], device: torch.device, jobs: int, graphs: str) -> None:
     """Several folds at once, one process each: CPU cores split between them, GPUs shared."""
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, torch.get_num_threads() // jobs)
-    graphs = ", steps replayed from CUDA graphs" if graph_wanted(plan.cfg, device) else ""
     spread = f", spread over {gpus} GPUs" if gpus > 1 else ""
     print(f"train: {plan.run.id}: {jobs} folds at a time on {describe(device, threads)}"
           f"{' each' if device.type == 'cpu' else ''}{spread}{graphs}")
