@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -105,7 +104,7 @@ def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: floa
     lines = [f"# The best trial of study {study}: trial {best.number}, score {best.value:.4f}",
              f"# (run {best.user_attrs.get('run', '?')}). Train it on all folds:",
              f"#     make submit CONFIG={best_toml.relative_to(paths.root)}"]
-    lines += [f"{k} = {_toml(v)}" for k, v in settings.items()]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]  # checked, finite settings: TOML too
     atomic_write_text(best_toml, "\n".join(lines) + "\n")
     write_json(folder / "summary.json", {"counts": counts, "best": best.number, "value": best.value,
                                          "params": best.params, "seconds": seconds})
@@ -115,9 +114,4 @@ def summarize(paths: Paths, made: Any, study: str, base: Settings, seconds: floa
     print(f"tune: wrote {best_toml.relative_to(paths.root)}; train it on all folds with "
           f"`make submit CONFIG={best_toml.relative_to(paths.root)}`")
     return {"counts": counts, "best": best.number, "value": best.value, "params": best.params}
-
-
-def _toml(value: Any) -> str:
-    """A setting's value in TOML: JSON's spelling, but for a number that is not finite."""
-    return "nan" if isinstance(value, float) and not math.isfinite(value) else json.dumps(value)
 
