@@ -300,13 +300,14 @@ def test_both_files_missing_prepare_fetches_them_first(tmp_path: Path) -> None:
     assert len(load_prepared(Paths(tmp_path)).train_x) == 1497
 
 
-def test_csv_that_is_a_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["train_csv", "test_csv"])
+def test_csv_that_is_a_folder(tmp_path: Path, name: str) -> None:
     paths = write_inputs(tmp_path)
-    paths.train_csv.unlink()
-    paths.train_csv.mkdir()
+    getattr(paths, name).unlink()
+    getattr(paths, name).mkdir()
     result = run_cli(tmp_path, "prepare", check=False)
     assert result.returncode == 1
-    assert_one_clear_error(result.stderr, "train.csv", "folder")
+    assert_one_clear_error(result.stderr, f"{getattr(paths, name)}: is a folder")
 
 
 def _shuffled_columns(labelled: bool) -> bytes:

@@ -284,13 +284,13 @@ def _check_writable(folder: Path) -> None:
 
 def _check_inputs_exist(paths: Paths) -> None:
     for csv_path, other in ((paths.train_csv, paths.test_csv), (paths.test_csv, paths.train_csv)):
+        if csv_path.is_dir():
+            raise PipelineError(f"{csv_path}: is a folder; expected the competition's CSV file")
         if not csv_path.is_file():
             if other.is_file():
                 raise PipelineError(f"{csv_path}: file not found, while {other.name} is present; put "
                                     f"{csv_path.name} in {csv_path.parent} (nothing is filled in from "
                                     "another source), or `make download FORCE=1` to fetch both")
-            if csv_path.is_dir():
-                raise PipelineError(f"{csv_path}: is a folder; expected the competition's CSV file")
             raise PipelineError(f"{csv_path}: file not found (nor {other.name}); `make download` "
                                 "puts both there")
 
