@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -226,9 +227,11 @@ def test_a_second_command_waits_or_stops_with_nowait_and_a_killed_holder_never_b
         assert result.returncode == 1
         assert "`make submit` (pid" in result.stderr and "NOWAIT=1" in result.stderr
         waiting = start_cli(tmp_path, "download", output=True)
-        said = ""
+        said, silent = "", threading.Timer(60, waiting.kill)  # one waiting unsaid ends, and fails
+        silent.start()
         while "waiting: `make submit`" not in said and (line := waiting.stderr.readline()):
             said += line  # it says it waits before it waits (a process that went on ends the loop)
+        silent.cancel()
         assert "waiting: `make submit`" in said and waiting.poll() is None, said
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0 and "wrote the sample" in out, said + err
