@@ -52,6 +52,21 @@ def test_a_one_run_blend_is_that_run_once() -> None:
         assert blend.select(probs[None], labels, mean).tolist() == [1.0]
 
 
+@given(runs=st.integers(1, 4), rows=st.integers(1, 5), seed=st.integers(0, 2**16),
+       weights=st.lists(st.integers(0, 5), min_size=4, max_size=4))
+def test_each_mean_is_the_weighted_mean_it_is_named_for(runs: int, rows: int, seed: int,
+                                                        weights: list[int]) -> None:
+    """prob: the weighted arithmetic mean; logprob: the weighted geometric mean, renormalised."""
+    w = np.array(weights[:runs], float)
+    w[0] += w.sum() == 0  # a blend picks some run
+    probs = np.random.default_rng(seed).dirichlet(np.ones(10), size=(runs, rows))
+    share = (w / w.sum())[:, None, None]
+    geometric = np.prod(probs ** share, axis=0)
+    np.testing.assert_allclose(blend.combine(probs, w, "prob"), (share * probs).sum(0), rtol=1e-9)
+    np.testing.assert_allclose(blend.combine(probs, w, "logprob"),
+                               geometric / geometric.sum(1, keepdims=True), rtol=1e-6)
+
+
 BLEND_FIELDS = [*RECORD_FIELDS, "key", "data", "folds", "seed"]
 
 
@@ -90,7 +105,7 @@ def test_a_run_of_pure_noise_gets_no_weight() -> None:
     wrong = rng.random(600) < 0.2  # the good run is wrong on a fifth of the rows
     good[wrong] = one_hot((labels[wrong] + 1) % 10, 0.7)
     noise = rng.dirichlet(np.ones(10), 600)
-    counts = blend.select(np.stack([noise, good]), labels)
+    counts = blend.select(np.stack([noise, good]), labels, "prob")
     assert counts[0] == 0 and counts[1] >= 1
 
 
@@ -102,7 +117,7 @@ def test_two_complementary_runs_beat_either() -> None:
     a[half] = one_hot((labels[half] + 1) % 10, 0.4)  # a is unsure and wrong on the first half
     b[~half] = one_hot((labels[~half] + 2) % 10, 0.4)  # b on the second
     probs = np.stack([a, b])
-    counts = blend.select(probs, labels)
+    counts = blend.select(probs, labels, "prob")
     assert counts[0] >= 1 and counts[1] >= 1
     blended = blend.combine(probs, counts, "prob").argmax(1)
     accuracy = [(p.argmax(1) == labels).mean() for p in probs]
@@ -115,7 +130,7 @@ def test_the_honest_estimate_does_not_flatter() -> None:
     labels = rng.integers(0, 10, 400)
     probs = rng.dirichlet(np.ones(10), (25, 400))
     fold_of = np.arange(400) % 4
-    counts = blend.select(probs, labels)
+    counts = blend.select(probs, labels, "prob")
     in_sample = (blend.combine(probs, counts, "prob").argmax(1) == labels).mean()
     honest = blend.honest_accuracy(probs, labels, fold_of, "prob")
     assert honest <= in_sample

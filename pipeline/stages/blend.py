@@ -37,23 +37,30 @@ MAX_STEPS = 100  # picks in all; a blend of a few runs settles long before
 
 def combine(probs: np.ndarray, weights: np.ndarray, mean: str) -> np.ndarray:
     """Weighted mean of (runs, N, 10) probabilities, or of their logs (renormalised)."""
-    w = weights / weights.sum()
-    if mean == "prob":
-        return np.tensordot(w, probs, axes=1)
-    return softmax(np.tensordot(w, np.log(np.clip(probs, 1e-12, 1)), axes=1), axis=1)
+    return _mix(_terms(probs, mean), weights, mean)
 
 
-def select(probs: np.ndarray, labels: np.ndarray, mean: str = "prob") -> np.ndarray:
+def _terms(probs: np.ndarray, mean: str) -> np.ndarray:
+    """What the mean averages: the probabilities, or their logs."""
+    return probs if mean == "prob" else np.log(np.clip(probs, 1e-12, 1))
+
+
+def _mix(terms: np.ndarray, weights: np.ndarray, mean: str) -> np.ndarray:
+    mixed = np.tensordot(weights / weights.sum(), terms, axes=1)
+    return mixed if mean == "prob" else softmax(mixed, axis=1)
+
+
+def select(probs: np.ndarray, labels: np.ndarray, mean: str) -> np.ndarray:
     """How many times each run is picked by greedy forward selection with replacement."""
-    counts = np.zeros(len(probs))
+    counts, terms = np.zeros(len(probs)), _terms(probs, mean)  # the logs taken once, not per trial
     # Each run as a blend of itself (renormalised as every blend is), so that picking it again
     # never looks like a gain: a one-run blend is that run once.
-    losses = [log_loss(combine(probs[m:m + 1], np.ones(1), mean), labels) for m in range(len(probs))]
+    losses = [log_loss(_mix(terms[m:m + 1], np.ones(1), mean), labels) for m in range(len(probs))]
     counts[int(np.argmin(losses))] = 1
     current = min(losses)
     for _ in range(MAX_STEPS):
         # The blend with one more pick of each run in turn (a row of the identity adds it).
-        trials = [log_loss(combine(probs, counts + pick, mean), labels) for pick in np.eye(len(probs))]
+        trials = [log_loss(_mix(terms, counts + pick, mean), labels) for pick in np.eye(len(probs))]
         m = int(np.argmin(trials))
         if trials[m] >= current - 1e-9:
             break
