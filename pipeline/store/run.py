@@ -67,6 +67,7 @@ def _adapter(cls: type) -> Any:
         _ADAPTERS[cls] = TypeAdapter(cls)
     return _ADAPTERS[cls]
 
+
 class Record:
     """A JSON record of a run, a plain dataclass checked by pydantic when it is read (parse), strictly:
     true is no number, 2.0 no whole number, NaN no number; keys it does not know are left out
