@@ -453,6 +453,18 @@ def test_ctrl_c_while_waiting_deletes_the_kernel(project: Path, fake: FakeKaggle
     nothing_here(project)
 
 
+def test_a_second_ctrl_c_while_the_kernel_is_deleted_is_held_off(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def delete(slug: str, timeout: float) -> tuple[str, bool, str]:
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again while it is asked
+        return "u", True, ""
+
+    monkeypatch.setattr(kernels, "delete", delete)
+    kaggle_run_stage._let_go("s", False, 5)  # a KeyboardInterrupt here would fail the test
+    assert "deleted the kernel u/s" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+
+
 @pytest.mark.slow
 def test_keep_leaves_the_kernel_and_says_so(project: Path, fake: FakeKaggle) -> None:
     fake.kernel_mode = "never"
