@@ -460,7 +460,10 @@ def test_a_second_ctrl_c_while_the_kernel_is_deleted_is_held_off(
         return "u", True, ""
 
     monkeypatch.setattr(kernels, "delete", delete)
-    kaggle_run_stage._let_go("s", False, 5)  # a KeyboardInterrupt here would fail the test
+    try:
+        kaggle_run_stage._let_go("s", False, 5)
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C interrupted the deletion")
     assert "deleted the kernel u/s" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
 
