@@ -264,6 +264,25 @@ def test_failed_download_without_input_folder_leaves_none(root: Path, env: dict[
 
 
 @pytest.mark.slow
+def test_a_client_that_dies_without_an_answer_shows_its_last_words_scrubbed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that ends with no result (killed, crashed at import) is named with its exit code and
+    the tail of what it printed, every credential in it blanked."""
+    dying = tmp_path / "python"
+    dying.write_text(f"#!/bin/sh\necho 'Authorization: Basic {DUMMY_BASIC}'\necho 'key {DUMMY_KEY}'\n"
+                     "echo 'the client gave up'\nexit 3\n")
+    dying.chmod(0o755)
+    for name, value in {"HOME": tmp_path, "KAGGLE_CONFIG_DIR": tmp_path, "KAGGLE_USERNAME": DUMMY_USER,
+                        "KAGGLE_KEY": DUMMY_KEY}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(kaggle_api.sys, "executable", str(dying))
+    with pytest.raises(PipelineError) as caught:
+        kaggle_api.call(kaggle_api._child_submissions, 30)
+    said = str(caught.value)
+    assert "stopped unexpectedly (exit code 3)" in said and "the client gave up" in said, said
+    assert said.count("[redacted]") == 2 and DUMMY_KEY not in said and DUMMY_BASIC not in said, said
+
+
 def test_no_credential_reaches_the_output_even_when_verbose(root: Path, env: dict[str, str],
                                                             fake: FakeKaggle) -> None:
     env.update(VERBOSE="1", VERBOSE_OUTPUT="1")
