@@ -68,7 +68,7 @@ def run(paths: Paths, source: str = default("source"), src_dir: Path | None = No
                             "replaces it. Move input/train.csv and input/test.csv elsewhere first "
                             "to try the sample")
     # Files that could not be fetched again (put there by hand, or from a folder that is gone) are
-    # kept in a folder of their own before they are replaced.
+    # moved to a folder of their own once the new pair is in.
     keep = None
     if held != "sample" and not _refetchable(record):
         keep = paths.input / "replaced" / time.strftime("%Y%m%d-%H%M%S")
